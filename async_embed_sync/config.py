@@ -1,0 +1,220 @@
+"""Cluster settings: read, validate, check permissions. No network, no writes.
+
+Two layouts are read:
+
+* ``credentials.json`` (the default, in the working directory)::
+
+      {"clusters": {"tensor01": {"host": ..., "port": 22, "username": ...,
+                                 "key_file": ... | "password": ...,
+                                 "remote_dir": ..., "pattern": ...,
+                                 "known_hosts": ...}}}
+
+* the legacy ``.credentials/`` folder of ``<cluster>.credentials`` JSON files,
+  one cluster per file, same fields.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ConfigError, KeyPermissionError, UnknownClusterError
+
+DEFAULT_CONFIG_FILE = "credentials.json"
+DEFAULT_CREDENTIALS_DIR = ".credentials"
+DEFAULT_PATTERNS = ("*.pkl", "*.npy", "*.json", "*.jsonl")
+DEFAULT_KNOWN_HOSTS = "~/.ssh/known_hosts"
+
+_KNOWN_FIELDS = {
+    "host", "port", "username", "key_file", "password", "passphrase",
+    "remote_dir", "pattern", "known_hosts",
+}
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    name: str
+    host: str
+    remote_dir: str
+    port: int = 22
+    username: str | None = None
+    key_file: str | None = None
+    # repr=False: a config object printed in a log or a traceback must never
+    # show the secret.
+    password: str | None = field(default=None, repr=False)
+    passphrase: str | None = field(default=None, repr=False)
+    patterns: tuple[str, ...] = DEFAULT_PATTERNS
+    known_hosts: str = DEFAULT_KNOWN_HOSTS
+    source: str = ""
+
+    @property
+    def known_hosts_path(self) -> Path:
+        return Path(self.known_hosts).expanduser()
+
+    @property
+    def login(self) -> str:
+        return self.username or _local_username()
+
+
+@dataclass(frozen=True)
+class Config:
+    clusters: dict[str, ClusterConfig]
+    source: str
+    warnings: tuple[str, ...] = ()
+
+    def select(self, names: list[str] | None) -> list[ClusterConfig]:
+        """The clusters named by ``--clusters`` (all when ``names`` is empty).
+
+        Accepts ``["tensor01", "tensor02"]`` and the legacy quoted form
+        ``["tensor01 tensor02"]`` alike.
+        """
+        if not names:
+            return list(self.clusters.values())
+        wanted = [n for arg in names for n in arg.replace(",", " ").split()]
+        unknown = [n for n in wanted if n not in self.clusters]
+        if unknown:
+            raise UnknownClusterError(self.source, unknown, self.clusters)
+        return [self.clusters[n] for n in dict.fromkeys(wanted)]
+
+
+def load_config(config_file: str | os.PathLike | None = None,
+                credentials_dir: str | os.PathLike | None = None) -> Config:
+    """Read the configuration the way the CLI documents.
+
+    An explicit ``config_file`` or ``credentials_dir`` is used as given (and
+    must exist); otherwise ``credentials.json``, then ``.credentials/``, in
+    the working directory.
+    """
+    if config_file is not None:
+        return _load_json_file(Path(config_file))
+    if credentials_dir is not None:
+        return _load_credentials_dir(Path(credentials_dir))
+    if Path(DEFAULT_CONFIG_FILE).is_file():
+        return _load_json_file(Path(DEFAULT_CONFIG_FILE))
+    if Path(DEFAULT_CREDENTIALS_DIR).is_dir():
+        return _load_credentials_dir(Path(DEFAULT_CREDENTIALS_DIR))
+    raise ConfigError(
+        DEFAULT_CONFIG_FILE,
+        f"no configuration found: neither {DEFAULT_CONFIG_FILE} nor "
+        f"{DEFAULT_CREDENTIALS_DIR}/ exists in {Path.cwd()}. Copy "
+        f"credentials.example.json to {DEFAULT_CONFIG_FILE} and edit it, or "
+        f"pass --config FILE.",
+    )
+
+
+def _load_json_file(path: Path) -> Config:
+    document = _read_json(path)
+    clusters_doc = document.get("clusters") if isinstance(document, dict) else None
+    if not isinstance(clusters_doc, dict) or not clusters_doc:
+        raise ConfigError(str(path), 'expected an object {"clusters": {"<name>": {...}, ...}} with at least one cluster.')
+    warnings = []
+    clusters = {}
+    for name, entry in clusters_doc.items():
+        clusters[name] = _parse_cluster(name, entry, str(path))
+        warnings += _secret_permission_warnings(path, clusters[name])
+    return Config(clusters, str(path), tuple(dict.fromkeys(warnings)))
+
+
+def _load_credentials_dir(directory: Path) -> Config:
+    if not directory.is_dir():
+        raise ConfigError(str(directory), "this credentials directory does not exist.")
+    files = sorted(directory.glob("*.credentials"))
+    if not files:
+        raise ConfigError(str(directory), "no <cluster>.credentials files in this directory.")
+    warnings = []
+    clusters = {}
+    for path in files:
+        clusters[path.stem] = _parse_cluster(path.stem, _read_json(path), str(path))
+        warnings += _secret_permission_warnings(path, clusters[path.stem])
+    return Config(clusters, str(directory), tuple(warnings))
+
+
+def _read_json(path: Path):
+    try:
+        with path.open("r", encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError as exc:
+        raise ConfigError(str(path), "the file does not exist.") from exc
+    except json.JSONDecodeError as exc:
+        # The message names line and column but never echoes the content:
+        # the file may hold passwords.
+        raise ConfigError(str(path), f"not valid JSON (line {exc.lineno}, column {exc.colno}).") from exc
+    except OSError as exc:
+        raise ConfigError(str(path), f"cannot be read ({exc.strerror}).") from exc
+
+
+def _parse_cluster(name: str, entry, source: str) -> ClusterConfig:
+    where = f"cluster {name!r}"
+    if not isinstance(entry, dict):
+        raise ConfigError(source, f"{where} must be a JSON object of settings.")
+    unknown = set(entry) - _KNOWN_FIELDS
+    if unknown:
+        raise ConfigError(source, f"{where} has unknown field(s) {', '.join(sorted(unknown))}; "
+                                  f"the known ones are {', '.join(sorted(_KNOWN_FIELDS))}.")
+    for required in ("host", "remote_dir"):
+        if not isinstance(entry.get(required), str) or not entry[required]:
+            raise ConfigError(source, f"{where} needs a non-empty string field {required!r}.")
+    port = entry.get("port", 22)
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        raise ConfigError(source, f"{where}: 'port' must be a whole number from 1 to 65535.")
+    for optional in ("username", "key_file", "password", "passphrase", "known_hosts"):
+        if optional in entry and not isinstance(entry[optional], str):
+            raise ConfigError(source, f"{where}: {optional!r} must be a string.")
+    patterns = entry.get("pattern", list(DEFAULT_PATTERNS))
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    if not isinstance(patterns, list) or not patterns or not all(isinstance(p, str) and p for p in patterns):
+        raise ConfigError(source, f"{where}: 'pattern' must be a glob string or a list of them.")
+    key_file = entry.get("key_file")
+    if key_file is not None:
+        _check_key_file(source, name, key_file)
+    return ClusterConfig(
+        name=name,
+        host=entry["host"],
+        port=port,
+        username=entry.get("username"),
+        key_file=key_file,
+        password=entry.get("password"),
+        passphrase=entry.get("passphrase"),
+        remote_dir=entry["remote_dir"],
+        patterns=tuple(patterns),
+        known_hosts=entry.get("known_hosts", DEFAULT_KNOWN_HOSTS),
+        source=source,
+    )
+
+
+def _check_key_file(source: str, cluster: str, key_file: str) -> None:
+    path = Path(key_file).expanduser()
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError as exc:
+        raise ConfigError(source, f"cluster {cluster!r}: the key_file {key_file} does not exist.") from exc
+    except OSError as exc:
+        raise ConfigError(source, f"cluster {cluster!r}: the key_file {key_file} cannot be read ({exc.strerror}).") from exc
+    if mode & 0o077:
+        raise KeyPermissionError(source, cluster, str(path), mode)
+
+
+def _secret_permission_warnings(path: Path, cluster: ClusterConfig) -> list[str]:
+    if cluster.password is None and cluster.passphrase is None:
+        return []
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        return []
+    if mode & 0o077:
+        return [f"Warning: {path} holds a password and is readable by group or "
+                f"others (mode {mode:04o}); fix it with: chmod 600 {path}"]
+    return []
+
+
+def _local_username() -> str:
+    try:
+        import getpass
+        return getpass.getuser()
+    except Exception:  # noqa: BLE001 - getuser raises various errors without a passwd entry
+        return os.environ.get("USER", "root") if sys.platform != "win32" else "user"
