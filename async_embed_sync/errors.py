@@ -11,6 +11,7 @@ secret (no class here takes a password or key material as a field).
     │   ├── UnknownClusterError          --clusters names a cluster not configured
     │   └── KeyPermissionError           private key readable by group/others
     ├── DownloadDirLockedError           another run holds the download directory
+    ├── LocalFileError                   a local file cannot be written (disk full...)
     ├── RemoteError                      one cluster; carries ``cluster``
     │   ├── ConnectError                 host unreachable, refused, timed out
     │   ├── AuthenticationError          server refused every credential
@@ -83,6 +84,17 @@ class DownloadDirLockedError(AsyncEmbedSyncError):
             f"The download directory {directory} is in use by another run "
             f"({holder}). Wait for it to finish, or stop it; two runs must "
             f"never write the same partial files."
+        )
+
+
+class LocalFileError(AsyncEmbedSyncError):
+    def __init__(self, path: str, problem: str):
+        self.path = path
+        self.problem = problem
+        super().__init__(
+            f"Cannot write {path}: {problem}. What was already verified is "
+            f"kept; free the space or fix the permissions and run the same "
+            f"command again to resume."
         )
 
 

@@ -1,0 +1,198 @@
+"""One file: partial -> verify prefix -> read blocks -> write -> verify -> move.
+
+The invariant: the journal's ``verified_offset`` never runs ahead of bytes
+that are fsynced in the partial file, and ``prefix_sha256`` is the hash of
+exactly those bytes. So after a drop, a crash or a kill, the next attempt
+re-hashes the local prefix, trusts it only if the hash still matches, and
+asks the server only for the rest.
+
+Only a file whose size (and, where the remote has a shell, sha256) matches
+the remote is renamed into ``<download-dir>/<cluster>/<name>``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+
+from .errors import LocalFileError, RemoteFileChangedError, VerificationError
+from .journal import DownloadLayout, FileState, fsync_directory
+from .progress import Progress
+from .remote import ClusterRemote, RemoteFile
+
+# The journal is advanced (fsync + atomic state write) every this many bytes:
+# at most this much is fetched again after a crash.
+CHECKPOINT_BYTES = 8 * 1024 * 1024
+_REHASH_BLOCK = 4 * 1024 * 1024
+
+
+@dataclass
+class FileOutcome:
+    name: str
+    status: str  # "downloaded" or "skipped"
+    size: int
+    transferred: int = 0
+    resumed_from: int = 0
+    verified_by: str = ""
+
+
+def is_up_to_date(layout: DownloadLayout, cluster: str, remote_file: RemoteFile) -> bool:
+    """Complete locally and unchanged remotely (size and mtime)."""
+    state = layout.load_state(cluster, remote_file.name)
+    if state is None or not state.complete or not state.matches(remote_file.size, remote_file.mtime):
+        return False
+    final = layout.final_path(cluster, remote_file.name)
+    try:
+        return final.stat().st_size == remote_file.size
+    except OSError:
+        return False
+
+
+async def download_file(remote: ClusterRemote, layout: DownloadLayout, remote_file: RemoteFile,
+                        progress: Progress) -> FileOutcome:
+    """Bring one remote file into place, resuming from a verified prefix.
+
+    Raises ``TransferError``/``RemoteFileChangedError`` (retryable: the
+    verified prefix survives for the next attempt) or ``VerificationError``
+    (the partial is discarded).
+    """
+    cluster, name = remote.cluster.name, remote_file.name
+    if is_up_to_date(layout, cluster, remote_file):
+        progress.file_finished(cluster, name, "skipped")
+        return FileOutcome(name, "skipped", remote_file.size)
+
+    layout.prepare(cluster)
+    partial_path = layout.partial_path(cluster, name)
+    state, hasher = await anyio.to_thread.run_sync(_resume_point, layout, cluster, remote_file)
+    resumed_from = state.verified_offset
+    fd = _open_partial(partial_path)
+    remote_hash = asyncio.ensure_future(remote.sha256(name))
+    progress.file_started(cluster, name, remote_file.size, resumed_from)
+    try:
+        position = state.verified_offset
+        os.ftruncate(fd, position)
+        try:
+            async with contextlib.aclosing(remote.read_in_order(name, position, remote_file.size)) as chunks:
+                async for chunk in chunks:
+                    _write_all(partial_path, fd, chunk, position)
+                    hasher.update(chunk)
+                    position += len(chunk)
+                    progress.advance(cluster, name, len(chunk))
+                    if position - state.verified_offset >= CHECKPOINT_BYTES:
+                        await _checkpoint(layout, cluster, name, fd, state, position, hasher)
+        finally:
+            # Also after a drop: what arrived is kept, so that the retry asks
+            # only for the rest.
+            with anyio.CancelScope(shield=True):
+                await _checkpoint(layout, cluster, name, fd, state, position, hasher)
+        if position != remote_file.size:
+            raise RemoteFileChangedError(cluster, name, f"it ended at byte {position}, "
+                                                        f"expected {remote_file.size}")
+        after = await remote.stat(name)
+        if (after.size, after.mtime) != (remote_file.size, remote_file.mtime):
+            raise RemoteFileChangedError(cluster, name, "its size or modification time changed")
+        digest = hasher.hexdigest()
+        expected = await remote_hash
+        if expected is not None and expected != digest:
+            await anyio.to_thread.run_sync(layout.forget, cluster, name)
+            raise VerificationError(cluster, name, f"sha256 {digest[:16]}... locally, "
+                                                   f"{expected[:16]}... on the server")
+        verified_by = "sha256" if expected is not None else "size"
+        await anyio.to_thread.run_sync(_move_into_place, layout, cluster, name, fd, state, digest, verified_by)
+    except BaseException:
+        progress.file_finished(cluster, name, "failed")
+        raise
+    finally:
+        os.close(fd)
+        if not remote_hash.done():
+            remote_hash.cancel()
+        with contextlib.suppress(BaseException):
+            await remote_hash
+    progress.file_finished(cluster, name, "downloaded")
+    return FileOutcome(name, "downloaded", remote_file.size, remote_file.size - resumed_from,
+                       resumed_from, verified_by)
+
+
+def _resume_point(layout: DownloadLayout, cluster: str, remote_file: RemoteFile):
+    """The state to continue from, and a hasher over its verified prefix.
+
+    The prefix is trusted only when the remote file still has the size and
+    mtime it had, and the local bytes still hash to what was recorded: a
+    partial damaged on disk, or one of another version, starts again at 0.
+    """
+    state = layout.load_state(cluster, remote_file.name)
+    fresh = FileState(remote_file.size, remote_file.mtime)
+    if state is None or state.complete or not state.matches(remote_file.size, remote_file.mtime):
+        return fresh, hashlib.sha256()
+    hasher = hashlib.sha256()
+    remaining = state.verified_offset
+    try:
+        with open(layout.partial_path(cluster, remote_file.name), "rb") as partial:
+            while remaining:
+                block = partial.read(min(_REHASH_BLOCK, remaining))
+                if not block:
+                    break
+                hasher.update(block)
+                remaining -= len(block)
+    except OSError:
+        return fresh, hashlib.sha256()
+    if remaining or hasher.hexdigest() != state.prefix_sha256:
+        return fresh, hashlib.sha256()
+    return state, hasher
+
+
+def _open_partial(path: Path) -> int:
+    # O_NOFOLLOW: a symlink planted at the partial path must not redirect
+    # our writes outside the download directory.
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as exc:
+        raise LocalFileError(str(path), exc.strerror or str(exc)) from exc
+
+
+def _write_all(path: Path, fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    try:
+        while view:
+            written = os.pwrite(fd, view, offset)
+            view = view[written:]
+            offset += written
+    except OSError as exc:
+        raise LocalFileError(str(path), exc.strerror or str(exc)) from exc
+
+
+async def _checkpoint(layout: DownloadLayout, cluster: str, name: str, fd: int,
+                      state: FileState, position: int, hasher) -> None:
+    if position == state.verified_offset and state.prefix_sha256:
+        return
+    state.verified_offset = position
+    state.prefix_sha256 = hasher.hexdigest()
+    try:
+        await anyio.to_thread.run_sync(_fsync_and_save, layout, cluster, name, fd, state)
+    except OSError as exc:
+        raise LocalFileError(str(layout.state_path(cluster, name)), exc.strerror or str(exc)) from exc
+
+
+def _fsync_and_save(layout: DownloadLayout, cluster: str, name: str, fd: int, state: FileState) -> None:
+    # The order is the invariant: bytes durable first, then the state that
+    # vouches for them.
+    os.fsync(fd)
+    layout.save_state(cluster, name, state)
+
+
+def _move_into_place(layout: DownloadLayout, cluster: str, name: str, fd: int,
+                     state: FileState, digest: str, verified_by: str) -> None:
+    os.fsync(fd)
+    final = layout.final_path(cluster, name)
+    os.replace(layout.partial_path(cluster, name), final)
+    fsync_directory(final.parent)
+    state.complete = True
+    state.sha256 = digest
+    state.verified_by = verified_by
+    layout.save_state(cluster, name, state)

@@ -1,0 +1,117 @@
+"""Durable per-file download state, and where every downloaded byte lives.
+
+Layout under the download directory::
+
+    <download-dir>/<cluster>/<file>                       complete, verified files
+    <download-dir>/.async_embed_sync/<cluster>/<file>.part   bytes so far
+    <download-dir>/.async_embed_sync/<cluster>/<file>.json   this module's state
+
+The state directory is hidden so that whatever reads ``<download-dir>/*/``
+(the merge) never sees a partial file. A state file is replaced atomically
+(write a temporary, fsync, rename): after a crash it is either the old state
+or the new one, never a torn one. A state file that cannot be parsed is
+treated as absent: the partial it describes is then not trusted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+STATE_DIR_NAME = ".async_embed_sync"
+_FORMAT_VERSION = 1
+
+
+@dataclass
+class FileState:
+    """What is known about one remote file's local copy.
+
+    ``verified_offset`` bytes of the partial file are on disk (fsynced) and
+    hash to ``prefix_sha256``; nothing past it is trusted. Never holds a
+    secret: only sizes, times and digests.
+    """
+
+    remote_size: int
+    remote_mtime: int
+    complete: bool = False
+    verified_offset: int = 0
+    prefix_sha256: str = ""
+    sha256: str = ""
+    # How the finished file was checked: "sha256" against the remote's
+    # sha256sum, or "size" where the remote has no shell.
+    verified_by: str = ""
+
+    def matches(self, size: int, mtime: int) -> bool:
+        return self.remote_size == size and self.remote_mtime == mtime
+
+
+class DownloadLayout:
+    """Paths of one download directory. Names must already be checked safe."""
+
+    def __init__(self, download_dir: str | os.PathLike):
+        self.root = Path(download_dir)
+        self.state_root = self.root / STATE_DIR_NAME
+
+    def final_path(self, cluster: str, name: str) -> Path:
+        return self.root / cluster / name
+
+    def partial_path(self, cluster: str, name: str) -> Path:
+        return self.state_root / cluster / f"{name}.part"
+
+    def state_path(self, cluster: str, name: str) -> Path:
+        return self.state_root / cluster / f"{name}.json"
+
+    def prepare(self, cluster: str) -> None:
+        (self.root / cluster).mkdir(parents=True, exist_ok=True)
+        (self.state_root / cluster).mkdir(parents=True, exist_ok=True)
+
+    def load_state(self, cluster: str, name: str) -> FileState | None:
+        path = self.state_path(cluster, name)
+        try:
+            document = json.loads(path.read_text(encoding="utf-8"))
+            if document.pop("version", None) != _FORMAT_VERSION:
+                return None
+            return FileState(**document)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, TypeError):
+            # Damaged (torn by a disk error, edited by hand): recover by
+            # forgetting it, which makes the partial untrusted, not by crashing.
+            return None
+
+    def save_state(self, cluster: str, name: str, state: FileState) -> None:
+        document = {"version": _FORMAT_VERSION, **asdict(state)}
+        write_atomically(self.state_path(cluster, name),
+                         json.dumps(document, sort_keys=True).encode("utf-8"))
+
+    def forget(self, cluster: str, name: str) -> None:
+        """Drop the partial and its state: the next attempt starts at 0."""
+        for path in (self.partial_path(cluster, name), self.state_path(cluster, name)):
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so that a crash leaves old or new."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temporary, path)
+    fsync_directory(path.parent)
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make a rename in ``directory`` durable."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

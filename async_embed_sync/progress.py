@@ -1,0 +1,152 @@
+"""What the user sees while the tool works: bars, plain lines, or silence.
+
+The sync and merge report events to a ``Progress``; nothing else prints
+progress. ``choose_progress`` picks tqdm bars for a terminal, plain log
+lines otherwise (CI logs, ``| tee``), and ``QuietProgress`` for ``--quiet``,
+which shows errors only.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TextIO
+
+from tqdm import tqdm
+
+
+class Progress:
+    """The events; the base class shows nothing but errors."""
+
+    def __init__(self, stream: TextIO | None = None):
+        self.stream = stream if stream is not None else sys.stderr
+
+    def add_total(self, nbytes: int) -> None:
+        """``nbytes`` more are to be transferred (a cluster was planned)."""
+
+    def file_started(self, cluster: str, name: str, size: int, offset: int) -> None:
+        """A file's transfer starts, at ``offset`` when it resumes."""
+
+    def advance(self, cluster: str, name: str, nbytes: int) -> None:
+        """``nbytes`` more of the file arrived."""
+
+    def file_finished(self, cluster: str, name: str, outcome: str) -> None:
+        """``outcome``: downloaded, skipped or failed."""
+
+    def note(self, text: str) -> None:
+        """A line worth showing when not quiet (reconnects, summaries)."""
+
+    def error(self, text: str) -> None:
+        print(text, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        """Remove bars; called once at the end."""
+
+
+class QuietProgress(Progress):
+    pass
+
+
+class PlainProgress(Progress):
+    """One line per event, and a total line at most every ``interval`` s."""
+
+    def __init__(self, stream: TextIO | None = None, interval: float = 5.0):
+        super().__init__(stream)
+        self.interval = interval
+        self.total = 0
+        self.done = 0
+        self.started = time.monotonic()
+        self._last_line = 0.0
+
+    def _line(self, text: str) -> None:
+        print(text, file=self.stream, flush=True)
+
+    def add_total(self, nbytes: int) -> None:
+        self.total += nbytes
+
+    def file_started(self, cluster: str, name: str, size: int, offset: int) -> None:
+        resumed = f" (resuming at {format_bytes(offset)})" if offset else ""
+        self._line(f"{cluster}: {name} {format_bytes(size)}{resumed}")
+
+    def advance(self, cluster: str, name: str, nbytes: int) -> None:
+        self.done += nbytes
+        now = time.monotonic()
+        if now - self._last_line >= self.interval:
+            self._last_line = now
+            rate = self.done / max(now - self.started, 1e-9)
+            self._line(f"total: {format_bytes(self.done)} of {format_bytes(self.total)}"
+                       f" at {format_bytes(rate)}/s")
+
+    def file_finished(self, cluster: str, name: str, outcome: str) -> None:
+        self._line(f"{cluster}: {name} {outcome}")
+
+    def note(self, text: str) -> None:
+        self._line(text)
+
+
+class TqdmProgress(Progress):
+    """A total bar (bytes, rate, ETA) above one bar per file in flight."""
+
+    def __init__(self, stream: TextIO | None = None):
+        super().__init__(stream)
+        self._total_bar = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024,
+                               desc="total", file=self.stream, position=0, dynamic_ncols=True)
+        self._file_bars: dict[tuple[str, str], tqdm] = {}
+        self._free_positions: list[int] = []
+        self._next_position = 1
+
+    def add_total(self, nbytes: int) -> None:
+        self._total_bar.total += nbytes
+        self._total_bar.refresh()
+
+    def file_started(self, cluster: str, name: str, size: int, offset: int) -> None:
+        position = self._free_positions.pop(0) if self._free_positions else self._next_position
+        if position == self._next_position:
+            self._next_position += 1
+        self._file_bars[(cluster, name)] = tqdm(
+            total=size, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
+            desc=f"{cluster}/{name}", file=self.stream, position=position, leave=False,
+            dynamic_ncols=True)
+
+    def advance(self, cluster: str, name: str, nbytes: int) -> None:
+        self._total_bar.update(nbytes)
+        bar = self._file_bars.get((cluster, name))
+        if bar is not None:
+            bar.update(nbytes)
+
+    def file_finished(self, cluster: str, name: str, outcome: str) -> None:
+        bar = self._file_bars.pop((cluster, name), None)
+        if bar is not None:
+            self._free_positions.append(bar.pos if bar.pos > 0 else abs(bar.pos))
+            self._free_positions.sort()
+            bar.close()
+        if outcome == "failed":
+            self.note(f"{cluster}: {name} failed")
+
+    def note(self, text: str) -> None:
+        tqdm.write(text, file=self.stream)
+
+    def close(self) -> None:
+        for bar in self._file_bars.values():
+            bar.close()
+        self._file_bars.clear()
+        self._total_bar.close()
+
+
+def choose_progress(quiet: bool, stream: TextIO | None = None) -> Progress:
+    stream = stream if stream is not None else sys.stderr
+    if quiet:
+        return QuietProgress(stream)
+    if stream.isatty():
+        return TqdmProgress(stream)
+    return PlainProgress(stream)
+
+
+def format_bytes(n: float) -> str:
+    if abs(n) < 1024:
+        return f"{n:.0f} B"
+    for unit in ("KiB", "MiB", "GiB"):
+        n /= 1024
+        if abs(n) < 1024:
+            break
+    return f"{n:.1f} {unit}"

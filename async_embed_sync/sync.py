@@ -1,0 +1,318 @@
+"""The sync phase: every cluster at once, files shared fairly between them.
+
+One task per cluster connects, lists and plans; one task per file waits for
+one of ``max_parallel`` slots and downloads. Slots are handed to the cluster
+with the fewest files in flight, so a cluster with 64 small files cannot
+starve one with 8 large ones. A dropped connection is re-established (with
+backoff, a bounded number of times without progress) and the file resumes at
+its verified offset. A failing cluster never stops the others; its errors
+land in the report.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import anyio
+
+from .config import ClusterConfig
+from .download import FileOutcome, download_file, is_up_to_date
+from .errors import (
+    AsyncEmbedSyncError,
+    ConnectError,
+    NoCheckpointsError,
+    RemoteError,
+    RemoteFileChangedError,
+    SyncFailedError,
+    TransferError,
+    VerificationError,
+)
+from .journal import DownloadLayout
+from .lock import DownloadDirLock
+from .progress import Progress, format_bytes
+from .remote import DEFAULT_SFTP_CHANNELS, DEFAULT_WINDOW, ClusterRemote, RemoteFile
+
+DEFAULT_DOWNLOAD_DIR = "embeddings/checkpoints"
+
+
+@dataclass(frozen=True)
+class SyncOptions:
+    max_parallel: int = 8
+    # Connect/login timeout, and how long a silent link may go unnoticed.
+    timeout: float = 30.0
+    # Attempts per file that make no progress before it is given up.
+    retries: int = 5
+    backoff: float = 0.5
+    max_backoff: float = 8.0
+    window: int = DEFAULT_WINDOW
+    sftp_channels: int = DEFAULT_SFTP_CHANNELS
+
+    def delay(self, attempt: int) -> float:
+        return min(self.backoff * 2 ** attempt, self.max_backoff)
+
+
+@dataclass
+class ClusterReport:
+    name: str
+    files: int = 0
+    total_bytes: int = 0
+    transferred: int = 0
+    downloaded: int = 0
+    skipped: int = 0
+    resumed: int = 0
+    reconnects: int = 0
+    seconds: float = 0.0
+    verified_by: set[str] = field(default_factory=set)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def record(self, outcome: FileOutcome) -> None:
+        if outcome.status == "skipped":
+            self.skipped += 1
+            return
+        self.downloaded += 1
+        self.transferred += outcome.transferred
+        self.resumed += outcome.resumed_from > 0
+        self.verified_by.add(outcome.verified_by)
+
+
+@dataclass
+class SyncReport:
+    clusters: dict[str, ClusterReport]
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.clusters.values())
+
+    @property
+    def transferred(self) -> int:
+        return sum(c.transferred for c in self.clusters.values())
+
+    def raise_for_failures(self) -> None:
+        failures = {name: c.errors for name, c in self.clusters.items() if c.errors}
+        if failures:
+            raise SyncFailedError(failures)
+
+    def summary(self) -> str:
+        header = f"{'cluster':<12} {'files':>5} {'size':>10} {'fetched':>10} {'time':>7} {'rate':>11} " \
+                 f"{'resumed':>7} {'skipped':>7}  verified"
+        lines = [header]
+        for c in self.clusters.values():
+            rate = f"{format_bytes(c.transferred / c.seconds)}/s" if c.seconds > 0 and c.transferred else "-"
+            verified = "+".join(sorted(v for v in c.verified_by if v)) or "-"
+            status = "" if c.ok else "  FAILED"
+            lines.append(f"{c.name:<12} {c.files:>5} {format_bytes(c.total_bytes):>10} "
+                         f"{format_bytes(c.transferred):>10} {c.seconds:>6.1f}s {rate:>11} "
+                         f"{c.resumed:>7} {c.skipped:>7}  {verified}{status}")
+        return "\n".join(lines)
+
+
+def sync(clusters: list[ClusterConfig], download_dir: str, progress: Progress,
+         options: SyncOptions = SyncOptions()) -> SyncReport:
+    """Sync every cluster into ``download_dir``; holds the directory's lock."""
+    with DownloadDirLock(download_dir):
+        return anyio.run(sync_clusters, clusters, download_dir, progress, options,
+                         backend="asyncio")
+
+
+async def sync_clusters(clusters: list[ClusterConfig], download_dir: str, progress: Progress,
+                        options: SyncOptions = SyncOptions()) -> SyncReport:
+    layout = DownloadLayout(download_dir)
+    slots = FairSlots(options.max_parallel)
+    report = SyncReport({c.name: ClusterReport(c.name) for c in clusters})
+    try:
+        async with anyio.create_task_group() as tasks:
+            for cluster in clusters:
+                tasks.start_soon(_sync_cluster, cluster, layout, slots, progress, options,
+                                 report.clusters[cluster.name])
+    finally:
+        progress.close()
+    return report
+
+
+async def _sync_cluster(cluster: ClusterConfig, layout: DownloadLayout, slots: FairSlots,
+                        progress: Progress, options: SyncOptions, report: ClusterReport) -> None:
+    started = time.monotonic()
+    link = ClusterLink(cluster, options, progress, report)
+    try:
+        remote = await link.get()
+        listing = await remote.list_checkpoints()
+        for refused in listing.refused:
+            _fail(report, progress, refused)
+        if not listing.files and not listing.refused:
+            raise NoCheckpointsError(cluster.name, cluster.remote_dir, cluster.patterns)
+        report.files = len(listing.files)
+        report.total_bytes = sum(f.size for f in listing.files)
+        pending = []
+        for remote_file in listing.files:
+            if is_up_to_date(layout, cluster.name, remote_file):
+                report.skipped += 1
+            else:
+                pending.append(remote_file)
+        progress.add_total(sum(f.size for f in pending))
+        async with anyio.create_task_group() as tasks:
+            for remote_file in pending:
+                tasks.start_soon(_sync_file, link, layout, remote_file, slots, progress, options, report)
+    except AsyncEmbedSyncError as exc:
+        _fail(report, progress, exc)
+    finally:
+        report.seconds = time.monotonic() - started
+        await link.close()
+
+
+async def _sync_file(link: ClusterLink, layout: DownloadLayout, remote_file: RemoteFile,
+                     slots: FairSlots, progress: Progress, options: SyncOptions,
+                     report: ClusterReport) -> None:
+    async with slots.slot(link.cluster.name):
+        try:
+            report.record(await _download_with_retries(link, layout, remote_file, progress, options))
+        except AsyncEmbedSyncError as exc:
+            _fail(report, progress, exc)
+
+
+async def _download_with_retries(link: ClusterLink, layout: DownloadLayout, remote_file: RemoteFile,
+                                 progress: Progress, options: SyncOptions) -> FileOutcome:
+    """Attempts continue while they make progress; ``retries`` in a row
+    without a byte gained give the file up. A verification failure earns
+    one fresh download (the partial was discarded), not more."""
+    cluster, name = link.cluster.name, remote_file.name
+    stalled_attempts = 0
+    verification_failed = False
+    while True:
+        before = _verified_offset(layout, cluster, name)
+        try:
+            return await download_file(await link.get(), layout, remote_file, progress)
+        except VerificationError:
+            if verification_failed:
+                raise
+            verification_failed = True
+            continue
+        except RemoteError as exc:
+            if not exc.retryable:
+                raise
+            gained = _verified_offset(layout, cluster, name) > before
+            stalled_attempts = 0 if gained else stalled_attempts + 1
+            if stalled_attempts > options.retries:
+                raise
+            progress.note(f"{exc} Retrying.")
+            await anyio.sleep(options.delay(stalled_attempts))
+            if isinstance(exc, RemoteFileChangedError):
+                remote_file = await (await link.get()).stat(name)
+
+
+def _verified_offset(layout: DownloadLayout, cluster: str, name: str) -> int:
+    state = layout.load_state(cluster, name)
+    return state.verified_offset if state else 0
+
+
+def _fail(report: ClusterReport, progress: Progress, exc: AsyncEmbedSyncError) -> None:
+    report.errors.append(str(exc))
+    progress.error(str(exc))
+
+
+class ClusterLink:
+    """A cluster's one connection, re-established after a drop.
+
+    The first connect fails fast (a wrong host or key will not fix itself);
+    a reconnect after a drop retries with backoff, since the network may be
+    coming back.
+    """
+
+    def __init__(self, cluster: ClusterConfig, options: SyncOptions, progress: Progress,
+                 report: ClusterReport):
+        self.cluster = cluster
+        self._options = options
+        self._progress = progress
+        self._report = report
+        self._remote: ClusterRemote | None = None
+        self._lock = asyncio.Lock()
+
+    async def get(self) -> ClusterRemote:
+        async with self._lock:
+            if self._remote is not None and not self._remote.is_closed:
+                return self._remote
+            if self._remote is None:
+                self._remote = await self._connect()
+                return self._remote
+            await self._remote.close()
+            for attempt in range(self._options.retries + 1):
+                self._report.reconnects += 1
+                self._progress.note(f"{self.cluster.name}: connection lost; reconnecting.")
+                try:
+                    self._remote = await self._connect()
+                    return self._remote
+                except (ConnectError, TransferError):
+                    if attempt == self._options.retries:
+                        raise
+                    await anyio.sleep(self._options.delay(attempt))
+            raise AssertionError("unreachable")
+
+    async def _connect(self) -> ClusterRemote:
+        return await ClusterRemote.connect(self.cluster, timeout=self._options.timeout,
+                                           window=self._options.window,
+                                           sftp_channels=self._options.sftp_channels)
+
+    async def close(self) -> None:
+        if self._remote is not None:
+            with anyio.CancelScope(shield=True):
+                await self._remote.close()
+
+
+class FairSlots:
+    """At most ``limit`` holders; a free slot goes to the waiting cluster
+    that holds the fewest, first come first served among equals."""
+
+    def __init__(self, limit: int):
+        if limit < 1:
+            raise ValueError("max_parallel must be at least 1")
+        self._free = limit
+        self._held: dict[str, int] = {}
+        self._waiting: dict[str, deque[asyncio.Future]] = {}
+
+    @asynccontextmanager
+    async def slot(self, owner: str):
+        await self._acquire(owner)
+        try:
+            yield
+        finally:
+            self._release(owner)
+
+    async def _acquire(self, owner: str) -> None:
+        if self._free and not any(self._waiting.values()):
+            self._grant(owner)
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(owner, deque()).append(waiter)
+        try:
+            await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                self._release(owner)  # granted just as we were cancelled
+            elif waiter in self._waiting[owner]:
+                self._waiting[owner].remove(waiter)
+            raise
+
+    def _grant(self, owner: str) -> None:
+        self._free -= 1
+        self._held[owner] = self._held.get(owner, 0) + 1
+
+    def _release(self, owner: str) -> None:
+        self._held[owner] -= 1
+        self._free += 1
+        while True:
+            candidates = [o for o, q in self._waiting.items() if q]
+            if not candidates:
+                return
+            chosen = min(candidates, key=lambda o: self._held.get(o, 0))
+            waiter = self._waiting[chosen].popleft()
+            if not waiter.cancelled():
+                self._grant(chosen)
+                waiter.set_result(None)
+                return
