@@ -1,0 +1,78 @@
+"""Shared fixtures: SSH servers, the emulated link, and config files.
+
+Async tests use anyio's pytest plugin (shipped with anyio) on the asyncio
+backend only: mark them ``@pytest.mark.anyio`` (or set
+``pytestmark = pytest.mark.anyio`` in the module). Plain ``asyncio.run``
+inside a sync test works as well.
+
+The ``embedded_server`` and ``link_proxy`` fixtures are factories that
+return *unstarted* async context managers, so that the server or proxy lives
+on the test's own event loop, whichever way the test runs one::
+
+    async with embedded_server(root) as server, link_proxy(server, cut_after=10**6) as proxy:
+        config = write_config(tmp_path, {"tensor01": server.cluster_entry("/", port=proxy.port)})
+
+The logic lives in ``async_embed_sync.embedded_server``,
+``async_embed_sync.netproxy`` and ``tests/openssh.py``; this file only wires
+them to pytest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from openssh import OpenSSHServer, sshd_available
+
+from async_embed_sync.embedded_server import EmbeddedSFTPServer, LoopbackSSHAccess
+from async_embed_sync.netproxy import LinkProxy
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def openssh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenSSHServer]:
+    """The real OpenSSH sshd, one for the whole session; serves root's whole file system."""
+    if not sshd_available():
+        message = "OpenSSH sshd is not installed (apt-get install openssh-server)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)  # CI installs it: its absence there is a broken setup
+        pytest.skip(message)
+    with OpenSSHServer(tmp_path_factory.mktemp("openssh")) as server:
+        yield server
+
+
+@pytest.fixture
+def embedded_server(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., EmbeddedSFTPServer]:
+    """``embedded_server(root, **options)``: an unstarted ``EmbeddedSFTPServer`` serving ``root``."""
+    def make(root: Path, **options: Any) -> EmbeddedSFTPServer:
+        return EmbeddedSFTPServer(root, tmp_path_factory.mktemp("embedded_server"), **options)
+    return make
+
+
+@pytest.fixture
+def link_proxy() -> Callable[..., LinkProxy]:
+    """``link_proxy(server, **link)``: an unstarted ``LinkProxy`` in front of ``server``."""
+    def make(server: LoopbackSSHAccess, **link: Any) -> LinkProxy:
+        return LinkProxy(server.host, server.port, **link)
+    return make
+
+
+def _write_config(directory: Path, clusters: dict[str, dict[str, Any]]) -> Path:
+    path = Path(directory) / "credentials.json"
+    path.write_text(json.dumps({"clusters": clusters}, indent=2))
+    os.chmod(path, 0o600)
+    return path
+
+
+@pytest.fixture
+def write_config() -> Callable[[Path, dict[str, dict[str, Any]]], Path]:
+    """``write_config(directory, {name: entry})``: writes credentials.json, returns its path."""
+    return _write_config
