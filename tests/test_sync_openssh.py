@@ -1,0 +1,160 @@
+"""The sync against the real OpenSSH sshd on loopback."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from async_embed_sync.cli import main
+from async_embed_sync.config import load_config
+from async_embed_sync.journal import DownloadLayout
+from async_embed_sync.progress import QuietProgress
+from async_embed_sync.sync import SyncOptions, sync
+
+PASSWORD = "hunter2-not-a-real-one"
+
+
+def _remote_tree(tmp_path: Path) -> dict[str, Path]:
+    """Two cluster directories with checkpoint-like files (and one that is not)."""
+    dirs = {}
+    for index, cluster in enumerate(("tensor01", "tensor02")):
+        directory = tmp_path / "remote" / cluster
+        directory.mkdir(parents=True)
+        for gpu in range(3):
+            size = 3_000_000 + 700_001 * gpu + index
+            (directory / f"emb_gpu{gpu}.pkl").write_bytes(os.urandom(size))
+        (directory / "emb_gpu3.npy").write_bytes(os.urandom(1_234_567))
+        (directory / "emb_gpu3.json").write_text('{"start_index": 0}')
+        (directory / "notes.txt").write_text("not a checkpoint")
+        dirs[cluster] = directory
+    return dirs
+
+
+def _sync(config_path: Path, download_dir: Path, **options):
+    clusters = load_config(config_path).select(None)
+    return sync(clusters, str(download_dir), QuietProgress(), SyncOptions(**options))
+
+
+def _assert_mirrored(remote_dir: Path, local_dir: Path) -> None:
+    expected = sorted(p.name for p in remote_dir.iterdir() if p.suffix != ".txt")
+    assert sorted(p.name for p in local_dir.iterdir()) == expected
+    for name in expected:
+        assert (local_dir / name).read_bytes() == (remote_dir / name).read_bytes(), name
+
+
+def test_two_clusters_byte_identical_then_incremental(openssh, tmp_path, write_config):
+    dirs = _remote_tree(tmp_path)
+    config = write_config(tmp_path, {c: openssh.cluster_entry(str(d)) for c, d in dirs.items()})
+    download_dir = tmp_path / "dl"
+
+    assert main(["sync", "--config", str(config), "--download-dir", str(download_dir),
+                 "--max-parallel", "3", "--quiet"]) == 0
+    for cluster, remote_dir in dirs.items():
+        _assert_mirrored(remote_dir, download_dir / cluster)
+        state = DownloadLayout(download_dir).load_state(cluster, "emb_gpu0.pkl")
+        assert state.complete and state.verified_by == "sha256"  # sshd has a shell
+
+    # Second run: nothing changed, nothing transferred.
+    report = _sync(config, download_dir)
+    assert report.ok and report.transferred == 0
+    assert all(c.skipped == 5 and c.downloaded == 0 for c in report.clusters.values())
+
+    # A file changed remotely (new content, same size, new mtime) is fetched again.
+    changed = dirs["tensor02"] / "emb_gpu1.pkl"
+    changed.write_bytes(os.urandom(changed.stat().st_size))
+    os.utime(changed, (changed.stat().st_atime, changed.stat().st_mtime + 10))
+    report = _sync(config, download_dir)
+    assert report.ok
+    assert report.clusters["tensor02"].downloaded == 1
+    assert report.transferred == changed.stat().st_size
+    _assert_mirrored(dirs["tensor02"], download_dir / "tensor02")
+
+
+def test_clusters_option_limits_the_sync(openssh, tmp_path, write_config):
+    dirs = _remote_tree(tmp_path)
+    config = write_config(tmp_path, {c: openssh.cluster_entry(str(d)) for c, d in dirs.items()})
+    download_dir = tmp_path / "dl"
+    assert main(["sync", "--config", str(config), "--download-dir", str(download_dir),
+                 "--clusters", "tensor02", "--quiet"]) == 0
+    assert not (download_dir / "tensor01").exists()
+    _assert_mirrored(dirs["tensor02"], download_dir / "tensor02")
+
+
+def _run_failing(capsys, config: Path, download_dir: Path) -> str:
+    code = main(["sync", "--config", str(config), "--download-dir", str(download_dir),
+                 "--quiet", "--timeout", "5", "--retries", "0"])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert "Traceback" not in err
+    return err
+
+
+def test_unknown_host_key_is_refused_with_the_fix(openssh, tmp_path, write_config, capsys):
+    dirs = _remote_tree(tmp_path)
+    empty_known_hosts = tmp_path / "known_hosts_empty"
+    empty_known_hosts.write_text("")
+    config = write_config(tmp_path, {"tensor01": openssh.cluster_entry(
+        str(dirs["tensor01"]), known_hosts=str(empty_known_hosts))})
+    err = _run_failing(capsys, config, tmp_path / "dl")
+    assert "tensor01" in err and "ssh-keyscan" in err and str(empty_known_hosts) in err
+    assert not (tmp_path / "dl" / "tensor01").exists()
+
+
+def test_changed_host_key_is_refused_loudly(openssh, tmp_path, write_config, capsys):
+    dirs = _remote_tree(tmp_path)
+    impostor = tmp_path / "known_hosts_other"
+    os.system(f"ssh-keygen -q -t ed25519 -N '' -f {tmp_path / 'other_host_key'}")
+    other_key = (tmp_path / "other_host_key.pub").read_text().split()[:2]
+    impostor.write_text(f"[127.0.0.1]:{openssh.port} {' '.join(other_key)}\n")
+    config = write_config(tmp_path, {"tensor01": openssh.cluster_entry(
+        str(dirs["tensor01"]), known_hosts=str(impostor))})
+    err = _run_failing(capsys, config, tmp_path / "dl")
+    assert "does not match" in err and "ssh-keygen -R" in err
+    assert not (tmp_path / "dl" / "tensor01").exists()
+
+
+def test_authentication_failure_never_shows_the_password(openssh, tmp_path, write_config, capsys):
+    dirs = _remote_tree(tmp_path)
+    entry = openssh.cluster_entry(str(dirs["tensor01"]), password=PASSWORD)
+    del entry["key_file"]
+    config = write_config(tmp_path, {"tensor01": entry})
+    err = _run_failing(capsys, config, tmp_path / "dl")
+    assert "authentication" in err and "tensor01" in err
+    assert PASSWORD not in err
+    for path in (tmp_path / "dl").rglob("*"):
+        assert not path.is_file() or PASSWORD.encode() not in path.read_bytes()
+
+
+def test_missing_remote_dir_and_empty_dir_are_named(openssh, tmp_path, write_config, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    config = write_config(tmp_path, {
+        "tensor01": openssh.cluster_entry(str(tmp_path / "does-not-exist")),
+        "tensor02": openssh.cluster_entry(str(empty)),
+    })
+    err = _run_failing(capsys, config, tmp_path / "dl")
+    assert f"{tmp_path / 'does-not-exist'} cannot be listed" in err
+    assert f"no checkpoint files matching" in err and str(empty) in err
+
+
+def test_unreachable_host_fails_alone(openssh, tmp_path, write_config, capsys):
+    dirs = _remote_tree(tmp_path)
+    closed_port = _closed_port()
+    config = write_config(tmp_path, {
+        "tensor01": openssh.cluster_entry(str(dirs["tensor01"]), port=closed_port),
+        "tensor02": openssh.cluster_entry(str(dirs["tensor02"])),
+    })
+    err = _run_failing(capsys, config, tmp_path / "dl")
+    assert f"cannot connect to 127.0.0.1:{closed_port}" in err
+    assert "tensor02:" not in err.split("did not finish for")[-1]
+    # The failing cluster did not stop the other one.
+    _assert_mirrored(dirs["tensor02"], tmp_path / "dl" / "tensor02")
+
+
+def _closed_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
