@@ -23,6 +23,7 @@ import socket
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
+import anyio
 import asyncssh
 
 from .config import ClusterConfig
@@ -51,6 +52,10 @@ READ_AHEAD_BYTES = 8 * 1024 * 1024
 DEFAULT_SFTP_CHANNELS = 4
 MAX_CONCURRENT_HASHES = 2
 MAX_NAME_BYTES = 255
+# How long abandoned reads may take to come back: on a live link, about one
+# RTT; at close, after the connection is aborted, no time at all.
+READ_SETTLE_TIMEOUT = 1.0
+SETTLE_TIMEOUT = 5.0
 
 
 @dataclass(frozen=True)
@@ -100,6 +105,8 @@ class ClusterRemote:
         self._pool_lock = asyncio.Lock()
         self._hash_slots = asyncio.Semaphore(MAX_CONCURRENT_HASHES)
         self._has_shell: bool | None = None
+        # Reads abandoned mid-flight (drop, cancel); observed again at close.
+        self._unsettled_reads: set[asyncio.Future] = set()
 
     # ---------------------------------------------------------------- connect
 
@@ -139,9 +146,16 @@ class ClusterRemote:
         return cls(cluster, connection, sftp_channels)
 
     async def close(self) -> None:
-        self._connection.close()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self._connection.wait_closed(), 5)
+        if self._unsettled_reads:
+            # A stalled link would never flush a polite close.
+            self._connection.abort()
+        else:
+            self._connection.close()
+        with anyio.CancelScope(shield=True), anyio.move_on_after(SETTLE_TIMEOUT):
+            with contextlib.suppress(Exception):
+                await self._connection.wait_closed()
+        await _settle(self._unsettled_reads)
+        self._unsettled_reads.clear()
 
     @property
     def is_closed(self) -> bool:
@@ -195,28 +209,44 @@ class ClusterRemote:
     async def read_in_order(self, name: str, offset: int, end: int) -> AsyncIterator[bytes]:
         """Yield the bytes of ``[offset, end)`` in order, as they arrive.
 
-        Reads are pipelined (many requests in flight); blocks that arrive
-        early wait in memory until the bytes before them are there, so the
-        caller only ever sees a contiguous, growing prefix. The iteration
-        stops early if the remote file is shorter than ``end``: the caller
-        compares what it got with what it expected.
+        Up to READ_AHEAD_BYTES of block reads are in flight at once (one
+        window / RTT would otherwise cap the rate); the caller only ever sees
+        a contiguous, growing prefix, and at most the read-ahead is held in
+        memory. Iteration stops early if the remote file is shorter than
+        ``end``: the caller compares what it got with what it expected.
+
+        asyncssh's ``read_parallel`` is not used: abandoning its iterator
+        (a drop, a cancel) leaves its reads running unobserved.
         """
         with _translate_errors(self.cluster, name=name):
             async with self._sftp() as sftp:
                 block_size = min(sftp.limits.max_read_len or MAX_BLOCK_SIZE, MAX_BLOCK_SIZE)
                 max_requests = max(4, READ_AHEAD_BYTES // block_size)
-                async with sftp.open(self._path(name), "rb", block_size=block_size,
-                                     max_requests=max_requests) as remote_file:
-                    early: dict[int, bytes] = {}
-                    position = offset
-                    async for block_offset, data in await remote_file.read_parallel(end - offset, offset):
-                        if not data:
-                            continue
-                        early[block_offset] = data
-                        while position in early:
-                            chunk = early.pop(position)
-                            position += len(chunk)
-                            yield chunk
+                async with sftp.open(self._path(name), "rb", block_size=block_size) as remote_file:
+                    in_flight: dict[int, asyncio.Future[bytes]] = {}
+                    next_request = position = offset
+                    try:
+                        while position < end:
+                            while next_request < end and len(in_flight) < max_requests:
+                                size = min(block_size, end - next_request)
+                                in_flight[next_request] = asyncio.ensure_future(
+                                    remote_file.read(size, next_request))
+                                next_request += size
+                            # Shielded: a cancel must not cancel the read itself (see _settle).
+                            data = await asyncio.shield(in_flight[position])
+                            del in_flight[position]
+                            if not data:
+                                return  # the file ends early: it shrank
+                            position += len(data)
+                            yield data
+                            if position < next_request and position not in in_flight:
+                                # A short read (end of file moved): ask for the gap.
+                                gap_end = min((o for o in in_flight if o > position), default=next_request)
+                                in_flight[position] = asyncio.ensure_future(
+                                    remote_file.read(gap_end - position, position))
+                    finally:
+                        await _settle(in_flight.values(), timeout=READ_SETTLE_TIMEOUT)
+                        self._unsettled_reads.update(r for r in in_flight.values() if not r.done())
 
     async def sha256(self, name: str, timeout: float = 600.0) -> str | None:
         """The remote's ``sha256sum`` of the file, or None without a shell."""
@@ -260,6 +290,25 @@ class ClusterRemote:
             yield self._sftp_pool[index]
         finally:
             self._sftp_users[index] -= 1
+
+
+async def _settle(requests, timeout: float = SETTLE_TIMEOUT) -> None:
+    """Let abandoned reads finish, and observe how they ended.
+
+    Cancelling an asyncssh read does not cancel the tasks it started inside
+    asyncssh, whose errors would then go unobserved; so the reads are
+    awaited instead. After a drop they fail at once; on a stalled link they
+    stay pending until ``close()`` aborts the connection and settles them.
+    """
+    requests = list(requests)
+    if not requests:
+        return
+    with anyio.CancelScope(shield=True):
+        with anyio.move_on_after(timeout):
+            await asyncio.wait(requests)
+    for request in requests:
+        if request.done() and not request.cancelled():
+            request.exception()  # observed: the caller already has the error that matters
 
 
 def _expand(path: str):

@@ -1,0 +1,253 @@
+"""The sync under injected faults: asyncssh's own server with fault-injecting
+``SFTPServer`` subclasses, and a proxy that cuts or stalls the link after a
+given number of bytes (deterministic triggers, no sleeps)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+
+import asyncssh
+import pytest
+
+from async_embed_sync.config import load_config
+from async_embed_sync.download import CHECKPOINT_BYTES
+from async_embed_sync.journal import DownloadLayout
+from async_embed_sync.progress import QuietProgress
+from async_embed_sync.remote import READ_AHEAD_BYTES
+from async_embed_sync.sync import SyncOptions, sync_clusters
+
+pytestmark = pytest.mark.anyio
+
+MiB = 1024 * 1024
+FAST_RETRY = dict(backoff=0.02, max_backoff=0.1, timeout=10.0)
+
+
+def _make_remote(root: Path, sizes: dict[str, int]) -> Path:
+    directory = root / "ckpt"
+    directory.mkdir(parents=True)
+    for name, size in sizes.items():
+        (directory / name).write_bytes(os.urandom(size))
+    return directory
+
+
+async def _sync(config: Path, download_dir: Path, **options):
+    clusters = load_config(config).select(None)
+    return await sync_clusters(clusters, str(download_dir), QuietProgress(),
+                               SyncOptions(**{**FAST_RETRY, **options}))
+
+
+def _same(remote_dir: Path, local_dir: Path, names) -> None:
+    for name in names:
+        assert (local_dir / name).read_bytes() == (remote_dir / name).read_bytes(), name
+
+
+async def test_drops_mid_file_resume_from_the_verified_offset(tmp_path, embedded_server, link_proxy,
+                                                              write_config):
+    size = 48 * MiB
+    remote = _make_remote(tmp_path / "srv", {"big.pkl": size})
+    async with embedded_server(tmp_path / "srv") as server, \
+            link_proxy(server, cut_after=[14 * MiB, 33 * MiB]) as proxy:
+        config = write_config(tmp_path, {"tensor01": server.cluster_entry("/ckpt", port=proxy.port)})
+        report = await _sync(config, tmp_path / "dl", max_parallel=1)
+    assert report.ok, report.clusters["tensor01"].errors
+    assert proxy.cuts == 2 and report.clusters["tensor01"].reconnects == 2
+    _same(remote, tmp_path / "dl" / "tensor01", ["big.pkl"])
+    # A restart from 0 would have cost 14 + 33 MiB more; resuming costs at
+    # most the read-ahead lost in flight at each drop (plus SSH framing).
+    resent = proxy.bytes_to_client - size
+    assert resent < 2 * (READ_AHEAD_BYTES + MiB), resent
+
+
+async def test_killed_process_resumes(tmp_path, embedded_server, link_proxy, write_config):
+    size = 40 * MiB
+    remote = _make_remote(tmp_path / "srv", {"big.pkl": size})
+    kill_at = 25 * MiB
+    async with embedded_server(tmp_path / "srv") as server, \
+            link_proxy(server, stall_after=kill_at) as proxy:
+        config = write_config(tmp_path, {"tensor01": server.cluster_entry("/ckpt", port=proxy.port)})
+        child = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "async_embed_sync", "sync", "--config", str(config),
+            "--download-dir", str(tmp_path / "dl"), "--quiet",
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+        for _ in range(600):
+            if proxy.stalled or child.returncode is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert proxy.stalled, "the child never reached the kill point"
+        child.send_signal(signal.SIGKILL)
+        await child.wait()
+        proxy.resume()
+        before = proxy.bytes_to_client
+        report = await _sync(config, tmp_path / "dl")
+    assert report.ok
+    assert report.clusters["tensor01"].resumed == 1
+    _same(remote, tmp_path / "dl" / "tensor01", ["big.pkl"])
+    # Only what the killed run had not yet made durable (at most one
+    # checkpoint interval, plus what was in flight) comes again.
+    assert proxy.bytes_to_client - before < size - kill_at + CHECKPOINT_BYTES + READ_AHEAD_BYTES
+
+
+async def test_corrupted_partial_is_detected_and_healed(tmp_path, embedded_server, link_proxy,
+                                                        write_config):
+    size = 24 * MiB
+    remote = _make_remote(tmp_path / "srv", {"a.pkl": size})
+    layout = DownloadLayout(tmp_path / "dl")
+    async with embedded_server(tmp_path / "srv") as server, \
+            link_proxy(server, stall_after=18 * MiB) as proxy:
+        config = write_config(tmp_path, {"tensor01": server.cluster_entry("/ckpt", port=proxy.port)})
+        # Interrupt the first run (as Ctrl-C would) once the link stalls.
+        first = asyncio.create_task(_sync(config, tmp_path / "dl"))
+        for _ in range(600):
+            if proxy.stalled:
+                break
+            await asyncio.sleep(0.05)
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        proxy.resume()
+        state = layout.load_state("tensor01", "a.pkl")
+        assert state.verified_offset >= 8 * MiB and not state.complete
+        # Flip one byte inside the verified prefix, as a disk error would.
+        with open(layout.partial_path("tensor01", "a.pkl"), "r+b") as partial:
+            partial.seek(5 * MiB)
+            byte = partial.read(1)
+            partial.seek(5 * MiB)
+            partial.write(bytes([byte[0] ^ 0xFF]))
+        healed = await _sync(config, tmp_path / "dl")
+    assert healed.ok
+    assert healed.clusters["tensor01"].resumed == 0  # the damaged prefix was not trusted
+    _same(remote, tmp_path / "dl" / "tensor01", ["a.pkl"])
+
+
+async def test_interrupted_run_resumes_where_it_stopped(tmp_path, embedded_server, link_proxy,
+                                                        write_config):
+    remote = _make_remote(tmp_path / "srv", {"a.pkl": 24 * MiB})
+    async with embedded_server(tmp_path / "srv") as server, \
+            link_proxy(server, stall_after=18 * MiB) as proxy:
+        config = write_config(tmp_path, {"tensor01": server.cluster_entry("/ckpt", port=proxy.port)})
+        first = asyncio.create_task(_sync(config, tmp_path / "dl"))
+        for _ in range(600):
+            if proxy.stalled:
+                break
+            await asyncio.sleep(0.05)
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        proxy.resume()
+        verified = DownloadLayout(tmp_path / "dl").load_state("tensor01", "a.pkl").verified_offset
+        second = await _sync(config, tmp_path / "dl")
+    assert second.ok and second.clusters["tensor01"].resumed == 1
+    assert second.transferred == 24 * MiB - verified
+    _same(remote, tmp_path / "dl" / "tensor01", ["a.pkl"])
+
+
+class FailOnceAtOffset(asyncssh.SFTPServer):
+    """Fails the first read that covers ``FAIL_AT``, as a flaky filesystem would."""
+
+    FAIL_AT = 3 * MiB
+    failed = False
+
+    def read(self, file_obj, offset, size):
+        if not FailOnceAtOffset.failed and offset <= self.FAIL_AT < offset + size:
+            FailOnceAtOffset.failed = True
+            raise asyncssh.SFTPFailure("injected I/O error")
+        return super().read(file_obj, offset, size)
+
+
+async def test_server_read_failure_is_retried(tmp_path, embedded_server, write_config):
+    remote = _make_remote(tmp_path / "srv", {"a.pkl": 8 * MiB, "b.npy": 2 * MiB})
+    async with embedded_server(tmp_path / "srv", sftp_factory=FailOnceAtOffset) as server:
+        config = write_config(tmp_path, {"tensor01": server.cluster_entry("/ckpt")})
+        report = await _sync(config, tmp_path / "dl")
+    assert FailOnceAtOffset.failed
+    assert report.ok
+    _same(remote, tmp_path / "dl" / "tensor01", ["a.pkl", "b.npy"])
+
+
+async def test_without_a_shell_files_are_verified_by_size(tmp_path, embedded_server, write_config):
+    remote = _make_remote(tmp_path / "srv", {"a.pkl": 3 * MiB})
+    async with embedded_server(tmp_path / "srv", allow_exec=False) as server:
+        config = write_config(tmp_path, {"tensor01": server.cluster_entry("/ckpt")})
+        report = await _sync(config, tmp_path / "dl")
+    assert report.ok and report.clusters["tensor01"].verified_by == {"size"}
+    _same(remote, tmp_path / "dl" / "tensor01", ["a.pkl"])
+
+
+async def test_with_a_shell_files_are_verified_by_sha256(tmp_path, embedded_server, write_config):
+    _make_remote(tmp_path / "srv", {"a.pkl": 1 * MiB})
+    async with embedded_server(tmp_path / "srv") as server:
+        config = write_config(tmp_path, {"tensor01": server.cluster_entry("/ckpt")})
+        report = await _sync(config, tmp_path / "dl")
+    assert report.clusters["tensor01"].verified_by == {"sha256"}
+    assert any("sha256sum" in (command or "") for command in server.exec_commands)
+
+
+async def test_wrong_host_key_refused_before_any_file_is_written(tmp_path, embedded_server,
+                                                                 write_config):
+    _make_remote(tmp_path / "srv", {"a.pkl": MiB})
+    impostor = tmp_path / "known_hosts_impostor"
+    async with embedded_server(tmp_path / "srv") as server:
+        other = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode()
+        impostor.write_text(f"[127.0.0.1]:{server.port} {other}")
+        config = write_config(tmp_path, {"tensor01": server.cluster_entry(
+            "/ckpt", known_hosts=str(impostor))})
+        report = await _sync(config, tmp_path / "dl")
+    assert not report.ok
+    assert "does not match" in report.clusters["tensor01"].errors[0]
+    assert not (tmp_path / "dl" / "tensor01").exists()
+    assert not list((tmp_path / "dl").rglob("*.part"))
+
+
+HOSTILE_NAMES = [b"../escape.pkl", b"/abs.pkl", b"sub/dir.pkl", b"back\\slash.pkl", b"nul\x00.pkl",
+                 b"x" * 300 + b".pkl"]
+
+
+class HostileListing(asyncssh.SFTPServer):
+    """Lists names that try to escape the download directory."""
+
+    async def scandir(self, path):
+        async for entry in super().scandir(path):
+            yield entry
+        attrs = asyncssh.SFTPAttrs(type=asyncssh.FILEXFER_TYPE_REGULAR, size=10, mtime=1)
+        for name in HOSTILE_NAMES:
+            yield asyncssh.SFTPName(name, name, attrs)
+
+
+async def test_hostile_remote_names_are_refused(tmp_path, embedded_server, write_config):
+    remote = _make_remote(tmp_path / "srv", {"good.pkl": MiB})
+    async with embedded_server(tmp_path / "srv", sftp_factory=HostileListing) as server:
+        config = write_config(tmp_path, {"tensor01": server.cluster_entry("/ckpt")})
+        report = await _sync(config, tmp_path / "dl")
+    errors = report.clusters["tensor01"].errors
+    assert len(errors) == len(HOSTILE_NAMES) and all("refused" in e for e in errors)
+    _same(remote, tmp_path / "dl" / "tensor01", ["good.pkl"])
+    written = {p.name for p in tmp_path.rglob("*") if p.is_file()}
+    assert not {"escape.pkl", "abs.pkl", "dir.pkl"} & written
+
+
+async def test_stalled_link_is_noticed_and_the_sync_finishes(tmp_path, embedded_server, link_proxy,
+                                                             write_config):
+    remote = _make_remote(tmp_path / "srv", {"a.pkl": 12 * MiB})
+    async with embedded_server(tmp_path / "srv") as server, \
+            link_proxy(server, stall_after=5 * MiB) as proxy:
+        config = write_config(tmp_path, {"tensor01": server.cluster_entry("/ckpt", port=proxy.port)})
+
+        async def resume_when_the_client_reconnects():
+            first = None
+            for _ in range(400):
+                if proxy.stalled and first is None:
+                    first = proxy.connections
+                if first is not None and proxy.connections > first:
+                    proxy.resume()
+                    return
+                await asyncio.sleep(0.05)
+
+        watcher = asyncio.create_task(resume_when_the_client_reconnects())
+        report = await asyncio.wait_for(_sync(config, tmp_path / "dl", timeout=2.0), 30)
+        await watcher
+    assert report.ok and report.clusters["tensor01"].reconnects >= 1
+    _same(remote, tmp_path / "dl" / "tensor01", ["a.pkl"])
