@@ -72,14 +72,20 @@ def test_two_clusters_byte_identical_then_incremental(openssh, tmp_path, write_c
     _assert_mirrored(dirs["tensor02"], download_dir / "tensor02")
 
 
-def test_clusters_option_limits_the_sync(openssh, tmp_path, write_config):
+def test_clusters_option_limits_the_sync_and_progress_is_shown(openssh, tmp_path, write_config,
+                                                                capsys):
     dirs = _remote_tree(tmp_path)
     config = write_config(tmp_path, {c: openssh.cluster_entry(str(d)) for c, d in dirs.items()})
     download_dir = tmp_path / "dl"
     assert main(["sync", "--config", str(config), "--download-dir", str(download_dir),
-                 "--clusters", "tensor02", "--quiet"]) == 0
+                 "--clusters", "tensor02"]) == 0
     assert not (download_dir / "tensor01").exists()
     _assert_mirrored(dirs["tensor02"], download_dir / "tensor02")
+    # Not a terminal: plain lines, then the summary table.
+    err = capsys.readouterr().err
+    assert "tensor02: emb_gpu0.pkl downloaded" in err
+    summary = err[err.index("cluster      files"):].splitlines()
+    assert summary[1].split()[:2] == ["tensor02", "5"] and summary[1].endswith("sha256")
 
 
 def _run_failing(capsys, config: Path, download_dir: Path) -> str:
