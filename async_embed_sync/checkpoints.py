@@ -1,0 +1,441 @@
+"""Find and open embedding checkpoints of both formats as uniform shards.
+
+A checkpoint is untrusted input: it came over the network from a shared
+machine. Legacy ``.pkl`` checkpoints go through :class:`RestrictedUnpickler`,
+which rebuilds numpy arrays, dtypes and plain containers and refuses every
+other global before anything runs. ``.npy`` checkpoints are opened with
+``numpy.load(..., mmap_mode="r", allow_pickle=False)`` after their header has
+been checked against the file size.
+
+Each opened checkpoint is checked for internal consistency (a 2-D array, as
+many rows as its index range spans and as its article list holds); anything
+wrong raises :class:`CheckpointError` naming the file. Rules that involve
+several checkpoints, or merge policy, belong to ``merge.py``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import itertools
+import json
+import math
+import pickle
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+from numpy.lib import format as npy_format
+
+from .errors import CheckpointError, UnsafePickleError
+
+LEGACY_SUFFIX = ".pkl"
+NPY_SUFFIX = ".npy"
+ARTICLE_KIND = "article"
+
+# Whatever can go wrong inside an unpickler fed hostile or torn bytes, short of
+# our own refusals: a truncated stream, a bad opcode argument, a REDUCE whose
+# allowed callable rejects its arguments, an absurd allocation.
+_UNPICKLING_FAILURES = (
+    pickle.UnpicklingError,
+    EOFError,
+    ValueError,
+    TypeError,
+    AttributeError,
+    IndexError,
+    KeyError,
+    OverflowError,
+    UnicodeDecodeError,
+    MemoryError,
+)
+
+
+def is_article(row: Mapping[str, Any]) -> bool:
+    """A row is an article unless its ``kind`` says otherwise."""
+    return row.get("kind", ARTICLE_KIND) == ARTICLE_KIND
+
+
+def file_sha256(path: Path, chunk_bytes: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks through one reusable buffer."""
+    digest = hashlib.sha256()
+    buffer = bytearray(chunk_bytes)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as stream:
+        while count := stream.readinto(buffer):
+            digest.update(view[:count])
+    return digest.hexdigest()
+
+
+def find_checkpoints(download_dir: Path) -> list[Path]:
+    """Every checkpoint under ``<download_dir>/<cluster>/``, sorted by path.
+
+    Hidden entries are skipped: the downloader keeps its partial files and
+    journal under a dot-directory.
+    """
+    found: list[Path] = []
+    for cluster_dir in sorted(Path(download_dir).iterdir()):
+        if cluster_dir.name.startswith(".") or not cluster_dir.is_dir():
+            continue
+        for path in sorted(cluster_dir.iterdir()):
+            if path.suffix in (LEGACY_SUFFIX, NPY_SUFFIX) and not path.name.startswith("."):
+                if path.is_file():
+                    found.append(path)
+    return found
+
+
+# ------------------------------------------------------------ restricted unpickler
+
+
+class _RefusedContent(pickle.UnpicklingError):
+    """An allowed constructor was asked for something we do not accept."""
+
+
+def _reconstruct(subtype: type, shape: tuple[int, ...], dtype_code: Any) -> np.ndarray:
+    # numpy's own ``_reconstruct`` would build any ndarray subclass named in
+    # the stream; only the base class is accepted.
+    if subtype is not np.ndarray:
+        raise _RefusedContent(f"an array of type {subtype!r}")
+    return np.ndarray.__new__(np.ndarray, shape, dtype_code)
+
+
+def _frombuffer(buffer: Any, dtype: np.dtype, shape: tuple[int, ...], order: str) -> np.ndarray:
+    if np.dtype(dtype).hasobject:
+        raise _RefusedContent("an object array")
+    return np.frombuffer(buffer, dtype=dtype).reshape(shape, order=order)
+
+
+def _scalar(dtype: np.dtype, data: bytes | None = None) -> Any:
+    if np.dtype(dtype).hasobject or data is None:
+        raise _RefusedContent("an object scalar")
+    return np.frombuffer(data, dtype=dtype, count=1)[0]
+
+
+def _latin1_encode(text: str, encoding: str = "utf-8") -> bytes:
+    # Protocol 2 carries bytes as latin-1 text plus a call to _codecs.encode.
+    if encoding.lower().replace("-", "") != "latin1":
+        raise _RefusedContent(f"bytes in encoding {encoding!r}")
+    return text.encode("latin-1")
+
+
+def _numpy_names(name: str, value: Callable[..., Any], *modules: str) -> dict[tuple[str, str], Any]:
+    return {(module, name): value for module in modules}
+
+
+# numpy 2 pickles name ``numpy._core``; numpy 1.x pickles name ``numpy.core``.
+# Protocol 2 pickles written by Python 3 name builtins ``__builtin__``.
+_ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
+    **_numpy_names("_reconstruct", _reconstruct, "numpy._core.multiarray", "numpy.core.multiarray"),
+    **_numpy_names("scalar", _scalar, "numpy._core.multiarray", "numpy.core.multiarray"),
+    **_numpy_names("_frombuffer", _frombuffer, "numpy._core.numeric", "numpy.core.numeric"),
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): _latin1_encode,
+    ("datetime", "datetime"): datetime.datetime,
+    **{
+        (module, container.__name__): container
+        for module in ("builtins", "__builtin__")
+        for container in (list, dict, set, frozenset, bytearray)
+    },
+}
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Rebuilds numpy arrays and plain containers; refuses every other global."""
+
+    def __init__(self, stream: BinaryIO, source: Path):
+        super().__init__(stream)
+        self.source = source
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return _ALLOWED_GLOBALS[(module, name)]
+        except KeyError:
+            raise UnsafePickleError(str(self.source), f"{module}.{name}") from None
+
+
+def restricted_load(path: Path) -> Any:
+    """Unpickle ``path`` safely; :class:`CheckpointError` names the file on any failure."""
+    try:
+        with open(path, "rb") as stream:
+            return RestrictedUnpickler(stream, path).load()
+    except UnsafePickleError:
+        raise
+    except _RefusedContent as exc:
+        raise CheckpointError(str(path), f"the pickle holds {exc}, which is refused.") from exc
+    except _UNPICKLING_FAILURES as exc:
+        raise CheckpointError(
+            str(path), f"not a readable pickle (truncated or corrupt: {exc!r})."
+        ) from exc
+    except OSError as exc:
+        raise CheckpointError(str(path), f"cannot be read ({exc.strerror or exc}).") from exc
+
+
+# ------------------------------------------------------------------ uniform shards
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What validation and ``chunk_info`` need to know about one checkpoint."""
+
+    path: Path
+    cluster: str
+    start_index: int
+    end_index: int
+    rows: int
+    dim: int
+    dtype: np.dtype
+    model: str
+    gpu_id: int | None
+    hostname: str | None
+    size_bytes: int
+    article_rows: int
+
+
+@dataclass(frozen=True)
+class RowBlock:
+    """Consecutive rows of one checkpoint: their vectors and their row dicts."""
+
+    embeddings: np.ndarray
+    articles: list[dict]
+
+
+@dataclass(frozen=True)
+class _Fields:
+    start_index: int
+    end_index: int
+    model: str
+    gpu_id: int | None
+    hostname: str | None
+
+
+def _read_fields(document: Mapping[str, Any], path: Path) -> _Fields:
+    def integer(key: str) -> int | None:
+        value = document.get(key)
+        is_integer = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+        return int(value) if is_integer else None
+
+    def text(key: str) -> str | None:
+        value = document.get(key)
+        return value if isinstance(value, str) else None
+
+    start_index, end_index, model = integer("start_index"), integer("end_index"), text("model")
+    for key, value in (("start_index", start_index), ("end_index", end_index), ("model", model)):
+        if value is None:
+            raise CheckpointError(str(path), f"{key!r} is missing or of the wrong type.")
+    return _Fields(
+        start_index=start_index,
+        end_index=end_index,
+        model=model,
+        gpu_id=integer("gpu_id"),
+        hostname=text("hostname"),
+    )
+
+
+def _check_row_dicts(rows: list[Any], path: Path) -> None:
+    if not all(isinstance(row, dict) for row in rows):
+        raise CheckpointError(str(path), "the article list holds an entry that is not a dict.")
+
+
+class Checkpoint(ABC):
+    """One opened checkpoint: its info, its array and its rows block by block."""
+
+    def __init__(self, path: Path, cluster: str | None):
+        self.path = Path(path)
+        self.cluster = cluster if cluster is not None else self.path.parent.name
+
+    info: CheckpointInfo
+    embeddings: np.ndarray
+
+    @abstractmethod
+    def blocks(self, max_rows: int) -> Iterator[RowBlock]:
+        """The rows in order, at most ``max_rows`` at a time.
+
+        A block may be a view of a buffer reused by the next block: use it
+        before asking for the next one.
+        """
+
+    def _make_info(self, fields: _Fields, article_rows: int, row_count: int) -> CheckpointInfo:
+        rows, dim = self.embeddings.shape
+        path = str(self.path)
+        if fields.end_index - fields.start_index != rows:
+            raise CheckpointError(
+                path,
+                f"its index range [{fields.start_index}, {fields.end_index}) spans "
+                f"{fields.end_index - fields.start_index} rows but the array has {rows}.",
+            )
+        if row_count != rows:
+            raise CheckpointError(
+                path, f"the array has {rows} rows but the article list has {row_count} entries."
+            )
+        return CheckpointInfo(
+            path=self.path,
+            cluster=self.cluster,
+            start_index=fields.start_index,
+            end_index=fields.end_index,
+            rows=rows,
+            dim=dim,
+            dtype=self.embeddings.dtype,
+            model=fields.model,
+            gpu_id=fields.gpu_id,
+            hostname=fields.hostname,
+            size_bytes=self.path.stat().st_size,
+            article_rows=article_rows,
+        )
+
+
+def _require_matrix(array: Any, path: Path) -> np.ndarray:
+    if not isinstance(array, np.ndarray) or array.ndim != 2:
+        raise CheckpointError(str(path), "'embeddings' is not a 2-D numpy array.")
+    if array.dtype.hasobject:
+        raise CheckpointError(str(path), "'embeddings' is an object array, which is refused.")
+    return array
+
+
+class LegacyCheckpoint(Checkpoint):
+    """A legacy pickle, loaded whole (through the restricted unpickler)."""
+
+    def __init__(self, path: Path, cluster: str | None = None):
+        super().__init__(path, cluster)
+        document = restricted_load(self.path)
+        if not isinstance(document, dict):
+            raise CheckpointError(str(path), "the pickle does not hold a checkpoint dict.")
+        self.embeddings = _require_matrix(document.get("embeddings"), self.path)
+        articles = document.get("articles")
+        if not isinstance(articles, list):
+            raise CheckpointError(str(path), "'articles' is missing or not a list.")
+        _check_row_dicts(articles, self.path)
+        self.articles: list[dict] = articles
+        self.info = self._make_info(
+            _read_fields(document, self.path),
+            article_rows=sum(map(is_article, articles)),
+            row_count=len(articles),
+        )
+
+    def blocks(self, max_rows: int) -> Iterator[RowBlock]:
+        for first in range(0, self.info.rows, max_rows):
+            last = first + max_rows
+            yield RowBlock(self.embeddings[first:last], self.articles[first:last])
+
+
+def _iter_jsonl_rows(stream: BinaryIO, path: Path) -> Iterator[dict]:
+    for number, line in enumerate(stream, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            raise CheckpointError(str(path), f"line {number} is not JSON ({exc}).") from exc
+        if not isinstance(row, dict):
+            raise CheckpointError(str(path), f"line {number} is not a JSON object.")
+        yield row
+
+
+class NpyCheckpoint(Checkpoint):
+    """A ``.npy`` array (memory-mapped) with its ``.json`` sidecar and ``.jsonl`` rows."""
+
+    def __init__(self, path: Path, cluster: str | None = None):
+        super().__init__(path, cluster)
+        sidecar = self._read_sidecar()
+        self.articles_path = self._articles_path(sidecar)
+        self.embeddings = self._map_array()
+        self._data_offset = int(self.embeddings.offset)  # type: ignore[attr-defined]
+        rows = articles = 0
+        with self._open(self.articles_path) as stream:
+            for row in _iter_jsonl_rows(stream, self.articles_path):
+                rows += 1
+                articles += is_article(row)
+        self.info = self._make_info(_read_fields(sidecar, self.sidecar_path), articles, rows)
+
+    @property
+    def sidecar_path(self) -> Path:
+        return self.path.with_suffix(".json")
+
+    def _open(self, path: Path) -> BinaryIO:
+        try:
+            return open(path, "rb")
+        except OSError as exc:
+            raise CheckpointError(str(path), f"cannot be read ({exc.strerror or exc}).") from exc
+
+    def _read_sidecar(self) -> dict:
+        with self._open(self.sidecar_path) as stream:
+            try:
+                sidecar = json.load(stream)
+            except ValueError as exc:
+                raise CheckpointError(str(self.sidecar_path), f"not JSON ({exc}).") from exc
+        if not isinstance(sidecar, dict):
+            raise CheckpointError(str(self.sidecar_path), "not a JSON object.")
+        return sidecar
+
+    def _articles_path(self, sidecar: dict) -> Path:
+        name = sidecar.get("articles_file", self.path.with_suffix(".jsonl").name)
+        # The name comes from the remote machine: only a file beside the array.
+        if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name:
+            raise CheckpointError(
+                str(self.sidecar_path), f"'articles_file' {name!r} is not a plain file name."
+            )
+        return self.path.with_name(name)
+
+    def _map_array(self) -> np.ndarray:
+        path = str(self.path)
+        size = self.path.stat().st_size
+        with self._open(self.path) as stream:
+            try:
+                version = npy_format.read_magic(stream)
+                read_header = (
+                    npy_format.read_array_header_1_0
+                    if version == (1, 0)
+                    else npy_format.read_array_header_2_0
+                )
+                shape, fortran_order, dtype = read_header(stream)
+            except ValueError as exc:
+                raise CheckpointError(path, f"not a valid .npy file ({exc}).") from exc
+            data_offset = stream.tell()
+        if dtype.hasobject:
+            raise CheckpointError(path, "the array holds Python objects, which are refused.")
+        if len(shape) != 2:
+            raise CheckpointError(path, f"the array has shape {shape}, not (rows, dim).")
+        if fortran_order:
+            raise CheckpointError(path, "the array is in Fortran order; C order is expected.")
+        declared = data_offset + math.prod(shape) * dtype.itemsize
+        if declared != size:
+            raise CheckpointError(
+                path,
+                f"the header declares shape {shape} ({declared:,} bytes with the header) "
+                f"but the file has {size:,} bytes: truncated, padded or lying.",
+            )
+        try:
+            return np.load(self.path, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError) as exc:
+            raise CheckpointError(path, f"cannot be memory-mapped ({exc}).") from exc
+
+    def blocks(self, max_rows: int) -> Iterator[RowBlock]:
+        # Read through one reusable buffer instead of the map: pages of a map
+        # count toward the process's resident size until unmapped.
+        rows, dim = self.embeddings.shape
+        buffer = np.empty((min(max_rows, rows), dim), dtype=self.embeddings.dtype)
+        with self._open(self.path) as array_stream, self._open(self.articles_path) as rows_stream:
+            array_stream.seek(self._data_offset)
+            row_dicts = _iter_jsonl_rows(rows_stream, self.articles_path)
+            for first in range(0, rows, max_rows):
+                count = min(max_rows, rows - first)
+                block = buffer[:count]
+                wanted = block.nbytes
+                if array_stream.readinto(memoryview(block).cast("B")) != wanted:
+                    raise CheckpointError(str(self.path), "the file shrank while it was read.")
+                articles = list(itertools.islice(row_dicts, count))
+                if len(articles) != count:
+                    raise CheckpointError(str(self.articles_path), "the file shrank while it was read.")
+                yield RowBlock(block, articles)
+
+
+def open_checkpoint(path: Path, cluster: str | None = None) -> Checkpoint:
+    """Open one checkpoint of either format; ``cluster`` defaults to its directory name."""
+    path = Path(path)
+    if path.suffix == LEGACY_SUFFIX:
+        return LegacyCheckpoint(path, cluster)
+    if path.suffix == NPY_SUFFIX:
+        return NpyCheckpoint(path, cluster)
+    raise CheckpointError(str(path), f"unknown checkpoint type (expected {LEGACY_SUFFIX} or {NPY_SUFFIX}).")
