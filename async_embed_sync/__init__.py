@@ -4,3 +4,5 @@
 """
 
 __version__ = "0.1.0"
+
+from .output import load

@@ -1,0 +1,252 @@
+"""Merge every checkpoint of a run into one result, validated and memory-bounded.
+
+Three steps, in this order:
+
+1. **Plan**: open each checkpoint in turn (one at a time) and keep only its
+   :class:`~.checkpoints.CheckpointInfo`.
+2. **Validate** all of them together before anything is written: contiguous
+   coverage of ``[0, N)`` from index 0, one dimension, one model, float
+   dtypes, the expected article count.
+3. **Copy**: preallocate the output array, then copy checkpoint by
+   checkpoint, block by block, keeping only article rows, converting the
+   dtype and accumulating the quality metrics in the same pass; publish
+   atomically (see ``output.py``).
+
+Memory stays bounded by one loaded legacy checkpoint (a pickle can only be
+read whole), or by one block for ``.npy`` checkpoints.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .checkpoints import CheckpointInfo, file_sha256, find_checkpoints, is_article, open_checkpoint
+from .errors import MergeValidationError
+from .metrics import QualityMetrics
+from .output import ArticlesWriter, EmbeddingsWriter, StagingArea, publish
+
+OUTPUT_DTYPES = ("float32", "float16")
+
+# Rows are copied in blocks of about this many bytes.
+_BLOCK_BYTES = 16 << 20
+
+
+@dataclass(frozen=True)
+class MergeProgress:
+    """Reported after each block: rows read so far, of how many, from which file."""
+
+    rows_done: int
+    rows_total: int
+    checkpoint: Path
+
+
+@dataclass(frozen=True)
+class MergeReport:
+    output: Path
+    checkpoints: int
+    total_rows: int
+    total_articles: int
+    dropped_rows: int
+    embedding_dim: int
+    dtype: str
+    model: str
+    quality_metrics: dict[str, Any]
+    elapsed_seconds: float
+    peak_rss_bytes: int
+
+    def summary(self) -> str:
+        metrics = self.quality_metrics
+        norms = (
+            "L2 norm min/mean/max/std "
+            + "/".join(f"{metrics[key]:.4g}" for key in ("norm_min", "norm_mean", "norm_max", "norm_std"))
+            if metrics["norm_mean"] is not None
+            else "no finite row"
+        )
+        return "\n".join(
+            [
+                f"Merged {self.total_articles:,} articles ({self.embedding_dim}-dim {self.dtype}, "
+                f"{self.model}) from {self.checkpoints} checkpoints into {self.output}",
+                f"  rows read {self.total_rows:,}; dropped {self.dropped_rows:,} non-article rows",
+                f"  quality: {metrics['nan_values']:,} NaN and {metrics['inf_values']:,} Inf values, "
+                f"{metrics['zero_norm_rows']:,} zero-norm rows, {metrics['duplicate_rows']:,} duplicate rows; {norms}",
+                f"  time {self.elapsed_seconds:.1f} s; peak memory {self.peak_rss_bytes / 2**20:,.0f} MiB",
+            ]
+        )
+
+
+def plan_merge(download_dir: Path) -> list[CheckpointInfo]:
+    """Open every checkpoint under ``download_dir``, one at a time; their infos by start index."""
+    paths = find_checkpoints(download_dir) if Path(download_dir).is_dir() else []
+    if not paths:
+        raise MergeValidationError(f"no checkpoints (*.pkl, *.npy) under {download_dir}/*/.")
+    return sorted((open_checkpoint(path).info for path in paths), key=lambda info: info.start_index)
+
+
+def validate_plan(infos: Sequence[CheckpointInfo], expect_articles: int | None = None) -> None:
+    """Raise :class:`MergeValidationError` unless the checkpoints form one clean run."""
+    first = infos[0]
+    if first.start_index != 0:
+        raise MergeValidationError(f"the first checkpoint, {first.path}, starts at index {first.start_index}, not 0.")
+    for before, after in zip(infos, infos[1:]):
+        if after.start_index < before.end_index:
+            raise MergeValidationError(
+                f"{before.path} [{before.start_index}, {before.end_index}) and {after.path} "
+                f"[{after.start_index}, {after.end_index}) overlap at indices "
+                f"{after.start_index}..{min(before.end_index, after.end_index) - 1}."
+            )
+        if after.start_index > before.end_index:
+            raise MergeValidationError(
+                f"indices {before.end_index}..{after.start_index - 1} are missing: "
+                f"{before.path} ends at {before.end_index} and {after.path} starts at {after.start_index}."
+            )
+    for info in infos:
+        if info.dim != first.dim:
+            raise MergeValidationError(f"{first.path} has dimension {first.dim} but {info.path} has {info.dim}.")
+        if info.model != first.model:
+            raise MergeValidationError(
+                f"{first.path} was made by model {first.model!r} but {info.path} by {info.model!r}."
+            )
+        if not np.issubdtype(info.dtype, np.floating):
+            raise MergeValidationError(f"{info.path} holds {info.dtype} values, not floats.")
+    articles = sum(info.article_rows for info in infos)
+    if expect_articles is not None and articles != expect_articles:
+        raise MergeValidationError(f"{expect_articles:,} articles were expected but the checkpoints hold {articles:,}.")
+
+
+class _CopyPass:
+    """Copies the article rows of each checkpoint into the staged output."""
+
+    def __init__(
+        self,
+        staging: StagingArea,
+        infos: Sequence[CheckpointInfo],
+        dtype: np.dtype,
+        strict: bool,
+        on_progress: Callable[[MergeProgress], None] | None,
+    ):
+        self.infos = infos
+        self.dtype = dtype
+        self.strict = strict
+        self.on_progress = on_progress
+        self.rows_total = sum(info.rows for info in infos)
+        self.rows_done = 0
+        dim = infos[0].dim
+        self.block_rows = max(1, _BLOCK_BYTES // (dim * max(dtype.itemsize, infos[0].dtype.itemsize)))
+        total_articles = sum(info.article_rows for info in infos)
+        self.embeddings = EmbeddingsWriter(staging.embeddings_path, (total_articles, dim), dtype)
+        self.articles = ArticlesWriter(staging.articles_path)
+        self.metrics = QualityMetrics(row_bytes=dim * dtype.itemsize)
+
+    def run(self) -> str:
+        """Copy everything; return the sha256 of the staged embeddings."""
+        for info in self.infos:
+            self._copy(info)
+        self.articles.close()
+        return self.embeddings.close()
+
+    def _copy(self, info: CheckpointInfo) -> None:
+        # One checkpoint open at a time: it is released when this returns.
+        checkpoint = open_checkpoint(info.path, info.cluster)
+        for block in checkpoint.blocks(self.block_rows):
+            keep = np.fromiter(map(is_article, block.articles), dtype=bool, count=len(block.articles))
+            rows = block.embeddings if keep.all() else block.embeddings[keep]
+            rows = rows.astype(self.dtype, copy=False)
+            self.metrics.add_dropped(int(len(keep) - keep.sum()))
+            nonfinite_before = self.metrics.nonfinite_rows
+            self.metrics.add_rows(rows)
+            if self.strict and self.metrics.nonfinite_rows > nonfinite_before:
+                raise MergeValidationError(
+                    f"{info.path} holds NaN or Inf values (--strict); "
+                    f"{self.metrics.nan_values:,} NaN and {self.metrics.inf_values:,} Inf values so far."
+                )
+            self.embeddings.append(rows)
+            self.articles.append(row for row, kept in zip(block.articles, keep) if kept)
+            self.rows_done += len(keep)
+            if self.on_progress is not None:
+                self.on_progress(MergeProgress(self.rows_done, self.rows_total, info.path))
+
+
+def _chunk_info(info: CheckpointInfo, sha256: str) -> dict[str, Any]:
+    return {
+        "file": info.path.name,
+        "cluster": info.cluster,
+        "gpu_id": info.gpu_id,
+        "hostname": info.hostname,
+        "start_index": info.start_index,
+        "end_index": info.end_index,
+        "rows": info.rows,
+        "articles_kept": info.article_rows,
+        "size_bytes": info.size_bytes,
+        "sha256": sha256,
+    }
+
+
+def _peak_rss_bytes() -> int:
+    # Linux reports ru_maxrss in KiB.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def merge_checkpoints(
+    download_dir: str | Path,
+    output: str | Path,
+    *,
+    dtype: str = "float32",
+    expect_articles: int | None = None,
+    strict: bool = False,
+    on_progress: Callable[[MergeProgress], None] | None = None,
+) -> MergeReport:
+    """Merge every checkpoint under ``<download_dir>/*/`` into ``output``.
+
+    ``output`` ending in ``.pkl`` gets the legacy pickle, anything else the
+    bundle directory. Raises :class:`MergeValidationError`,
+    :class:`CheckpointError` or :class:`OutputError`; on any failure,
+    Ctrl-C included, nothing is left at ``output`` and the staging area is
+    removed.
+    """
+    started = time.perf_counter()
+    if dtype not in OUTPUT_DTYPES:
+        raise MergeValidationError(f"output dtype {dtype!r} is not one of {', '.join(OUTPUT_DTYPES)}.")
+    output = Path(output)
+    infos = plan_merge(Path(download_dir))
+    validate_plan(infos, expect_articles)
+    with ThreadPoolExecutor(max_workers=1) as hasher, StagingArea(output) as staging:
+        # Hashing the inputs runs on the other core while the copy pass runs.
+        digests: list[Future[str]] = [hasher.submit(file_sha256, info.path) for info in infos]
+        try:
+            copy_pass = _CopyPass(staging, infos, np.dtype(dtype), strict, on_progress)
+            embeddings_sha256 = copy_pass.run()
+            quality_metrics = copy_pass.metrics.result()
+            metadata = {
+                "total_articles": copy_pass.metrics.rows,
+                "embedding_dim": infos[0].dim,
+                "model": infos[0].model,
+                "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "quality_metrics": quality_metrics,
+                "chunk_info": [_chunk_info(info, digest.result()) for info, digest in zip(infos, digests)],
+            }
+            publish(staging, metadata, embeddings_sha256)
+        finally:
+            for digest in digests:
+                digest.cancel()
+    return MergeReport(
+        output=output,
+        checkpoints=len(infos),
+        total_rows=copy_pass.rows_total,
+        total_articles=copy_pass.metrics.rows,
+        dropped_rows=copy_pass.metrics.dropped_rows,
+        embedding_dim=infos[0].dim,
+        dtype=dtype,
+        model=infos[0].model,
+        quality_metrics=quality_metrics,
+        elapsed_seconds=time.perf_counter() - started,
+        peak_rss_bytes=_peak_rss_bytes(),
+    )

@@ -1,0 +1,141 @@
+"""Quality metrics of merged embeddings, accumulated block by block.
+
+Memory stays bounded whatever the number of rows: norm statistics are
+running sums merged with Chan et al.'s parallel update (numerically sound for
+mean and variance), and duplicate detection keeps 16 bytes per row.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+# Rows are hashed this many at a time, so the integer temporaries stay in cache.
+_HASH_BATCH_ROWS = 512
+
+
+class RowHasher:
+    """Two 64-bit multilinear hashes of each row's bytes, 16 bytes per row.
+
+    The first hash reads the row as 64-bit words, the second as 64-bit words
+    shifted by four bytes, so that a difference confined to the high half of
+    the words of one reading sits in the low half in the other, where the
+    multiply-and-add hash is strong. Equal rows always hash equal; different
+    rows collide with a probability of about 2**-64 for typical data (never
+    above about 2**-32), so the duplicate count needs no second look at the data.
+    """
+
+    def __init__(self, row_bytes: int, seed: int = 0x5EED):
+        self.row_bytes = row_bytes
+        self._padded_bytes = -(-row_bytes // 8) * 8 + 8
+        words = self._padded_bytes // 8
+        rng = np.random.default_rng(seed)
+        # Odd multipliers: a difference in a single word always changes the hash.
+        self._aligned = rng.integers(0, 2**63, size=words, dtype=np.uint64) * 2 + 1
+        self._shifted = rng.integers(0, 2**63, size=words - 1, dtype=np.uint64) * 2 + 1
+
+    def hash_rows(self, rows: np.ndarray) -> np.ndarray:
+        """``(n, 2)`` uint64 hashes of the rows of a 2-D array."""
+        hashes = np.empty((len(rows), 2), dtype=np.uint64)
+        padded = np.zeros((min(len(rows), _HASH_BATCH_ROWS), self._padded_bytes), dtype=np.uint8)
+        for first in range(0, len(rows), _HASH_BATCH_ROWS):
+            batch = rows[first : first + _HASH_BATCH_ROWS]
+            raw = padded[: len(batch)]
+            raw[:, : self.row_bytes] = np.ascontiguousarray(batch).view(np.uint8).reshape(len(batch), -1)
+            out = hashes[first : first + len(batch)]
+            self._multilinear(raw.view(np.uint64), self._aligned, out[:, 0])
+            self._multilinear(raw[:, 4:-4].view(np.uint64), self._shifted, out[:, 1])
+        return hashes
+
+    @staticmethod
+    def _multilinear(words: np.ndarray, coefficients: np.ndarray, out: np.ndarray) -> None:
+        # uint64 arithmetic wraps: the sum of products is taken modulo 2**64.
+        np.multiply(words, coefficients, out=np.empty(words.shape, np.uint64)).sum(axis=1, out=out)
+
+
+class QualityMetrics:
+    """Accumulates NaN/Inf counts, norms and duplicates over the merged rows."""
+
+    def __init__(self, row_bytes: int):
+        self.rows = 0
+        self.dropped_rows = 0
+        self.nan_values = 0
+        self.inf_values = 0
+        self.nonfinite_rows = 0
+        self.zero_norm_rows = 0
+        self._norm_count = 0
+        self._norm_mean = 0.0
+        self._norm_m2 = 0.0
+        self._norm_min = math.inf
+        self._norm_max = -math.inf
+        self._hasher = RowHasher(row_bytes)
+        self._hash_blocks: list[np.ndarray] = []
+
+    def add_dropped(self, count: int) -> None:
+        """Rows that were not articles and were left out of the output."""
+        self.dropped_rows += count
+
+    def add_rows(self, block: np.ndarray) -> None:
+        """Account for a block of output rows, in the output dtype."""
+        if not len(block):
+            return
+        self.rows += len(block)
+        finite_rows = np.isfinite(block).all(axis=1)
+        finite = block
+        if not finite_rows.all():
+            # Rare path: only blocks with a NaN or an Inf pay for counting them.
+            self.nan_values += int(np.isnan(block).sum())
+            self.inf_values += int(np.isinf(block).sum())
+            self.nonfinite_rows += int(len(block) - finite_rows.sum())
+            finite = block[finite_rows]
+        # float32 accumulation over one row is precise enough and 4x faster
+        # than float64; float16 rows are widened so that squares cannot overflow.
+        accumulate = np.promote_types(block.dtype, np.float32)
+        squares = np.einsum("ij,ij->i", finite, finite, dtype=accumulate)
+        norms = np.sqrt(squares.astype(np.float64))
+        self.zero_norm_rows += int((norms == 0).sum())
+        self._add_norms(norms)
+        self._hash_blocks.append(self._hasher.hash_rows(block))
+
+    def _add_norms(self, norms: np.ndarray) -> None:
+        if not len(norms):
+            return
+        count = len(norms)
+        mean = float(norms.mean())
+        m2 = float(((norms - mean) ** 2).sum())
+        total = self._norm_count + count
+        delta = mean - self._norm_mean
+        self._norm_mean += delta * count / total
+        self._norm_m2 += m2 + delta * delta * self._norm_count * count / total
+        self._norm_count = total
+        self._norm_min = min(self._norm_min, float(norms.min()))
+        self._norm_max = max(self._norm_max, float(norms.max()))
+
+    def duplicate_rows(self) -> int:
+        """Rows that repeat an earlier row byte for byte."""
+        if not self._hash_blocks:
+            return 0
+        hashes = np.concatenate(self._hash_blocks)
+        self._hash_blocks = [hashes]
+        return int(len(hashes) - len(np.unique(hashes, axis=0)))
+
+    def result(self) -> dict[str, int | float | None]:
+        """Plain Python numbers, as ``quality_metrics`` holds them.
+
+        Norm statistics cover finite rows only; they are None when there is none.
+        """
+        has_norms = self._norm_count > 0
+        return {
+            "rows": self.rows,
+            "dropped_non_article_rows": self.dropped_rows,
+            "nan_values": self.nan_values,
+            "inf_values": self.inf_values,
+            "nonfinite_rows": self.nonfinite_rows,
+            "zero_norm_rows": self.zero_norm_rows,
+            "duplicate_rows": self.duplicate_rows(),
+            "norm_min": self._norm_min if has_norms else None,
+            "norm_mean": self._norm_mean if has_norms else None,
+            "norm_max": self._norm_max if has_norms else None,
+            "norm_std": math.sqrt(self._norm_m2 / self._norm_count) if has_norms else None,
+        }

@@ -1,0 +1,335 @@
+from __future__ import annotations
+
+import json
+import pickle
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from merge_fixtures import DIM, entries, expected_merge
+
+from async_embed_sync.errors import AsyncEmbedSyncError, CheckpointError, MergeValidationError
+from async_embed_sync.merge import MergeProgress, merge_checkpoints
+from async_embed_sync.output import load
+from async_embed_sync.synthetic import generate_run, make_rows, make_vectors, write_legacy_checkpoint, write_npy_checkpoint
+
+ROWS = 400
+QUESTIONS = {0, 150, 151, 399}
+
+
+def _run(root: Path, fmt: str = "pkl", **options: object) -> list[Path]:
+    settings: dict = dict(rows=ROWS, dim=DIM, files_per_gpu=2, fmt=fmt, question_indices=QUESTIONS)
+    settings.update(options)
+    return generate_run(root, **settings)
+
+
+@pytest.mark.parametrize("fmt", ["pkl", "npy", "mixed"])
+@pytest.mark.parametrize("output_name", ["merged.pkl", "merged"])
+def test_merge_equals_a_naive_in_memory_merge(tmp_path: Path, fmt: str, output_name: str) -> None:
+    _run(tmp_path / "downloads", fmt)
+    embeddings, articles = expected_merge(ROWS, QUESTIONS)
+
+    report = merge_checkpoints(tmp_path / "downloads", tmp_path / "out" / output_name)
+
+    merged = load(tmp_path / "out" / output_name)
+    assert np.array_equal(merged["embeddings"], embeddings)
+    assert merged["embeddings"].dtype == np.float32
+    assert merged["articles"] == articles
+    assert merged["total_articles"] == report.total_articles == ROWS - len(QUESTIONS)
+    assert report.dropped_rows == merged["quality_metrics"]["dropped_non_article_rows"] == len(QUESTIONS)
+    assert [chunk["start_index"] for chunk in merged["chunk_info"]] == sorted(
+        chunk["start_index"] for chunk in merged["chunk_info"]
+    )
+    assert sum(chunk["articles_kept"] for chunk in merged["chunk_info"]) == ROWS - len(QUESTIONS)
+    assert entries(tmp_path / "out") == [output_name]
+
+
+def test_chunk_info_describes_each_checkpoint(tmp_path: Path) -> None:
+    import hashlib
+
+    paths = _run(tmp_path / "downloads", "mixed")
+    merge_checkpoints(tmp_path / "downloads", tmp_path / "merged.pkl")
+
+    chunks = load(tmp_path / "merged.pkl")["chunk_info"]
+
+    first = chunks[0]
+    assert len(chunks) == len(paths)
+    assert first["file"] == paths[0].name and first["cluster"] == "tensor01"
+    assert (first["gpu_id"], first["hostname"], first["start_index"]) == (0, "tensor01-node", 0)
+    assert first["rows"] == first["end_index"] and first["articles_kept"] == first["rows"] - 1
+    assert first["size_bytes"] == paths[0].stat().st_size
+    assert first["sha256"] == hashlib.sha256(paths[0].read_bytes()).hexdigest()
+    assert chunks[-1]["cluster"] == "tensor02"
+
+
+def test_float16_output(tmp_path: Path) -> None:
+    _run(tmp_path / "downloads", "mixed")
+    embeddings, _ = expected_merge(ROWS, QUESTIONS)
+
+    report = merge_checkpoints(tmp_path / "downloads", tmp_path / "merged.pkl", dtype="float16")
+
+    merged = load(tmp_path / "merged.pkl")["embeddings"]
+    assert merged.dtype == np.float16 and report.dtype == "float16"
+    assert np.array_equal(merged, embeddings.astype(np.float16))
+
+
+def test_summary_states_rows_drops_metrics_time_and_memory(tmp_path: Path) -> None:
+    _run(tmp_path / "downloads")
+
+    summary = merge_checkpoints(tmp_path / "downloads", tmp_path / "merged.pkl").summary()
+
+    assert f"{ROWS - len(QUESTIONS)} articles" in summary
+    assert f"dropped {len(QUESTIONS)} non-article rows" in summary
+    assert "0 NaN" in summary and "duplicate rows" in summary
+    assert "time " in summary and "MiB" in summary
+
+
+def test_progress_reaches_every_row(tmp_path: Path) -> None:
+    _run(tmp_path / "downloads")
+    seen: list[MergeProgress] = []
+
+    merge_checkpoints(tmp_path / "downloads", tmp_path / "merged.pkl", on_progress=seen.append)
+
+    assert seen[-1].rows_done == seen[-1].rows_total == ROWS
+    assert len(seen) == 16
+
+
+# ------------------------------------------------------------------ validation
+
+
+def _write(root: Path, start: int, end: int, fmt: str = "pkl", **overrides: object) -> Path:
+    embeddings = overrides.pop("embeddings", make_vectors(start, end, dim=DIM, seed=0))
+    articles = make_rows(start, end, text_bytes=20, question_indices=(), seed=0)
+    stem = root / "tensor09" / f"extra_{start}_{end}"
+    arguments: dict = dict(start_index=start, model="google/embeddinggemma-300m")
+    arguments.update(overrides)
+    if fmt == "pkl":
+        return write_legacy_checkpoint(stem.with_suffix(".pkl"), embeddings, articles, **arguments)
+    return write_npy_checkpoint(stem, embeddings, articles, **arguments)
+
+
+def _break_by_removing(paths: list[Path], index: int) -> Path:
+    paths[index].unlink()
+    return paths[index]
+
+
+def _gap(root: Path, paths: list[Path]) -> None:
+    _break_by_removing(paths, 5)
+
+
+def _wrong_start(root: Path, paths: list[Path]) -> None:
+    _break_by_removing(paths, 0)
+
+
+def _overlap(root: Path, paths: list[Path]) -> None:
+    _write(root, 30, 40)
+
+
+def _dim_mismatch(root: Path, paths: list[Path]) -> None:
+    paths[3].unlink()
+    start, end = (int(part) for part in paths[3].stem.split("_")[-2:])
+    _write(root, start, end, embeddings=np.ones((end - start, DIM + 1), np.float32))
+
+
+def _model_mismatch(root: Path, paths: list[Path]) -> None:
+    paths[3].unlink()
+    start, end = (int(part) for part in paths[3].stem.split("_")[-2:])
+    _write(root, start, end, model="another/model")
+
+
+def _integer_dtype(root: Path, paths: list[Path]) -> None:
+    paths[3].unlink()
+    start, end = (int(part) for part in paths[3].stem.split("_")[-2:])
+    _write(root, start, end, "npy", embeddings=np.ones((end - start, DIM), np.int32))
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (_gap, r"indices 125\.\.149 are missing"),
+        (_wrong_start, r"starts at index 25, not 0"),
+        (_overlap, r"extra_30_40\.pkl \[30, 40\) overlap at indices 30\.\.39"),
+        (_dim_mismatch, r"has dimension 16 but .* has 17"),
+        (_model_mismatch, r"'another/model'"),
+        (_integer_dtype, r"int32 values, not floats"),
+    ],
+)
+def test_inconsistent_checkpoints_are_refused_before_anything_is_written(tmp_path: Path, damage, message: str) -> None:
+    paths = _run(tmp_path / "downloads", "mixed")
+    damage(tmp_path / "downloads", paths)
+
+    with pytest.raises(MergeValidationError, match=message):
+        merge_checkpoints(tmp_path / "downloads", tmp_path / "out" / "merged.pkl")
+
+    assert entries(tmp_path / "out") == []
+
+
+def test_gap_names_both_files(tmp_path: Path) -> None:
+    paths = _run(tmp_path / "downloads", "pkl")
+    paths[5].unlink()
+
+    with pytest.raises(MergeValidationError) as caught:
+        merge_checkpoints(tmp_path / "downloads", tmp_path / "merged.pkl")
+
+    assert str(paths[4]) in str(caught.value) and str(paths[6]) in str(caught.value)
+
+
+@pytest.mark.parametrize("fmt", ["pkl", "npy"])
+def test_row_count_mismatch_is_refused(tmp_path: Path, fmt: str) -> None:
+    _write(tmp_path / "downloads", 0, 10, fmt, end_index=12)
+
+    with pytest.raises(CheckpointError, match="spans 12 rows but the array has 10"):
+        merge_checkpoints(tmp_path / "downloads", tmp_path / "out" / "merged.pkl")
+    assert entries(tmp_path / "out") == []
+
+
+def test_articles_length_mismatch_is_refused(tmp_path: Path) -> None:
+    path = _write(tmp_path / "downloads", 0, 10, "npy")
+    lines = path.with_suffix(".jsonl").read_text().splitlines()
+    path.with_suffix(".jsonl").write_text("\n".join(lines[:-1]) + "\n")
+
+    with pytest.raises(CheckpointError, match="9 entries"):
+        merge_checkpoints(tmp_path / "downloads", tmp_path / "out" / "merged.pkl")
+    assert entries(tmp_path / "out") == []
+
+
+def test_expected_article_count_is_checked(tmp_path: Path) -> None:
+    _run(tmp_path / "downloads")
+
+    with pytest.raises(MergeValidationError, match="400 articles were expected but the checkpoints hold 396"):
+        merge_checkpoints(tmp_path / "downloads", tmp_path / "out" / "merged.pkl", expect_articles=400)
+    assert entries(tmp_path / "out") == []
+    report = merge_checkpoints(tmp_path / "downloads", tmp_path / "out" / "merged.pkl", expect_articles=396)
+    assert report.total_articles == 396
+
+
+def test_no_checkpoints_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "downloads" / "tensor01").mkdir(parents=True)
+
+    with pytest.raises(MergeValidationError, match="no checkpoints"):
+        merge_checkpoints(tmp_path / "downloads", tmp_path / "merged.pkl")
+
+
+def test_unknown_output_dtype_is_refused(tmp_path: Path) -> None:
+    _run(tmp_path / "downloads")
+
+    with pytest.raises(MergeValidationError, match="float64"):
+        merge_checkpoints(tmp_path / "downloads", tmp_path / "merged.pkl", dtype="float64")
+
+
+def _write_run_with_nan(root: Path) -> Path:
+    paths = _run(root, "pkl")
+    start, end = (int(part) for part in paths[-1].stem.split("_")[-2:])
+    embeddings = make_vectors(start, end, dim=DIM, seed=0)
+    embeddings[2, 5] = np.nan
+    embeddings[3, 1] = np.inf
+    articles = make_rows(start, end, text_bytes=200, question_indices=QUESTIONS, seed=0)
+    write_legacy_checkpoint(paths[-1], embeddings, articles, start_index=start, model="google/embeddinggemma-300m")
+    return paths[-1]
+
+
+def test_nan_and_inf_are_counted(tmp_path: Path) -> None:
+    _write_run_with_nan(tmp_path / "downloads")
+
+    report = merge_checkpoints(tmp_path / "downloads", tmp_path / "merged.pkl")
+
+    metrics = report.quality_metrics
+    assert (metrics["nan_values"], metrics["inf_values"], metrics["nonfinite_rows"]) == (1, 1, 2)
+
+
+def test_strict_makes_nan_an_error_and_leaves_nothing(tmp_path: Path) -> None:
+    bad = _write_run_with_nan(tmp_path / "downloads")
+
+    with pytest.raises(MergeValidationError, match="NaN or Inf") as caught:
+        merge_checkpoints(tmp_path / "downloads", tmp_path / "out" / "merged.pkl", strict=True)
+
+    assert str(bad) in str(caught.value)
+    assert entries(tmp_path / "out") == []
+
+
+# ------------------------------------------------------------- failure safety
+
+
+@pytest.mark.parametrize("interruption", [KeyboardInterrupt, RuntimeError])
+@pytest.mark.parametrize("output_name", ["merged.pkl", "merged"])
+def test_interrupted_merge_leaves_no_output_and_no_temporaries(
+    tmp_path: Path, interruption: type[BaseException], output_name: str
+) -> None:
+    _run(tmp_path / "downloads")
+
+    def interrupt_after_third_block(progress: MergeProgress) -> None:
+        if progress.rows_done > 3 * 25:
+            raise interruption()
+
+    with pytest.raises(interruption):
+        merge_checkpoints(tmp_path / "downloads", tmp_path / "out" / output_name, on_progress=interrupt_after_third_block)
+
+    assert entries(tmp_path / "out") == []
+
+
+def test_failed_merge_keeps_the_previous_output(tmp_path: Path) -> None:
+    _run(tmp_path / "downloads")
+    merge_checkpoints(tmp_path / "downloads", tmp_path / "merged.pkl")
+    before = (tmp_path / "merged.pkl").read_bytes()
+
+    with pytest.raises(AsyncEmbedSyncError):
+        merge_checkpoints(tmp_path / "downloads", tmp_path / "merged.pkl", expect_articles=1)
+
+    assert (tmp_path / "merged.pkl").read_bytes() == before
+
+
+def test_successful_merge_replaces_a_previous_bundle(tmp_path: Path) -> None:
+    _run(tmp_path / "downloads")
+    merge_checkpoints(tmp_path / "downloads", tmp_path / "bundle", dtype="float16")
+
+    merge_checkpoints(tmp_path / "downloads", tmp_path / "bundle")
+
+    assert load(tmp_path / "bundle")["embeddings"].dtype == np.float32
+    assert entries(tmp_path) == ["bundle", "downloads"]
+
+
+_KILLED_MERGE = """
+import os, signal, sys
+from async_embed_sync.merge import merge_checkpoints
+
+def kill_after_third_block(progress):
+    if progress.rows_done > 3 * 25:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+merge_checkpoints(sys.argv[1], sys.argv[2], on_progress=kill_after_third_block)
+"""
+
+
+@pytest.mark.parametrize("output_name", ["merged.pkl", "merged"])
+def test_killed_merge_leaves_nothing_at_the_output_path(tmp_path: Path, output_name: str) -> None:
+    _run(tmp_path / "downloads")
+    output = tmp_path / "out" / output_name
+
+    finished = subprocess.run(
+        [sys.executable, "-c", _KILLED_MERGE, str(tmp_path / "downloads"), str(output)],
+        cwd=Path(__file__).resolve().parents[1],
+        timeout=60,
+    )
+
+    assert finished.returncode == -signal.SIGKILL
+    assert not output.exists()
+    # Only the hidden staging directory is left, which is never the output.
+    assert all(name.startswith(f".{output_name}.") for name in entries(tmp_path / "out"))
+
+
+def test_legacy_output_loads_with_plain_pickle(tmp_path: Path) -> None:
+    _run(tmp_path / "downloads")
+    merge_checkpoints(tmp_path / "downloads", tmp_path / "merged.pkl")
+
+    with open(tmp_path / "merged.pkl", "rb") as stream:
+        document = pickle.load(stream)  # our own output, as downstream scripts read it
+
+    assert list(document) == [
+        "embeddings", "articles", "total_articles", "embedding_dim", "model", "timestamp", "quality_metrics", "chunk_info"
+    ]
+    assert type(document["articles"]) is list and type(document["embeddings"]) is np.ndarray
+    assert document["embeddings"].flags.writeable
+    assert json.loads(json.dumps(document["quality_metrics"])) == document["quality_metrics"]

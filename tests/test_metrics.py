@@ -1,0 +1,95 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from async_embed_sync.metrics import QualityMetrics, RowHasher
+
+
+def _sample() -> np.ndarray:
+    rows = np.random.default_rng(5).standard_normal((300, 12)).astype(np.float32)
+    rows[3] = 0.0
+    rows[10, 2] = np.nan
+    rows[11, 0] = np.inf
+    rows[11, 1] = -np.inf
+    rows[50] = rows[40]
+    rows[51] = rows[40]
+    rows[60] = rows[3]
+    return rows
+
+
+def _accumulate(rows: np.ndarray, block_rows: int) -> dict:
+    metrics = QualityMetrics(row_bytes=rows.shape[1] * rows.dtype.itemsize)
+    for first in range(0, len(rows), block_rows):
+        metrics.add_rows(rows[first : first + block_rows])
+    metrics.add_dropped(7)
+    return metrics.result()
+
+
+@pytest.mark.parametrize("block_rows", [1, 13, 300])
+def test_counts_do_not_depend_on_block_size(block_rows: int) -> None:
+    result = _accumulate(_sample(), block_rows)
+
+    assert result["rows"] == 300
+    assert result["dropped_non_article_rows"] == 7
+    assert (result["nan_values"], result["inf_values"], result["nonfinite_rows"]) == (1, 2, 2)
+    assert result["zero_norm_rows"] == 2
+    assert result["duplicate_rows"] == 3
+
+
+@pytest.mark.parametrize("block_rows", [1, 7, 300])
+def test_norm_statistics_match_numpy_over_finite_rows(block_rows: int) -> None:
+    rows = _sample()
+    finite = rows[np.isfinite(rows).all(axis=1)].astype(np.float64)
+    norms = np.linalg.norm(finite, axis=1)
+
+    result = _accumulate(rows, block_rows)
+
+    assert result["norm_min"] == 0.0
+    assert result["norm_max"] == pytest.approx(norms.max(), rel=1e-6)
+    assert result["norm_mean"] == pytest.approx(norms.mean(), rel=1e-6)
+    assert result["norm_std"] == pytest.approx(norms.std(), rel=1e-5)
+
+
+def test_results_are_plain_python_numbers() -> None:
+    result = _accumulate(_sample(), 50)
+
+    assert all(type(value) in (int, float) for value in result.values())
+
+
+def test_no_finite_row_gives_no_norm_statistics() -> None:
+    metrics = QualityMetrics(row_bytes=8)
+    metrics.add_rows(np.full((2, 2), np.nan, dtype=np.float32))
+
+    result = metrics.result()
+    assert result["norm_mean"] is None and result["nonfinite_rows"] == 2 and result["nan_values"] == 4
+
+
+def test_float16_squares_do_not_overflow() -> None:
+    metrics = QualityMetrics(row_bytes=8)
+    metrics.add_rows(np.full((1, 4), 300.0, dtype=np.float16))
+
+    assert metrics.result()["norm_max"] == pytest.approx(600.0)
+    assert metrics.result()["inf_values"] == 0
+
+
+def test_rows_differing_only_in_the_high_halves_of_words_differ() -> None:
+    # Flipping the sign of two float32s that sit in the high halves of two
+    # 64-bit words changes both words by 2**63: the aligned reading alone
+    # cannot tell these rows apart.
+    rows = np.ones((2, 4), dtype=np.float32)
+    rows[1, 1] = rows[1, 3] = -1.0
+
+    hashes = RowHasher(16).hash_rows(rows)
+
+    assert hashes[0, 0] == hashes[1, 0]
+    assert hashes[0, 1] != hashes[1, 1]
+
+
+def test_hashes_cover_rows_whose_size_is_not_a_multiple_of_eight() -> None:
+    rows = np.zeros((2, 3), dtype=np.float32)
+    rows[1, 2] = 1.0
+
+    hashes = RowHasher(12).hash_rows(rows)
+
+    assert tuple(hashes[0]) != tuple(hashes[1])
