@@ -110,7 +110,8 @@ def _coreutils_line(digest: str, name: str) -> str:
     return f"{digest}  {name}\n"
 
 
-def _sha256_of(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The hex sha256 of a file, read in blocks (files may be larger than memory)."""
     digest = hashlib.sha256()
     with path.open("rb") as f:
         while block := f.read(HASH_BLOCK):
@@ -227,7 +228,7 @@ class EmbeddedSFTPServer(LoopbackSSHAccess):
         try:
             if local is None:
                 raise FileNotFoundError
-            digest = await asyncio.to_thread(_sha256_of, local)
+            digest = await asyncio.to_thread(file_sha256, local)
         except FileNotFoundError:
             stderr.write(f"sha256sum: {name}: No such file or directory\n")
             return 1

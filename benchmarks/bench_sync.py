@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import os
 import shlex
@@ -31,6 +30,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -40,6 +40,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 from openssh import OpenSSHServer  # noqa: E402  (tests/ is put on the path just above)
+
+from async_embed_sync.embedded_server import file_sha256  # noqa: E402
 
 CLUSTERS = ("tensor01", "tensor02")
 MIB = 1024 * 1024
@@ -100,7 +102,7 @@ def make_dataset(remote_root: Path, files_per_cluster: int, file_bytes: int) -> 
             path = directory / name
             if not path.is_file() or path.stat().st_size != file_bytes:
                 _write_random(path, file_bytes)
-            digests[f"{cluster}/{name}"] = _sha256(path)
+            digests[f"{cluster}/{name}"] = file_sha256(path)
     return Dataset(remote_root, digests, file_bytes * files_per_cluster * len(CLUSTERS))
 
 
@@ -108,14 +110,6 @@ def _write_random(path: Path, size: int) -> None:
     with path.open("wb") as f:
         for start in range(0, size, WRITE_BLOCK):
             f.write(os.urandom(min(WRITE_BLOCK, size - start)))
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(WRITE_BLOCK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @contextlib.contextmanager
@@ -142,7 +136,6 @@ def link_proxy_process(target_port: int, delay_ms: float, rate_mbit: float) -> I
 @contextlib.contextmanager
 def _deadline(seconds: float, process: subprocess.Popen[str]) -> Iterator[None]:
     """Kill ``process`` if the block takes longer than ``seconds`` (so a read cannot hang)."""
-    import threading
     timer = threading.Timer(seconds, process.kill)
     timer.start()
     try:
@@ -275,7 +268,7 @@ def verify(dest: Path, data: Dataset) -> None:
     if found != set(data.digests):
         raise RuntimeError(f"{dest}: expected files {sorted(data.digests)}, found {sorted(found)}")
     for relative, digest in data.digests.items():
-        if _sha256(dest / relative) != digest:
+        if file_sha256(dest / relative) != digest:
             raise RuntimeError(f"{dest / relative} differs from the remote file")
 
 
