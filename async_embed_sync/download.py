@@ -38,7 +38,8 @@ class FileOutcome:
     status: str  # "downloaded" or "skipped"
     size: int
     transferred: int = 0
-    resumed_from: int = 0
+    # Continued from bytes an earlier attempt or run had verified.
+    resumed: bool = False
     verified_by: str = ""
 
 
@@ -116,7 +117,7 @@ async def download_file(remote: ClusterRemote, layout: DownloadLayout, remote_fi
             await remote_hash
     progress.file_finished(cluster, name, "downloaded")
     return FileOutcome(name, "downloaded", remote_file.size, remote_file.size - resumed_from,
-                       resumed_from, verified_by)
+                       resumed_from > 0, verified_by)
 
 
 def _resume_point(layout: DownloadLayout, cluster: str, remote_file: RemoteFile):

@@ -79,7 +79,7 @@ class ClusterReport:
             return
         self.downloaded += 1
         self.transferred += outcome.transferred
-        self.resumed += outcome.resumed_from > 0
+        self.resumed += outcome.resumed
         self.verified_by.add(outcome.verified_by)
 
 
@@ -185,10 +185,11 @@ async def _download_with_retries(link: ClusterLink, layout: DownloadLayout, remo
     cluster, name = link.cluster.name, remote_file.name
     stalled_attempts = 0
     verification_failed = False
+    fetched_by_failed_attempts = 0
     while True:
         before = _verified_offset(layout, cluster, name)
         try:
-            return await download_file(await link.get(), layout, remote_file, progress)
+            outcome = await download_file(await link.get(), layout, remote_file, progress)
         except VerificationError:
             if verification_failed:
                 raise
@@ -197,14 +198,19 @@ async def _download_with_retries(link: ClusterLink, layout: DownloadLayout, remo
         except RemoteError as exc:
             if not exc.retryable:
                 raise
-            gained = _verified_offset(layout, cluster, name) > before
-            stalled_attempts = 0 if gained else stalled_attempts + 1
+            after = _verified_offset(layout, cluster, name)
+            fetched_by_failed_attempts += max(after - before, 0)
+            stalled_attempts = 0 if after > before else stalled_attempts + 1
             if stalled_attempts > options.retries:
                 raise
-            progress.note(f"{exc} Retrying.")
+            progress.note(f"{exc}; retrying.")
             await anyio.sleep(options.delay(stalled_attempts))
             if isinstance(exc, RemoteFileChangedError):
                 remote_file = await (await link.get()).stat(name)
+            continue
+        outcome.transferred += fetched_by_failed_attempts
+        outcome.resumed = outcome.resumed or fetched_by_failed_attempts > 0
+        return outcome
 
 
 def _verified_offset(layout: DownloadLayout, cluster: str, name: str) -> int:
