@@ -1,7 +1,7 @@
 """Command line: ``main(argv) -> int``, and the one place errors become exits.
 
-Exit codes: 0 done, 1 failed (a clear message on stderr, no traceback),
-2 usage error (argparse's own convention), 130 interrupted.
+Exit codes: 0 done, 1 failed (one clear paragraph on stderr, no traceback),
+2 usage error (argparse's convention), 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -13,21 +13,30 @@ from collections.abc import Sequence
 from . import __version__
 from .config import load_config
 from .errors import AsyncEmbedSyncError
-from .progress import choose_progress
+from .progress import Progress, choose_progress
 from .sync import DEFAULT_DOWNLOAD_DIR, SyncOptions, sync
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+DEFAULT_OUTPUT = "embeddings/wikipedia_merged.pkl"
 
 _EXAMPLES = """\
 examples:
-  python -m async_embed_sync sync --clusters tensor01 tensor02
-  python -m async_embed_sync sync --config credentials.json --max-parallel 16
+  python -m async_embed_sync demo                      # the whole job on two simulated clusters
+  python -m async_embed_sync run                       # sync every cluster, then merge
+  python -m async_embed_sync run --clusters tensor01 tensor02 --output embeddings/merged/
+  python -m async_embed_sync sync --max-parallel 16    # download only
+  python -m async_embed_sync merge --dtype float16     # merge what is downloaded
+  python -m async_embed_sync status                    # what is remote, what is here
+  python -m async_embed_sync --sync-only               # legacy flags mean `run`
+
+exit codes: 0 done, 1 failed, 2 usage error, 130 interrupted.
 """
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    args = parser.parse_args(_with_default_command(argv))
     try:
         return args.handler(args)
     except AsyncEmbedSyncError as exc:
@@ -39,43 +48,94 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
 
 
+def _with_default_command(argv: list[str]) -> list[str]:
+    """The legacy script took flags only (``--sync-only``, ``--clusters``...):
+    flags without a command mean ``run``."""
+    if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
+        return ["run", *argv]
+    return argv
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m async_embed_sync",
-        description="Sync embedding checkpoints from GPU clusters over SSH and merge them.",
+        description="Sync embedding checkpoints from GPU clusters over SSH, then merge them "
+                    "into one result.",
         epilog=_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    sync_parser = commands.add_parser(
-        "sync", help="download every checkpoint from the clusters",
-        description="Download every checkpoint from the configured clusters, concurrently "
-                    "and resumably, into DOWNLOAD_DIR/<cluster>/.",
-        epilog=_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_sync_arguments(sync_parser)
-    _add_common_arguments(sync_parser)
-    sync_parser.set_defaults(handler=_run_sync)
+    def command(name: str, help: str, handler, *groups) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".",
+                                  epilog=_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+        for add_group in groups:
+            add_group(sub)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    run = command("run", "sync every selected cluster, then merge (the whole job)", _run,
+                  _add_connection_arguments, _add_sync_arguments, _add_merge_arguments,
+                  _add_common_arguments)
+    phases = run.add_mutually_exclusive_group()
+    phases.add_argument("--sync-only", action="store_true", help="stop after the sync")
+    phases.add_argument("--merge-only", action="store_true", help="merge what is already downloaded")
+    command("sync", "download every checkpoint from the clusters, concurrently and resumably",
+            _sync, _add_connection_arguments, _add_sync_arguments, _add_common_arguments)
+    command("merge", "merge the downloaded checkpoints into one result", _merge,
+            _add_merge_arguments, _add_common_arguments)
+    command("status", "show per cluster what is remote, complete here, partial or changed", _status,
+            _add_connection_arguments, _add_common_arguments)
+    demo = command("demo", "run the whole job against two simulated clusters, no setup needed",
+                   _demo, _add_merge_arguments_without_output)
+    demo.add_argument("--rows", type=_positive_int, default=None, metavar="N",
+                      help="rows to generate (default: 20,010: 20,000 articles and 10 questions)")
+    demo.add_argument("--drop-after", type=_positive_int, default=None, metavar="BYTES",
+                      help="cut each cluster's connection after this many bytes, to show a resume")
+    demo.add_argument("--dir", default=None, metavar="DIR",
+                      help="where the demo keeps its clusters and results (default: ./async_embed_sync_demo)")
+    demo.add_argument("--max-parallel", type=_positive_int, default=SyncOptions.max_parallel, metavar="N",
+                      help="files in flight at once (default: %(default)s)")
+    demo.add_argument("--quiet", action="store_true", help="print errors only")
     return parser
 
 
-def _add_sync_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE",
                         help="cluster settings (default: ./credentials.json, else ./.credentials/)")
     parser.add_argument("--credentials-dir", metavar="DIR",
                         help="legacy folder of <cluster>.credentials files")
     parser.add_argument("--clusters", nargs="+", metavar="NAME",
-                        help='clusters to sync (default: all); "tensor01 tensor02" works too')
-    parser.add_argument("--max-parallel", type=_positive_int, default=SyncOptions.max_parallel,
-                        metavar="N", help="files in flight at once, over all clusters (default: %(default)s)")
+                        help='clusters to use (default: all configured); "tensor01 tensor02" works too')
     parser.add_argument("--timeout", type=float, default=SyncOptions.timeout, metavar="SECONDS",
                         help="connect timeout, and how soon a dead link is noticed (default: %(default)s)")
+
+
+def _add_sync_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-parallel", type=_positive_int, default=SyncOptions.max_parallel,
+                        metavar="N", help="files in flight at once, over all clusters (default: %(default)s)")
     parser.add_argument("--retries", type=int, default=SyncOptions.retries, metavar="N",
-                        help="attempts per file without progress before giving up (default: %(default)s)")
+                        help="attempts per file in a row without progress before giving up "
+                             "(default: %(default)s)")
+
+
+def _add_merge_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output", default=DEFAULT_OUTPUT, metavar="PATH",
+                        help="a .pkl path for the legacy pickle, any other path for a memory-mappable "
+                             "bundle directory (default: %(default)s)")
+    _add_merge_arguments_without_output(parser)
+
+
+def _add_merge_arguments_without_output(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dtype", choices=("float32", "float16"), default="float32",
+                        help="dtype of the merged embeddings (default: %(default)s)")
+    parser.add_argument("--expect-articles", type=int, default=None, metavar="N",
+                        help="fail unless the merge keeps exactly N articles")
+    parser.add_argument("--strict", action="store_true", help="treat NaN and Inf values as errors")
 
 
 def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--download-dir", default=DEFAULT_DOWNLOAD_DIR, metavar="DIR",
-                        help="where checkpoints are kept (default: %(default)s)")
+                        help="where checkpoints are kept, one folder per cluster (default: %(default)s)")
     parser.add_argument("--quiet", action="store_true", help="print errors only")
 
 
@@ -86,15 +146,79 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _run_sync(args: argparse.Namespace) -> int:
+# ----------------------------------------------------------------- handlers
+
+
+def _sync(args: argparse.Namespace) -> int:
+    _sync_phase(args, choose_progress(args.quiet))
+    return EXIT_OK
+
+
+def _merge(args: argparse.Namespace) -> int:
+    _merge_phase(args, choose_progress(args.quiet))
+    return EXIT_OK
+
+
+def _run(args: argparse.Namespace) -> int:
+    progress = choose_progress(args.quiet)
+    if not args.merge_only:
+        _sync_phase(args, progress)
+    if not args.sync_only:
+        _merge_phase(args, progress)
+    return EXIT_OK
+
+
+def _sync_phase(args: argparse.Namespace, progress: Progress) -> None:
+    """Raises SyncFailedError when a cluster did not sync completely, so that
+    ``run`` never merges an incomplete download."""
     config = load_config(args.config, args.credentials_dir)
     clusters = config.select(args.clusters)
     for warning in config.warnings:
         print(warning, file=sys.stderr)
-    progress = choose_progress(args.quiet)
     options = SyncOptions(max_parallel=args.max_parallel, timeout=args.timeout, retries=args.retries)
     report = sync(clusters, args.download_dir, progress, options)
     if not args.quiet:
         print(report.summary(), file=sys.stderr)
     report.raise_for_failures()
+
+
+def _merge_phase(args: argparse.Namespace, progress: Progress) -> None:
+    from .merge import merge_checkpoints
+
+    try:
+        report = merge_checkpoints(
+            args.download_dir, args.output, dtype=args.dtype, expect_articles=args.expect_articles,
+            strict=args.strict, on_progress=lambda p: progress.rows_merged(p.rows_done, p.rows_total))
+    finally:
+        progress.close()
+    if not args.quiet:
+        print(report.summary(), file=sys.stderr)
+
+
+def _status(args: argparse.Namespace) -> int:
+    from .status import collect_status, format_status
+
+    config = load_config(args.config, args.credentials_dir)
+    statuses = collect_status(config.select(args.clusters), args.download_dir, args.timeout)
+    print(format_status(statuses))
+    return EXIT_FAILED if any(s.error for s in statuses) else EXIT_OK
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import DEFAULT_DEMO_DIR, DEFAULT_DEMO_ROWS, demo_site
+
+    with demo_site(args.dir or DEFAULT_DEMO_DIR, rows=args.rows or DEFAULT_DEMO_ROWS,
+                   drop_after=args.drop_after) as site:
+        # The real `run` command, pointed at the simulated clusters.
+        run_argv = ["run", "--config", str(site.config), "--download-dir", str(site.download_dir),
+                    "--output", str(site.output), "--max-parallel", str(args.max_parallel),
+                    "--dtype", args.dtype, "--timeout", "10"]
+        run_argv += ["--expect-articles", str(args.expect_articles)] if args.expect_articles else []
+        run_argv += ["--strict"] * args.strict + ["--quiet"] * args.quiet
+        _run(build_parser().parse_args(run_argv))
+    if not args.quiet:
+        print(f"\nThe merged result is {site.output}. Load it with:\n\n"
+              f"    from async_embed_sync import load\n"
+              f"    result = load({str(site.output)!r})\n"
+              f"    result['embeddings'].shape, result['articles'][0]['title']\n")
     return EXIT_OK

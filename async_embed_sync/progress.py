@@ -33,6 +33,9 @@ class Progress:
     def file_finished(self, cluster: str, name: str, outcome: str) -> None:
         """``outcome``: downloaded, skipped or failed."""
 
+    def rows_merged(self, done: int, total: int) -> None:
+        """The merge has copied ``done`` of ``total`` rows."""
+
     def note(self, text: str) -> None:
         """A line worth showing when not quiet (reconnects, summaries)."""
 
@@ -80,36 +83,50 @@ class PlainProgress(Progress):
     def file_finished(self, cluster: str, name: str, outcome: str) -> None:
         self._line(f"{cluster}: {name} {outcome}")
 
+    def rows_merged(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if done == total or now - self._last_line >= self.interval:
+            self._last_line = now
+            self._line(f"merge: {done:,} of {total:,} rows")
+
     def note(self, text: str) -> None:
         self._line(text)
 
 
 class TqdmProgress(Progress):
-    """A total bar (bytes, rate, ETA) above one bar per file in flight."""
+    """A total bar (bytes, rate, ETA) above one bar per file in flight; a
+    rows bar for the merge."""
 
     def __init__(self, stream: TextIO | None = None):
         super().__init__(stream)
-        self._total_bar = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024,
-                               desc="total", file=self.stream, position=0, dynamic_ncols=True)
+        self._total_bar: tqdm | None = None
         self._file_bars: dict[tuple[str, str], tqdm] = {}
+        self._merge_bar: tqdm | None = None
         self._free_positions: list[int] = []
         self._next_position = 1
 
+    def _bar(self, **options) -> tqdm:
+        return tqdm(file=self.stream, dynamic_ncols=True, **options)
+
     def add_total(self, nbytes: int) -> None:
+        if self._total_bar is None:
+            self._total_bar = self._bar(total=0, unit="B", unit_scale=True, unit_divisor=1024,
+                                        desc="total", position=0)
         self._total_bar.total += nbytes
         self._total_bar.refresh()
 
     def file_started(self, cluster: str, name: str, size: int, offset: int) -> None:
-        position = self._free_positions.pop(0) if self._free_positions else self._next_position
-        if position == self._next_position:
-            self._next_position += 1
-        self._file_bars[(cluster, name)] = tqdm(
+        if self._free_positions:
+            position = self._free_positions.pop(0)
+        else:
+            position, self._next_position = self._next_position, self._next_position + 1
+        self._file_bars[(cluster, name)] = self._bar(
             total=size, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
-            desc=f"{cluster}/{name}", file=self.stream, position=position, leave=False,
-            dynamic_ncols=True)
+            desc=f"{cluster}/{name}", position=position, leave=False)
 
     def advance(self, cluster: str, name: str, nbytes: int) -> None:
-        self._total_bar.update(nbytes)
+        if self._total_bar is not None:
+            self._total_bar.update(nbytes)
         bar = self._file_bars.get((cluster, name))
         if bar is not None:
             bar.update(nbytes)
@@ -117,20 +134,27 @@ class TqdmProgress(Progress):
     def file_finished(self, cluster: str, name: str, outcome: str) -> None:
         bar = self._file_bars.pop((cluster, name), None)
         if bar is not None:
-            self._free_positions.append(bar.pos if bar.pos > 0 else abs(bar.pos))
+            self._free_positions.append(abs(bar.pos))
             self._free_positions.sort()
             bar.close()
         if outcome == "failed":
             self.note(f"{cluster}: {name} failed")
 
+    def rows_merged(self, done: int, total: int) -> None:
+        if self._merge_bar is None:
+            self._merge_bar = self._bar(total=total, unit="rows", unit_scale=True, desc="merge")
+        self._merge_bar.update(done - self._merge_bar.n)
+
     def note(self, text: str) -> None:
         tqdm.write(text, file=self.stream)
 
     def close(self) -> None:
-        for bar in self._file_bars.values():
-            bar.close()
+        bars = [*self._file_bars.values(), self._total_bar, self._merge_bar]
+        for bar in bars:
+            if bar is not None:
+                bar.close()
         self._file_bars.clear()
-        self._total_bar.close()
+        self._total_bar = self._merge_bar = None
 
 
 def choose_progress(quiet: bool, stream: TextIO | None = None) -> Progress:

@@ -1,0 +1,87 @@
+"""``status``: what each cluster holds against what is here; nothing is downloaded."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import anyio
+
+from .config import ClusterConfig
+from .download import is_up_to_date
+from .errors import AsyncEmbedSyncError
+from .journal import DownloadLayout
+from .progress import format_bytes
+from .remote import ClusterRemote
+
+
+@dataclass
+class ClusterStatus:
+    name: str
+    remote_files: int = 0
+    remote_bytes: int = 0
+    complete: int = 0
+    partial: int = 0
+    partial_bytes: int = 0
+    partial_of: int = 0
+    changed: int = 0
+    missing: int = 0
+    error: str | None = None
+    refused: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        if self.error:
+            return f"{self.name:<12} error: {self.error}"
+        percent = f" ({100 * self.partial_bytes / self.partial_of:.0f} %)" if self.partial_of else ""
+        return (f"{self.name:<12} {self.remote_files:>6} {format_bytes(self.remote_bytes):>10} "
+                f"{self.complete:>8} {self.partial:>4} {format_bytes(self.partial_bytes) + percent:>16} "
+                f"{self.changed:>7} {self.missing:>7}")
+
+
+HEADER = (f"{'cluster':<12} {'remote':>6} {'size':>10} {'complete':>8} {'partial':>4} "
+          f"{'partial bytes':>16} {'changed':>7} {'missing':>7}")
+
+
+def collect_status(clusters: list[ClusterConfig], download_dir: str, timeout: float = 30.0) -> list[ClusterStatus]:
+    return anyio.run(_collect, clusters, download_dir, timeout, backend="asyncio")
+
+
+async def _collect(clusters: list[ClusterConfig], download_dir: str, timeout: float) -> list[ClusterStatus]:
+    layout = DownloadLayout(download_dir)
+    statuses = [ClusterStatus(c.name) for c in clusters]
+    async with anyio.create_task_group() as tasks:
+        for cluster, status in zip(clusters, statuses):
+            tasks.start_soon(_cluster_status, cluster, layout, timeout, status)
+    return statuses
+
+
+async def _cluster_status(cluster: ClusterConfig, layout: DownloadLayout, timeout: float,
+                          status: ClusterStatus) -> None:
+    try:
+        async with await ClusterRemote.connect(cluster, timeout=timeout) as remote:
+            listing = await remote.list_checkpoints()
+    except AsyncEmbedSyncError as exc:
+        status.error = str(exc)
+        return
+    status.refused = [str(e) for e in listing.refused]
+    for remote_file in listing.files:
+        status.remote_files += 1
+        status.remote_bytes += remote_file.size
+        if is_up_to_date(layout, cluster.name, remote_file):
+            status.complete += 1
+            continue
+        state = layout.load_state(cluster.name, remote_file.name)
+        if state is None:
+            status.missing += 1
+        elif not state.matches(remote_file.size, remote_file.mtime):
+            status.changed += 1
+        else:
+            status.partial += 1
+            status.partial_bytes += state.verified_offset
+            status.partial_of += remote_file.size
+
+
+def format_status(statuses: list[ClusterStatus]) -> str:
+    lines = [HEADER] + [s.line() for s in statuses]
+    for status in statuses:
+        lines += status.refused
+    return "\n".join(lines)
