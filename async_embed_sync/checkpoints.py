@@ -21,6 +21,7 @@ import itertools
 import json
 import math
 import pickle
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -320,17 +321,39 @@ class LegacyCheckpoint(Checkpoint):
             yield RowBlock(self.embeddings[first:last], self.articles[first:last])
 
 
+# The key "kind", each letter possibly escaped: a line without a match has no
+# "kind" key, so it is an article and need not be parsed to be counted.
+_KIND_KEY = re.compile(rb'"(?:k|\\u006[bB])(?:i|\\u0069)(?:n|\\u006[eE])(?:d|\\u0064)"')
+
+_decode_json = json.JSONDecoder().decode
+
+
+def _parse_jsonl_row(line: bytes, number: int, path: Path) -> dict:
+    try:
+        row = _decode_json(line.decode("utf-8"))
+    except ValueError as exc:
+        raise CheckpointError(str(path), f"line {number} is not JSON ({exc}).") from exc
+    if not isinstance(row, dict):
+        raise CheckpointError(str(path), f"line {number} is not a JSON object.")
+    return row
+
+
+def _jsonl_lines(stream: BinaryIO) -> Iterator[tuple[int, bytes]]:
+    return ((number, line) for number, line in enumerate(stream, start=1) if line.strip())
+
+
 def _iter_jsonl_rows(stream: BinaryIO, path: Path) -> Iterator[dict]:
-    for number, line in enumerate(stream, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as exc:
-            raise CheckpointError(str(path), f"line {number} is not JSON ({exc}).") from exc
-        if not isinstance(row, dict):
-            raise CheckpointError(str(path), f"line {number} is not a JSON object.")
-        yield row
+    for number, line in _jsonl_lines(stream):
+        yield _parse_jsonl_row(line, number, path)
+
+
+def _count_jsonl_rows(stream: BinaryIO, path: Path) -> tuple[int, int]:
+    """(rows, article rows), parsing only the lines that may carry a ``kind``."""
+    rows = articles = 0
+    for number, line in _jsonl_lines(stream):
+        rows += 1
+        articles += not _KIND_KEY.search(line) or is_article(_parse_jsonl_row(line, number, path))
+    return rows, articles
 
 
 class NpyCheckpoint(Checkpoint):
@@ -342,11 +365,8 @@ class NpyCheckpoint(Checkpoint):
         self.articles_path = self._articles_path(sidecar)
         self.embeddings = self._map_array()
         self._data_offset = int(self.embeddings.offset)  # type: ignore[attr-defined]
-        rows = articles = 0
         with self._open(self.articles_path) as stream:
-            for row in _iter_jsonl_rows(stream, self.articles_path):
-                rows += 1
-                articles += is_article(row)
+            rows, articles = _count_jsonl_rows(stream, self.articles_path)
         self.info = self._make_info(_read_fields(sidecar, self.sidecar_path), articles, rows)
 
     @property

@@ -32,13 +32,14 @@ from typing import Any, BinaryIO
 import numpy as np
 from numpy.lib import format as npy_format
 
-from .checkpoints import file_sha256, restricted_load
+from .checkpoints import RestrictedUnpickler, restricted_load
 from .errors import CheckpointError, OutputError
 
 PICKLE_SUFFIX = ".pkl"
 EMBEDDINGS_FILE = "embeddings.npy"
 ARTICLES_FILE = "articles.jsonl"
 MANIFEST_FILE = "manifest.json"
+_STAGED_ARTICLE_BATCHES = "articles.pickles"
 LEGACY_KEYS = (
     "embeddings",
     "articles",
@@ -92,7 +93,9 @@ class StagingArea:
 
     @property
     def articles_path(self) -> Path:
-        return self.path / ARTICLES_FILE
+        # A pickle output is fed from pickled batches, which are several
+        # times faster to write and read back than JSON lines.
+        return self.path / (_STAGED_ARTICLE_BATCHES if is_pickle_output(self.output) else ARTICLES_FILE)
 
 
 class EmbeddingsWriter:
@@ -135,15 +138,27 @@ class EmbeddingsWriter:
         return self._sha256.hexdigest()
 
 
+def _fast_pickler(stream: Any) -> pickle.Pickler:
+    pickler = pickle.Pickler(stream, protocol=5)
+    # No memo: several times faster on many small dicts and strings, and
+    # safe because nothing written here refers to itself.
+    pickler.fast = True
+    return pickler
+
+
 class ArticlesWriter:
-    """``articles.jsonl``: one JSON object a line."""
+    """Stages article rows: JSON lines for a bundle, pickled batches for a pickle."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self._stream = open(self.path, "w", encoding="utf-8")
+        self._as_json = self.path.name == ARTICLES_FILE
+        self._stream = open(self.path, "wb")
 
     def append(self, rows: Iterable[dict]) -> None:
-        self._stream.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        if self._as_json:
+            self._stream.writelines((json.dumps(row, ensure_ascii=False) + "\n").encode() for row in rows)
+        else:
+            _fast_pickler(self._stream).dump(list(rows))
 
     def close(self) -> None:
         self._stream.close()
@@ -151,9 +166,16 @@ class ArticlesWriter:
 
 def read_articles(path: Path) -> Iterator[dict]:
     """The rows of an ``articles.jsonl`` written by :class:`ArticlesWriter`."""
-    with open(path, "rb") as stream:
+    with open(path, encoding="utf-8") as stream:
         for line in stream:
             yield json.loads(line)
+
+
+def _read_staged_batches(path: Path) -> Iterator[dict]:
+    with open(path, "rb") as stream:
+        unpickler = RestrictedUnpickler(stream, path)
+        while stream.peek(1):
+            yield from unpickler.load()
 
 
 # -------------------------------------------------------------- legacy pickle form
@@ -217,11 +239,11 @@ def _write_legacy_pickle(staging: StagingArea, target: Path, metadata: Mapping[s
     embeddings = np.frombuffer(mapping, dtype=dtype, count=shape[0] * shape[1], offset=data_offset)
     document = {
         "embeddings": embeddings.reshape(shape),
-        "articles": _StreamedList(read_articles(staging.articles_path)),
+        "articles": _StreamedList(_read_staged_batches(staging.articles_path)),
         **{key: metadata[key] for key in LEGACY_KEYS[2:]},
     }
     with open(target, "wb") as stream:
-        pickle.Pickler(_PageReleasingWriter(stream, mapping), protocol=5).dump(document)
+        _fast_pickler(_PageReleasingWriter(stream, mapping)).dump(document)
     # The map is unmapped when the last view of it goes, on return.
 
 
