@@ -195,12 +195,78 @@ class CheckpointInfo:
     article_rows: int
 
 
-@dataclass(frozen=True)
-class RowBlock:
-    """Consecutive rows of one checkpoint: their vectors and their row dicts."""
+# The key "kind", each letter possibly escaped: a line without a match has no
+# "kind" key, so it is an article and need not be parsed again to be kept.
+_KIND_KEY = re.compile(rb'"(?:k|\\u006[bB])(?:i|\\u0069)(?:n|\\u006[eE])(?:d|\\u0064)"')
 
-    embeddings: np.ndarray
-    articles: list[dict]
+_decode_json = json.JSONDecoder().decode
+
+
+def _parse_jsonl_row(line: bytes, number: int, path: Path) -> dict:
+    try:
+        row = _decode_json(line.decode("utf-8"))
+    except ValueError as exc:
+        raise CheckpointError(str(path), f"line {number} is not JSON ({exc}).") from exc
+    if not isinstance(row, dict):
+        raise CheckpointError(str(path), f"line {number} is not a JSON object.")
+    return row
+
+
+class RowBlock(ABC):
+    """Consecutive rows of one checkpoint: their vectors, which are articles, and their rows."""
+
+    def __init__(self, embeddings: np.ndarray, keep: np.ndarray):
+        self.embeddings = embeddings
+        self.keep = keep
+
+    @abstractmethod
+    def article_rows(self) -> list[dict]:
+        """The article rows as dicts."""
+
+    @abstractmethod
+    def article_lines(self) -> list[bytes]:
+        """The article rows as JSON lines."""
+
+
+class DictRowBlock(RowBlock):
+    """Rows that were loaded as dicts (legacy pickles)."""
+
+    def __init__(self, embeddings: np.ndarray, rows: list[dict]):
+        super().__init__(embeddings, np.fromiter(map(is_article, rows), dtype=bool, count=len(rows)))
+        self._rows = rows
+
+    def article_rows(self) -> list[dict]:
+        return [row for row, kept in zip(self._rows, self.keep) if kept]
+
+    def article_lines(self) -> list[bytes]:
+        return [(json.dumps(row, ensure_ascii=False) + "\n").encode() for row in self.article_rows()]
+
+
+class JsonLineRowBlock(RowBlock):
+    """Rows still in their JSON lines (``.jsonl``): parsed only if asked for as dicts."""
+
+    def __init__(self, embeddings: np.ndarray, lines: list[bytes], first_line: int, path: Path):
+        self._lines = lines
+        self._first_line = first_line
+        self._path = path
+        keep = np.fromiter(
+            (self._is_article_line(offset) for offset in range(len(lines))), dtype=bool, count=len(lines)
+        )
+        super().__init__(embeddings, keep)
+
+    def _is_article_line(self, offset: int) -> bool:
+        line = self._lines[offset]
+        return not _KIND_KEY.search(line) or is_article(self._parse(offset))
+
+    def _parse(self, offset: int) -> dict:
+        return _parse_jsonl_row(self._lines[offset], self._first_line + offset, self._path)
+
+    def article_rows(self) -> list[dict]:
+        return [self._parse(offset) for offset in np.flatnonzero(self.keep)]
+
+    def article_lines(self) -> list[bytes]:
+        # Parsed once for validation in plan_merge; copied verbatim here.
+        return [line if line.endswith(b"\n") else line + b"\n" for line, kept in zip(self._lines, self.keep) if kept]
 
 
 @dataclass(frozen=True)
@@ -318,41 +384,15 @@ class LegacyCheckpoint(Checkpoint):
     def blocks(self, max_rows: int) -> Iterator[RowBlock]:
         for first in range(0, self.info.rows, max_rows):
             last = first + max_rows
-            yield RowBlock(self.embeddings[first:last], self.articles[first:last])
-
-
-# The key "kind", each letter possibly escaped: a line without a match has no
-# "kind" key, so it is an article and need not be parsed to be counted.
-_KIND_KEY = re.compile(rb'"(?:k|\\u006[bB])(?:i|\\u0069)(?:n|\\u006[eE])(?:d|\\u0064)"')
-
-_decode_json = json.JSONDecoder().decode
-
-
-def _parse_jsonl_row(line: bytes, number: int, path: Path) -> dict:
-    try:
-        row = _decode_json(line.decode("utf-8"))
-    except ValueError as exc:
-        raise CheckpointError(str(path), f"line {number} is not JSON ({exc}).") from exc
-    if not isinstance(row, dict):
-        raise CheckpointError(str(path), f"line {number} is not a JSON object.")
-    return row
-
-
-def _jsonl_lines(stream: BinaryIO) -> Iterator[tuple[int, bytes]]:
-    return ((number, line) for number, line in enumerate(stream, start=1) if line.strip())
-
-
-def _iter_jsonl_rows(stream: BinaryIO, path: Path) -> Iterator[dict]:
-    for number, line in _jsonl_lines(stream):
-        yield _parse_jsonl_row(line, number, path)
+            yield DictRowBlock(self.embeddings[first:last], self.articles[first:last])
 
 
 def _count_jsonl_rows(stream: BinaryIO, path: Path) -> tuple[int, int]:
-    """(rows, article rows), parsing only the lines that may carry a ``kind``."""
+    """(rows, article rows); every line is parsed, to refuse a malformed one before the merge."""
     rows = articles = 0
-    for number, line in _jsonl_lines(stream):
-        rows += 1
-        articles += not _KIND_KEY.search(line) or is_article(_parse_jsonl_row(line, number, path))
+    for rows, line in enumerate(stream, start=1):
+        row = _parse_jsonl_row(line, rows, path)
+        articles += is_article(row)
     return rows, articles
 
 
@@ -438,17 +478,16 @@ class NpyCheckpoint(Checkpoint):
         buffer = np.empty((min(max_rows, rows), dim), dtype=self.embeddings.dtype)
         with self._open(self.path) as array_stream, self._open(self.articles_path) as rows_stream:
             array_stream.seek(self._data_offset)
-            row_dicts = _iter_jsonl_rows(rows_stream, self.articles_path)
             for first in range(0, rows, max_rows):
                 count = min(max_rows, rows - first)
                 block = buffer[:count]
                 wanted = block.nbytes
                 if array_stream.readinto(memoryview(block).cast("B")) != wanted:
                     raise CheckpointError(str(self.path), "the file shrank while it was read.")
-                articles = list(itertools.islice(row_dicts, count))
-                if len(articles) != count:
+                lines = list(itertools.islice(rows_stream, count))
+                if len(lines) != count:
                     raise CheckpointError(str(self.articles_path), "the file shrank while it was read.")
-                yield RowBlock(block, articles)
+                yield JsonLineRowBlock(block, lines, first + 1, self.articles_path)
 
 
 def open_checkpoint(path: Path, cluster: str | None = None) -> Checkpoint:

@@ -29,10 +29,10 @@ from typing import Any
 
 import numpy as np
 
-from .checkpoints import CheckpointInfo, file_sha256, find_checkpoints, is_article, open_checkpoint
+from .checkpoints import CheckpointInfo, file_sha256, find_checkpoints, open_checkpoint
 from .errors import MergeValidationError
 from .metrics import QualityMetrics
-from .output import ArticlesWriter, EmbeddingsWriter, StagingArea, publish
+from .output import ArticlesWriter, EmbeddingsWriter, StagingArea, is_pickle_output, publish
 
 OUTPUT_DTYPES = ("float32", "float16")
 
@@ -142,12 +142,15 @@ class _CopyPass:
         dim = infos[0].dim
         self.block_rows = max(1, _BLOCK_BYTES // (dim * max(dtype.itemsize, infos[0].dtype.itemsize)))
         total_articles = sum(info.article_rows for info in infos)
-        self.embeddings = EmbeddingsWriter(staging.embeddings_path, (total_articles, dim), dtype)
+        # Only the bundle's manifest records the sha256 of the embeddings.
+        self.embeddings = EmbeddingsWriter(
+            staging.embeddings_path, (total_articles, dim), dtype, hashed=not is_pickle_output(staging.output)
+        )
         self.articles = ArticlesWriter(staging.articles_path)
         self.metrics = QualityMetrics(row_bytes=dim * dtype.itemsize)
 
-    def run(self) -> str:
-        """Copy everything; return the sha256 of the staged embeddings."""
+    def run(self) -> str | None:
+        """Copy everything; return the sha256 of the staged embeddings, if hashed."""
         for info in self.infos:
             self._copy(info)
         self.articles.close()
@@ -157,7 +160,7 @@ class _CopyPass:
         # One checkpoint open at a time: it is released when this returns.
         checkpoint = open_checkpoint(info.path, info.cluster)
         for block in checkpoint.blocks(self.block_rows):
-            keep = np.fromiter(map(is_article, block.articles), dtype=bool, count=len(block.articles))
+            keep = block.keep
             rows = block.embeddings if keep.all() else block.embeddings[keep]
             rows = rows.astype(self.dtype, copy=False)
             self.metrics.add_dropped(int(len(keep) - keep.sum()))
@@ -169,7 +172,7 @@ class _CopyPass:
                     f"{self.metrics.nan_values:,} NaN and {self.metrics.inf_values:,} Inf values so far."
                 )
             self.embeddings.append(rows)
-            self.articles.append(row for row, kept in zip(block.articles, keep) if kept)
+            self.articles.append(block)
             self.rows_done += len(keep)
             if self.on_progress is not None:
                 self.on_progress(MergeProgress(self.rows_done, self.rows_total, info.path))

@@ -32,7 +32,7 @@ from typing import Any, BinaryIO
 import numpy as np
 from numpy.lib import format as npy_format
 
-from .checkpoints import RestrictedUnpickler, restricted_load
+from .checkpoints import RestrictedUnpickler, RowBlock, restricted_load
 from .errors import CheckpointError, OutputError
 
 PICKLE_SUFFIX = ".pkl"
@@ -102,21 +102,21 @@ class EmbeddingsWriter:
     """A preallocated ``.npy`` file, filled by appending row blocks in order.
 
     Writes go through the file descriptor, not a map, so the pages written do
-    not stay in the process's resident set; the sha256 of the file is
-    computed on the way.
+    not stay in the process's resident set; with ``hashed``, the sha256 of
+    the file is computed on the way.
     """
 
-    def __init__(self, path: Path, shape: tuple[int, int], dtype: np.dtype):
+    def __init__(self, path: Path, shape: tuple[int, int], dtype: np.dtype, *, hashed: bool):
         self.path = Path(path)
         self.shape = shape
         self.dtype = np.dtype(dtype)
         self.rows_written = 0
-        self._sha256 = hashlib.sha256()
+        self._sha256 = hashlib.sha256() if hashed else None
         header = io.BytesIO()
         npy_format.write_array_header_1_0(
             header, {"descr": npy_format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": shape}
         )
-        self._sha256.update(header.getvalue())
+        self._hash(header.getvalue())
         self._stream: BinaryIO = open(self.path, "wb")
         self._stream.write(header.getvalue())
         # Preallocate: the file has its final size before the first row is written.
@@ -127,15 +127,19 @@ class EmbeddingsWriter:
             raise OutputError(str(self.path), "more rows than were planned.")
         data = np.ascontiguousarray(rows, dtype=self.dtype)
         self._stream.write(memoryview(data).cast("B"))
-        self._sha256.update(data)
+        self._hash(data)
         self.rows_written += len(rows)
 
-    def close(self) -> str:
-        """Check that every planned row was written; return the file's sha256."""
+    def _hash(self, data: Any) -> None:
+        if self._sha256 is not None:
+            self._sha256.update(data)
+
+    def close(self) -> str | None:
+        """Check that every planned row was written; return the file's sha256 if hashed."""
         self._stream.close()
         if self.rows_written != self.shape[0]:
             raise OutputError(str(self.path), f"{self.rows_written} rows written, {self.shape[0]} planned.")
-        return self._sha256.hexdigest()
+        return None if self._sha256 is None else self._sha256.hexdigest()
 
 
 def _fast_pickler(stream: Any) -> pickle.Pickler:
@@ -154,11 +158,12 @@ class ArticlesWriter:
         self._as_json = self.path.name == ARTICLES_FILE
         self._stream = open(self.path, "wb")
 
-    def append(self, rows: Iterable[dict]) -> None:
+    def append(self, block: RowBlock) -> None:
+        """Stage the article rows of ``block``."""
         if self._as_json:
-            self._stream.writelines((json.dumps(row, ensure_ascii=False) + "\n").encode() for row in rows)
+            self._stream.writelines(block.article_lines())
         else:
-            _fast_pickler(self._stream).dump(list(rows))
+            _fast_pickler(self._stream).dump(block.article_rows())
 
     def close(self) -> None:
         self._stream.close()
@@ -259,7 +264,7 @@ def _replace_directory(source: Path, target: Path) -> None:
         shutil.rmtree(previous, ignore_errors=True)
 
 
-def publish(staging: StagingArea, metadata: Mapping[str, Any], embeddings_sha256: str) -> None:
+def publish(staging: StagingArea, metadata: Mapping[str, Any], embeddings_sha256: str | None) -> None:
     """Turn the staged files into the output form its path asks for, atomically.
 
     ``metadata`` holds every key of the legacy dict but the embeddings and

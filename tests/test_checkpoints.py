@@ -37,15 +37,17 @@ def test_both_formats_open_as_the_same_shard(tmp_path: Path, fmt: str) -> None:
 
     checkpoint = open_checkpoint(path)
     # A block may reuse the previous block's buffer: copy while iterating.
-    blocks = [(block.embeddings.copy(), block.articles) for block in checkpoint.blocks(7)]
+    blocks = [(block.embeddings.copy(), block.article_rows(), block.article_lines()) for block in checkpoint.blocks(7)]
 
     info = checkpoint.info
     assert (info.cluster, info.start_index, info.end_index, info.rows, info.dim) == ("tensor01", 10, 40, 30, DIM)
     assert (info.model, info.gpu_id, info.hostname, info.dtype) == ("m", 2, "h", np.float32)
     assert info.article_rows == 29 and info.size_bytes == path.stat().st_size
-    assert [len(rows) for _, rows in blocks] == [7, 7, 7, 7, 2]
-    assert np.array_equal(np.concatenate([vectors for vectors, _ in blocks]), embeddings)
-    assert [row for _, rows in blocks for row in rows] == articles
+    articles_only = [row for row in articles if row.get("kind") != "question"]
+    assert [len(vectors) for vectors, _, _ in blocks] == [7, 7, 7, 7, 2]
+    assert np.array_equal(np.concatenate([vectors for vectors, _, _ in blocks]), embeddings)
+    assert [row for _, rows, _ in blocks for row in rows] == articles_only
+    assert [json.loads(line) for _, _, lines in blocks for line in lines] == articles_only
 
 
 def test_npy_array_is_memory_mapped(tmp_path: Path) -> None:
@@ -222,3 +224,16 @@ def test_restricted_load_reads_plain_containers(tmp_path: Path) -> None:
     path.write_bytes(pickle.dumps(value, protocol=2))
 
     assert restricted_load(path) == value
+
+
+def test_kind_key_is_found_however_it_is_escaped(tmp_path: Path) -> None:
+    path = _write(tmp_path / "c" / "ckpt", "npy", start=0, end=4, articles=[{"id": str(i)} for i in range(4)])
+    lines = [
+        '{"id": "0", "kind": "question"}',
+        '{"id": "1", "\\u006bind": "question"}',
+        '{"id": "2", "text": "a \\"kind\\" word", "kind": "article"}',
+        '{"id": "3", "title": "kin d"}',
+    ]
+    path.with_suffix(".jsonl").write_text("\n".join(lines) + "\n")
+
+    assert open_checkpoint(path).info.article_rows == 2
