@@ -36,7 +36,10 @@ exit codes: 0 done, 1 failed, 2 usage error, 130 interrupted.
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(_with_default_command(argv))
+    try:
+        args = parser.parse_args(_with_default_command(argv))
+    except SystemExit as exc:  # -h, --version (0) or a usage error (2): argparse printed it
+        return int(exc.code or 0)
     try:
         return args.handler(args)
     except AsyncEmbedSyncError as exc:

@@ -1,0 +1,167 @@
+"""``main(argv)`` for every command and its error paths, called directly."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from async_embed_sync import load
+from async_embed_sync.cli import build_parser, main
+from async_embed_sync.synthetic import generate_run
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def test_help_and_usage_errors(capsys):
+    assert main(["--help"]) == 0
+    assert "examples:" in capsys.readouterr().out
+    for command in ("run", "sync", "merge", "status", "demo"):
+        assert main([command, "-h"]) == 0
+        assert f"usage: python -m async_embed_sync {command}" in capsys.readouterr().out
+    assert main([]) == 2
+    assert main(["sync", "--max-parallel", "0"]) == 2
+    assert main(["run", "--sync-only", "--merge-only"]) == 2
+    assert main(["merge", "--dtype", "int8"]) == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_demo_end_to_end(tmp_path, capsys):
+    assert main(["demo", "--dir", str(tmp_path / "demo"), "--rows", "2010"]) == 0
+    captured = capsys.readouterr()
+    err, out = captured.err, captured.out
+    result = load(tmp_path / "demo" / "wikipedia_merged.pkl")
+    assert result["embeddings"].shape == (2000, 768)
+    assert all(a.get("kind", "article") == "article" for a in result["articles"])
+    assert "tensor01" in err and "tensor02" in err and "Merged 2,000 articles" in err
+    assert "from async_embed_sync import load" in out
+
+
+def test_demo_resumes_after_drops(tmp_path, capsys):
+    assert main(["demo", "--dir", str(tmp_path / "demo"), "--rows", "4010",
+                 "--drop-after", "2000000", "--max-parallel", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "reconnecting" in err
+    summary = err[err.index("cluster      files"):].splitlines()[1:3]
+    assert sum(int(line.split()[-3]) for line in summary) >= 1, summary  # the resumed column
+    with open(tmp_path / "demo" / "wikipedia_merged.pkl", "rb") as f:
+        assert pickle.load(f)["total_articles"] == 4000
+
+
+def _local_run(tmp_path: Path, **options) -> Path:
+    download_dir = tmp_path / "dl"
+    generate_run(download_dir, rows=600, dim=16, gpus_per_cluster=2, **options)
+    return download_dir
+
+
+@pytest.mark.parametrize("argv_head", [["run", "--merge-only"], ["merge"], ["--merge-only"]])
+def test_merge_paths_including_legacy_flags(tmp_path, argv_head):
+    download_dir = _local_run(tmp_path)
+    output = tmp_path / "out" / "merged.pkl"
+    assert main([*argv_head, "--download-dir", str(download_dir), "--output", str(output),
+                 "--expect-articles", "590", "--quiet"]) == 0
+    assert load(output)["embeddings"].shape == (590, 16)
+
+
+def test_bundle_output_and_float16(tmp_path):
+    download_dir = _local_run(tmp_path, fmt="mixed")
+    output = tmp_path / "bundle"
+    assert main(["merge", "--download-dir", str(download_dir), "--output", str(output),
+                 "--dtype", "float16", "--quiet"]) == 0
+    result = load(output)
+    assert str(result["embeddings"].dtype) == "float16" and len(result["articles"]) == 590
+
+
+def test_merge_error_is_one_paragraph_and_leaves_nothing(tmp_path, capsys):
+    download_dir = _local_run(tmp_path)
+    victim = sorted((download_dir / "tensor01").glob("*.pkl"))[1]
+    victim.unlink()  # a GPU's piece is missing: a gap
+    output = tmp_path / "merged.pkl"
+    assert main(["merge", "--download-dir", str(download_dir), "--output", str(output)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "150..299 are missing" in err and "Traceback" not in err
+    assert err.count("\n") == 1
+    assert not output.exists()
+    assert main(["merge", "--download-dir", str(download_dir), "--expect-articles", "7",
+                 "--output", str(output)]) == 1
+
+
+def test_config_errors_exit_1(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["sync"]) == 1
+    assert "no configuration found" in capsys.readouterr().err
+    (tmp_path / "credentials.json").write_text('{"clusters": {"tensor01": {"host": "h", "remote_dir": "/d"}}}')
+    assert main(["status", "--clusters", "tensor09"]) == 1
+    assert "tensor09" in capsys.readouterr().err
+
+
+def test_failed_sync_does_not_merge(openssh, tmp_path, write_config, capsys):
+    remote = tmp_path / "remote"
+    generate_run(remote, rows=400, dim=8, gpus_per_cluster=2)
+    config = write_config(tmp_path, {
+        "tensor01": openssh.cluster_entry(str(remote / "tensor01")),
+        "tensor02": openssh.cluster_entry(str(remote / "missing")),
+    })
+    output = tmp_path / "merged.pkl"
+    assert main(["run", "--config", str(config), "--download-dir", str(tmp_path / "dl"),
+                 "--output", str(output), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "did not finish for tensor02" in err and "again resumes" in err
+    assert not output.exists()
+    # With the missing cluster fixed, the same command finishes (resuming tensor01).
+    (remote / "tensor02").rename(remote / "missing")
+    assert main(["run", "--config", str(config), "--download-dir", str(tmp_path / "dl"),
+                 "--output", str(output), "--quiet"]) == 0
+    assert load(output)["total_articles"] == 390
+
+
+def test_status_counts_complete_missing_and_changed(openssh, tmp_path, write_config, capsys):
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    for name in ("a.pkl", "b.pkl", "c.pkl"):
+        (remote / name).write_bytes(os.urandom(100_000))
+    config = write_config(tmp_path, {"tensor01": openssh.cluster_entry(str(remote), pattern="a.pkl")})
+    download_dir = tmp_path / "dl"
+    assert main(["sync", "--config", str(config), "--download-dir", str(download_dir), "--quiet"]) == 0
+    config = write_config(tmp_path, {"tensor01": openssh.cluster_entry(str(remote))})
+    (remote / "a.pkl").write_bytes(os.urandom(100_001))
+    capsys.readouterr()
+    assert main(["status", "--config", str(config), "--download-dir", str(download_dir)]) == 0
+    header, line = capsys.readouterr().out.splitlines()[:2]
+    assert header.split()[:3] == ["cluster", "remote", "size"]
+    columns = line.split()
+    assert columns[0] == "tensor01" and columns[1] == "3"
+    assert columns[-2:] == ["1", "2"]  # a.pkl changed remotely; b and c missing
+    assert not (download_dir / "tensor01" / "b.pkl").exists()
+
+
+def _readme_commands() -> list[str]:
+    blocks = re.findall(r"```\w*\n(.*?)```", README.read_text(), re.S)
+    commands = []
+    for block in blocks:
+        for line in block.splitlines():
+            line = line.split("#")[0].strip()
+            for part in line.split("&&"):
+                if part.strip().startswith("python -m async_embed_sync"):
+                    commands.append(part.strip())
+    return commands
+
+
+def test_readme_command_lines_are_valid_and_the_demo_runs(tmp_path, monkeypatch):
+    commands = _readme_commands()
+    assert any(c.endswith("async_embed_sync demo") for c in commands)
+    parser = build_parser()
+    for command in commands:
+        argv = shlex.split(command)[3:]
+        if argv and argv[0].startswith("-"):
+            argv = ["run", *argv]
+        parser.parse_args(argv)  # every flag the README shows exists
+    monkeypatch.chdir(tmp_path)
+    # The setup line's demo, as written (small rows to keep the suite quick).
+    demo = next(c for c in commands if c.endswith("async_embed_sync demo"))
+    assert main([*shlex.split(demo)[3:], "--rows", "1010", "--quiet"]) == 0
+    assert load(tmp_path / "async_embed_sync_demo" / "wikipedia_merged.pkl")["total_articles"] == 1000
