@@ -165,3 +165,16 @@ def test_readme_command_lines_are_valid_and_the_demo_runs(tmp_path, monkeypatch)
     demo = next(c for c in commands if c.endswith("async_embed_sync demo"))
     assert main([*shlex.split(demo)[3:], "--rows", "1010", "--quiet"]) == 0
     assert load(tmp_path / "async_embed_sync_demo" / "wikipedia_merged.pkl")["total_articles"] == 1000
+
+
+def test_readme_nearest_neighbour_example_runs(tmp_path, capsys):
+    assert main(["demo", "--dir", str(tmp_path / "demo"), "--rows", "1010", "--quiet"]) == 0
+    code = next(block for block in re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+                if "argsort" in block)
+    code = code.replace('"embeddings/wikipedia_merged.pkl"',
+                        repr(str(tmp_path / "demo" / "wikipedia_merged.pkl")))
+    capsys.readouterr()
+    exec(compile(code, "README.md", "exec"), {})
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 5
+    assert lines[0].startswith("1.000")  # the first article is its own nearest neighbour
