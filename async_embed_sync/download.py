@@ -81,8 +81,12 @@ async def download_file(remote: ClusterRemote, layout: DownloadLayout, remote_fi
         try:
             async with contextlib.aclosing(remote.read_in_order(name, position, remote_file.size)) as chunks:
                 async for chunk in chunks:
-                    _write_all(partial_path, fd, chunk, position)
-                    hasher.update(chunk)
+                    # In a worker thread: pwrite and sha256 release the GIL,
+                    # so they overlap with decrypting the next blocks. Shielded:
+                    # the bytes, the hash and the position move together.
+                    with anyio.CancelScope(shield=True):
+                        await anyio.to_thread.run_sync(_write_and_hash, partial_path, fd, chunk,
+                                                       position, hasher)
                     position += len(chunk)
                     progress.advance(cluster, name, len(chunk))
                     if position - state.verified_offset >= CHECKPOINT_BYTES:
@@ -157,7 +161,7 @@ def _open_partial(path: Path) -> int:
         raise LocalFileError(str(path), exc.strerror or str(exc)) from exc
 
 
-def _write_all(path: Path, fd: int, data: bytes, offset: int) -> None:
+def _write_and_hash(path: Path, fd: int, data: bytes, offset: int, hasher) -> None:
     view = memoryview(data)
     try:
         while view:
@@ -166,6 +170,7 @@ def _write_all(path: Path, fd: int, data: bytes, offset: int) -> None:
             offset += written
     except OSError as exc:
         raise LocalFileError(str(path), exc.strerror or str(exc)) from exc
+    hasher.update(data)
 
 
 async def _checkpoint(layout: DownloadLayout, cluster: str, name: str, fd: int,

@@ -51,6 +51,11 @@ READ_AHEAD_BYTES = 8 * 1024 * 1024
 # plus exec channels for sha256sum must stay below it.
 DEFAULT_SFTP_CHANNELS = 4
 MAX_CONCURRENT_HASHES = 2
+# AES-GCM first: with AES-NI, decrypting it costs far less CPU than asyncssh's
+# default first choice, chacha20-poly1305 (measured on loopback: 8.9 s ->
+# 7.7 s per GB). The rest of asyncssh's defaults follow, for servers without it.
+PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com",
+                     "chacha20-poly1305@openssh.com", "aes256-ctr", "aes192-ctr", "aes128-ctr")
 MAX_NAME_BYTES = 255
 # How long abandoned reads may take to come back: on a live link, about one
 # RTT; at close, after the connection is aborted, no time at all.
@@ -102,7 +107,6 @@ class ClusterRemote:
         self._sftp_pool: list[asyncssh.SFTPClient] = []
         self._sftp_users: list[int] = []
         self._sftp_channels = sftp_channels
-        self._pool_lock = asyncio.Lock()
         self._hash_slots = asyncio.Semaphore(MAX_CONCURRENT_HASHES)
         self._has_shell: bool | None = None
         # Reads abandoned mid-flight (drop, cancel); observed again at close.
@@ -132,6 +136,7 @@ class ClusterRemote:
             keepalive_count_max=3,
             window=window,
             max_pktsize=256 * 1024,
+            encryption_algs=list(PREFERRED_CIPHERS),
         )
         if cluster.key_file:
             options["client_keys"] = [str(_expand(cluster.key_file))]
@@ -143,7 +148,13 @@ class ClusterRemote:
                                str(cluster.known_hosts_path), changed=False)
         with _translate_errors(cluster, connecting=True):
             connection = await asyncssh.connect(**options)
-        return cls(cluster, connection, sftp_channels)
+        remote = cls(cluster, connection, sftp_channels)
+        try:
+            await remote._open_channels()
+        except BaseException:
+            connection.abort()
+            raise
+        return remote
 
     async def close(self) -> None:
         if self._unsettled_reads:
@@ -175,7 +186,7 @@ class ClusterRemote:
         files: list[RemoteFile] = []
         refused: list[UnsafeRemoteNameError] = []
         with _translate_errors(self.cluster, remote_dir=remote_dir):
-            async with self._sftp() as sftp:
+            with self._sftp() as sftp:
                 entries = await sftp.readdir(remote_dir)
                 for entry in entries:
                     name = entry.filename
@@ -202,7 +213,7 @@ class ClusterRemote:
 
     async def stat(self, name: str) -> RemoteFile:
         with _translate_errors(self.cluster, name=name):
-            async with self._sftp() as sftp:
+            with self._sftp() as sftp:
                 attrs = await sftp.stat(self._path(name))
         return RemoteFile(name, attrs.size or 0, int(attrs.mtime or 0))
 
@@ -219,7 +230,7 @@ class ClusterRemote:
         (a drop, a cancel) leaves its reads running unobserved.
         """
         with _translate_errors(self.cluster, name=name):
-            async with self._sftp() as sftp:
+            with self._sftp() as sftp:
                 block_size = min(sftp.limits.max_read_len or MAX_BLOCK_SIZE, MAX_BLOCK_SIZE)
                 max_requests = max(4, READ_AHEAD_BYTES // block_size)
                 async with sftp.open(self._path(name), "rb", block_size=block_size) as remote_file:
@@ -273,19 +284,19 @@ class ClusterRemote:
     def _path(self, name: str) -> str:
         return posixpath.join(self.cluster.remote_dir, name)
 
-    @contextlib.asynccontextmanager
-    async def _sftp(self) -> AsyncIterator[asyncssh.SFTPClient]:
-        """Lend the least-used SFTP channel, opening one while below the cap."""
-        async with self._pool_lock:
-            if len(self._sftp_pool) < self._sftp_channels and (
-                not self._sftp_users or min(self._sftp_users) > 0
-            ):
-                with _translate_errors(self.cluster):
-                    client = await self._connection.start_sftp_client()
-                self._sftp_pool.append(client)
-                self._sftp_users.append(0)
-            index = self._sftp_users.index(min(self._sftp_users))
-            self._sftp_users[index] += 1
+    async def _open_channels(self) -> None:
+        """Open the SFTP channel pool at once, concurrently: opened one by
+        one as files start, each would cost the first files ~3 round trips."""
+        with _translate_errors(self.cluster):
+            self._sftp_pool = list(await asyncio.gather(
+                *(self._connection.start_sftp_client() for _ in range(self._sftp_channels))))
+        self._sftp_users = [0] * len(self._sftp_pool)
+
+    @contextlib.contextmanager
+    def _sftp(self) -> Iterator[asyncssh.SFTPClient]:
+        """Lend the least-used SFTP channel of the pool."""
+        index = self._sftp_users.index(min(self._sftp_users))
+        self._sftp_users[index] += 1
         try:
             yield self._sftp_pool[index]
         finally:

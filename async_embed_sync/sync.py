@@ -141,6 +141,7 @@ async def _sync_cluster(cluster: ClusterConfig, layout: DownloadLayout, slots: F
                         progress: Progress, options: SyncOptions, report: ClusterReport) -> None:
     started = time.monotonic()
     link = ClusterLink(cluster, options, progress, report)
+    slots.register(cluster.name)
     try:
         remote = await link.get()
         listing = await remote.list_checkpoints()
@@ -157,12 +158,14 @@ async def _sync_cluster(cluster: ClusterConfig, layout: DownloadLayout, slots: F
             else:
                 pending.append(remote_file)
         progress.add_total(sum(f.size for f in pending))
+        slots.set_need(cluster.name, len(pending))
         async with anyio.create_task_group() as tasks:
             for remote_file in pending:
                 tasks.start_soon(_sync_file, link, layout, remote_file, slots, progress, options, report)
     except AsyncEmbedSyncError as exc:
         _fail(report, progress, exc)
     finally:
+        slots.unregister(cluster.name)
         report.seconds = time.monotonic() - started
         await link.close()
 
@@ -272,30 +275,43 @@ class ClusterLink:
 
 
 class FairSlots:
-    """At most ``limit`` holders; a free slot goes to the waiting cluster
-    that holds the fewest, first come first served among equals."""
+    """At most ``limit`` files in flight, shared between clusters by need.
+
+    A cluster is registered when its sync starts, still listing, then told
+    how many files it has to fetch. Shares are computed by water-filling:
+    a cluster that needs fewer than an equal share gets what it needs, the
+    others split the rest. A cluster still listing counts as needing a full
+    share, so that the cluster whose listing returns first cannot take every
+    slot (its files would hold them for minutes while the other link idles).
+    """
 
     def __init__(self, limit: int):
         if limit < 1:
             raise ValueError("max_parallel must be at least 1")
-        self._free = limit
+        self._limit = limit
         self._held: dict[str, int] = {}
+        self._need: dict[str, int | None] = {}  # files still to finish; None: still listing
         self._waiting: dict[str, deque[asyncio.Future]] = {}
+
+    def register(self, owner: str) -> None:
+        self._held[owner] = 0
+        self._need[owner] = None
+        self._waiting[owner] = deque()
+
+    def set_need(self, owner: str, files: int) -> None:
+        self._need[owner] = files
+        self._dispatch()
+
+    def unregister(self, owner: str) -> None:
+        for mapping in (self._held, self._need, self._waiting):
+            mapping.pop(owner, None)
+        self._dispatch()
 
     @asynccontextmanager
     async def slot(self, owner: str):
-        await self._acquire(owner)
-        try:
-            yield
-        finally:
-            self._release(owner)
-
-    async def _acquire(self, owner: str) -> None:
-        if self._free and not any(self._waiting.values()):
-            self._grant(owner)
-            return
         waiter = asyncio.get_running_loop().create_future()
-        self._waiting.setdefault(owner, deque()).append(waiter)
+        self._waiting[owner].append(waiter)
+        self._dispatch()
         try:
             await waiter
         except BaseException:
@@ -304,21 +320,39 @@ class FairSlots:
             elif waiter in self._waiting[owner]:
                 self._waiting[owner].remove(waiter)
             raise
-
-    def _grant(self, owner: str) -> None:
-        self._free -= 1
-        self._held[owner] = self._held.get(owner, 0) + 1
+        try:
+            yield
+        finally:
+            self._release(owner)
 
     def _release(self, owner: str) -> None:
         self._held[owner] -= 1
-        self._free += 1
-        while True:
-            candidates = [o for o, q in self._waiting.items() if q]
+        if self._need[owner]:
+            self._need[owner] -= 1
+        self._dispatch()
+
+    def _shares(self) -> dict[str, int]:
+        unknown = self._limit  # a cluster still listing may need every slot
+        by_need = sorted(self._need, key=lambda o: unknown if self._need[o] is None else self._need[o])
+        shares, remaining = {}, self._limit
+        for position, owner in enumerate(by_need):
+            equal = remaining // (len(by_need) - position)
+            need = self._need[owner]
+            shares[owner] = equal if need is None else min(need, equal)
+            remaining -= shares[owner]
+        return shares
+
+    def _dispatch(self) -> None:
+        free = self._limit - sum(self._held.values())
+        shares = self._shares()
+        while free > 0:
+            for queue in self._waiting.values():
+                while queue and queue[0].cancelled():
+                    queue.popleft()
+            candidates = [o for o, q in self._waiting.items() if q and self._held[o] < shares[o]]
             if not candidates:
                 return
-            chosen = min(candidates, key=lambda o: self._held.get(o, 0))
-            waiter = self._waiting[chosen].popleft()
-            if not waiter.cancelled():
-                self._grant(chosen)
-                waiter.set_result(None)
-                return
+            owner = min(candidates, key=lambda o: self._held[o])
+            self._held[owner] += 1
+            free -= 1
+            self._waiting[owner].popleft().set_result(None)

@@ -43,7 +43,7 @@ def test_demo_end_to_end(tmp_path, capsys):
 
 def test_demo_resumes_after_drops(tmp_path, capsys):
     assert main(["demo", "--dir", str(tmp_path / "demo"), "--rows", "4010",
-                 "--drop-after", "2000000", "--max-parallel", "2"]) == 0
+                 "--drop-after", "1000000", "--max-parallel", "2"]) == 0
     err = capsys.readouterr().err
     assert "reconnecting" in err
     summary = err[err.index("cluster      files"):].splitlines()[1:3]

@@ -7,41 +7,93 @@ import pytest
 from async_embed_sync.sync import FairSlots
 
 
-def test_cap_and_fair_share():
+class Recorder:
+    def __init__(self, slots):
+        self.slots = slots
+        self.in_flight = {}
+        self.peak_total = 0
+        self.peak = {}
+        self.release = asyncio.Event()
+
+    async def job(self, owner):
+        async with self.slots.slot(owner):
+            self.in_flight[owner] = self.in_flight.get(owner, 0) + 1
+            self.peak[owner] = max(self.peak.get(owner, 0), self.in_flight[owner])
+            self.peak_total = max(self.peak_total, sum(self.in_flight.values()))
+            await self.release.wait()
+            await asyncio.sleep(0)
+            self.in_flight[owner] -= 1
+
+
+def test_a_listing_cluster_keeps_its_share():
     async def scenario():
         slots = FairSlots(4)
-        in_flight = {"busy": 0, "quiet": 0}
-        peak = {"total": 0, "quiet_while_busy": 0}
-        release = asyncio.Event()
-
-        async def job(owner):
-            async with slots.slot(owner):
-                in_flight[owner] += 1
-                peak["total"] = max(peak["total"], sum(in_flight.values()))
-                peak["quiet_while_busy"] = max(peak["quiet_while_busy"], in_flight["quiet"])
-                await release.wait()
-                await asyncio.sleep(0)
-                in_flight[owner] -= 1
-
-        # The busy cluster queues 32 files before the quiet one queues 4.
-        tasks = [asyncio.create_task(job("busy")) for _ in range(32)]
-        await asyncio.sleep(0)
-        tasks += [asyncio.create_task(job("quiet")) for _ in range(4)]
-        await asyncio.sleep(0)
-        release.set()
+        recorder = Recorder(slots)
+        slots.register("busy")
+        slots.register("late")  # still listing
+        slots.set_need("busy", 32)
+        tasks = [asyncio.create_task(recorder.job("busy")) for _ in range(32)]
+        await asyncio.sleep(0.01)
+        busy_before_late_listed = recorder.in_flight["busy"]
+        slots.set_need("late", 3)
+        tasks += [asyncio.create_task(recorder.job("late")) for _ in range(3)]
+        await asyncio.sleep(0.01)
+        late_at_start = recorder.in_flight.get("late", 0)
+        recorder.release.set()
         await asyncio.gather(*tasks)
-        return peak
+        return busy_before_late_listed, late_at_start, recorder
 
-    peak = asyncio.run(scenario())
-    assert peak["total"] == 4
-    # Freed slots go to the cluster holding fewer, so the quiet one reaches
-    # half the slots instead of waiting for all 32 busy files.
-    assert peak["quiet_while_busy"] >= 2
+    busy_first, late_first, recorder = asyncio.run(scenario())
+    # The first cluster to list did not take every slot: half stayed for the other.
+    assert busy_first == 2
+    assert late_first == 2
+    assert recorder.peak_total == 4
+    assert recorder.peak["busy"] == 4  # once "late" ran out of files, "busy" got them all
+
+
+def test_a_cluster_that_needs_little_leaves_the_rest():
+    async def scenario():
+        slots = FairSlots(8)
+        recorder = Recorder(slots)
+        for owner, files in (("small", 1), ("large", 20)):
+            slots.register(owner)
+            slots.set_need(owner, files)
+        tasks = [asyncio.create_task(recorder.job("small"))]
+        tasks += [asyncio.create_task(recorder.job("large")) for _ in range(20)]
+        await asyncio.sleep(0.01)
+        snapshot = dict(recorder.in_flight)
+        recorder.release.set()
+        await asyncio.gather(*tasks)
+        return snapshot
+
+    assert asyncio.run(scenario()) == {"small": 1, "large": 7}
+
+
+def test_a_failed_cluster_gives_its_share_back():
+    async def scenario():
+        slots = FairSlots(4)
+        recorder = Recorder(slots)
+        slots.register("ok")
+        slots.register("broken")
+        slots.set_need("ok", 8)
+        tasks = [asyncio.create_task(recorder.job("ok")) for _ in range(8)]
+        await asyncio.sleep(0.01)
+        before = recorder.in_flight["ok"]
+        slots.unregister("broken")  # its listing failed
+        await asyncio.sleep(0.01)
+        after = recorder.in_flight["ok"]
+        recorder.release.set()
+        await asyncio.gather(*tasks)
+        return before, after
+
+    assert asyncio.run(scenario()) == (2, 4)
 
 
 def test_cancelled_waiter_does_not_leak_a_slot():
     async def scenario():
         slots = FairSlots(1)
+        slots.register("a")
+        slots.set_need("a", 3)
         gate = asyncio.Event()
 
         async def holder():
