@@ -7,7 +7,9 @@ Exit codes: 0 done, 1 failed (one clear paragraph on stderr, no traceback),
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 
 from . import __version__
@@ -40,6 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(_with_default_command(argv))
     except SystemExit as exc:  # -h, --version (0) or a usage error (2): argparse printed it
         return int(exc.code or 0)
+    _interrupt_on_sigterm()
     try:
         return args.handler(args)
     except AsyncEmbedSyncError as exc:
@@ -49,6 +52,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("Interrupted. What was verified is kept; run the same command again to resume.",
               file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def _interrupt_on_sigterm() -> None:
+    """A scheduler's or a kill's SIGTERM cleans up like Ctrl-C: partials
+    stay resumable, no half-written output is left at the final path."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
 def _with_default_command(argv: list[str]) -> list[str]:

@@ -251,3 +251,31 @@ async def test_stalled_link_is_noticed_and_the_sync_finishes(tmp_path, embedded_
         await watcher
     assert report.ok and report.clusters["tensor01"].reconnects >= 1
     _same(remote, tmp_path / "dl" / "tensor01", ["a.pkl"])
+
+
+async def test_sigterm_exits_130_and_keeps_what_arrived(tmp_path, embedded_server, link_proxy,
+                                                         write_config):
+    remote = _make_remote(tmp_path / "srv", {"big.pkl": 24 * MiB})
+    async with embedded_server(tmp_path / "srv") as server, \
+            link_proxy(server, stall_after=13 * MiB) as proxy:
+        config = write_config(tmp_path, {"tensor01": server.cluster_entry("/ckpt", port=proxy.port)})
+        child = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "async_embed_sync", "sync", "--config", str(config),
+            "--download-dir", str(tmp_path / "dl"), "--quiet",
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        for _ in range(600):
+            if proxy.stalled or child.returncode is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert proxy.stalled
+        child.send_signal(signal.SIGTERM)
+        stderr = (await asyncio.wait_for(child.communicate(), 30))[1].decode()
+        assert child.returncode == 130, stderr
+        assert "Interrupted" in stderr and "Traceback" not in stderr
+        # Everything that arrived in order before the signal was kept.
+        state = DownloadLayout(tmp_path / "dl").load_state("tensor01", "big.pkl")
+        assert state.verified_offset > 8 * MiB
+        proxy.resume()
+        report = await _sync(config, tmp_path / "dl")
+    assert report.ok and report.clusters["tensor01"].resumed == 1
+    _same(remote, tmp_path / "dl" / "tensor01", ["big.pkl"])
