@@ -181,35 +181,38 @@ class ClusterRemote:
     # ------------------------------------------------------------------ files
 
     async def list_checkpoints(self) -> Listing:
-        """Regular files in remote_dir matching the cluster's patterns."""
-        remote_dir = self.cluster.remote_dir
+        """Regular files in remote_dir matching the cluster's patterns, by name."""
         files: list[RemoteFile] = []
         refused: list[UnsafeRemoteNameError] = []
+        async for entry in self.scan_checkpoints():
+            (refused if isinstance(entry, UnsafeRemoteNameError) else files).append(entry)
+        files.sort(key=lambda f: f.name)
+        return Listing(files, refused)
+
+    async def scan_checkpoints(self) -> AsyncIterator[RemoteFile | UnsafeRemoteNameError]:
+        """The checkpoints as the listing arrives, so downloads can start
+        before the server has sent the last directory entry; a name that is
+        not a plain file name comes as the error that refuses it."""
+        remote_dir = self.cluster.remote_dir
         with _translate_errors(self.cluster, remote_dir=remote_dir):
             with self._sftp() as sftp:
-                entries = await sftp.readdir(remote_dir)
-                for entry in entries:
+                async for entry in sftp.scandir(remote_dir):
                     name = entry.filename
                     if not isinstance(name, str):
                         name = name.decode("utf-8", "surrogateescape")
-                    if name in (".", ".."):
-                        continue
-                    if not any(fnmatch.fnmatchcase(name, p) for p in self.cluster.patterns):
+                    if name in (".", "..") or not any(
+                            fnmatch.fnmatchcase(name, p) for p in self.cluster.patterns):
                         continue
                     try:
                         check_remote_name(self.cluster.name, name)
                     except UnsafeRemoteNameError as exc:
-                        refused.append(exc)
+                        yield exc
                         continue
                     attrs = entry.attrs
                     if attrs.type == asyncssh.FILEXFER_TYPE_SYMLINK:
                         attrs = await sftp.stat(self._path(name))
-                    if attrs.type not in (asyncssh.FILEXFER_TYPE_REGULAR,
-                                          asyncssh.FILEXFER_TYPE_UNKNOWN):
-                        continue
-                    files.append(RemoteFile(name, attrs.size or 0, int(attrs.mtime or 0)))
-        files.sort(key=lambda f: f.name)
-        return Listing(files, refused)
+                    if attrs.type in (asyncssh.FILEXFER_TYPE_REGULAR, asyncssh.FILEXFER_TYPE_UNKNOWN):
+                        yield RemoteFile(name, attrs.size or 0, int(attrs.mtime or 0))
 
     async def stat(self, name: str) -> RemoteFile:
         with _translate_errors(self.cluster, name=name):

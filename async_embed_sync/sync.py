@@ -12,6 +12,7 @@ land in the report.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import deque
 from contextlib import asynccontextmanager
@@ -29,6 +30,7 @@ from .errors import (
     RemoteFileChangedError,
     SyncFailedError,
     TransferError,
+    UnsafeRemoteNameError,
     VerificationError,
 )
 from .journal import DownloadLayout
@@ -144,24 +146,32 @@ async def _sync_cluster(cluster: ClusterConfig, layout: DownloadLayout, slots: F
     slots.register(cluster.name)
     try:
         remote = await link.get()
-        listing = await remote.list_checkpoints()
-        for refused in listing.refused:
-            _fail(report, progress, refused)
-        if not listing.files and not listing.refused:
-            raise NoCheckpointsError(cluster.name, cluster.remote_dir, cluster.patterns)
-        report.files = len(listing.files)
-        report.total_bytes = sum(f.size for f in listing.files)
-        pending = []
-        for remote_file in listing.files:
-            if is_up_to_date(layout, cluster.name, remote_file):
-                report.skipped += 1
-            else:
-                pending.append(remote_file)
-        progress.add_total(sum(f.size for f in pending))
-        slots.set_need(cluster.name, len(pending))
+        pending = 0
+        listing_error: AsyncEmbedSyncError | None = None
         async with anyio.create_task_group() as tasks:
-            for remote_file in pending:
-                tasks.start_soon(_sync_file, link, layout, remote_file, slots, progress, options, report)
+            try:
+                async with contextlib.aclosing(remote.scan_checkpoints()) as entries:
+                    async for entry in entries:
+                        if isinstance(entry, UnsafeRemoteNameError):
+                            _fail(report, progress, entry)
+                            continue
+                        report.files += 1
+                        report.total_bytes += entry.size
+                        if is_up_to_date(layout, cluster.name, entry):
+                            report.skipped += 1
+                            continue
+                        pending += 1
+                        progress.add_total(entry.size)
+                        tasks.start_soon(_sync_file, link, layout, entry, slots, progress, options, report)
+            except AsyncEmbedSyncError as exc:
+                # Raised here, it would reach the caller wrapped in the task
+                # group's ExceptionGroup; files already started still finish.
+                listing_error = exc
+            slots.set_need(cluster.name, pending)
+        if listing_error is not None:
+            raise listing_error
+        if not report.files and report.ok:
+            raise NoCheckpointsError(cluster.name, cluster.remote_dir, cluster.patterns)
     except AsyncEmbedSyncError as exc:
         _fail(report, progress, exc)
     finally:
@@ -290,22 +300,29 @@ class FairSlots:
             raise ValueError("max_parallel must be at least 1")
         self._limit = limit
         self._held: dict[str, int] = {}
-        self._need: dict[str, int | None] = {}  # files still to finish; None: still listing
+        self._files: dict[str, int | None] = {}  # files to fetch; None: still listing
+        self._finished: dict[str, int] = {}
         self._waiting: dict[str, deque[asyncio.Future]] = {}
 
     def register(self, owner: str) -> None:
         self._held[owner] = 0
-        self._need[owner] = None
+        self._files[owner] = None
+        self._finished[owner] = 0
         self._waiting[owner] = deque()
 
     def set_need(self, owner: str, files: int) -> None:
-        self._need[owner] = files
+        """``owner`` has ``files`` to fetch in all (its listing is complete)."""
+        self._files[owner] = files
         self._dispatch()
 
     def unregister(self, owner: str) -> None:
-        for mapping in (self._held, self._need, self._waiting):
+        for mapping in (self._held, self._files, self._finished, self._waiting):
             mapping.pop(owner, None)
         self._dispatch()
+
+    def _need(self, owner: str) -> int | None:
+        files = self._files[owner]
+        return None if files is None else files - self._finished[owner]
 
     @asynccontextmanager
     async def slot(self, owner: str):
@@ -327,17 +344,17 @@ class FairSlots:
 
     def _release(self, owner: str) -> None:
         self._held[owner] -= 1
-        if self._need[owner]:
-            self._need[owner] -= 1
+        self._finished[owner] += 1
         self._dispatch()
 
     def _shares(self) -> dict[str, int]:
-        unknown = self._limit  # a cluster still listing may need every slot
-        by_need = sorted(self._need, key=lambda o: unknown if self._need[o] is None else self._need[o])
+        needs = {owner: self._need(owner) for owner in self._files}
+        # A cluster still listing (need None) may need every slot.
+        by_need = sorted(needs, key=lambda o: self._limit if needs[o] is None else needs[o])
         shares, remaining = {}, self._limit
         for position, owner in enumerate(by_need):
             equal = remaining // (len(by_need) - position)
-            need = self._need[owner]
+            need = needs[owner]
             shares[owner] = equal if need is None else min(need, equal)
             remaining -= shares[owner]
         return shares
