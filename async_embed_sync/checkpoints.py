@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import itertools
 import json
 import math
 import pickle
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -68,6 +68,40 @@ def file_sha256(path: Path, chunk_bytes: int = 1 << 20) -> str:
         while count := stream.readinto(buffer):
             digest.update(view[:count])
     return digest.hexdigest()
+
+
+class BackgroundDigest:
+    """A sha256 fed in order on a worker thread, so that hashing overlaps other work.
+
+    hashlib releases the GIL on large buffers: the hashing runs on another
+    core while the caller copies and measures. A buffer passed to
+    :meth:`update` must stay unchanged until :meth:`wait` returns.
+    """
+
+    def __init__(self) -> None:
+        self._digest = hashlib.sha256()
+        self._worker = ThreadPoolExecutor(max_workers=1)
+        self._pending: list[Future[None]] = []
+
+    def update(self, data: Any) -> None:
+        self._pending.append(self._worker.submit(self._digest.update, data))
+
+    def wait(self) -> None:
+        """Block until every buffer given so far is hashed."""
+        pending, self._pending = self._pending, []
+        for update in pending:
+            update.result()
+
+    def hexdigest(self) -> str:
+        self.wait()
+        self._worker.shutdown()
+        return self._digest.hexdigest()
+
+    def close(self) -> None:
+        """Give up: drop what is not hashed yet and stop the worker."""
+        for update in self._pending:
+            update.cancel()
+        self._worker.shutdown(wait=True)
 
 
 def find_checkpoints(download_dir: Path) -> list[Path]:
@@ -243,30 +277,33 @@ class DictRowBlock(RowBlock):
 
 
 class JsonLineRowBlock(RowBlock):
-    """Rows still in their JSON lines (``.jsonl``): parsed only if asked for as dicts."""
+    """Rows still in their JSON lines (``.jsonl``): parsed only if asked for as dicts.
 
-    def __init__(self, embeddings: np.ndarray, lines: list[bytes], first_line: int, path: Path):
-        self._lines = lines
+    ``text`` holds the block's lines back to back; ``line_ends`` the end of
+    each line in it.
+    """
+
+    def __init__(self, embeddings: np.ndarray, keep: np.ndarray, text: bytes, line_ends: np.ndarray,
+                 first_line: int, path: Path):
+        super().__init__(embeddings, keep)
+        self._text = text
+        self._line_ends = line_ends
         self._first_line = first_line
         self._path = path
-        keep = np.fromiter(
-            (self._is_article_line(offset) for offset in range(len(lines))), dtype=bool, count=len(lines)
-        )
-        super().__init__(embeddings, keep)
 
-    def _is_article_line(self, offset: int) -> bool:
-        line = self._lines[offset]
-        return not _KIND_KEY.search(line) or is_article(self._parse(offset))
-
-    def _parse(self, offset: int) -> dict:
-        return _parse_jsonl_row(self._lines[offset], self._first_line + offset, self._path)
+    def _line(self, offset: int) -> bytes:
+        start = int(self._line_ends[offset - 1]) if offset else 0
+        return self._text[start : int(self._line_ends[offset])]
 
     def article_rows(self) -> list[dict]:
-        return [self._parse(offset) for offset in np.flatnonzero(self.keep)]
+        return [
+            _parse_jsonl_row(self._line(offset), self._first_line + offset, self._path)
+            for offset in np.flatnonzero(self.keep).tolist()
+        ]
 
     def article_lines(self) -> list[bytes]:
-        # Parsed once for validation in plan_merge; copied verbatim here.
-        return [line if line.endswith(b"\n") else line + b"\n" for line, kept in zip(self._lines, self.keep) if kept]
+        lines = [self._line(offset) for offset in np.flatnonzero(self.keep).tolist()]
+        return [line if line.endswith(b"\n") else line + b"\n" for line in lines]
 
 
 @dataclass(frozen=True)
@@ -387,13 +424,89 @@ class LegacyCheckpoint(Checkpoint):
             yield DictRowBlock(self.embeddings[first:last], self.articles[first:last])
 
 
-def _count_jsonl_rows(stream: BinaryIO, path: Path) -> tuple[int, int]:
-    """(rows, article rows); every line is parsed, to refuse a malformed one before the merge."""
-    rows = articles = 0
-    for rows, line in enumerate(stream, start=1):
-        row = _parse_jsonl_row(line, rows, path)
-        articles += is_article(row)
-    return rows, articles
+# The ``.jsonl`` of a checkpoint is read this much at a time when it is indexed.
+_JSONL_CHUNK_BYTES = 16 << 20
+
+
+@dataclass(frozen=True)
+class JsonlIndex:
+    """Where each line of a ``.jsonl`` file ends, and which rows are not articles.
+
+    Built without parsing the lines that need no parsing: a line whose bytes
+    hold no ``"kind"`` key (however escaped) is an article, and a line that
+    starts with ``{`` and ends with ``}`` is taken to be a JSON object. Every
+    other line is parsed, and refused if it is not a JSON object. A line that
+    looks like an object but is broken inside is only found where the row is
+    read as a dict (a ``.pkl`` output, or ``load()`` of a bundle).
+    """
+
+    line_ends: np.ndarray  # int64: the offset just after each line, its newline included
+    dropped: np.ndarray  # int64: the rows that are not articles, ascending
+    ends_with_newline: bool
+
+    @property
+    def rows(self) -> int:
+        return len(self.line_ends)
+
+    def line_start(self, row: int) -> int:
+        return int(self.line_ends[row - 1]) if row else 0
+
+
+def _line_ends(text: bytes) -> list[int]:
+    # bytes.find is a memchr: faster here than numpy's compare and nonzero.
+    ends, find, at = [], text.find, text.find(b"\n")
+    while at >= 0:
+        ends.append(at + 1)
+        at = find(b"\n", at + 1)
+    if text and (not ends or ends[-1] != len(text)):
+        ends.append(len(text))
+    return ends
+
+
+def _rows_needing_a_parse(text: bytes, ends: np.ndarray) -> set[int]:
+    """Rows of ``text`` that may carry a ``kind`` key, or may not be a JSON object."""
+    data = np.frombuffer(text, dtype=np.uint8)
+    starts = np.concatenate(([0], ends[:-1]))
+    last = ends - 1 - (data[ends - 1] == ord("\n"))  # the last byte before the newline
+    filled = last >= starts
+    looks_like_object = np.zeros(len(ends), dtype=bool)
+    looks_like_object[filled] = (data[starts[filled]] == ord("{")) & (data[last[filled]] == ord("}"))
+    rows = set(np.flatnonzero(~looks_like_object).tolist())
+    for match in _KIND_KEY.finditer(text):
+        rows.add(int(np.searchsorted(ends, match.start(), side="right")))
+    return rows
+
+
+def index_jsonl(stream: BinaryIO, path: Path) -> JsonlIndex:
+    """Index the lines of ``stream``; :class:`CheckpointError` for a line that is not a JSON object."""
+    line_ends: list[np.ndarray] = []
+    dropped: list[int] = []
+    base = rows = 0
+    carry = last = b""
+    while True:
+        chunk = stream.read(_JSONL_CHUNK_BYTES)
+        text = carry + chunk
+        # Whole lines only; a partial last line waits for the next chunk.
+        cut = text.rfind(b"\n") + 1 if chunk else len(text)
+        text, carry = text[:cut], text[cut:]
+        if text:
+            last = text[-1:]
+            ends = np.array(_line_ends(text), dtype=np.int64)
+            for offset in sorted(_rows_needing_a_parse(text, ends)):
+                start = int(ends[offset - 1]) if offset else 0
+                row = _parse_jsonl_row(text[start : int(ends[offset])], rows + offset + 1, path)
+                if not is_article(row):
+                    dropped.append(rows + offset)
+            line_ends.append(ends + base)
+            base += len(text)
+            rows += len(ends)
+        if not chunk:
+            break
+    return JsonlIndex(
+        line_ends=np.concatenate(line_ends) if line_ends else np.zeros(0, np.int64),
+        dropped=np.array(dropped, dtype=np.int64),
+        ends_with_newline=last in (b"", b"\n"),
+    )
 
 
 class NpyCheckpoint(Checkpoint):
@@ -406,8 +519,9 @@ class NpyCheckpoint(Checkpoint):
         self.embeddings = self._map_array()
         self._data_offset = int(self.embeddings.offset)  # type: ignore[attr-defined]
         with self._open(self.articles_path) as stream:
-            rows, articles = _count_jsonl_rows(stream, self.articles_path)
-        self.info = self._make_info(_read_fields(sidecar, self.sidecar_path), articles, rows)
+            self.lines = index_jsonl(stream, self.articles_path)
+        articles = self.lines.rows - len(self.lines.dropped)
+        self.info = self._make_info(_read_fields(sidecar, self.sidecar_path), articles, self.lines.rows)
 
     @property
     def sidecar_path(self) -> Path:
@@ -471,23 +585,43 @@ class NpyCheckpoint(Checkpoint):
         except (ValueError, OSError) as exc:
             raise CheckpointError(path, f"cannot be memory-mapped ({exc}).") from exc
 
+    def header_bytes(self) -> bytes:
+        """The ``.npy`` header: with the bytes of every block, in order, the whole file."""
+        with self._open(self.path) as stream:
+            return stream.read(self._data_offset)
+
+    def article_spans(self) -> Iterator[tuple[int, int]]:
+        """``(offset, length)`` of each run of consecutive article lines in the ``.jsonl``."""
+        start = 0
+        for row in self.lines.dropped.tolist():
+            if row > start:
+                yield self.lines.line_start(start), self.lines.line_start(row) - self.lines.line_start(start)
+            start = row + 1
+        if start < self.lines.rows:
+            yield self.lines.line_start(start), int(self.lines.line_ends[-1]) - self.lines.line_start(start)
+
     def blocks(self, max_rows: int) -> Iterator[RowBlock]:
         # Read through one reusable buffer instead of the map: pages of a map
         # count toward the process's resident size until unmapped.
         rows, dim = self.embeddings.shape
         buffer = np.empty((min(max_rows, rows), dim), dtype=self.embeddings.dtype)
+        keep_all = np.ones(rows, dtype=bool)
+        keep_all[self.lines.dropped] = False
         with self._open(self.path) as array_stream, self._open(self.articles_path) as rows_stream:
             array_stream.seek(self._data_offset)
             for first in range(0, rows, max_rows):
                 count = min(max_rows, rows - first)
                 block = buffer[:count]
-                wanted = block.nbytes
-                if array_stream.readinto(memoryview(block).cast("B")) != wanted:
+                if array_stream.readinto(memoryview(block).cast("B")) != block.nbytes:
                     raise CheckpointError(str(self.path), "the file shrank while it was read.")
-                lines = list(itertools.islice(rows_stream, count))
-                if len(lines) != count:
+                text_start = self.lines.line_start(first)
+                line_ends = self.lines.line_ends[first : first + count] - text_start
+                text = rows_stream.read(int(line_ends[-1]))
+                if len(text) != line_ends[-1]:
                     raise CheckpointError(str(self.articles_path), "the file shrank while it was read.")
-                yield JsonLineRowBlock(block, lines, first + 1, self.articles_path)
+                yield JsonLineRowBlock(
+                    block, keep_all[first : first + count], text, line_ends, first + 1, self.articles_path
+                )
 
 
 def open_checkpoint(path: Path, cluster: str | None = None) -> Checkpoint:

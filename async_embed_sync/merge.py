@@ -2,15 +2,16 @@
 
 Three steps, in this order:
 
-1. **Plan**: open each checkpoint in turn (one at a time) and keep only its
-   :class:`~.checkpoints.CheckpointInfo`.
+1. **Plan**: open each checkpoint in turn (one at a time) and keep its
+   :class:`~.checkpoints.CheckpointInfo` (and, for a ``.npy`` checkpoint,
+   the opened checkpoint itself: a map and the index of its lines).
 2. **Validate** all of them together before anything is written: contiguous
    coverage of ``[0, N)`` from index 0, one dimension, one model, float
    dtypes, the expected article count.
-3. **Copy**: preallocate the output array, then copy checkpoint by
-   checkpoint, block by block, keeping only article rows, converting the
-   dtype and accumulating the quality metrics in the same pass; publish
-   atomically (see ``output.py``).
+3. **Copy**: preallocate the output, then copy checkpoint by checkpoint,
+   block by block, keeping only article rows, converting the dtype,
+   accumulating the quality metrics and hashing inputs and output (on
+   worker threads) in the same pass; publish atomically (see ``output.py``).
 
 Memory stays bounded by one loaded legacy checkpoint (a pickle can only be
 read whole), or by one block for ``.npy`` checkpoints.
@@ -21,7 +22,7 @@ from __future__ import annotations
 import resource
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,10 +30,18 @@ from typing import Any
 
 import numpy as np
 
-from .checkpoints import CheckpointInfo, file_sha256, find_checkpoints, open_checkpoint
+from .checkpoints import (
+    BackgroundDigest,
+    Checkpoint,
+    CheckpointInfo,
+    NpyCheckpoint,
+    file_sha256,
+    find_checkpoints,
+    open_checkpoint,
+)
 from .errors import MergeValidationError
 from .metrics import QualityMetrics
-from .output import ArticlesWriter, EmbeddingsWriter, StagingArea, is_pickle_output, publish
+from .output import ArticlesFormat, OutputWriter, StagingArea, check_output_path, open_output, publish
 
 OUTPUT_DTYPES = ("float32", "float16")
 
@@ -83,12 +92,36 @@ class MergeReport:
         )
 
 
-def plan_merge(download_dir: Path) -> list[CheckpointInfo]:
-    """Open every checkpoint under ``download_dir``, one at a time; their infos by start index."""
+@dataclass(frozen=True)
+class _InfoOnly:
+    """What is kept of a legacy checkpoint between planning and copying."""
+
+    info: CheckpointInfo
+
+    @property
+    def path(self) -> Path:
+        return self.info.path
+
+
+def _open_all(download_dir: Path) -> list[NpyCheckpoint | _InfoOnly]:
+    """Open every checkpoint under ``download_dir``, by start index.
+
+    A legacy checkpoint is dropped as soon as it is opened: only its info is
+    kept, so memory holds at most one loaded pickle.
+    """
     paths = find_checkpoints(download_dir) if Path(download_dir).is_dir() else []
     if not paths:
         raise MergeValidationError(f"no checkpoints (*.pkl, *.npy) under {download_dir}/*/.")
-    return sorted((open_checkpoint(path).info for path in paths), key=lambda info: info.start_index)
+    opened: list[NpyCheckpoint | _InfoOnly] = []
+    for path in paths:
+        checkpoint = open_checkpoint(path)
+        opened.append(checkpoint if isinstance(checkpoint, NpyCheckpoint) else _InfoOnly(checkpoint.info))
+    return sorted(opened, key=lambda checkpoint: checkpoint.info.start_index)
+
+
+def plan_merge(download_dir: Path) -> list[CheckpointInfo]:
+    """Open every checkpoint under ``download_dir``, one at a time; their infos by start index."""
+    return [checkpoint.info for checkpoint in _open_all(Path(download_dir))]
 
 
 def validate_plan(infos: Sequence[CheckpointInfo], expect_articles: int | None = None) -> None:
@@ -123,17 +156,26 @@ def validate_plan(infos: Sequence[CheckpointInfo], expect_articles: int | None =
 
 
 class _CopyPass:
-    """Copies the article rows of each checkpoint into the staged output."""
+    """Copies the article rows of each checkpoint into the output writer, in one pass.
+
+    Every input byte is read once here: a ``.npy`` checkpoint's bytes are
+    hashed (for ``chunk_info``) from the same buffer that is copied; legacy
+    pickles, which can only be read whole by the unpickler, are hashed from
+    the file by a worker thread.
+    """
 
     def __init__(
         self,
-        staging: StagingArea,
+        writer: OutputWriter,
         infos: Sequence[CheckpointInfo],
+        opened: dict[Path, NpyCheckpoint],
         dtype: np.dtype,
         strict: bool,
         on_progress: Callable[[MergeProgress], None] | None,
     ):
+        self.writer = writer
         self.infos = infos
+        self.opened = opened
         self.dtype = dtype
         self.strict = strict
         self.on_progress = on_progress
@@ -141,41 +183,56 @@ class _CopyPass:
         self.rows_done = 0
         dim = infos[0].dim
         self.block_rows = max(1, _BLOCK_BYTES // (dim * max(dtype.itemsize, infos[0].dtype.itemsize)))
-        total_articles = sum(info.article_rows for info in infos)
-        # Only the bundle's manifest records the sha256 of the embeddings.
-        self.embeddings = EmbeddingsWriter(
-            staging.embeddings_path, (total_articles, dim), dtype, hashed=not is_pickle_output(staging.output)
-        )
-        self.articles = ArticlesWriter(staging.articles_path)
         self.metrics = QualityMetrics(row_bytes=dim * dtype.itemsize)
 
-    def run(self) -> str | None:
-        """Copy everything; return the sha256 of the staged embeddings, if hashed."""
+    def run(self, digests: dict[Path, Callable[[], str]], file_hasher: ThreadPoolExecutor) -> None:
+        """Copy everything; fill ``digests`` with how to get each checkpoint's sha256."""
         for info in self.infos:
-            self._copy(info)
-        self.articles.close()
-        return self.embeddings.close()
+            checkpoint = self.opened.get(info.path)
+            if checkpoint is None:
+                digests[info.path] = file_hasher.submit(file_sha256, info.path).result
+                checkpoint = open_checkpoint(info.path, info.cluster)
+                self._copy(info, checkpoint, None)
+            else:
+                digest = BackgroundDigest()
+                try:
+                    digest.update(checkpoint.header_bytes())
+                    self._copy(info, checkpoint, digest)
+                except BaseException:
+                    digest.close()
+                    raise
+                digests[info.path] = digest.hexdigest
 
-    def _copy(self, info: CheckpointInfo) -> None:
-        # One checkpoint open at a time: it is released when this returns.
-        checkpoint = open_checkpoint(info.path, info.cluster)
+    def _copy(self, info: CheckpointInfo, checkpoint: Checkpoint, digest: BackgroundDigest | None) -> None:
+        articles = self.writer.articles
+        verbatim_lines = articles.copies_lines and isinstance(checkpoint, NpyCheckpoint)
         for block in checkpoint.blocks(self.block_rows):
+            if digest is not None:
+                digest.update(block.embeddings)
             keep = block.keep
             rows = block.embeddings if keep.all() else block.embeddings[keep]
             rows = rows.astype(self.dtype, copy=False)
+            self.writer.embeddings.append(rows)
             self.metrics.add_dropped(int(len(keep) - keep.sum()))
             nonfinite_before = self.metrics.nonfinite_rows
+            # While the rows are hashed and written, on other cores.
             self.metrics.add_rows(rows)
             if self.strict and self.metrics.nonfinite_rows > nonfinite_before:
                 raise MergeValidationError(
                     f"{info.path} holds NaN or Inf values (--strict); "
                     f"{self.metrics.nan_values:,} NaN and {self.metrics.inf_values:,} Inf values so far."
                 )
-            self.embeddings.append(rows)
-            self.articles.append(block)
+            if not verbatim_lines:
+                articles.add(block)
+            # The block's buffer is reused by the next block: the hashes must be done with it.
+            self.writer.embeddings.wait()
+            if digest is not None:
+                digest.wait()
             self.rows_done += len(keep)
             if self.on_progress is not None:
                 self.on_progress(MergeProgress(self.rows_done, self.rows_total, info.path))
+        if verbatim_lines:
+            articles.copy_lines(checkpoint)
 
 
 def _chunk_info(info: CheckpointInfo, sha256: str) -> dict[str, Any]:
@@ -206,40 +263,50 @@ def merge_checkpoints(
     expect_articles: int | None = None,
     strict: bool = False,
     on_progress: Callable[[MergeProgress], None] | None = None,
+    articles_format: ArticlesFormat | None = None,
 ) -> MergeReport:
     """Merge every checkpoint under ``<download_dir>/*/`` into ``output``.
 
     ``output`` ending in ``.pkl`` gets the legacy pickle, anything else the
-    bundle directory. Raises :class:`MergeValidationError`,
-    :class:`CheckpointError` or :class:`OutputError`; on any failure,
-    Ctrl-C included, nothing is left at ``output`` and the staging area is
-    removed.
+    bundle directory, whose articles are ``articles_format`` (default:
+    parquet where pyarrow is installed, else jsonl). Raises
+    :class:`MergeValidationError`, :class:`CheckpointError` or
+    :class:`OutputError`; on any failure, Ctrl-C included, nothing is left
+    at ``output`` and the staging area is removed.
     """
     started = time.perf_counter()
     if dtype not in OUTPUT_DTYPES:
         raise MergeValidationError(f"output dtype {dtype!r} is not one of {', '.join(OUTPUT_DTYPES)}.")
     output = Path(output)
-    infos = plan_merge(Path(download_dir))
+    check_output_path(output)
+    checkpoints = _open_all(Path(download_dir))
+    infos = [checkpoint.info for checkpoint in checkpoints]
     validate_plan(infos, expect_articles)
-    with ThreadPoolExecutor(max_workers=1) as hasher, StagingArea(output) as staging:
-        # Hashing the inputs runs on the other core while the copy pass runs.
-        digests: list[Future[str]] = [hasher.submit(file_sha256, info.path) for info in infos]
+    # .npy checkpoints stay open (a map and a line index); legacy ones are reopened one at a time.
+    opened = {checkpoint.path: checkpoint for checkpoint in checkpoints if isinstance(checkpoint, NpyCheckpoint)}
+    del checkpoints
+    total_articles = sum(info.article_rows for info in infos)
+    timestamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    digests: dict[Path, Callable[[], str]] = {}
+    with ThreadPoolExecutor(max_workers=1) as file_hasher, StagingArea(output) as staging:
+        writer = open_output(staging, (total_articles, infos[0].dim), np.dtype(dtype), articles_format)
         try:
-            copy_pass = _CopyPass(staging, infos, np.dtype(dtype), strict, on_progress)
-            embeddings_sha256 = copy_pass.run()
+            copy_pass = _CopyPass(writer, infos, opened, np.dtype(dtype), strict, on_progress)
+            copy_pass.run(digests, file_hasher)
             quality_metrics = copy_pass.metrics.result()
-            metadata = {
-                "total_articles": copy_pass.metrics.rows,
-                "embedding_dim": infos[0].dim,
-                "model": infos[0].model,
-                "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "quality_metrics": quality_metrics,
-                "chunk_info": [_chunk_info(info, digest.result()) for info, digest in zip(infos, digests)],
-            }
-            publish(staging, metadata, embeddings_sha256)
+            writer.finish(
+                {
+                    "total_articles": copy_pass.metrics.rows,
+                    "embedding_dim": infos[0].dim,
+                    "model": infos[0].model,
+                    "timestamp": timestamp,
+                    "quality_metrics": quality_metrics,
+                    "chunk_info": [_chunk_info(info, digests[info.path]()) for info in infos],
+                }
+            )
         finally:
-            for digest in digests:
-                digest.cancel()
+            writer.close()
+        publish(staging)
     return MergeReport(
         output=output,
         checkpoints=len(infos),

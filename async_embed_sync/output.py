@@ -1,45 +1,53 @@
-"""The merged result: staged beside the output, published atomically, read back.
+"""The merged result: written in one pass into a staging area, published atomically, read back.
 
-The merge fills a :class:`StagingArea` (a hidden directory beside the output)
-with ``embeddings.npy`` and ``articles.jsonl``, then :func:`publish` turns it
-into either form of ``/work/shared/checkpoint-format.md``:
+The merge writes into a :class:`StagingArea` (a hidden directory beside the
+output, named after this host and process) through one of two writers, one
+per form of ``/work/shared/checkpoint-format.md``:
 
-- a path ending in ``.pkl``: the legacy dict, pickled from the staged files
-  without holding the embeddings or the article list in memory, then renamed
-  into place;
-- any other path: the staging directory itself, with ``manifest.json`` added,
-  renamed into place as the bundle.
+- :class:`LegacyPickleWriter` for a path ending in ``.pkl``: the legacy dict
+  as one pickle stream, assembled opcode by opcode so that the embeddings'
+  bytes have a known place in the file, filled as the rows arrive, while the
+  article rows are appended after them; no staged copy of anything;
+- :class:`BundleWriter` for any other path: ``embeddings.npy`` (preallocated,
+  filled in place), ``articles.jsonl`` or ``articles.parquet``, and
+  ``manifest.json``.
 
-Nothing appears at the output path until the rename; the staging area is
-removed on any exception, Ctrl-C included. :func:`load` reads either form.
+Rows are written with ``os.pwrite`` into a file preallocated to its final
+size, never through a writable map: page-cache writeback stays asynchronous
+and written pages never count in the process's resident set.
+
+Nothing appears at the output path until :func:`publish` renames the staged
+result into place; the staging area is removed on any exception, Ctrl-C
+included, and one left by a killed merge is removed by the next merge to the
+same output. :func:`load` reads either form.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
-import mmap
 import os
 import pickle
 import shutil
+import socket
+import struct
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any, BinaryIO
+from typing import Any, Literal
 
 import numpy as np
 from numpy.lib import format as npy_format
 
-from .checkpoints import RestrictedUnpickler, RowBlock, restricted_load
+from .checkpoints import BackgroundDigest, NpyCheckpoint, RestrictedUnpickler, RowBlock, restricted_load
 from .errors import CheckpointError, OutputError
 
 PICKLE_SUFFIX = ".pkl"
 EMBEDDINGS_FILE = "embeddings.npy"
-ARTICLES_FILE = "articles.jsonl"
+ARTICLES_JSONL = "articles.jsonl"
+ARTICLES_PARQUET = "articles.parquet"
 MANIFEST_FILE = "manifest.json"
-_STAGED_ARTICLE_BATCHES = "articles.pickles"
 LEGACY_KEYS = (
     "embeddings",
     "articles",
@@ -51,14 +59,89 @@ LEGACY_KEYS = (
     "chunk_info",
 )
 
-# Large buffers are written this much at a time, so that the pages of a map
-# can be released behind the writer.
-_WRITE_SLICE_BYTES = 32 << 20
+ArticlesFormat = Literal["jsonl", "parquet"]
+
+# Parquet row groups hold this many articles: memory stays bounded by one group.
+_PARQUET_GROUP_ROWS = 16_384
 
 
 def is_pickle_output(path: Path) -> bool:
     """True when ``path`` names the legacy pickle form, else it names a bundle directory."""
     return Path(path).suffix == PICKLE_SUFFIX
+
+
+def parquet_available() -> bool:
+    try:
+        import pyarrow.parquet  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def default_articles_format() -> ArticlesFormat:
+    """Parquet where pyarrow is installed, as the data contract prefers; else JSON lines."""
+    return "parquet" if parquet_available() else "jsonl"
+
+
+# ------------------------------------------------------------------ staging area
+
+_STAGING_SUFFIX = ".merging"
+_PREVIOUS_SUFFIX = ".previous"
+
+
+def _owner_tag() -> str:
+    # Which process owns a staging entry: a later merge removes it once that
+    # process is gone. Dots in the host name are kept: the pid is parsed from the right.
+    return f"{socket.gethostname()}.{os.getpid()}"
+
+
+def _owner_is_gone(tag: str) -> bool:
+    host, _, pid = tag.rpartition(".")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False  # another machine's, or not ours to judge
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def remove_stale_staging(output: Path) -> list[Path]:
+    """Remove what killed merges to ``output`` left beside it (their process is gone); return it."""
+    prefix = f".{output.name}."
+    removed = []
+    try:
+        names = os.listdir(output.parent)
+    except OSError:
+        return removed
+    for name in names:
+        if not name.startswith(prefix):
+            continue
+        rest = name[len(prefix) :]
+        if rest.endswith(_STAGING_SUFFIX):
+            tag = rest[: -len(_STAGING_SUFFIX)].rpartition(".")[0]  # drop mkdtemp's random part
+        elif rest.endswith(_PREVIOUS_SUFFIX):
+            tag = rest[: -len(_PREVIOUS_SUFFIX)]
+        else:
+            continue
+        if _owner_is_gone(tag):
+            shutil.rmtree(output.parent / name, ignore_errors=True)
+            removed.append(output.parent / name)
+    return removed
+
+
+def check_output_path(output: Path) -> None:
+    """Refuse, before any work, an output path that the merge could not or must not replace."""
+    if is_pickle_output(output):
+        if output.is_dir():
+            raise OutputError(str(output), "is a directory; a .pkl output must be a file.")
+    elif output.exists() or output.is_symlink():
+        if not output.is_dir():
+            raise OutputError(str(output), "exists and is not a directory; refusing to replace it.")
+        if any(output.iterdir()) and not (output / MANIFEST_FILE).is_file():
+            raise OutputError(str(output), "is a directory that is not a merged bundle; refusing to replace it.")
 
 
 class StagingArea:
@@ -69,10 +152,14 @@ class StagingArea:
         self.path = self.output  # replaced on entry
 
     def __enter__(self) -> StagingArea:
+        check_output_path(self.output)
         try:
             self.output.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_staging(self.output)
             self.path = Path(
-                tempfile.mkdtemp(prefix=f".{self.output.name}.", suffix=".merging", dir=self.output.parent)
+                tempfile.mkdtemp(
+                    prefix=f".{self.output.name}.{_owner_tag()}.", suffix=_STAGING_SUFFIX, dir=self.output.parent
+                )
             )
         except OSError as exc:
             raise OutputError(str(self.output), f"cannot create a staging directory ({exc}).") from exc
@@ -87,103 +174,300 @@ class StagingArea:
         # After a publish of a bundle the directory has moved away: nothing left.
         shutil.rmtree(self.path, ignore_errors=True)
 
-    @property
-    def embeddings_path(self) -> Path:
-        return self.path / EMBEDDINGS_FILE
 
-    @property
-    def articles_path(self) -> Path:
-        # A pickle output is fed from pickled batches, which are several
-        # times faster to write and read back than JSON lines.
-        return self.path / (_STAGED_ARTICLE_BATCHES if is_pickle_output(self.output) else ARTICLES_FILE)
+# ------------------------------------------------------------------ row writers
 
 
-class EmbeddingsWriter:
-    """A preallocated ``.npy`` file, filled by appending row blocks in order.
+class _PreallocatedFile:
+    """A new file of its final size from the start, written at explicit offsets."""
 
-    Writes go through the file descriptor, not a map, so the pages written do
-    not stay in the process's resident set; with ``hashed``, the sha256 of
-    the file is computed on the way.
+    def __init__(self, path: Path, size: int):
+        self.path = path
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.ftruncate(self.fd, size)
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def write_at(self, data: Any, offset: int) -> None:
+        view = memoryview(data).cast("B")
+        while view:
+            written = os.pwrite(self.fd, view, offset)
+            view, offset = view[written:], offset + written
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class EmbeddingsRegion:
+    """Where the merged rows go: ``shape`` rows, in order, from ``offset`` of ``file``.
+
+    With a ``digest``, the rows are also hashed, in order, on its worker thread.
     """
 
-    def __init__(self, path: Path, shape: tuple[int, int], dtype: np.dtype, *, hashed: bool):
-        self.path = Path(path)
+    def __init__(
+        self, file: _PreallocatedFile, offset: int, shape: tuple[int, int], dtype: np.dtype,
+        digest: BackgroundDigest | None = None,
+    ):
+        self.file = file
+        self.offset = offset
         self.shape = shape
         self.dtype = np.dtype(dtype)
+        self.digest = digest
         self.rows_written = 0
-        self._sha256 = hashlib.sha256() if hashed else None
-        header = io.BytesIO()
-        npy_format.write_array_header_1_0(
-            header, {"descr": npy_format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": shape}
-        )
-        self._hash(header.getvalue())
-        self._stream: BinaryIO = open(self.path, "wb")
-        self._stream.write(header.getvalue())
-        # Preallocate: the file has its final size before the first row is written.
-        self._stream.truncate(len(header.getvalue()) + shape[0] * shape[1] * self.dtype.itemsize)
+        self.row_bytes = shape[1] * self.dtype.itemsize
+
+    @property
+    def nbytes(self) -> int:
+        return self.shape[0] * self.row_bytes
 
     def append(self, rows: np.ndarray) -> None:
+        """Write ``rows`` after the previous ones; they must stay unchanged until :meth:`wait`."""
         if self.rows_written + len(rows) > self.shape[0]:
-            raise OutputError(str(self.path), "more rows than were planned.")
+            raise OutputError(str(self.file.path), "more rows than were planned.")
         data = np.ascontiguousarray(rows, dtype=self.dtype)
-        self._stream.write(memoryview(data).cast("B"))
-        self._hash(data)
+        if self.digest is not None:
+            self.digest.update(data)
+        self.file.write_at(data, self.offset + self.rows_written * self.row_bytes)
         self.rows_written += len(rows)
 
-    def _hash(self, data: Any) -> None:
-        if self._sha256 is not None:
-            self._sha256.update(data)
+    def wait(self) -> None:
+        """Block until the rows given so far are hashed: their buffer may then be reused."""
+        if self.digest is not None:
+            self.digest.wait()
 
-    def close(self) -> str | None:
-        """Check that every planned row was written; return the file's sha256 if hashed."""
-        self._stream.close()
+    def check_complete(self) -> None:
         if self.rows_written != self.shape[0]:
-            raise OutputError(str(self.path), f"{self.rows_written} rows written, {self.shape[0]} planned.")
-        return None if self._sha256 is None else self._sha256.hexdigest()
+            raise OutputError(str(self.file.path), f"{self.rows_written} rows written, {self.shape[0]} planned.")
 
 
-def _fast_pickler(stream: Any) -> pickle.Pickler:
-    pickler = pickle.Pickler(stream, protocol=5)
-    # No memo: several times faster on many small dicts and strings, and
-    # safe because nothing written here refers to itself.
-    pickler.fast = True
-    return pickler
+def _copy_range(source_fd: int, target_fd: int, offset: int, length: int) -> None:
+    # In the kernel where it can: no pass of the bytes through Python.
+    while length > 0:
+        try:
+            copied = os.copy_file_range(source_fd, target_fd, length, offset)
+        except OSError:
+            copied = os.write(target_fd, os.pread(source_fd, min(length, 16 << 20), offset))
+        if copied == 0:
+            raise OSError(f"the source ended {length} bytes early")
+        offset, length = offset + copied, length - copied
 
 
-class ArticlesWriter:
-    """Stages article rows: JSON lines for a bundle, pickled batches for a pickle."""
+class JsonlArticles:
+    """``articles.jsonl``: one article per line, lines of ``.jsonl`` checkpoints copied verbatim."""
+
+    copies_lines = True
 
     def __init__(self, path: Path):
-        self.path = Path(path)
-        self._as_json = self.path.name == ARTICLES_FILE
-        self._stream = open(self.path, "wb")
+        self.path = path
+        self._stream = open(path, "wb")
 
-    def append(self, block: RowBlock) -> None:
-        """Stage the article rows of ``block``."""
-        if self._as_json:
-            self._stream.writelines(block.article_lines())
-        else:
-            _fast_pickler(self._stream).dump(block.article_rows())
+    def add(self, block: RowBlock) -> None:
+        self._stream.writelines(block.article_lines())
+
+    def copy_lines(self, checkpoint: NpyCheckpoint) -> None:
+        """Copy the article lines of ``checkpoint`` as they are, in the kernel."""
+        self._stream.flush()
+        target = self._stream.fileno()
+        with open(checkpoint.articles_path, "rb") as source:
+            for offset, length in checkpoint.article_spans():
+                _copy_range(source.fileno(), target, offset, length)
+        os.lseek(target, 0, os.SEEK_END)
+        if not checkpoint.lines.ends_with_newline and checkpoint.lines.rows - 1 not in checkpoint.lines.dropped:
+            self._stream.write(b"\n")
 
     def close(self) -> None:
         self._stream.close()
 
 
-def read_articles(path: Path) -> Iterator[dict]:
-    """The rows of an ``articles.jsonl`` written by :class:`ArticlesWriter`."""
-    with open(path, encoding="utf-8") as stream:
-        for line in stream:
-            yield json.loads(line)
+class ParquetArticles:
+    """``articles.parquet``, written one row group at a time.
+
+    Columns are the keys of the rows (the first row group's schema); a key
+    missing from a row is stored as null and reads back as ``None``.
+    """
+
+    copies_lines = False
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._pending: list[dict] = []
+        self._writer: Any = None
+        self._closed = False
+
+    def add(self, block: RowBlock) -> None:
+        self._pending.extend(block.article_rows())
+        if len(self._pending) >= _PARQUET_GROUP_ROWS:
+            self._write_group()
+
+    def _write_group(self) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if self._writer is None:
+            schema = pa.Table.from_pylist(self._pending).schema
+            self._writer = pq.ParquetWriter(self.path, schema)
+        try:
+            table = pa.Table.from_pylist(self._pending, schema=self._writer.schema)
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+            raise OutputError(str(self.path), f"the article rows do not fit one table ({exc}).") from exc
+        self._writer.write_table(table)
+        self._pending = []
+
+    def close(self) -> None:
+        if self._pending:
+            self._write_group()
+        if self._writer is None and not self._closed:
+            # No article at all: still a readable, empty file.
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            pq.write_table(pa.table({}), self.path)
+        elif self._writer is not None:
+            self._writer.close()
+        self._writer, self._closed = None, True
 
 
-def _read_staged_batches(path: Path) -> Iterator[dict]:
-    with open(path, "rb") as stream:
-        unpickler = RestrictedUnpickler(stream, path)
-        while stream.peek(1):
-            yield from unpickler.load()
+def _pickle_body(value: Any) -> bytes:
+    """The opcodes that push ``value``, without the protocol header and STOP.
+
+    Protocol 3 has no frames, so such bodies can be laid end to end inside
+    a larger stream; no memo (``fast``), so none refers to another.
+    """
+    stream = io.BytesIO()
+    pickler = pickle.Pickler(stream, protocol=3)
+    pickler.fast = True  # also several times faster on many small dicts
+    pickler.dump(value)
+    data = stream.getvalue()
+    return data[2:-1]
 
 
-# -------------------------------------------------------------- legacy pickle form
+class _PickledArticles:
+    """The article list of the legacy pickle: APPENDS batches written after an EMPTY_LIST."""
+
+    copies_lines = False
+
+    def __init__(self, stream: Any):
+        self._stream = stream
+        self._stream.write(pickle.EMPTY_LIST)
+
+    def add(self, block: RowBlock) -> None:
+        rows = block.article_rows()
+        if rows:
+            # A pickled list's body is EMPTY_LIST then its APPEND(S): without the
+            # EMPTY_LIST, the rows append to the list already on the stack.
+            self._stream.write(_pickle_body(rows)[1:])
+
+    def close(self) -> None:
+        pass
+
+
+class LegacyPickleWriter:
+    """The legacy dict, one pickle stream written in one pass, loadable with plain ``pickle.load``.
+
+    Layout (protocol 5, no frames)::
+
+        {'embeddings': _frombuffer(BYTEARRAY8 <rows>, dtype, shape, 'C'),
+         'articles': [APPENDS batches ...], 'total_articles': ..., ...}
+
+    which is what numpy's own protocol-5 reduce of a C-ordered array gives,
+    so it loads as a writable ndarray, as the legacy merge's did. The array
+    bytes sit at a known offset: rows are written there as they come while
+    the articles are appended after the array, so nothing is staged twice.
+    """
+
+    def __init__(self, path: Path, shape: tuple[int, int], dtype: np.dtype):
+        from numpy._core.numeric import _frombuffer  # what numpy's protocol-5 array reduce names
+
+        dtype = np.dtype(dtype)
+        self.path = path
+        nbytes = shape[0] * shape[1] * dtype.itemsize
+        head = b"".join(
+            [
+                pickle.PROTO + bytes([5]),
+                pickle.EMPTY_DICT,
+                pickle.MARK,
+                _pickle_body("embeddings"),
+                _pickle_body(_frombuffer),
+                pickle.MARK,
+                pickle.BYTEARRAY8 + struct.pack("<Q", nbytes),
+            ]
+        )
+        tail = b"".join([_pickle_body(dtype), _pickle_body(shape), _pickle_body("C"), pickle.TUPLE, pickle.REDUCE])
+        self._file = _PreallocatedFile(path, len(head) + nbytes)
+        self._file.write_at(head, 0)
+        self.embeddings = EmbeddingsRegion(self._file, len(head), shape, dtype)
+        self._stream = open(path, "r+b")
+        self._stream.seek(len(head) + nbytes)
+        self._stream.write(tail + _pickle_body("articles"))
+        self.articles = _PickledArticles(self._stream)
+
+    def finish(self, metadata: Mapping[str, Any]) -> None:
+        """Write the remaining keys (every legacy key but the first two) and close."""
+        self.embeddings.check_complete()
+        for key in LEGACY_KEYS[2:]:
+            self._stream.write(_pickle_body(key) + _pickle_body(metadata[key]))
+        self._stream.write(pickle.SETITEMS + pickle.STOP)
+        self.close()
+
+    def close(self) -> None:
+        self._stream.close()
+        self._file.close()
+
+
+class BundleWriter:
+    """The bundle's files in the staging directory: preallocated ``embeddings.npy``, articles, manifest."""
+
+    def __init__(self, directory: Path, shape: tuple[int, int], dtype: np.dtype, articles_format: ArticlesFormat):
+        dtype = np.dtype(dtype)
+        self.directory = directory
+        header = io.BytesIO()
+        npy_format.write_array_header_1_0(
+            header, {"descr": npy_format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+        )
+        self._digest = BackgroundDigest()
+        self._digest.update(header.getvalue())
+        self._file = _PreallocatedFile(directory / EMBEDDINGS_FILE, len(header.getvalue()) + shape[0] * shape[1] * dtype.itemsize)
+        self._file.write_at(header.getvalue(), 0)
+        self.embeddings = EmbeddingsRegion(self._file, len(header.getvalue()), shape, dtype, self._digest)
+        self.articles_file = ARTICLES_PARQUET if articles_format == "parquet" else ARTICLES_JSONL
+        path = directory / self.articles_file
+        self.articles: JsonlArticles | ParquetArticles = (
+            ParquetArticles(path) if articles_format == "parquet" else JsonlArticles(path)
+        )
+
+    def finish(self, metadata: Mapping[str, Any]) -> None:
+        """Write ``manifest.json`` (every legacy key but the first two) and close."""
+        self.embeddings.check_complete()
+        self.articles.close()
+        self._file.close()
+        manifest = {**{key: metadata[key] for key in LEGACY_KEYS[2:]}, "embeddings_sha256": self._digest.hexdigest()}
+        manifest.update(embeddings_file=EMBEDDINGS_FILE, articles_file=self.articles_file)
+        (self.directory / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+
+    def close(self) -> None:
+        self._digest.close()
+        self.articles.close()
+        self._file.close()
+
+
+OutputWriter = LegacyPickleWriter | BundleWriter
+
+
+def open_output(
+    staging: StagingArea, shape: tuple[int, int], dtype: np.dtype, articles_format: ArticlesFormat | None = None
+) -> OutputWriter:
+    """The writer for the form that the output path asks for, writing into ``staging``."""
+    if is_pickle_output(staging.output):
+        return LegacyPickleWriter(staging.path / staging.output.name, shape, dtype)
+    if articles_format is None:
+        articles_format = default_articles_format()
+    if articles_format == "parquet" and not parquet_available():
+        raise OutputError(str(staging.output), "articles.parquet needs pyarrow, which is not installed.")
+    return BundleWriter(staging.path, shape, dtype, articles_format)
 
 
 class _StreamedList:
@@ -200,88 +484,24 @@ class _StreamedList:
         return (list, (), None, iter(self._items))
 
 
-def _address(buffer: Any) -> int:
-    return int(np.frombuffer(buffer, dtype=np.uint8).ctypes.data) if memoryview(buffer).nbytes else 0
-
-
-class _PageReleasingWriter:
-    """A file wrapper that writes big buffers from ``mapping`` in slices and
-    drops the mapped pages already written, which would otherwise count in
-    the resident set for the rest of the run."""
-
-    def __init__(self, stream: BinaryIO, mapping: mmap.mmap):
-        self._stream = stream
-        self._mapping = mapping
-        self._mapping_start = _address(mapping)
-        self._mapping_end = self._mapping_start + len(mapping)
-
-    def write(self, data: Any) -> int:
-        view = memoryview(data).cast("B")
-        start = _address(view)
-        if not self._mapping_start <= start < self._mapping_end:
-            return self._stream.write(view)
-        for first in range(0, len(view), _WRITE_SLICE_BYTES):
-            piece = view[first : first + _WRITE_SLICE_BYTES]
-            self._stream.write(piece)
-            self._release(start + first - self._mapping_start, len(piece))
-        return len(view)
-
-    def _release(self, offset: int, length: int) -> None:
-        aligned = offset - offset % mmap.PAGESIZE
-        # Read-only file pages: dropping them loses nothing, a later read refaults them.
-        self._mapping.madvise(mmap.MADV_DONTNEED, aligned, offset + length - aligned)
-
-
-def _write_legacy_pickle(staging: StagingArea, target: Path, metadata: Mapping[str, Any]) -> None:
-    with open(staging.embeddings_path, "rb") as array_stream:
-        npy_format.read_magic(array_stream)
-        shape, _, dtype = npy_format.read_array_header_1_0(array_stream)
-        data_offset = array_stream.tell()
-        # A private (copy-on-write) map: the buffer is writable, so the pickle
-        # holds a bytearray and loads back as a writable array, as the legacy
-        # merge's did; nothing is ever written to it.
-        mapping = mmap.mmap(array_stream.fileno(), 0, access=mmap.ACCESS_COPY)
-    embeddings = np.frombuffer(mapping, dtype=dtype, count=shape[0] * shape[1], offset=data_offset)
-    document = {
-        "embeddings": embeddings.reshape(shape),
-        "articles": _StreamedList(_read_staged_batches(staging.articles_path)),
-        **{key: metadata[key] for key in LEGACY_KEYS[2:]},
-    }
-    with open(target, "wb") as stream:
-        _fast_pickler(_PageReleasingWriter(stream, mapping)).dump(document)
-    # The map is unmapped when the last view of it goes, on return.
-
-
 def _replace_directory(source: Path, target: Path) -> None:
-    if target.exists() and not target.is_dir():
-        raise OutputError(str(target), "exists and is not a directory; refusing to replace it.")
     previous = None
     if target.exists():
-        previous = target.with_name(f".{target.name}.{os.getpid()}.previous")
+        previous = target.with_name(f".{target.name}.{_owner_tag()}{_PREVIOUS_SUFFIX}")
         os.replace(target, previous)
     os.replace(source, target)
     if previous is not None:
         shutil.rmtree(previous, ignore_errors=True)
 
 
-def publish(staging: StagingArea, metadata: Mapping[str, Any], embeddings_sha256: str | None) -> None:
-    """Turn the staged files into the output form its path asks for, atomically.
-
-    ``metadata`` holds every key of the legacy dict but the embeddings and
-    the articles.
-    """
+def publish(staging: StagingArea) -> None:
+    """Rename the finished result in ``staging`` into place, atomically."""
     output = staging.output
     try:
+        check_output_path(output)  # the path may have changed while the merge ran
         if is_pickle_output(output):
-            if output.is_dir():
-                raise OutputError(str(output), "is a directory; a .pkl output must be a file.")
-            staged_pickle = staging.path / output.name
-            _write_legacy_pickle(staging, staged_pickle, metadata)
-            os.replace(staged_pickle, output)
+            os.replace(staging.path / output.name, output)
         else:
-            manifest = {**metadata, "embeddings_sha256": embeddings_sha256}
-            manifest.update(embeddings_file=EMBEDDINGS_FILE, articles_file=ARTICLES_FILE)
-            (staging.path / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
             _replace_directory(staging.path, output)
     except OSError as exc:
         raise OutputError(str(output), f"cannot be written ({exc}).") from exc
@@ -290,12 +510,21 @@ def publish(staging: StagingArea, metadata: Mapping[str, Any], embeddings_sha256
 # ------------------------------------------------------------------------- load
 
 
+def _read_articles(path: Path) -> list[dict]:
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    with open(path, encoding="utf-8") as stream:
+        return [json.loads(line) for line in stream]
+
+
 def _load_bundle(path: Path) -> dict[str, Any]:
     try:
         manifest = json.loads((path / MANIFEST_FILE).read_text(encoding="utf-8"))
         embeddings = np.load(path / manifest.get("embeddings_file", EMBEDDINGS_FILE), mmap_mode="r", allow_pickle=False)
-        articles = list(read_articles(path / manifest.get("articles_file", ARTICLES_FILE)))
-    except (OSError, ValueError) as exc:
+        articles = _read_articles(path / manifest.get("articles_file", ARTICLES_JSONL))
+    except (OSError, ValueError, ImportError) as exc:
         raise OutputError(str(path), f"is not a readable merged bundle ({exc}).") from exc
     return {"embeddings": embeddings, "articles": articles, **{key: manifest.get(key) for key in LEGACY_KEYS[2:]}}
 

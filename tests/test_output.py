@@ -39,7 +39,7 @@ def test_bundle_round_trip_is_memory_mapped(downloads: Path, tmp_path: Path) -> 
 
 
 def test_bundle_files_and_manifest(downloads: Path, tmp_path: Path) -> None:
-    merge_checkpoints(downloads, tmp_path / "bundle")
+    merge_checkpoints(downloads, tmp_path / "bundle", articles_format="jsonl")
 
     manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
     digest = hashlib.sha256((tmp_path / "bundle" / "embeddings.npy").read_bytes()).hexdigest()
@@ -94,7 +94,7 @@ def test_load_of_a_missing_output_is_an_output_error(tmp_path: Path) -> None:
 
 
 def test_load_refuses_a_bundle_whose_parts_disagree(downloads: Path, tmp_path: Path) -> None:
-    merge_checkpoints(downloads, tmp_path / "bundle")
+    merge_checkpoints(downloads, tmp_path / "bundle", articles_format="jsonl")
     articles = tmp_path / "bundle" / "articles.jsonl"
     articles.write_text("\n".join(articles.read_text().splitlines()[:-1]) + "\n")
 
