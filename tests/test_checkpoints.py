@@ -237,3 +237,40 @@ def test_kind_key_is_found_however_it_is_escaped(tmp_path: Path) -> None:
     path.with_suffix(".jsonl").write_text("\n".join(lines) + "\n")
 
     assert open_checkpoint(path).info.article_rows == 2
+
+
+def _npy_with_lines(tmp_path: Path, text: str) -> Path:
+    rows = text.count("\n") + (not text.endswith("\n"))
+    path = _write(tmp_path / "c" / "ckpt", "npy", start=0, end=rows, articles=[{"id": str(i)} for i in range(rows)])
+    path.with_suffix(".jsonl").write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('{"id": "0"}\n\n{"id": "2"}\n', "line 2 is not JSON"),
+        ('{"id": "0"}\n["a list"]\n', "line 2 is not a JSON object"),
+        ('{"id": "0"}\n{"id": "1", "title": \n', "line 2 is not JSON"),
+    ],
+)
+def test_a_jsonl_line_that_is_not_an_object_is_refused(tmp_path: Path, text: str, message: str) -> None:
+    path = _npy_with_lines(tmp_path, text)
+
+    with pytest.raises(CheckpointError, match=message):
+        open_checkpoint(path)
+
+
+def test_jsonl_lines_are_kept_verbatim_whatever_their_ending(tmp_path: Path) -> None:
+    text = '{"id": "0"}\r\n{"id": "1", "kind": "question"}\n {"id": "2"} \n{"id": "3"}'
+    path = _npy_with_lines(tmp_path, text)
+
+    checkpoint = open_checkpoint(path)
+    (block,) = list(checkpoint.blocks(10))
+
+    assert checkpoint.info.article_rows == 3
+    assert block.article_lines() == [b'{"id": "0"}\r\n', b' {"id": "2"} \n', b'{"id": "3"}\n']
+    assert block.article_rows() == [{"id": "0"}, {"id": "2"}, {"id": "3"}]
+    assert [text.encode()[offset : offset + length] for offset, length in checkpoint.article_spans()] == [
+        b'{"id": "0"}\r\n', b' {"id": "2"} \n{"id": "3"}'
+    ]

@@ -333,3 +333,18 @@ def test_legacy_output_loads_with_plain_pickle(tmp_path: Path) -> None:
     assert type(document["articles"]) is list and type(document["embeddings"]) is np.ndarray
     assert document["embeddings"].flags.writeable
     assert json.loads(json.dumps(document["quality_metrics"])) == document["quality_metrics"]
+
+
+def test_a_merge_after_a_killed_one_removes_its_staging(tmp_path: Path) -> None:
+    _run(tmp_path / "downloads")
+    output = tmp_path / "out" / "merged.pkl"
+    subprocess.run(
+        [sys.executable, "-c", _KILLED_MERGE, str(tmp_path / "downloads"), str(output)],
+        cwd=Path(__file__).resolve().parents[1],
+        timeout=60,
+    )
+    assert len(entries(tmp_path / "out")) == 1
+
+    merge_checkpoints(tmp_path / "downloads", output)
+
+    assert entries(tmp_path / "out") == ["merged.pkl"]

@@ -108,3 +108,90 @@ def test_pickle_output_onto_a_directory_is_refused(downloads: Path, tmp_path: Pa
     with pytest.raises(OutputError, match="is a directory"):
         merge_checkpoints(downloads, tmp_path / "taken.pkl")
     assert entries(tmp_path) == ["taken.pkl"]
+
+
+@pytest.mark.parametrize("articles_format", ["jsonl", "parquet"])
+def test_bundle_articles_in_either_form_load_the_same(downloads: Path, tmp_path: Path, articles_format: str) -> None:
+    if articles_format == "parquet":
+        pytest.importorskip("pyarrow")
+    merge_checkpoints(downloads, tmp_path / "merged.pkl")
+    merge_checkpoints(downloads, tmp_path / "bundle", articles_format=articles_format)
+
+    manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
+    bundle = load(tmp_path / "bundle")
+
+    assert manifest["articles_file"] == f"articles.{articles_format}"
+    assert entries(tmp_path / "bundle") == sorted([f"articles.{articles_format}", "embeddings.npy", "manifest.json"])
+    assert bundle["articles"] == load(tmp_path / "merged.pkl")["articles"]
+
+
+def test_parquet_is_the_default_where_pyarrow_imports(downloads: Path, tmp_path: Path) -> None:
+    pytest.importorskip("pyarrow")
+    merge_checkpoints(downloads, tmp_path / "bundle")
+
+    assert (tmp_path / "bundle" / "articles.parquet").is_file()
+
+
+def test_parquet_row_groups_bound_memory(downloads: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pq = pytest.importorskip("pyarrow.parquet")
+    import async_embed_sync.output as output
+
+    monkeypatch.setattr(output, "_PARQUET_GROUP_ROWS", 50)
+    merge_checkpoints(downloads, tmp_path / "bundle", articles_format="parquet")
+
+    assert pq.ParquetFile(tmp_path / "bundle" / "articles.parquet").num_row_groups > 1
+    assert len(load(tmp_path / "bundle")["articles"]) == 290
+
+
+def test_bundle_onto_a_file_is_refused_before_the_copy(downloads: Path, tmp_path: Path) -> None:
+    (tmp_path / "taken").write_text("precious")
+    progress: list[object] = []
+
+    with pytest.raises(OutputError, match="taken.*not a directory"):
+        merge_checkpoints(downloads, tmp_path / "taken", on_progress=progress.append)
+    assert progress == [] and (tmp_path / "taken").read_text() == "precious"
+
+
+def test_pickle_onto_a_directory_is_refused_before_the_copy(downloads: Path, tmp_path: Path) -> None:
+    (tmp_path / "taken.pkl").mkdir()
+    progress: list[object] = []
+
+    with pytest.raises(OutputError, match=r"taken\.pkl: is a directory"):
+        merge_checkpoints(downloads, tmp_path / "taken.pkl", on_progress=progress.append)
+    assert progress == []
+
+
+def test_bundle_never_replaces_a_directory_that_is_not_a_bundle(downloads: Path, tmp_path: Path) -> None:
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "notes.txt").write_text("precious")
+
+    with pytest.raises(OutputError, match="not a merged bundle"):
+        merge_checkpoints(downloads, tmp_path / "home")
+    assert (tmp_path / "home" / "notes.txt").read_text() == "precious"
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(child.stdout)
+
+
+def test_stale_staging_of_a_dead_merge_is_removed_by_the_next_merge(downloads: Path, tmp_path: Path) -> None:
+    import os
+    import socket
+
+    host = socket.gethostname()
+    dead = tmp_path / f".merged.pkl.{host}.{_dead_pid()}.x1y2.merging"
+    dead_previous = tmp_path / f".merged.pkl.{host}.{_dead_pid()}.previous"
+    alive = tmp_path / f".merged.pkl.{host}.{os.getpid()}.a1b2.merging"
+    elsewhere = tmp_path / f".merged.pkl.another-host.{_dead_pid()}.c3d4.merging"
+    other_output = tmp_path / f".other.pkl.{host}.{_dead_pid()}.e5f6.merging"
+    for directory in (dead, dead_previous, alive, elsewhere, other_output):
+        directory.mkdir()
+        (directory / "embeddings.npy").write_bytes(b"partial")
+
+    merge_checkpoints(downloads, tmp_path / "merged.pkl")
+
+    assert entries(tmp_path) == sorted([alive.name, elsewhere.name, other_output.name, "merged.pkl"])
