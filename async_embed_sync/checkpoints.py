@@ -16,9 +16,11 @@ several checkpoints, or merge policy, belong to ``merge.py``.
 from __future__ import annotations
 
 import datetime
+import functools
 import hashlib
 import json
 import math
+import os
 import pickle
 import re
 from abc import ABC, abstractmethod
@@ -277,21 +279,25 @@ class DictRowBlock(RowBlock):
 
 
 class JsonLineRowBlock(RowBlock):
-    """Rows still in their JSON lines (``.jsonl``): parsed only if asked for as dicts.
+    """Rows still in their JSON lines (``.jsonl``): read only if asked for, parsed only as dicts.
 
-    ``text`` holds the block's lines back to back; ``line_ends`` the end of
-    each line in it.
+    ``read_text`` returns the block's lines back to back; ``line_ends`` is
+    the end of each line in them.
     """
 
-    def __init__(self, embeddings: np.ndarray, keep: np.ndarray, text: bytes, line_ends: np.ndarray,
-                 first_line: int, path: Path):
+    def __init__(self, embeddings: np.ndarray, keep: np.ndarray, read_text: Callable[[], bytes],
+                 line_ends: np.ndarray, first_line: int, path: Path):
         super().__init__(embeddings, keep)
-        self._text = text
+        self._read_text = read_text
+        self._text: bytes | None = None
         self._line_ends = line_ends
         self._first_line = first_line
         self._path = path
 
     def _line(self, offset: int) -> bytes:
+        # Read only when asked: a bundle copies the lines in the kernel instead.
+        if self._text is None:
+            self._text = self._read_text()
         start = int(self._line_ends[offset - 1]) if offset else 0
         return self._text[start : int(self._line_ends[offset])]
 
@@ -452,27 +458,28 @@ class JsonlIndex:
         return int(self.line_ends[row - 1]) if row else 0
 
 
-def _line_ends(text: bytes) -> list[int]:
+def _line_ends(text: bytes, size: int) -> list[int]:
+    """Where each line of ``text[:size]`` ends; the last one may lack its newline."""
     # bytes.find is a memchr: faster here than numpy's compare and nonzero.
-    ends, find, at = [], text.find, text.find(b"\n")
+    ends, find, at = [], text.find, text.find(b"\n", 0, size)
     while at >= 0:
         ends.append(at + 1)
-        at = find(b"\n", at + 1)
-    if text and (not ends or ends[-1] != len(text)):
-        ends.append(len(text))
+        at = find(b"\n", at + 1, size)
+    if size and (not ends or ends[-1] != size):
+        ends.append(size)
     return ends
 
 
 def _rows_needing_a_parse(text: bytes, ends: np.ndarray) -> set[int]:
-    """Rows of ``text`` that may carry a ``kind`` key, or may not be a JSON object."""
-    data = np.frombuffer(text, dtype=np.uint8)
+    """Rows of ``text[:ends[-1]]`` that may carry a ``kind`` key, or may not be a JSON object."""
+    data = np.frombuffer(text, dtype=np.uint8, count=int(ends[-1]))
     starts = np.concatenate(([0], ends[:-1]))
     last = ends - 1 - (data[ends - 1] == ord("\n"))  # the last byte before the newline
     filled = last >= starts
     looks_like_object = np.zeros(len(ends), dtype=bool)
     looks_like_object[filled] = (data[starts[filled]] == ord("{")) & (data[last[filled]] == ord("}"))
     rows = set(np.flatnonzero(~looks_like_object).tolist())
-    for match in _KIND_KEY.finditer(text):
+    for match in _KIND_KEY.finditer(text, 0, int(ends[-1])):
         rows.add(int(np.searchsorted(ends, match.start(), side="right")))
     return rows
 
@@ -485,20 +492,20 @@ def index_jsonl(stream: BinaryIO, path: Path) -> JsonlIndex:
     carry = last = b""
     while True:
         chunk = stream.read(_JSONL_CHUNK_BYTES)
-        text = carry + chunk
+        text = carry + chunk if carry else chunk
         # Whole lines only; a partial last line waits for the next chunk.
         cut = text.rfind(b"\n") + 1 if chunk else len(text)
-        text, carry = text[:cut], text[cut:]
-        if text:
-            last = text[-1:]
-            ends = np.array(_line_ends(text), dtype=np.int64)
+        carry = text[cut:]
+        if cut:
+            last = text[cut - 1 : cut]
+            ends = np.array(_line_ends(text, cut), dtype=np.int64)
             for offset in sorted(_rows_needing_a_parse(text, ends)):
                 start = int(ends[offset - 1]) if offset else 0
                 row = _parse_jsonl_row(text[start : int(ends[offset])], rows + offset + 1, path)
                 if not is_article(row):
                     dropped.append(rows + offset)
             line_ends.append(ends + base)
-            base += len(text)
+            base += cut
             rows += len(ends)
         if not chunk:
             break
@@ -616,12 +623,20 @@ class NpyCheckpoint(Checkpoint):
                     raise CheckpointError(str(self.path), "the file shrank while it was read.")
                 text_start = self.lines.line_start(first)
                 line_ends = self.lines.line_ends[first : first + count] - text_start
-                text = rows_stream.read(int(line_ends[-1]))
-                if len(text) != line_ends[-1]:
-                    raise CheckpointError(str(self.articles_path), "the file shrank while it was read.")
                 yield JsonLineRowBlock(
-                    block, keep_all[first : first + count], text, line_ends, first + 1, self.articles_path
+                    block,
+                    keep_all[first : first + count],
+                    functools.partial(self._read_lines, rows_stream.fileno(), text_start, int(line_ends[-1])),
+                    line_ends,
+                    first + 1,
+                    self.articles_path,
                 )
+
+    def _read_lines(self, fd: int, offset: int, length: int) -> bytes:
+        text = os.pread(fd, length, offset)
+        if len(text) != length:
+            raise CheckpointError(str(self.articles_path), "the file shrank while it was read.")
+        return text
 
 
 def open_checkpoint(path: Path, cluster: str | None = None) -> Checkpoint:

@@ -139,7 +139,12 @@ class QualityMetrics:
             return 0
         hashes = np.concatenate(self._hash_blocks)
         self._hash_blocks = [hashes]
-        return int(len(hashes) - len(np.unique(hashes, axis=0)))
+        # Sorting one column is several times faster than unique() over row
+        # pairs; only rows whose first hash repeats need the second one.
+        first = np.sort(hashes[:, 0])
+        repeats = np.unique(first[1:][first[1:] == first[:-1]])
+        candidates = hashes[np.isin(hashes[:, 0], repeats)]
+        return int(len(candidates) - len(np.unique(candidates, axis=0)))
 
     def result(self) -> dict[str, int | float | None]:
         """Plain Python numbers, as ``quality_metrics`` holds them.
