@@ -28,10 +28,14 @@ DEFAULT_CONFIG_FILE = "credentials.json"
 DEFAULT_CREDENTIALS_DIR = ".credentials"
 DEFAULT_PATTERNS = ("*.pkl", "*.npy", "*.json", "*.jsonl")
 DEFAULT_KNOWN_HOSTS = "~/.ssh/known_hosts"
+# Where the opt-in ``accept-new`` policy records keys it saw first: the
+# project's own file beside the configuration, never the user's ~/.ssh.
+PROJECT_KNOWN_HOSTS = "known_hosts.async_embed_sync"
+HOST_KEY_POLICIES = ("strict", "accept-new")
 
 _KNOWN_FIELDS = {
     "host", "port", "username", "key_file", "password", "passphrase",
-    "remote_dir", "pattern", "known_hosts",
+    "remote_dir", "pattern", "known_hosts", "host_key_policy",
 }
 
 
@@ -49,11 +53,24 @@ class ClusterConfig:
     passphrase: str | None = field(default=None, repr=False)
     patterns: tuple[str, ...] = DEFAULT_PATTERNS
     known_hosts: str = DEFAULT_KNOWN_HOSTS
+    # "strict": an unknown host is refused. "accept-new" (opt-in, like
+    # OpenSSH's StrictHostKeyChecking=accept-new): an unknown host's key is
+    # recorded in the project's known_hosts and trusted from then on; a
+    # changed key is refused either way.
+    host_key_policy: str = "strict"
     source: str = ""
 
     @property
     def known_hosts_path(self) -> Path:
         return Path(self.known_hosts).expanduser()
+
+    @property
+    def project_known_hosts_path(self) -> Path:
+        return Path(self.source or ".").resolve().parent / PROJECT_KNOWN_HOSTS
+
+    def known_hosts_files(self) -> list[Path]:
+        """Every file whose keys are trusted for this cluster."""
+        return [p for p in (self.known_hosts_path, self.project_known_hosts_path) if p.is_file()]
 
     @property
     def login(self) -> str:
@@ -161,7 +178,7 @@ def _parse_cluster(name: str, entry, source: str) -> ClusterConfig:
     port = entry.get("port", 22)
     if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
         raise ConfigError(source, f"{where}: 'port' must be a whole number from 1 to 65535.")
-    for optional in ("username", "key_file", "password", "passphrase", "known_hosts"):
+    for optional in ("username", "key_file", "password", "passphrase", "known_hosts", "host_key_policy"):
         if optional in entry and not isinstance(entry[optional], str):
             raise ConfigError(source, f"{where}: {optional!r} must be a string.")
     patterns = entry.get("pattern", list(DEFAULT_PATTERNS))
@@ -169,6 +186,9 @@ def _parse_cluster(name: str, entry, source: str) -> ClusterConfig:
         patterns = [patterns]
     if not isinstance(patterns, list) or not patterns or not all(isinstance(p, str) and p for p in patterns):
         raise ConfigError(source, f"{where}: 'pattern' must be a glob string or a list of them.")
+    policy = entry.get("host_key_policy", "strict")
+    if policy not in HOST_KEY_POLICIES:
+        raise ConfigError(source, f"{where}: 'host_key_policy' must be one of {', '.join(HOST_KEY_POLICIES)}.")
     key_file = entry.get("key_file")
     if key_file is not None:
         _check_key_file(source, name, key_file)
@@ -183,6 +203,7 @@ def _parse_cluster(name: str, entry, source: str) -> ClusterConfig:
         remote_dir=entry["remote_dir"],
         patterns=tuple(patterns),
         known_hosts=entry.get("known_hosts", DEFAULT_KNOWN_HOSTS),
+        host_key_policy=policy,
         source=source,
     )
 

@@ -77,10 +77,14 @@ async def download_file(remote: ClusterRemote, layout: DownloadLayout, remote_fi
     progress.file_started(cluster, name, remote_file.size, resumed_from)
     try:
         position = state.verified_offset
+        after = remote_file
         os.ftruncate(fd, position)
         try:
             async with contextlib.aclosing(remote.read_in_order(name, position, remote_file.size)) as chunks:
                 async for chunk in chunks:
+                    if isinstance(chunk, RemoteFile):
+                        after = chunk
+                        continue
                     # In a worker thread: pwrite and sha256 release the GIL,
                     # so they overlap with decrypting the next blocks. Shielded:
                     # the bytes, the hash and the position move together.
@@ -99,7 +103,6 @@ async def download_file(remote: ClusterRemote, layout: DownloadLayout, remote_fi
         if position != remote_file.size:
             raise RemoteFileChangedError(cluster, name, f"it ended at byte {position}, "
                                                         f"expected {remote_file.size}")
-        after = await remote.stat(name)
         if (after.size, after.mtime) != (remote_file.size, remote_file.mtime):
             raise RemoteFileChangedError(cluster, name, "its size or modification time changed")
         digest = hasher.hexdigest()

@@ -36,15 +36,11 @@ from typing import Any, Self
 
 import asyncssh
 
+from .known_hosts import known_hosts_line
+
 CLOSE_TIMEOUT = 5.0
 HASH_BLOCK = 1024 * 1024
 COMMAND_NOT_FOUND = 127
-
-
-def known_hosts_line(host: str, port: int, public_key: str) -> str:
-    """One known_hosts line in the form ssh itself looks up: ``[host]:port`` unless port 22."""
-    target = host if port == 22 else f"[{host}]:{port}"
-    return f"{target} {public_key.strip()}\n"
 
 
 class LoopbackSSHAccess:
@@ -132,6 +128,12 @@ class _ConnectionTracker(asyncssh.SSHServer):
     def connection_lost(self, exc: Exception | None) -> None:
         self._server._open.discard(self._conn)
 
+    def password_auth_supported(self) -> bool:
+        return self._server.password is not None
+
+    def validate_password(self, username: str, password: str) -> bool:
+        return password == self._server.password
+
 
 class EmbeddedSFTPServer(LoopbackSSHAccess):
     """An asyncssh SFTP server on loopback serving ``root``; see the module docstring.
@@ -142,13 +144,15 @@ class EmbeddedSFTPServer(LoopbackSSHAccess):
     def __init__(self, root: Path, workdir: Path, *,
                  sftp_factory: Callable[..., asyncssh.SFTPServer] = asyncssh.SFTPServer,
                  allow_exec: bool = True, host: str = "127.0.0.1", port: int = 0,
-                 username: str = "tester"):
+                 username: str = "tester", password: str | None = None):
         self.root = Path(root).resolve()
         self.workdir = Path(workdir)
         self.host = host
         self.port = port
         self.username = username
         self.allow_exec = allow_exec
+        # Also accepted, when set: password authentication with it.
+        self.password = password
         self.sftp_factory = sftp_factory
         self.exec_commands: list[str | None] = []
         self.connections = 0

@@ -36,6 +36,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from .known_hosts import host_pattern
+
 
 class AsyncEmbedSyncError(Exception):
     """Base class: ``str(exc)`` is a complete message for the user."""
@@ -142,7 +144,7 @@ class HostKeyError(RemoteError):
         self.port = port
         self.known_hosts = known_hosts
         self.changed = changed
-        target = host if port == 22 else f"[{host}]:{port}"
+        target = host_pattern(host, port)
         if changed:
             detail = (
                 f"WARNING: the host key of {target} does not match the one "
@@ -157,7 +159,9 @@ class HostKeyError(RemoteError):
                 f"the host key of {target} is not in {known_hosts}, so the "
                 f"server cannot be verified and nothing was downloaded. After "
                 f"checking the fingerprint with the cluster's admins, add it "
-                f"with: ssh-keyscan -p {port} {host} >> {known_hosts}"
+                f"with: ssh-keyscan -p {port} {host} >> {known_hosts} (or, to "
+                f"trust a cluster's key on first use, set \"host_key_policy\": "
+                f"\"accept-new\" for it)"
             )
         super().__init__(cluster, detail)
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-from tqdm import tqdm
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 
 class Progress:
@@ -106,6 +107,8 @@ class TqdmProgress(Progress):
         self._next_position = 1
 
     def _bar(self, **options) -> tqdm:
+        from tqdm import tqdm  # only a terminal needs it; the import costs start-up time
+
         return tqdm(file=self.stream, dynamic_ncols=True, **options)
 
     def add_total(self, nbytes: int) -> None:
@@ -146,6 +149,8 @@ class TqdmProgress(Progress):
         self._merge_bar.update(done - self._merge_bar.n)
 
     def note(self, text: str) -> None:
+        from tqdm import tqdm
+
         tqdm.write(text, file=self.stream)
 
     def close(self) -> None:

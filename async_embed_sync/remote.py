@@ -22,11 +22,13 @@ import shlex
 import socket
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import anyio
 import asyncssh
 
 from .config import ClusterConfig
+from .known_hosts import append_known_host
 from .errors import (
     AuthenticationError,
     ConfigError,
@@ -127,7 +129,6 @@ class ClusterRemote:
             host=cluster.host,
             port=cluster.port,
             username=cluster.login,
-            known_hosts=str(cluster.known_hosts_path),
             connect_timeout=timeout,
             login_timeout=timeout,
             # Dead link noticed after about ``timeout``: 4 unanswered
@@ -143,11 +144,17 @@ class ClusterRemote:
             options["passphrase"] = cluster.passphrase
         if cluster.password is not None:
             options["password"] = cluster.password
-        if not cluster.known_hosts_path.is_file():
+        trusted = cluster.known_hosts_files()
+        if not trusted and cluster.host_key_policy != "accept-new":
             raise HostKeyError(cluster.name, cluster.host, cluster.port,
                                str(cluster.known_hosts_path), changed=False)
-        with _translate_errors(cluster, connecting=True):
-            connection = await asyncssh.connect(**options)
+        try:
+            connection = await _connect(cluster, options, trusted)
+        except HostKeyError as exc:
+            if exc.changed or cluster.host_key_policy != "accept-new":
+                raise
+            await _record_new_host_key(cluster, timeout)
+            connection = await _connect(cluster, options, cluster.known_hosts_files())
         remote = cls(cluster, connection, sftp_channels)
         try:
             await remote._open_channels()
@@ -220,14 +227,19 @@ class ClusterRemote:
                 attrs = await sftp.stat(self._path(name))
         return RemoteFile(name, attrs.size or 0, int(attrs.mtime or 0))
 
-    async def read_in_order(self, name: str, offset: int, end: int) -> AsyncIterator[bytes]:
-        """Yield the bytes of ``[offset, end)`` in order, as they arrive.
+    async def read_in_order(self, name: str, offset: int,
+                            end: int) -> AsyncIterator[bytes | RemoteFile]:
+        """Yield the bytes of ``[offset, end)`` in order, as they arrive, then
+        the file's size and mtime as the server reports them after the reads.
 
         Up to READ_AHEAD_BYTES of block reads are in flight at once (one
         window / RTT would otherwise cap the rate); the caller only ever sees
         a contiguous, growing prefix, and at most the read-ahead is held in
-        memory. Iteration stops early if the remote file is shorter than
-        ``end``: the caller compares what it got with what it expected.
+        memory. The closing stat is sent right behind the last read, so that
+        checking for a file changed mid-copy costs no extra round trip.
+        Iteration stops early, without the stat, if the remote file is
+        shorter than ``end``: the caller compares what it got with what it
+        expected.
 
         asyncssh's ``read_parallel`` is not used: abandoning its iterator
         (a drop, a cancel) leaves its reads running unobserved.
@@ -238,14 +250,19 @@ class ClusterRemote:
                 max_requests = max(4, READ_AHEAD_BYTES // block_size)
                 async with sftp.open(self._path(name), "rb", block_size=block_size) as remote_file:
                     in_flight: dict[int, asyncio.Future[bytes]] = {}
+                    closing_stat: asyncio.Future | None = None
                     next_request = position = offset
                     try:
-                        while position < end:
+                        while True:
                             while next_request < end and len(in_flight) < max_requests:
                                 size = min(block_size, end - next_request)
                                 in_flight[next_request] = asyncio.ensure_future(
                                     remote_file.read(size, next_request))
                                 next_request += size
+                            if next_request >= end and closing_stat is None:
+                                closing_stat = asyncio.ensure_future(remote_file.stat())
+                            if position >= end:
+                                break
                             # Shielded: a cancel must not cancel the read itself (see _settle).
                             data = await asyncio.shield(in_flight[position])
                             del in_flight[position]
@@ -258,9 +275,12 @@ class ClusterRemote:
                                 gap_end = min((o for o in in_flight if o > position), default=next_request)
                                 in_flight[position] = asyncio.ensure_future(
                                     remote_file.read(gap_end - position, position))
+                        attrs = await asyncio.shield(closing_stat)
+                        yield RemoteFile(name, attrs.size or 0, int(attrs.mtime or 0))
                     finally:
-                        await _settle(in_flight.values(), timeout=READ_SETTLE_TIMEOUT)
-                        self._unsettled_reads.update(r for r in in_flight.values() if not r.done())
+                        requests = [*in_flight.values(), *filter(None, [closing_stat])]
+                        await _settle(requests, timeout=READ_SETTLE_TIMEOUT)
+                        self._unsettled_reads.update(r for r in requests if not r.done())
 
     async def sha256(self, name: str, timeout: float = 600.0) -> str | None:
         """The remote's ``sha256sum`` of the file, or None without a shell."""
@@ -325,20 +345,41 @@ async def _settle(requests, timeout: float = SETTLE_TIMEOUT) -> None:
             request.exception()  # observed: the caller already has the error that matters
 
 
-def _expand(path: str):
-    from pathlib import Path
+def _expand(path: str) -> Path:
     return Path(path).expanduser()
 
 
+async def _connect(cluster: ClusterConfig, options: dict,
+                   trusted: list[Path]) -> asyncssh.SSHClientConnection:
+    # Never known_hosts=None, which would turn checking off: with no file,
+    # empty lists of trusted keys make every host key unknown.
+    known_hosts = [str(p) for p in trusted] if trusted else ([], [], [])
+    with _translate_errors(cluster, connecting=True):
+        return await asyncssh.connect(**options, known_hosts=known_hosts)
+
+
+async def _record_new_host_key(cluster: ClusterConfig, timeout: float) -> None:
+    """Trust on first use (the opt-in ``accept-new`` policy only)."""
+    with _translate_errors(cluster, connecting=True):
+        key = await asyncio.wait_for(asyncssh.get_server_host_key(cluster.host, cluster.port), timeout)
+    if key is None:
+        raise HostKeyError(cluster.name, cluster.host, cluster.port,
+                           str(cluster.project_known_hosts_path), changed=False)
+    append_known_host(cluster.project_known_hosts_path, cluster.host, cluster.port,
+                      key.export_public_key().decode())
+
+
 def _host_is_known(cluster: ClusterConfig) -> bool:
-    """Whether known_hosts has any key for the host: then a refusal means
+    """Whether a trusted file has any key for the host: then a refusal means
     the key *changed*, which deserves a louder message than an unknown one."""
-    try:
-        known = asyncssh.read_known_hosts(str(cluster.known_hosts_path))
-        trusted, *_ = known.match(cluster.host, "", cluster.port)
-        return bool(trusted)
-    except (OSError, ValueError, asyncssh.Error):
-        return False
+    for path in cluster.known_hosts_files():
+        try:
+            trusted, *_ = asyncssh.read_known_hosts(str(path)).match(cluster.host, "", cluster.port)
+        except (OSError, ValueError, asyncssh.Error):
+            continue
+        if trusted:
+            return True
+    return False
 
 
 @contextlib.contextmanager
@@ -356,7 +397,7 @@ def _translate_errors(cluster: ClusterConfig, *, connecting: bool = False,
     except asyncssh.PermissionDenied as exc:
         methods = "key" if cluster.key_file else "password" if cluster.password else "agent and default keys"
         raise AuthenticationError(cluster.name, cluster.login, cluster.host, f"tried {methods}") from exc
-    except asyncssh.KeyImportError as exc:
+    except (asyncssh.KeyImportError, asyncssh.KeyEncryptionError) as exc:
         raise ConfigError(cluster.source, f"cluster {cluster.name!r}: the key_file {cluster.key_file} "
                                           f"cannot be used ({exc}).") from exc
     except asyncssh.SFTPNoSuchFile as exc:

@@ -1,0 +1,65 @@
+"""Host keys: unknown refused, changed refused loudly, accept-new opt-in."""
+
+from __future__ import annotations
+
+import os
+
+import asyncssh
+import pytest
+
+from async_embed_sync.config import PROJECT_KNOWN_HOSTS, load_config
+from async_embed_sync.progress import QuietProgress
+from async_embed_sync.sync import SyncOptions, sync_clusters
+
+pytestmark = pytest.mark.anyio
+
+
+def _serve(tmp_path):
+    root = tmp_path / "srv"
+    (root / "ckpt").mkdir(parents=True)
+    (root / "ckpt" / "a.pkl").write_bytes(os.urandom(100_000))
+    return root
+
+
+async def _sync(config, download_dir):
+    return await sync_clusters(load_config(config).select(None), str(download_dir), QuietProgress(),
+                               SyncOptions(timeout=10))
+
+
+async def test_unknown_host_is_refused_by_default(tmp_path, embedded_server, write_config):
+    async with embedded_server(_serve(tmp_path)) as server:
+        config = write_config(tmp_path, {"tensor01": server.cluster_entry(
+            "/ckpt", known_hosts=str(tmp_path / "absent_known_hosts"))})
+        report = await _sync(config, tmp_path / "dl")
+    error = report.clusters["tensor01"].errors[0]
+    assert "ssh-keyscan" in error and "accept-new" in error
+    assert not (tmp_path / "dl" / "tensor01").exists()
+    assert not (tmp_path / PROJECT_KNOWN_HOSTS).exists()
+
+
+async def test_accept_new_records_the_key_in_the_project_file(tmp_path, embedded_server,
+                                                              write_config):
+    async with embedded_server(_serve(tmp_path)) as server:
+        config = write_config(tmp_path, {"tensor01": server.cluster_entry(
+            "/ckpt", known_hosts=str(tmp_path / "absent_known_hosts"), host_key_policy="accept-new")})
+        first = await _sync(config, tmp_path / "dl")
+        recorded = (tmp_path / PROJECT_KNOWN_HOSTS).read_text()
+        second = await _sync(config, tmp_path / "dl")
+    assert first.ok and second.ok
+    assert recorded == f"[127.0.0.1]:{server.port} {server.host_public_key.strip()}\n"
+    assert (tmp_path / PROJECT_KNOWN_HOSTS).read_text() == recorded  # trusted, not added twice
+    assert oct((tmp_path / PROJECT_KNOWN_HOSTS).stat().st_mode & 0o777) == "0o600"
+    assert (tmp_path / "dl" / "tensor01" / "a.pkl").read_bytes() == \
+        (tmp_path / "srv" / "ckpt" / "a.pkl").read_bytes()
+
+
+async def test_accept_new_still_refuses_a_changed_key(tmp_path, embedded_server, write_config):
+    async with embedded_server(_serve(tmp_path)) as server:
+        impostor = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode()
+        (tmp_path / PROJECT_KNOWN_HOSTS).write_text(f"[127.0.0.1]:{server.port} {impostor}")
+        config = write_config(tmp_path, {"tensor01": server.cluster_entry(
+            "/ckpt", known_hosts=str(tmp_path / "absent_known_hosts"), host_key_policy="accept-new")})
+        report = await _sync(config, tmp_path / "dl")
+    assert "does not match" in report.clusters["tensor01"].errors[0]
+    assert (tmp_path / PROJECT_KNOWN_HOSTS).read_text() == f"[127.0.0.1]:{server.port} {impostor}"
+    assert not (tmp_path / "dl" / "tensor01").exists()

@@ -1,0 +1,69 @@
+"""No password or passphrase ever shows: not in output, logs, errors or state."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+
+import asyncssh
+import pytest
+
+from async_embed_sync.config import load_config
+from async_embed_sync.progress import PlainProgress
+from async_embed_sync.sync import SyncOptions, sync_clusters
+
+pytestmark = pytest.mark.anyio
+
+PASSWORD = "pw-Zq81-very-secret"
+PASSPHRASE = "pp-Xv27-very-secret"
+WRONG = "wr-Kd55-very-secret"
+SECRETS = (PASSWORD, PASSPHRASE, WRONG)
+
+
+def _encrypted_copy(key_path, passphrase, target):
+    asyncssh.read_private_key(str(key_path)).write_private_key(str(target), passphrase=passphrase)
+    target.chmod(0o600)
+    return str(target)
+
+
+async def test_secrets_never_appear(tmp_path, embedded_server, write_config, caplog, capfd):
+    caplog.set_level(logging.DEBUG)
+    asyncssh.set_debug_level(2)
+    root = tmp_path / "srv"
+    (root / "ckpt").mkdir(parents=True)
+    (root / "ckpt" / "a.pkl").write_bytes(os.urandom(50_000))
+    output = io.StringIO()
+    try:
+        async with embedded_server(root, password=PASSWORD) as server:
+            with_password = server.cluster_entry("/ckpt", password=PASSWORD)
+            del with_password["key_file"]
+            wrong_password = {**with_password, "password": WRONG}
+            with_passphrase = server.cluster_entry(
+                "/ckpt", passphrase=PASSPHRASE,
+                key_file=_encrypted_copy(server.client_key_path, PASSPHRASE, tmp_path / "enc_key"))
+            wrong_passphrase = {**with_passphrase, "passphrase": WRONG}
+            config = write_config(tmp_path, {"good-password": with_password, "bad-password": wrong_password,
+                                             "good-passphrase": with_passphrase,
+                                             "bad-passphrase": wrong_passphrase})
+            loaded = load_config(config)
+            report = await sync_clusters(loaded.select(None), str(tmp_path / "dl"),
+                                         PlainProgress(output, interval=0), SyncOptions(timeout=10))
+    finally:
+        asyncssh.set_debug_level(1)
+    assert report.clusters["good-password"].ok and report.clusters["good-passphrase"].ok
+    assert not report.clusters["bad-password"].ok and not report.clusters["bad-passphrase"].ok
+    captured = capfd.readouterr()
+    seen = {
+        "progress and errors": output.getvalue(),
+        "stdout/stderr": captured.out + captured.err,
+        "logs": "\n".join(r.getMessage() for r in caplog.records),
+        "error messages": "\n".join(e for c in report.clusters.values() for e in c.errors),
+        "config repr": repr(loaded),
+        "state files": "\n".join(p.read_text(errors="replace")
+                                 for p in (tmp_path / "dl").rglob("*") if p.is_file()),
+    }
+    assert caplog.records, "asyncssh debug logging was captured"
+    for where, text in seen.items():
+        for secret in SECRETS:
+            assert secret not in text, f"a secret appeared in {where}"
