@@ -277,9 +277,9 @@ def markdown_table(rows: list[Row], total_bytes: int) -> str:
     lines = ["| link | tool | time (s) | MiB/s aggregate | share of the links' limit | this tool is faster by |",
              "| --- | --- | ---: | ---: | ---: | ---: |"]
     for row in rows:
-        share = "n/a" if row.limit_seconds is None else f"{row.limit_seconds / row.seconds:.0%}"
+        share = "n/a" if row.limit_seconds is None else f"{row.limit_seconds / row.seconds:.1%}"
         speedup = row.seconds / reference[row.link] if row.link in reference else float("nan")
-        lines.append(f"| {row.link} | {row.tool} | {row.seconds:.1f} | {total_bytes / MIB / row.seconds:.1f} "
+        lines.append(f"| {row.link} | {row.tool} | {row.seconds:.2f} | {total_bytes / MIB / row.seconds:.1f} "
                      f"| {share} | {speedup:.2f}x |")
     return "\n".join(lines)
 
