@@ -7,16 +7,24 @@ under ``/usr/bin/time -v`` and prints one markdown table:
 
 - ``legacy``: load every pickle, ``np.concatenate``, pickle the dict, as the
   legacy script did;
-- ``merge (pkl in)``: this tool on the same pickles;
-- ``cat``: copying the same input bytes into one file, the floor for any merge;
+- ``merge (pkl in)``: this tool on the same pickles, ``.pkl`` output;
+- ``cat``: ``cat`` of exactly the merge's input files into one file in the
+  same output directory: the floor for reading and writing those bytes (it
+  hashes nothing, parses nothing, and, like the merge, does not fsync);
 - ``merge (npy in)``: this tool on the same run written as ``.npy`` + ``.jsonl``
-  checkpoints, at each ``--scale`` (rows multiplied), with its ``cat`` baseline.
+  checkpoints, at each ``--scale`` (rows multiplied), with its ``cat``
+  baseline: ``.pkl`` output, and bundle output with ``articles.jsonl`` and,
+  where pyarrow imports, ``articles.parquet``.
 
-Every merge writes the legacy ``.pkl`` output; the ``.npy`` runs also write
-the bundle (a directory), the memory-mappable form. RSS is what ``time -v``
-reports as "Maximum resident set size": it counts mapped file pages too. The
-inputs are read from the page cache (they were just written), for every
-contender alike.
+Every contender gets the same conditions: its inputs are read once just
+before it (page cache warm, for every contender alike), the previous
+contender's output is deleted and ``sync`` is run before the clock starts
+(so that no one pays for another's writeback), and its output goes to the
+same directory on the same disk. Each contender runs ``--repeat`` times; the
+table shows the median wall time, the largest peak RSS of those runs, and
+the median CPU time (user + system; it is less sensitive than the wall time
+to other load on the machine). RSS is what ``time -v`` reports as "Maximum
+resident set size": it counts mapped file pages too.
 
 Needs ``/usr/bin/time`` (Debian: ``apt-get install -y time``).
 
@@ -29,6 +37,7 @@ from __future__ import annotations
 import argparse
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -69,7 +78,8 @@ with open(output, "wb") as stream:
 TOOL_MERGE = """
 import sys
 from async_embed_sync.merge import merge_checkpoints
-print(merge_checkpoints(sys.argv[1], sys.argv[2]).summary(), file=sys.stderr)
+articles_format = sys.argv[3] if len(sys.argv) > 3 else None
+print(merge_checkpoints(sys.argv[1], sys.argv[2], articles_format=articles_format).summary(), file=sys.stderr)
 """
 
 
@@ -78,6 +88,7 @@ class Measurement:
     label: str
     input_bytes: int
     seconds: float
+    cpu_seconds: float
     peak_rss_bytes: int
 
 
@@ -88,8 +99,8 @@ def _elapsed_seconds(text: str) -> float:
     return seconds
 
 
-def measure(label: str, command: list[str], input_bytes: int) -> Measurement:
-    """Run ``command`` under ``/usr/bin/time -v``; its wall time and peak RSS."""
+def _time_v(label: str, command: list[str]) -> tuple[float, float, int]:
+    """Run ``command`` once under ``/usr/bin/time -v``: wall seconds, CPU seconds, peak RSS bytes."""
     finished = subprocess.run(
         ["/usr/bin/time", "-v", *command], cwd=REPO, capture_output=True, text=True, check=False
     )
@@ -97,11 +108,47 @@ def measure(label: str, command: list[str], input_bytes: int) -> Measurement:
         raise SystemExit(f"{label} failed:\n{finished.stderr}")
     rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", finished.stderr)
     wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", finished.stderr)
-    assert rss and wall, finished.stderr
+    user = re.search(r"User time \(seconds\): ([\d.]+)", finished.stderr)
+    system = re.search(r"System time \(seconds\): ([\d.]+)", finished.stderr)
+    assert rss and wall and user and system, finished.stderr
     lines = finished.stderr.splitlines()
     summary = next((lines[at : at + 4] for at, line in enumerate(lines) if line.startswith("Merged")), [])
     print(f"{label}: {wall.group(1)} s, {int(rss.group(1)) // 1024} MiB", *summary, sep="\n  ", file=sys.stderr)
-    return Measurement(label, input_bytes, _elapsed_seconds(wall.group(1)), int(rss.group(1)) * 1024)
+    cpu = float(user.group(1)) + float(system.group(1))
+    return _elapsed_seconds(wall.group(1)), cpu, int(rss.group(1)) * 1024
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+def _same_conditions(inputs: list[Path], output: Path) -> None:
+    """Inputs in the page cache, the previous output gone, nothing left to write back."""
+    _remove(output)
+    for path in inputs:
+        with open(path, "rb") as stream:
+            while stream.read(16 << 20):
+                pass
+    subprocess.run(["sync"], check=True)
+
+
+def measure(label: str, command: list[str], inputs: list[Path], output: Path, repeat: int) -> Measurement:
+    """Median wall and CPU time and largest peak RSS of ``repeat`` runs of ``command`` writing ``output``."""
+    runs = []
+    for _ in range(repeat):
+        _same_conditions(inputs, output)
+        runs.append(_time_v(label, command))
+    _remove(output)
+    return Measurement(
+        label,
+        _size(inputs),
+        statistics.median(run[0] for run in runs),
+        statistics.median(run[1] for run in runs),
+        max(run[2] for run in runs),
+    )
 
 
 def _inputs(root: Path) -> list[Path]:
@@ -112,10 +159,15 @@ def _size(paths: list[Path]) -> int:
     return sum(path.stat().st_size for path in paths)
 
 
-def _cat(label: str, root: Path, target: Path) -> Measurement:
+def _cat(label: str, root: Path, target: Path, repeat: int) -> Measurement:
     files = _inputs(root)
     command = ["sh", "-c", 'cat "$@" > "$0"', str(target), *map(str, files)]
-    return measure(label, command, _size(files))
+    return measure(label, command, files, target, repeat)
+
+
+def _merge(label: str, root: Path, target: Path, repeat: int, articles_format: str | None = None) -> Measurement:
+    command = [sys.executable, "-c", TOOL_MERGE, str(root), str(target)]
+    return measure(label, command + ([articles_format] if articles_format else []), _inputs(root), target, repeat)
 
 
 def _generate(root: Path, rows: int, fmt: str, text_bytes: int) -> None:
@@ -123,54 +175,46 @@ def _generate(root: Path, rows: int, fmt: str, text_bytes: int) -> None:
     generate_run(root, rows=rows, dim=768, gpus_per_cluster=4, fmt=fmt, text_bytes=text_bytes)
 
 
-def run(workdir: Path, rows: int, scales: list[int], text_bytes: int) -> list[tuple[Measurement, Measurement]]:
+def _pyarrow_imports() -> bool:
+    return subprocess.run([sys.executable, "-c", "import pyarrow.parquet"], capture_output=True).returncode == 0
+
+
+def run(workdir: Path, rows: int, scales: list[int], text_bytes: int, repeat: int) -> list[tuple[Measurement, Measurement]]:
     """Pairs of (contender, reference) measurements, in table order."""
     pickles, output = workdir / "pkl", workdir / "out"
     output.mkdir(parents=True, exist_ok=True)
     _generate(pickles, rows, "pkl", text_bytes)
-    size = _size(_inputs(pickles))
-    legacy = measure("legacy merge (pkl in)", [sys.executable, "-c", LEGACY_MERGE, str(pickles), str(output / "legacy.pkl")], size)
-    (output / "legacy.pkl").unlink()
-    tool = measure("merge_checkpoints (pkl in)", [sys.executable, "-c", TOOL_MERGE, str(pickles), str(output / "merged.pkl")], size)
-    (output / "merged.pkl").unlink()
-    cat = _cat("cat (pkl in)", pickles, output / "cat.bin")
-    (output / "cat.bin").unlink()
+    legacy_command = [sys.executable, "-c", LEGACY_MERGE, str(pickles), str(output / "legacy.pkl")]
+    legacy = measure("legacy merge (pkl in)", legacy_command, _inputs(pickles), output / "legacy.pkl", repeat)
+    tool = _merge("merge_checkpoints (pkl in)", pickles, output / "merged.pkl", repeat)
+    cat = _cat("cat (pkl in)", pickles, output / "cat.bin", repeat)
     shutil.rmtree(pickles)
     pairs = [(tool, legacy), (cat, legacy)]
+    bundle_forms = ["jsonl", "parquet"] if _pyarrow_imports() else ["jsonl"]
     for scale in scales:
         arrays = workdir / f"npy-x{scale}"
         _generate(arrays, rows * scale, "npy", text_bytes)
-        size = _size(_inputs(arrays))
-        merged = measure(
-            f"merge_checkpoints (npy in, {scale}x, .pkl out)",
-            [sys.executable, "-c", TOOL_MERGE, str(arrays), str(output / "merged.pkl")],
-            size,
-        )
-        (output / "merged.pkl").unlink()
-        bundled = measure(
-            f"merge_checkpoints (npy in, {scale}x, bundle out)",
-            [sys.executable, "-c", TOOL_MERGE, str(arrays), str(output / "bundle")],
-            size,
-        )
-        shutil.rmtree(output / "bundle")
-        copied = _cat(f"cat (npy in, {scale}x)", arrays, output / "cat.bin")
-        (output / "cat.bin").unlink()
+        copied = _cat(f"cat (npy in, {scale}x)", arrays, output / "cat.bin", repeat)
+        merged = _merge(f"merge_checkpoints (npy in, {scale}x, .pkl out)", arrays, output / "merged.pkl", repeat)
+        pairs.append((merged, copied))
+        for form in bundle_forms:
+            label = f"merge_checkpoints (npy in, {scale}x, bundle out, articles.{form})"
+            pairs.append((_merge(label, arrays, output / "bundle", repeat, form), copied))
         shutil.rmtree(arrays)
-        pairs += [(merged, copied), (bundled, copied)]
     return pairs
 
 
 def table(pairs: list[tuple[Measurement, Measurement]]) -> str:
     lines = [
-        "| contender | input | wall time | peak RSS | reference | ref. time | ref. RSS | time ratio | RSS ratio |",
-        "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |",
+        "| contender | input | wall time | CPU time | peak RSS | reference | ref. time | ref. RSS | time ratio | RSS ratio |",
+        "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |",
     ]
     for contender, reference in pairs:
         lines.append(
             f"| {contender.label} | {contender.input_bytes / 1e9:.2f} GB | {contender.seconds:.2f} s "
-            f"| {contender.peak_rss_bytes / 2**20:,.0f} MiB | {reference.label} | {reference.seconds:.2f} s "
-            f"| {reference.peak_rss_bytes / 2**20:,.0f} MiB | {contender.seconds / reference.seconds:.2f} "
-            f"| {contender.peak_rss_bytes / reference.peak_rss_bytes:.3f} |"
+            f"| {contender.cpu_seconds:.2f} s | {contender.peak_rss_bytes / 2**20:,.0f} MiB | {reference.label} "
+            f"| {reference.seconds:.2f} s | {reference.peak_rss_bytes / 2**20:,.0f} MiB "
+            f"| {contender.seconds / reference.seconds:.2f} | {contender.peak_rss_bytes / reference.peak_rss_bytes:.3f} |"
         )
     return "\n".join(lines)
 
@@ -180,6 +224,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=250_010, help="rows at scale 1 (default 250,010)")
     parser.add_argument("--scale", type=int, nargs="+", default=[1, 4], help="row multipliers for the .npy runs")
     parser.add_argument("--text-bytes", type=int, default=950, help="article text per row (default 950)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each contender; the median is shown (default 3)")
     parser.add_argument("--workdir", type=Path, help="where the data goes (default: a new directory under /tmp)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     options = parser.parse_args()
@@ -187,7 +232,7 @@ def main() -> None:
         raise SystemExit("/usr/bin/time is missing: apt-get install -y time")
     workdir = options.workdir or Path(tempfile.mkdtemp(prefix="bench_merge_"))
     try:
-        print(table(run(workdir, options.rows, options.scale, options.text_bytes)))
+        print(table(run(workdir, options.rows, options.scale, options.text_bytes, options.repeat)))
     finally:
         if not options.keep:
             shutil.rmtree(workdir, ignore_errors=True)
