@@ -193,11 +193,18 @@ class RestrictedUnpickler(pickle.Unpickler):
             raise UnsafePickleError(str(self.source), f"{module}.{name}") from None
 
 
-def restricted_load(path: Path) -> Any:
-    """Unpickle ``path`` safely; :class:`CheckpointError` names the file on any failure."""
+def restricted_load(
+    path: Path, unpickler: Callable[[BinaryIO, Path], RestrictedUnpickler] = RestrictedUnpickler
+) -> Any:
+    """Unpickle ``path`` safely; :class:`CheckpointError` names the file on any failure.
+
+    ``unpickler`` builds the unpickler from the open file and its path: a
+    subclass of :class:`RestrictedUnpickler` may change how allowed objects
+    are rebuilt, never what is allowed.
+    """
     try:
         with open(path, "rb") as stream:
-            return RestrictedUnpickler(stream, path).load()
+            return unpickler(stream, path).load()
     except UnsafePickleError:
         raise
     except _RefusedContent as exc:

@@ -32,10 +32,10 @@ import shutil
 import socket
 import struct
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 import numpy as np
 from numpy.lib import format as npy_format
@@ -529,18 +529,75 @@ def _load_bundle(path: Path) -> dict[str, Any]:
     return {"embeddings": embeddings, "articles": articles, **{key: manifest.get(key) for key in LEGACY_KEYS[2:]}}
 
 
+# A BYTEARRAY8 payload at least this large is mapped from the file, not read.
+_MAPPED_PAYLOAD_BYTES = 1 << 20
+
+
+class _PayloadSkippingReader:
+    """A file for the unpickler that skips large ``readinto`` requests, noting where they were.
+
+    The unpickler reads a BYTEARRAY8 payload (the embeddings) with one
+    ``readinto`` into a fresh bytearray; leaving it unfilled costs no memory,
+    and the bytes are mapped from the file instead.
+    """
+
+    def __init__(self, stream: BinaryIO):
+        self._stream = stream
+        self.read = stream.read
+        self.readline = stream.readline
+        self.peek = getattr(stream, "peek", None) or (lambda size=0: b"")
+        self.skipped: dict[int, int] = {}  # length of a skipped request -> its file offset
+
+    def readinto(self, buffer: Any) -> int:
+        size = memoryview(buffer).nbytes
+        if size < _MAPPED_PAYLOAD_BYTES:
+            return self._stream.readinto(buffer)
+        position = self._stream.tell()
+        end = self._stream.seek(0, os.SEEK_END)
+        self._stream.seek(min(position + size, end))
+        self.skipped[size] = position
+        return min(size, end - position)
+
+
+class _MappingUnpickler(RestrictedUnpickler):
+    """The restricted unpickler, rebuilding a large in-band array as a copy-on-write map of the file."""
+
+    def __init__(self, stream: BinaryIO, source: Path):
+        self._reader = _PayloadSkippingReader(stream)
+        super().__init__(self._reader, source)  # type: ignore[arg-type]
+
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = super().find_class(module, name)
+        return self._frombuffer if name == "_frombuffer" else allowed
+
+    def _frombuffer(self, buffer: Any, dtype: np.dtype, shape: tuple[int, ...], order: str) -> np.ndarray:
+        restricted = super().find_class("numpy._core.numeric", "_frombuffer")
+        size = memoryview(buffer).nbytes
+        # The part of the payload that the unpickler had already buffered was
+        # copied into ``buffer``; the rest was skipped from ``offset`` on.
+        skipped = next(((length, at) for length, at in self._reader.skipped.items() if length <= size), None)
+        if skipped is None or np.dtype(dtype).hasobject:
+            return restricted(buffer, dtype, shape, order)
+        length, at = skipped
+        del self._reader.skipped[length]
+        # Copy-on-write: writable, as the legacy merge's array was, and the file stays as it is.
+        mapped = np.memmap(self.source, dtype=np.uint8, mode="c", offset=at - (size - length), shape=(size,))
+        return restricted(mapped, dtype, shape, order)
+
+
 def load(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a merged result, either form, as the legacy dict.
 
-    A bundle's embeddings are memory-mapped (read-only); a pickle's are read
-    into memory, through the same restricted unpickler as the checkpoints.
+    A bundle's embeddings are memory-mapped read-only; a pickle's are
+    memory-mapped copy-on-write (writable, changes stay in memory), read
+    through the same restricted unpickler as the checkpoints.
     """
     path = Path(path)
     if path.is_dir():
         document = _load_bundle(path)
     else:
         try:
-            document = restricted_load(path)
+            document = restricted_load(path, _MappingUnpickler)
         except CheckpointError as exc:
             raise OutputError(str(path), exc.problem) from exc
     if not isinstance(document, dict) or set(document) != set(LEGACY_KEYS):

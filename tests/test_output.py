@@ -195,3 +195,28 @@ def test_stale_staging_of_a_dead_merge_is_removed_by_the_next_merge(downloads: P
     merge_checkpoints(downloads, tmp_path / "merged.pkl")
 
     assert entries(tmp_path) == sorted([alive.name, elsewhere.name, other_output.name, "merged.pkl"])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_load_maps_the_embeddings_of_a_pickle_it_wrote(
+    downloads: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dtype: str
+) -> None:
+    import async_embed_sync.output as output
+
+    # Large enough that the unpickler has not read the array ahead already.
+    generate_run(tmp_path / "big", rows=20_000, dim=DIM, text_bytes=10)
+    merge_checkpoints(tmp_path / "big", tmp_path / "merged.pkl", dtype=dtype)
+    with open(tmp_path / "merged.pkl", "rb") as stream:
+        plain = pickle.load(stream)  # our own output, as downstream scripts read it
+    monkeypatch.setattr(output, "_MAPPED_PAYLOAD_BYTES", 4096)
+
+    loaded = load(tmp_path / "merged.pkl")
+
+    embeddings, bases = loaded["embeddings"], []
+    while (base := getattr(bases[-1] if bases else embeddings, "base", None)) is not None:
+        bases.append(base)
+    assert any(isinstance(base, np.memmap) for base in bases) and embeddings.flags.writeable
+    assert embeddings.dtype == np.dtype(dtype) and np.array_equal(embeddings, plain["embeddings"])
+    assert loaded["articles"] == plain["articles"]
+    embeddings[0, 0] = 42  # copy-on-write: the file does not change
+    assert np.array_equal(load(tmp_path / "merged.pkl")["embeddings"], plain["embeddings"])
