@@ -112,11 +112,13 @@ def _open_all(download_dir: Path) -> list[NpyCheckpoint | _InfoOnly]:
     paths = find_checkpoints(download_dir) if Path(download_dir).is_dir() else []
     if not paths:
         raise MergeValidationError(f"no checkpoints (*.pkl, *.npy) under {download_dir}/*/.")
-    opened: list[NpyCheckpoint | _InfoOnly] = []
-    for path in paths:
-        checkpoint = open_checkpoint(path)
-        opened.append(checkpoint if isinstance(checkpoint, NpyCheckpoint) else _InfoOnly(checkpoint.info))
+    # No name holds a loaded pickle while the next one loads.
+    opened = [_kept_part(open_checkpoint(path)) for path in paths]
     return sorted(opened, key=lambda checkpoint: checkpoint.info.start_index)
+
+
+def _kept_part(checkpoint: Checkpoint) -> NpyCheckpoint | _InfoOnly:
+    return checkpoint if isinstance(checkpoint, NpyCheckpoint) else _InfoOnly(checkpoint.info)
 
 
 def plan_merge(download_dir: Path) -> list[CheckpointInfo]:
@@ -188,16 +190,16 @@ class _CopyPass:
     def run(self, digests: dict[Path, Callable[[], str]], file_hasher: ThreadPoolExecutor) -> None:
         """Copy everything; fill ``digests`` with how to get each checkpoint's sha256."""
         for info in self.infos:
-            checkpoint = self.opened.get(info.path)
-            if checkpoint is None:
+            mapped = self.opened.get(info.path)
+            if mapped is None:
                 digests[info.path] = file_hasher.submit(file_sha256, info.path).result
-                checkpoint = open_checkpoint(info.path, info.cluster)
-                self._copy(info, checkpoint, None)
+                # Loaded here, released on return: one loaded pickle at a time.
+                self._copy(info, open_checkpoint(info.path, info.cluster), None)
             else:
                 digest = BackgroundDigest()
                 try:
-                    digest.update(checkpoint.header_bytes())
-                    self._copy(info, checkpoint, digest)
+                    digest.update(mapped.header_bytes())
+                    self._copy(info, mapped, digest)
                 except BaseException:
                     digest.close()
                     raise
