@@ -16,6 +16,7 @@ from . import __version__
 from .config import load_config
 from .errors import AsyncEmbedSyncError
 from .progress import Progress, choose_progress
+from .prompts import TerminalPrompter
 from .sync import DEFAULT_DOWNLOAD_DIR, SyncOptions, sync
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -58,7 +59,10 @@ def _interrupt_on_sigterm() -> None:
     """A scheduler's or a kill's SIGTERM cleans up like Ctrl-C: partials
     stay resumable, no half-written output is left at the final path."""
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        # Delivered as SIGINT, so that asyncio's own Ctrl-C handling (cancel
+        # the main task, let every cleanup run, then raise KeyboardInterrupt)
+        # applies, instead of an exception raised wherever the loop happens to be.
+        signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
 
 
 def _with_default_command(argv: list[str]) -> list[str]:
@@ -188,7 +192,8 @@ def _sync_phase(args: argparse.Namespace, progress: Progress) -> None:
     clusters = config.select(args.clusters)
     for warning in config.warnings:
         print(warning, file=sys.stderr)
-    options = SyncOptions(max_parallel=args.max_parallel, timeout=args.timeout, retries=args.retries)
+    options = SyncOptions(max_parallel=args.max_parallel, timeout=args.timeout, retries=args.retries,
+                          prompter=TerminalPrompter())
     report = sync(clusters, args.download_dir, progress, options)
     if not args.quiet:
         print(report.summary(), file=sys.stderr)
@@ -212,7 +217,8 @@ def _status(args: argparse.Namespace) -> int:
     from .status import collect_status, format_status
 
     config = load_config(args.config, args.credentials_dir)
-    statuses = collect_status(config.select(args.clusters), args.download_dir, args.timeout)
+    statuses = collect_status(config.select(args.clusters), args.download_dir, args.timeout,
+                              TerminalPrompter())
     print(format_status(statuses))
     return EXIT_FAILED if any(s.error for s in statuses) else EXIT_OK
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import stat
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,16 +34,23 @@ HOST_KEY_POLICIES = ("strict", "accept-new")
 
 _KNOWN_FIELDS = {
     "host", "port", "username", "key_file", "password", "passphrase",
-    "remote_dir", "pattern", "known_hosts", "host_key_policy",
+    "remote_dir", "pattern", "known_hosts", "host_key_policy", "ssh_config", "proxy_jump",
 }
 
 
 @dataclass(frozen=True)
 class ClusterConfig:
+    """One cluster as the configuration states it.
+
+    A field left out is None: the OpenSSH client config (``ssh_config``, or
+    ``~/.ssh/config``) then decides, as it would for ``ssh``, and after it
+    ssh's own defaults. ``remote.resolve_target`` does that resolution.
+    """
+
     name: str
-    host: str
+    host: str  # a host name, or a Host alias of the ssh config
     remote_dir: str
-    port: int = 22
+    port: int | None = None
     username: str | None = None
     key_file: str | None = None
     # repr=False: a config object printed in a log or a traceback must never
@@ -52,29 +58,20 @@ class ClusterConfig:
     password: str | None = field(default=None, repr=False)
     passphrase: str | None = field(default=None, repr=False)
     patterns: tuple[str, ...] = DEFAULT_PATTERNS
-    known_hosts: str = DEFAULT_KNOWN_HOSTS
+    known_hosts: str | None = None
     # "strict": an unknown host is refused. "accept-new" (opt-in, like
     # OpenSSH's StrictHostKeyChecking=accept-new): an unknown host's key is
     # recorded in the project's known_hosts and trusted from then on; a
     # changed key is refused either way.
     host_key_policy: str = "strict"
+    ssh_config: str | None = None
+    # "[user@]host[:port]", or several hops separated by commas, as ssh -J.
+    proxy_jump: str | None = None
     source: str = ""
-
-    @property
-    def known_hosts_path(self) -> Path:
-        return Path(self.known_hosts).expanduser()
 
     @property
     def project_known_hosts_path(self) -> Path:
         return Path(self.source or ".").resolve().parent / PROJECT_KNOWN_HOSTS
-
-    def known_hosts_files(self) -> list[Path]:
-        """Every file whose keys are trusted for this cluster."""
-        return [p for p in (self.known_hosts_path, self.project_known_hosts_path) if p.is_file()]
-
-    @property
-    def login(self) -> str:
-        return self.username or _local_username()
 
 
 @dataclass(frozen=True)
@@ -175,10 +172,11 @@ def _parse_cluster(name: str, entry, source: str) -> ClusterConfig:
     for required in ("host", "remote_dir"):
         if not isinstance(entry.get(required), str) or not entry[required]:
             raise ConfigError(source, f"{where} needs a non-empty string field {required!r}.")
-    port = entry.get("port", 22)
-    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+    port = entry.get("port")
+    if port is not None and (isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536):
         raise ConfigError(source, f"{where}: 'port' must be a whole number from 1 to 65535.")
-    for optional in ("username", "key_file", "password", "passphrase", "known_hosts", "host_key_policy"):
+    for optional in ("username", "key_file", "password", "passphrase", "known_hosts", "host_key_policy",
+                     "ssh_config", "proxy_jump"):
         if optional in entry and not isinstance(entry[optional], str):
             raise ConfigError(source, f"{where}: {optional!r} must be a string.")
     patterns = entry.get("pattern", list(DEFAULT_PATTERNS))
@@ -202,8 +200,10 @@ def _parse_cluster(name: str, entry, source: str) -> ClusterConfig:
         passphrase=entry.get("passphrase"),
         remote_dir=entry["remote_dir"],
         patterns=tuple(patterns),
-        known_hosts=entry.get("known_hosts", DEFAULT_KNOWN_HOSTS),
+        known_hosts=entry.get("known_hosts"),
         host_key_policy=policy,
+        ssh_config=entry.get("ssh_config"),
+        proxy_jump=entry.get("proxy_jump"),
         source=source,
     )
 
@@ -231,11 +231,3 @@ def _secret_permission_warnings(path: Path, cluster: ClusterConfig) -> list[str]
         return [f"Warning: {path} holds a password and is readable by group or "
                 f"others (mode {mode:04o}); fix it with: chmod 600 {path}"]
     return []
-
-
-def _local_username() -> str:
-    try:
-        import getpass
-        return getpass.getuser()
-    except Exception:  # noqa: BLE001 - getuser raises various errors without a passwd entry
-        return os.environ.get("USER", "root") if sys.platform != "win32" else "user"

@@ -16,7 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import fnmatch
+import functools
+import getpass
+import os
 import posixpath
 import shlex
 import socket
@@ -26,9 +30,12 @@ from pathlib import Path
 
 import anyio
 import asyncssh
+from asyncssh.config import SSHClientConfig
 
-from .config import ClusterConfig
+from .config import DEFAULT_KNOWN_HOSTS, ClusterConfig
 from .known_hosts import append_known_host
+from .prompts import NoPrompter, NoTerminal, Prompter
+from .shell_access import ShellAccess
 from .errors import (
     AuthenticationError,
     ConfigError,
@@ -59,6 +66,7 @@ MAX_CONCURRENT_HASHES = 2
 PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com",
                      "chacha20-poly1305@openssh.com", "aes256-ctr", "aes192-ctr", "aes128-ctr")
 MAX_NAME_BYTES = 255
+DEFAULT_SSH_CONFIG = Path("~/.ssh/config")
 # How long abandoned reads may take to come back: on a live link, about one
 # RTT; at close, after the connection is aborted, no time at all.
 READ_SETTLE_TIMEOUT = 1.0
@@ -99,36 +107,111 @@ def check_remote_name(cluster: str, name: str) -> None:
         raise UnsafeRemoteNameError(cluster, name, why)
 
 
-class ClusterRemote:
-    """One authenticated SSH connection to one cluster."""
+@dataclass(frozen=True)
+class SSHTarget:
+    """Where to connect and as whom, once the OpenSSH client config had its say.
 
-    def __init__(self, cluster: ClusterConfig, connection: asyncssh.SSHClientConnection,
-                 sftp_channels: int):
-        self.cluster = cluster
+    The cluster's own fields win; what they leave out comes from the ssh
+    config (``ssh_config``, else ``~/.ssh/config``), then from ssh's defaults.
+    """
+
+    cluster: ClusterConfig
+    host: str  # as configured: a host name or a Host alias
+    hostname: str  # after the config's HostName
+    port: int
+    username: str
+    identity_files: tuple[str, ...]  # empty: the agent and ~/.ssh/id_*
+    known_hosts: tuple[Path, ...]
+    proxy_jump: tuple[str, ...]  # hops, outermost first
+    ssh_config: tuple[str, ...]
+
+    def trusted_files(self) -> list[Path]:
+        """Every existing file whose keys are trusted for this target."""
+        candidates = (*self.known_hosts, self.cluster.project_known_hosts_path)
+        return [p for p in dict.fromkeys(candidates) if p.is_file()]
+
+    def hop(self, spec: str) -> SSHTarget:
+        """The target for one ProxyJump hop, ``[user@]host[:port]``."""
+        user, _, host_port = spec.rpartition("@")
+        host, _, port = host_port.partition(":")
+        if host.startswith("[") and "]" in host_port:  # [v6addr]:port
+            host, _, port = host_port[1:].partition("]")
+            port = port.lstrip(":")
+        hop_cluster = dataclasses.replace(self.cluster, host=host, port=int(port) if port else None,
+                                          username=user or None, proxy_jump=None, password=None)
+        return resolve_target(hop_cluster)
+
+
+def resolve_target(cluster: ClusterConfig) -> SSHTarget:
+    paths = [str(_expand(cluster.ssh_config))] if cluster.ssh_config else (
+        [str(DEFAULT_SSH_CONFIG.expanduser())] if os.access(DEFAULT_SSH_CONFIG.expanduser(), os.R_OK) else [])
+    try:
+        ssh = SSHClientConfig.load(None, paths, False, False, False, _local_username(),
+                                   cluster.username or (), cluster.host, cluster.port or ())
+    except (OSError, ValueError, asyncssh.Error) as exc:
+        raise ConfigError(cluster.source, f"cluster {cluster.name!r}: the ssh config "
+                                          f"{', '.join(paths)} cannot be read ({exc}).") from exc
+    known_hosts = [cluster.known_hosts] if cluster.known_hosts else (
+        ssh.get("UserKnownHostsFile") or [DEFAULT_KNOWN_HOSTS])
+    identity = [cluster.key_file] if cluster.key_file else list(ssh.get("IdentityFile") or [])
+    jump = cluster.proxy_jump if cluster.proxy_jump is not None else ssh.get("ProxyJump")
+    return SSHTarget(
+        cluster=cluster,
+        host=cluster.host,
+        hostname=ssh.get("Hostname") or cluster.host,
+        port=cluster.port or ssh.get("Port") or 22,
+        username=cluster.username or ssh.get("User") or _local_username(),
+        identity_files=tuple(str(_expand(p)) for p in identity),
+        known_hosts=tuple(_expand(p) for p in known_hosts),
+        proxy_jump=tuple(h.strip() for h in (jump or "").split(",") if h.strip() and h.strip() != "none"),
+        ssh_config=tuple(paths),
+    )
+
+
+class ClusterRemote:
+    """One authenticated SSH connection to one cluster (through its jump
+    hosts, if any), and the files on it.
+
+    Files are reached over SFTP; where the server has its SFTP subsystem
+    switched off, over exec channels running ``tail``/``find``/``stat``
+    (``method`` says which).
+    """
+
+    def __init__(self, target: SSHTarget, connection: asyncssh.SSHClientConnection,
+                 jumps: list[asyncssh.SSHClientConnection], sftp_channels: int):
+        self.cluster = target.cluster
+        self.target = target
         self._connection = connection
+        self._jumps = jumps
         self._sftp_pool: list[asyncssh.SFTPClient] = []
         self._sftp_users: list[int] = []
         self._sftp_channels = sftp_channels
+        self._shell: ShellAccess | None = None
         self._hash_slots = asyncio.Semaphore(MAX_CONCURRENT_HASHES)
         self._has_shell: bool | None = None
         # Reads abandoned mid-flight (drop, cancel); observed again at close.
         self._unsettled_reads: set[asyncio.Future] = set()
+
+    @property
+    def method(self) -> str:
+        return "exec" if self._shell is not None else "sftp"
 
     # ---------------------------------------------------------------- connect
 
     @classmethod
     async def connect(cls, cluster: ClusterConfig, *, timeout: float = 30.0,
                       window: int = DEFAULT_WINDOW,
-                      sftp_channels: int = DEFAULT_SFTP_CHANNELS) -> ClusterRemote:
+                      sftp_channels: int = DEFAULT_SFTP_CHANNELS,
+                      prompter: Prompter | None = None) -> ClusterRemote:
         """Connect and authenticate; host keys are always verified.
 
         ``timeout`` bounds the connect and login, and (through keepalives)
-        how long a silently dead link goes unnoticed.
+        how long a silently dead link goes unnoticed. ``prompter`` answers
+        what the configuration does not: passwords, passphrases, 2FA codes.
         """
+        prompter = prompter or NoPrompter()
+        target = resolve_target(cluster)
         options = dict(
-            host=cluster.host,
-            port=cluster.port,
-            username=cluster.login,
             connect_timeout=timeout,
             login_timeout=timeout,
             # Dead link noticed after about ``timeout``: 4 unanswered
@@ -138,28 +221,24 @@ class ClusterRemote:
             window=window,
             max_pktsize=256 * 1024,
             encryption_algs=list(PREFERRED_CIPHERS),
+            passphrase=_PassphraseSource(cluster, prompter),
         )
-        if cluster.key_file:
-            options["client_keys"] = [str(_expand(cluster.key_file))]
-            options["passphrase"] = cluster.passphrase
-        if cluster.password is not None:
-            options["password"] = cluster.password
-        trusted = cluster.known_hosts_files()
-        if not trusted and cluster.host_key_policy != "accept-new":
-            raise HostKeyError(cluster.name, cluster.host, cluster.port,
-                               str(cluster.known_hosts_path), changed=False)
+        jumps: list[asyncssh.SSHClientConnection] = []
         try:
-            connection = await _connect(cluster, options, trusted)
-        except HostKeyError as exc:
-            if exc.changed or cluster.host_key_policy != "accept-new":
-                raise
-            await _record_new_host_key(cluster, timeout)
-            connection = await _connect(cluster, options, cluster.known_hosts_files())
-        remote = cls(cluster, connection, sftp_channels)
+            tunnel = None
+            for spec in target.proxy_jump:
+                tunnel = await _connect_verified(target.hop(spec), options, prompter, timeout, tunnel)
+                jumps.append(tunnel)
+            connection = await _connect_verified(target, options, prompter, timeout, tunnel)
+        except BaseException:
+            for jump in reversed(jumps):
+                jump.abort()
+            raise
+        remote = cls(target, connection, jumps, sftp_channels)
         try:
             await remote._open_channels()
         except BaseException:
-            connection.abort()
+            await remote.close()
             raise
         return remote
 
@@ -174,6 +253,8 @@ class ClusterRemote:
                 await self._connection.wait_closed()
         await _settle(self._unsettled_reads)
         self._unsettled_reads.clear()
+        for jump in reversed(self._jumps):
+            jump.close()
 
     @property
     def is_closed(self) -> bool:
@@ -201,28 +282,37 @@ class ClusterRemote:
         before the server has sent the last directory entry; a name that is
         not a plain file name comes as the error that refuses it."""
         remote_dir = self.cluster.remote_dir
-        with _translate_errors(self.cluster, remote_dir=remote_dir):
-            with self._sftp() as sftp:
-                async for entry in sftp.scandir(remote_dir):
-                    name = entry.filename
-                    if not isinstance(name, str):
-                        name = name.decode("utf-8", "surrogateescape")
-                    if name in (".", "..") or not any(
-                            fnmatch.fnmatchcase(name, p) for p in self.cluster.patterns):
-                        continue
-                    try:
-                        check_remote_name(self.cluster.name, name)
-                    except UnsafeRemoteNameError as exc:
-                        yield exc
-                        continue
-                    attrs = entry.attrs
-                    if attrs.type == asyncssh.FILEXFER_TYPE_SYMLINK:
-                        attrs = await sftp.stat(self._path(name))
-                    if attrs.type in (asyncssh.FILEXFER_TYPE_REGULAR, asyncssh.FILEXFER_TYPE_UNKNOWN):
-                        yield RemoteFile(name, attrs.size or 0, int(attrs.mtime or 0))
+        with _translate_errors(self.target, remote_dir=remote_dir):
+            entries = self._shell.scan(remote_dir) if self._shell else self._sftp_scan(remote_dir)
+            async for name, size, mtime in entries:
+                if not any(fnmatch.fnmatchcase(name, p) for p in self.cluster.patterns):
+                    continue
+                try:
+                    check_remote_name(self.cluster.name, name)
+                except UnsafeRemoteNameError as exc:
+                    yield exc
+                    continue
+                yield RemoteFile(name, size, mtime)
+
+    async def _sftp_scan(self, remote_dir: str) -> AsyncIterator[tuple[str, int, int]]:
+        """(name, size, mtime) of the regular files, symlinks followed."""
+        with self._sftp() as sftp:
+            async for entry in sftp.scandir(remote_dir):
+                name = entry.filename
+                if not isinstance(name, str):
+                    name = name.decode("utf-8", "surrogateescape")
+                if name in (".", ".."):
+                    continue
+                attrs = entry.attrs
+                if attrs.type == asyncssh.FILEXFER_TYPE_SYMLINK:
+                    attrs = await sftp.stat(self._path(name))
+                if attrs.type in (asyncssh.FILEXFER_TYPE_REGULAR, asyncssh.FILEXFER_TYPE_UNKNOWN):
+                    yield name, attrs.size or 0, int(attrs.mtime or 0)
 
     async def stat(self, name: str) -> RemoteFile:
-        with _translate_errors(self.cluster, name=name):
+        with _translate_errors(self.target, name=name):
+            if self._shell:
+                return RemoteFile(name, *await self._shell.stat(self._path(name), name))
             with self._sftp() as sftp:
                 attrs = await sftp.stat(self._path(name))
         return RemoteFile(name, attrs.size or 0, int(attrs.mtime or 0))
@@ -244,7 +334,11 @@ class ClusterRemote:
         asyncssh's ``read_parallel`` is not used: abandoning its iterator
         (a drop, a cancel) leaves its reads running unobserved.
         """
-        with _translate_errors(self.cluster, name=name):
+        if self._shell:
+            async for piece in self._shell_read(name, offset, end):
+                yield piece
+            return
+        with _translate_errors(self.target, name=name):
             with self._sftp() as sftp:
                 block_size = min(sftp.limits.max_read_len or MAX_BLOCK_SIZE, MAX_BLOCK_SIZE)
                 max_requests = max(4, READ_AHEAD_BYTES // block_size)
@@ -307,12 +401,31 @@ class ClusterRemote:
     def _path(self, name: str) -> str:
         return posixpath.join(self.cluster.remote_dir, name)
 
+    async def _shell_read(self, name: str, offset: int, end: int) -> AsyncIterator[bytes | RemoteFile]:
+        with _translate_errors(self.target, name=name):
+            position = offset
+            async with contextlib.aclosing(self._shell.read(self._path(name), name, offset, end)) as chunks:
+                async for chunk in chunks:
+                    position += len(chunk)
+                    yield chunk
+            if position == end:
+                yield await self.stat(name)
+
     async def _open_channels(self) -> None:
         """Open the SFTP channel pool at once, concurrently: opened one by
-        one as files start, each would cost the first files ~3 round trips."""
-        with _translate_errors(self.cluster):
-            self._sftp_pool = list(await asyncio.gather(
-                *(self._connection.start_sftp_client() for _ in range(self._sftp_channels))))
+        one as files start, each would cost the first files ~3 round trips.
+        A server without an SFTP subsystem gets the exec fallback instead."""
+        with _translate_errors(self.target):
+            try:
+                self._sftp_pool = list(await asyncio.gather(
+                    *(self._connection.start_sftp_client() for _ in range(self._sftp_channels))))
+            except (asyncssh.ChannelOpenError, asyncssh.SFTPError) as exc:
+                shell = ShellAccess(self._connection, self.cluster.name)
+                if not await shell.probe():
+                    raise RemoteError(self.cluster.name, "the server offers neither SFTP nor a shell "
+                                                         "to run commands, so files cannot be read "
+                                                         "from it.") from exc
+                self._shell = shell
         self._sftp_users = [0] * len(self._sftp_pool)
 
     @contextlib.contextmanager
@@ -349,57 +462,170 @@ def _expand(path: str) -> Path:
     return Path(path).expanduser()
 
 
-async def _connect(cluster: ClusterConfig, options: dict,
-                   trusted: list[Path]) -> asyncssh.SSHClientConnection:
-    # Never known_hosts=None, which would turn checking off: with no file,
-    # empty lists of trusted keys make every host key unknown.
-    known_hosts = [str(p) for p in trusted] if trusted else ([], [], [])
-    with _translate_errors(cluster, connecting=True):
-        return await asyncssh.connect(**options, known_hosts=known_hosts)
+def _local_username() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry and no $USER: a bare container
+        return "root"
 
 
-async def _record_new_host_key(cluster: ClusterConfig, timeout: float) -> None:
-    """Trust on first use (the opt-in ``accept-new`` policy only)."""
-    with _translate_errors(cluster, connecting=True):
-        key = await asyncio.wait_for(asyncssh.get_server_host_key(cluster.host, cluster.port), timeout)
+class _PassphraseSource:
+    """asyncssh asks this for every key file it loads: the configured
+    passphrase, else (for an encrypted key only) the person at the terminal."""
+
+    def __init__(self, cluster: ClusterConfig, prompter: Prompter):
+        self._cluster = cluster
+        self._prompter = prompter
+
+    def __call__(self, filename: str) -> str | None:
+        if self._cluster.passphrase is not None:
+            return self._cluster.passphrase
+        try:
+            asyncssh.read_private_key(filename)
+            return None  # not encrypted
+        except (OSError, asyncssh.KeyImportError):
+            pass
+        try:
+            return self._prompter.ask(f"Passphrase for key {filename}: ")
+        except NoTerminal:
+            return None  # asyncssh then refuses the key; the error says why
+
+
+class _AuthClient(asyncssh.SSHClient):
+    """Passwords and keyboard-interactive prompts (2FA codes): from the
+    configuration, else asked through the prompter; what could not be asked
+    for want of a terminal is remembered for the error message."""
+
+    MAX_PROMPTED_PASSWORDS = 3
+
+    def __init__(self, target: SSHTarget, prompter: Prompter):
+        self._target = target
+        self._prompter = prompter
+        self._passwords_given = 0
+        self.unanswered: str | None = None
+
+    async def _ask(self, prompt: str, *, secret: bool, what: str) -> str | None:
+        try:
+            return await anyio.to_thread.run_sync(functools.partial(self._prompter.ask, prompt, secret=secret))
+        except NoTerminal:
+            self.unanswered = what
+            return None
+
+    async def password_auth_requested(self) -> str | None:
+        self._passwords_given += 1
+        configured = self._target.cluster.password
+        if configured is not None:
+            return configured if self._passwords_given == 1 else None
+        if self._passwords_given > self.MAX_PROMPTED_PASSWORDS:
+            return None
+        return await self._ask(f"Password for {self._target.username}@{self._target.hostname}: ",
+                               secret=True, what="a password")
+
+    def kbdint_auth_requested(self) -> str:
+        return ""  # let the server choose its challenge
+
+    async def kbdint_challenge_received(self, name: str, instructions: str, lang: str,
+                                        prompts) -> list[str] | None:
+        if not prompts:
+            return []
+        configured = self._target.cluster.password
+        if configured is not None and len(prompts) == 1 and "password" in prompts[0][0].lower():
+            # A server that takes its password through keyboard-interactive.
+            self._passwords_given += 1
+            return [configured] if self._passwords_given == 1 else None
+        header = "\n".join(part for part in (name, instructions) if part)
+        answers = []
+        for index, (prompt, echo) in enumerate(prompts):
+            text = f"{header}\n{prompt}" if header and index == 0 else prompt
+            answer = await self._ask(f"[{self._target.cluster.name}] {text}", secret=not echo,
+                                     what="answers to the server's keyboard-interactive prompts "
+                                          "(such as a two-factor code)")
+            if answer is None:
+                return None
+            answers.append(answer)
+        return answers
+
+
+async def _connect_verified(target: SSHTarget, options: dict, prompter: Prompter, timeout: float,
+                            tunnel: asyncssh.SSHClientConnection | None) -> asyncssh.SSHClientConnection:
+    """Connect to ``target`` with its host key checked against the trusted
+    files; under the opt-in accept-new policy, an unknown host's key is
+    recorded first. Never ``known_hosts=None``, which turns checking off."""
+    cluster = target.cluster
+    trusted = target.trusted_files()
+    if not trusted and cluster.host_key_policy != "accept-new":
+        raise HostKeyError(cluster.name, target.hostname, target.port, str(target.known_hosts[0]),
+                           changed=False)
+    try:
+        return await _connect(target, options, prompter, trusted, tunnel)
+    except HostKeyError as exc:
+        if exc.changed or cluster.host_key_policy != "accept-new":
+            raise
+    with _translate_errors(target, connecting=True):
+        key = await asyncio.wait_for(
+            asyncssh.get_server_host_key(target.host, target.port, tunnel=tunnel,
+                                         config=list(target.ssh_config) or None), timeout)
     if key is None:
-        raise HostKeyError(cluster.name, cluster.host, cluster.port,
+        raise HostKeyError(cluster.name, target.hostname, target.port,
                            str(cluster.project_known_hosts_path), changed=False)
-    append_known_host(cluster.project_known_hosts_path, cluster.host, cluster.port,
+    append_known_host(cluster.project_known_hosts_path, target.hostname, target.port,
                       key.export_public_key().decode())
+    return await _connect(target, options, prompter, target.trusted_files(), tunnel)
 
 
-def _host_is_known(cluster: ClusterConfig) -> bool:
+async def _connect(target: SSHTarget, options: dict, prompter: Prompter, trusted: list[Path],
+                   tunnel: asyncssh.SSHClientConnection | None) -> asyncssh.SSHClientConnection:
+    client = _AuthClient(target, prompter)
+    with _translate_errors(target, connecting=True, auth=client):
+        return await asyncssh.connect(
+            target.host, target.port, username=target.username, tunnel=tunnel,
+            config=list(target.ssh_config) or None,
+            client_keys=list(target.identity_files) or (),
+            # Empty lists of trusted keys, never None: None turns checking off.
+            known_hosts=[str(p) for p in trusted] if trusted else ([], [], []),
+            client_factory=lambda: client, **options)
+
+
+def _host_is_known(target: SSHTarget) -> bool:
     """Whether a trusted file has any key for the host: then a refusal means
     the key *changed*, which deserves a louder message than an unknown one."""
-    for path in cluster.known_hosts_files():
+    for path in target.trusted_files():
         try:
-            trusted, *_ = asyncssh.read_known_hosts(str(path)).match(cluster.host, "", cluster.port)
+            known, *_ = asyncssh.read_known_hosts(str(path)).match(target.hostname, "", target.port)
         except (OSError, ValueError, asyncssh.Error):
             continue
-        if trusted:
+        if known:
             return True
     return False
 
 
 @contextlib.contextmanager
-def _translate_errors(cluster: ClusterConfig, *, connecting: bool = False,
-                      name: str | None = None,
-                      remote_dir: str | None = None) -> Iterator[None]:
+def _translate_errors(target: SSHTarget, *, connecting: bool = False,
+                      name: str | None = None, remote_dir: str | None = None,
+                      auth: _AuthClient | None = None) -> Iterator[None]:
     """The one place where asyncssh and socket errors become ours."""
+    cluster = target.cluster
     try:
         yield
     except RemoteError:
         raise
     except asyncssh.HostKeyNotVerifiable as exc:
-        raise HostKeyError(cluster.name, cluster.host, cluster.port,
-                           str(cluster.known_hosts_path), changed=_host_is_known(cluster)) from exc
+        raise HostKeyError(cluster.name, target.hostname, target.port, str(target.known_hosts[0]),
+                           changed=_host_is_known(target)) from exc
     except asyncssh.PermissionDenied as exc:
-        methods = "key" if cluster.key_file else "password" if cluster.password else "agent and default keys"
-        raise AuthenticationError(cluster.name, cluster.login, cluster.host, f"tried {methods}") from exc
+        if auth is not None and auth.unanswered:
+            tried = f"it asked for {auth.unanswered}, and there is no terminal to ask; set it in " \
+                    f"the configuration or run the command in a terminal"
+        else:
+            tried = "tried " + ("the key " + ", ".join(target.identity_files) if target.identity_files
+                                else "the agent and default keys") + (
+                " and the password" if cluster.password is not None else "")
+        raise AuthenticationError(cluster.name, target.username, target.hostname, tried) from exc
     except (asyncssh.KeyImportError, asyncssh.KeyEncryptionError) as exc:
-        raise ConfigError(cluster.source, f"cluster {cluster.name!r}: the key_file {cluster.key_file} "
-                                          f"cannot be used ({exc}).") from exc
+        hint = "" if cluster.passphrase else "; set its passphrase, load it into ssh-agent, or run in a terminal"
+        raise ConfigError(cluster.source, f"cluster {cluster.name!r}: the key "
+                                          f"{', '.join(target.identity_files)} cannot be used "
+                                          f"({exc}{hint}).") from exc
     except asyncssh.SFTPNoSuchFile as exc:
         if name is None:
             raise RemoteDirectoryError(cluster.name, remote_dir or cluster.remote_dir,
@@ -417,22 +643,22 @@ def _translate_errors(cluster: ClusterConfig, *, connecting: bool = False,
                             f"the server reported: {exc.reason or exc}") from exc
     except (asyncssh.DisconnectError, asyncssh.ChannelOpenError) as exc:
         if connecting:
-            raise ConnectError(cluster.name, cluster.host, cluster.port,
+            raise ConnectError(cluster.name, target.hostname, target.port,
                                f"the server closed the connection: {getattr(exc, 'reason', '') or exc}") from exc
         raise TransferError(cluster.name, name or cluster.remote_dir,
                             f"connection lost ({getattr(exc, 'reason', '') or exc})") from exc
     except (asyncio.TimeoutError, TimeoutError) as exc:
         if connecting:
-            raise ConnectError(cluster.name, cluster.host, cluster.port, "timed out") from exc
+            raise ConnectError(cluster.name, target.hostname, target.port, "timed out") from exc
         raise TransferError(cluster.name, name or cluster.remote_dir, "timed out") from exc
     except socket.gaierror as exc:
         if not connecting:
             raise TransferError(cluster.name, name or cluster.remote_dir, "name lookup failed") from exc
-        raise ConnectError(cluster.name, cluster.host, cluster.port,
+        raise ConnectError(cluster.name, target.hostname, target.port,
                            f"host name not found: {exc.strerror}") from exc
     except OSError as exc:
         if connecting:
-            raise ConnectError(cluster.name, cluster.host, cluster.port,
+            raise ConnectError(cluster.name, target.hostname, target.port,
                                exc.strerror or str(exc)) from exc
         raise TransferError(cluster.name, name or cluster.remote_dir,
                             f"connection lost ({exc.strerror or exc})") from exc

@@ -11,6 +11,7 @@ from .download import is_up_to_date
 from .errors import AsyncEmbedSyncError
 from .journal import DownloadLayout
 from .progress import format_bytes
+from .prompts import Prompter
 from .remote import ClusterRemote
 
 
@@ -41,23 +42,25 @@ HEADER = (f"{'cluster':<12} {'remote':>6} {'size':>10} {'complete':>8} {'partial
           f"{'partial bytes':>16} {'changed':>7} {'missing':>7}")
 
 
-def collect_status(clusters: list[ClusterConfig], download_dir: str, timeout: float = 30.0) -> list[ClusterStatus]:
-    return anyio.run(_collect, clusters, download_dir, timeout, backend="asyncio")
+def collect_status(clusters: list[ClusterConfig], download_dir: str, timeout: float = 30.0,
+                   prompter: Prompter | None = None) -> list[ClusterStatus]:
+    return anyio.run(_collect, clusters, download_dir, timeout, prompter, backend="asyncio")
 
 
-async def _collect(clusters: list[ClusterConfig], download_dir: str, timeout: float) -> list[ClusterStatus]:
+async def _collect(clusters: list[ClusterConfig], download_dir: str, timeout: float,
+                   prompter: Prompter | None) -> list[ClusterStatus]:
     layout = DownloadLayout(download_dir)
     statuses = [ClusterStatus(c.name) for c in clusters]
     async with anyio.create_task_group() as tasks:
         for cluster, status in zip(clusters, statuses):
-            tasks.start_soon(_cluster_status, cluster, layout, timeout, status)
+            tasks.start_soon(_cluster_status, cluster, layout, timeout, prompter, status)
     return statuses
 
 
 async def _cluster_status(cluster: ClusterConfig, layout: DownloadLayout, timeout: float,
-                          status: ClusterStatus) -> None:
+                          prompter: Prompter | None, status: ClusterStatus) -> None:
     try:
-        async with await ClusterRemote.connect(cluster, timeout=timeout) as remote:
+        async with await ClusterRemote.connect(cluster, timeout=timeout, prompter=prompter) as remote:
             listing = await remote.list_checkpoints()
     except AsyncEmbedSyncError as exc:
         status.error = str(exc)

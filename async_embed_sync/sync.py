@@ -36,6 +36,7 @@ from .errors import (
 from .journal import DownloadLayout
 from .lock import DownloadDirLock
 from .progress import Progress, format_bytes
+from .prompts import Prompter
 from .remote import DEFAULT_SFTP_CHANNELS, DEFAULT_WINDOW, ClusterRemote, RemoteFile
 
 DEFAULT_DOWNLOAD_DIR = "embeddings/checkpoints"
@@ -52,6 +53,8 @@ class SyncOptions:
     max_backoff: float = 8.0
     window: int = DEFAULT_WINDOW
     sftp_channels: int = DEFAULT_SFTP_CHANNELS
+    # Who answers password, passphrase and 2FA prompts; None: nobody.
+    prompter: Prompter | None = None
 
     def delay(self, attempt: int) -> float:
         return min(self.backoff * 2 ** attempt, self.max_backoff)
@@ -68,6 +71,7 @@ class ClusterReport:
     resumed: int = 0
     reconnects: int = 0
     seconds: float = 0.0
+    method: str = ""  # "sftp", or "exec" where the server has no SFTP
     verified_by: set[str] = field(default_factory=set)
     errors: list[str] = field(default_factory=list)
 
@@ -104,7 +108,7 @@ class SyncReport:
 
     def summary(self) -> str:
         header = f"{'cluster':<12} {'files':>5} {'size':>10} {'fetched':>10} {'time':>7} {'rate':>11} " \
-                 f"{'resumed':>7} {'skipped':>7}  verified"
+                 f"{'resumed':>7} {'skipped':>7}  {'method':<6}  verified"
         lines = [header]
         for c in self.clusters.values():
             rate = f"{format_bytes(c.transferred / c.seconds)}/s" if c.seconds > 0 and c.transferred else "-"
@@ -112,7 +116,7 @@ class SyncReport:
             status = "" if c.ok else "  FAILED"
             lines.append(f"{c.name:<12} {c.files:>5} {format_bytes(c.total_bytes):>10} "
                          f"{format_bytes(c.transferred):>10} {c.seconds:>6.1f}s {rate:>11} "
-                         f"{c.resumed:>7} {c.skipped:>7}  {verified}{status}")
+                         f"{c.resumed:>7} {c.skipped:>7}  {c.method or '-':<6}  {verified}{status}")
         return "\n".join(lines)
 
 
@@ -274,9 +278,12 @@ class ClusterLink:
             raise AssertionError("unreachable")
 
     async def _connect(self) -> ClusterRemote:
-        return await ClusterRemote.connect(self.cluster, timeout=self._options.timeout,
-                                           window=self._options.window,
-                                           sftp_channels=self._options.sftp_channels)
+        remote = await ClusterRemote.connect(self.cluster, timeout=self._options.timeout,
+                                             window=self._options.window,
+                                             sftp_channels=self._options.sftp_channels,
+                                             prompter=self._options.prompter)
+        self._report.method = remote.method
+        return remote
 
     async def close(self) -> None:
         if self._remote is not None:

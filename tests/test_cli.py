@@ -47,7 +47,7 @@ def test_demo_resumes_after_drops(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "reconnecting" in err
     summary = err[err.index("cluster      files"):].splitlines()[1:3]
-    assert sum(int(line.split()[-3]) for line in summary) >= 1, summary  # the resumed column
+    assert sum(int(line.split()[-4]) for line in summary) >= 1, summary  # the resumed column
     with open(tmp_path / "demo" / "wikipedia_merged.pkl", "rb") as f:
         assert pickle.load(f)["total_articles"] == 4000
 

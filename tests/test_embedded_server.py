@@ -138,5 +138,5 @@ async def test_cluster_entry_is_a_valid_config_for_the_tool(
         direct, proxied = config.clusters["direct"], config.clusters["proxied"]
         assert (direct.port, direct.remote_dir, direct.username) == (server.port, "/run1", "tester")
         assert proxied.patterns == ("*.pkl",)
-        assert proxied.known_hosts_path.read_text().startswith(f"[127.0.0.1]:{server.port + 1} ssh-ed25519 ")
-        assert direct.known_hosts_path == server.known_hosts_path
+        assert Path(proxied.known_hosts).read_text().startswith(f"[127.0.0.1]:{server.port + 1} ssh-ed25519 ")
+        assert Path(direct.known_hosts) == server.known_hosts_path
