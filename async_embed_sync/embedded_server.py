@@ -134,6 +134,16 @@ class _ConnectionTracker(asyncssh.SSHServer):
     def validate_password(self, username: str, password: str) -> bool:
         return password == self._server.password
 
+    def kbdint_auth_supported(self) -> bool:
+        return self._server.one_time_code is not None
+
+    def get_kbdint_challenge(self, username: str, lang: str, submethods: str):
+        return "Two-factor authentication", "A code from your authenticator app.", "", \
+            [("Verification code: ", False)]
+
+    def validate_kbdint_response(self, username: str, responses) -> bool:
+        return list(responses) == [self._server.one_time_code]
+
 
 class EmbeddedSFTPServer(LoopbackSSHAccess):
     """An asyncssh SFTP server on loopback serving ``root``; see the module docstring.
@@ -144,15 +154,19 @@ class EmbeddedSFTPServer(LoopbackSSHAccess):
     def __init__(self, root: Path, workdir: Path, *,
                  sftp_factory: Callable[..., asyncssh.SFTPServer] = asyncssh.SFTPServer,
                  allow_exec: bool = True, host: str = "127.0.0.1", port: int = 0,
-                 username: str = "tester", password: str | None = None):
+                 username: str = "tester", password: str | None = None,
+                 one_time_code: str | None = None, accept_client_key: bool = True):
         self.root = Path(root).resolve()
         self.workdir = Path(workdir)
         self.host = host
         self.port = port
         self.username = username
         self.allow_exec = allow_exec
-        # Also accepted, when set: password authentication with it.
+        # Also accepted, when set: password authentication with it, and a
+        # keyboard-interactive "Verification code" challenge answered with it.
         self.password = password
+        self.one_time_code = one_time_code
+        self.accept_client_key = accept_client_key
         self.sftp_factory = sftp_factory
         self.exec_commands: list[str | None] = []
         self.connections = 0
@@ -179,7 +193,8 @@ class EmbeddedSFTPServer(LoopbackSSHAccess):
             self.host, self.port,
             server_factory=functools.partial(_ConnectionTracker, self),
             server_host_keys=[self.host_key],
-            authorized_client_keys=authorized,
+            # Refusing the key leaves only password or keyboard-interactive.
+            authorized_client_keys=authorized if self.accept_client_key else None,
             sftp_factory=functools.partial(self.sftp_factory, chroot=str(self.root)),
             # Without a process factory asyncssh refuses exec requests, which
             # is what a server without a shell does.
