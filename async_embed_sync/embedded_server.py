@@ -155,7 +155,8 @@ class EmbeddedSFTPServer(LoopbackSSHAccess):
                  sftp_factory: Callable[..., asyncssh.SFTPServer] = asyncssh.SFTPServer,
                  allow_exec: bool = True, host: str = "127.0.0.1", port: int = 0,
                  username: str = "tester", password: str | None = None,
-                 one_time_code: str | None = None, accept_client_key: bool = True):
+                 one_time_code: str | None = None, accept_client_key: bool = True,
+                 sftp: bool = True):
         self.root = Path(root).resolve()
         self.workdir = Path(workdir)
         self.host = host
@@ -167,6 +168,8 @@ class EmbeddedSFTPServer(LoopbackSSHAccess):
         self.password = password
         self.one_time_code = one_time_code
         self.accept_client_key = accept_client_key
+        # False: no SFTP subsystem at all, as on clusters that switch it off.
+        self.sftp = sftp
         self.sftp_factory = sftp_factory
         self.exec_commands: list[str | None] = []
         self.connections = 0
@@ -195,7 +198,7 @@ class EmbeddedSFTPServer(LoopbackSSHAccess):
             server_host_keys=[self.host_key],
             # Refusing the key leaves only password or keyboard-interactive.
             authorized_client_keys=authorized if self.accept_client_key else None,
-            sftp_factory=functools.partial(self.sftp_factory, chroot=str(self.root)),
+            sftp_factory=functools.partial(self.sftp_factory, chroot=str(self.root)) if self.sftp else None,
             # Without a process factory asyncssh refuses exec requests, which
             # is what a server without a shell does.
             process_factory=self._run_command if self.allow_exec else None,

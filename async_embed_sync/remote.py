@@ -420,8 +420,14 @@ class ClusterRemote:
                 self._sftp_pool = list(await asyncio.gather(
                     *(self._connection.start_sftp_client() for _ in range(self._sftp_channels))))
             except (asyncssh.ChannelOpenError, asyncssh.SFTPError) as exc:
+                if self._connection.is_closed():
+                    raise  # a drop, not a server without SFTP
                 shell = ShellAccess(self._connection, self.cluster.name)
-                if not await shell.probe():
+                try:
+                    has_shell = await shell.probe()
+                except asyncssh.ChannelOpenError:
+                    has_shell = False
+                if not has_shell:
                     raise RemoteError(self.cluster.name, "the server offers neither SFTP nor a shell "
                                                          "to run commands, so files cannot be read "
                                                          "from it.") from exc

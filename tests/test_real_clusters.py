@@ -256,3 +256,14 @@ async def test_without_sftp_the_exec_fallback_syncs_and_resumes(sshd_without_sft
     _same(remote, tmp_path / "dl" / "tensor01")
     # Resumed, not restarted: far less than the 14 MiB already received came again.
     assert proxy.bytes_to_client - (27 * MiB + 1000) < 4 * MiB
+
+
+@pytest.mark.anyio
+async def test_neither_sftp_nor_a_shell_is_a_clear_error(tmp_path, embedded_server, write_config):
+    _remote_files(tmp_path / "srv" / "ckpt", {"a.pkl": 1000})
+    async with embedded_server(tmp_path / "srv", sftp=False, allow_exec=False) as server:
+        config = write_config(tmp_path, {"tensor01": server.cluster_entry("/ckpt")})
+        report = await _sync(config, tmp_path / "dl", retries=0)
+    assert report.clusters["tensor01"].errors == [
+        "Cluster 'tensor01': the server offers neither SFTP nor a shell to run commands, so files "
+        "cannot be read from it."]
