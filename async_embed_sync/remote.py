@@ -492,7 +492,7 @@ class _PassphraseSource:
         except (OSError, asyncssh.KeyImportError):
             pass
         try:
-            return self._prompter.ask(f"Passphrase for key {filename}: ")
+            return self._prompter.ask(f"[{self._cluster.name}] Passphrase for key {filename}: ")
         except NoTerminal:
             return None  # asyncssh then refuses the key; the error says why
 
@@ -524,7 +524,8 @@ class _AuthClient(asyncssh.SSHClient):
             return configured if self._passwords_given == 1 else None
         if self._passwords_given > self.MAX_PROMPTED_PASSWORDS:
             return None
-        return await self._ask(f"Password for {self._target.username}@{self._target.hostname}: ",
+        return await self._ask(f"[{self._target.cluster.name}] Password for "
+                               f"{self._target.username}@{self._target.hostname}: ",
                                secret=True, what="a password")
 
     def kbdint_auth_requested(self) -> str:

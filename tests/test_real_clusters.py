@@ -182,7 +182,8 @@ async def test_password_and_passphrase_asked_through_the_prompt_hook(tmp_path, e
         prompter = ScriptedPrompter({"Password for": PASSWORD, "Passphrase for key": "open sesame"})
         report = await _sync(config, tmp_path / "dl", prompter=prompter)
     assert report.ok, {c.name: c.errors for c in report.clusters.values()}
-    assert {prompt.split(" ")[0] for prompt, _ in prompter.asked} >= {"Password", "Passphrase"}
+    assert any(p.startswith("[by-password] Password for tester@127.0.0.1") for p, _ in prompter.asked)
+    assert any(p.startswith(f"[by-key] Passphrase for key {encrypted}") for p, _ in prompter.asked)
     assert all(secret for _, secret in prompter.asked)
     for cluster in ("by-password", "by-key"):
         _same(remote, tmp_path / "dl" / cluster)
