@@ -40,6 +40,25 @@ async def _sync(config: Path, download_dir: Path, **options):
                                SyncOptions(**{**FAST_RETRY, **options}))
 
 
+async def _until_stalled(proxy, child=None) -> None:
+    """Wait (bounded) until the proxy's stall point is reached."""
+    for _ in range(600):
+        if proxy.stalled or (child is not None and child.returncode is not None):
+            break
+        await asyncio.sleep(0.05)
+    assert proxy.stalled, "the transfer never reached the stall point"
+
+
+async def _interrupted_when_stalled(proxy, run) -> None:
+    """Run ``run`` and cancel it (as Ctrl-C would) once the link stalls."""
+    task = asyncio.create_task(run)
+    await _until_stalled(proxy)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    proxy.resume()
+
+
 def _same(remote_dir: Path, local_dir: Path, names) -> None:
     for name in names:
         assert (local_dir / name).read_bytes() == (remote_dir / name).read_bytes(), name
@@ -73,11 +92,7 @@ async def test_killed_process_resumes(tmp_path, embedded_server, link_proxy, wri
             sys.executable, "-m", "async_embed_sync", "sync", "--config", str(config),
             "--download-dir", str(tmp_path / "dl"), "--quiet",
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
-        for _ in range(600):
-            if proxy.stalled or child.returncode is not None:
-                break
-            await asyncio.sleep(0.05)
-        assert proxy.stalled, "the child never reached the kill point"
+        await _until_stalled(proxy, child)
         child.send_signal(signal.SIGKILL)
         await child.wait()
         proxy.resume()
@@ -99,16 +114,7 @@ async def test_corrupted_partial_is_detected_and_healed(tmp_path, embedded_serve
     async with embedded_server(tmp_path / "srv") as server, \
             link_proxy(server, stall_after=18 * MiB) as proxy:
         config = write_config(tmp_path, {"tensor01": server.cluster_entry("/ckpt", port=proxy.port)})
-        # Interrupt the first run (as Ctrl-C would) once the link stalls.
-        first = asyncio.create_task(_sync(config, tmp_path / "dl"))
-        for _ in range(600):
-            if proxy.stalled:
-                break
-            await asyncio.sleep(0.05)
-        first.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await first
-        proxy.resume()
+        await _interrupted_when_stalled(proxy, _sync(config, tmp_path / "dl"))
         state = layout.load_state("tensor01", "a.pkl")
         assert state.verified_offset >= 8 * MiB and not state.complete
         # Flip one byte inside the verified prefix, as a disk error would.
@@ -129,15 +135,7 @@ async def test_interrupted_run_resumes_where_it_stopped(tmp_path, embedded_serve
     async with embedded_server(tmp_path / "srv") as server, \
             link_proxy(server, stall_after=18 * MiB) as proxy:
         config = write_config(tmp_path, {"tensor01": server.cluster_entry("/ckpt", port=proxy.port)})
-        first = asyncio.create_task(_sync(config, tmp_path / "dl"))
-        for _ in range(600):
-            if proxy.stalled:
-                break
-            await asyncio.sleep(0.05)
-        first.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await first
-        proxy.resume()
+        await _interrupted_when_stalled(proxy, _sync(config, tmp_path / "dl"))
         verified = DownloadLayout(tmp_path / "dl").load_state("tensor01", "a.pkl").verified_offset
         second = await _sync(config, tmp_path / "dl")
     assert second.ok and second.clusters["tensor01"].resumed == 1
@@ -263,11 +261,7 @@ async def test_sigterm_exits_130_and_keeps_what_arrived(tmp_path, embedded_serve
             sys.executable, "-m", "async_embed_sync", "sync", "--config", str(config),
             "--download-dir", str(tmp_path / "dl"), "--quiet",
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
-        for _ in range(600):
-            if proxy.stalled or child.returncode is not None:
-                break
-            await asyncio.sleep(0.05)
-        assert proxy.stalled
+        await _until_stalled(proxy, child)
         child.send_signal(signal.SIGTERM)
         stderr = (await asyncio.wait_for(child.communicate(), 30))[1].decode()
         assert child.returncode == 130, stderr
