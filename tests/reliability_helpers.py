@@ -1,0 +1,98 @@
+"""Shared by the reliability and load tests: remote trees of seeded random
+files, the mirror and journal checks, and CLI runs in child processes.
+
+A child process is how a test kills the tool at an exact point (SIGKILL from
+inside a patched function), limits its file size (RLIMIT_FSIZE) or measures
+its peak memory, without touching the test process itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from async_embed_sync.config import load_config
+from async_embed_sync.journal import STATE_DIR_NAME
+from async_embed_sync.progress import QuietProgress
+from async_embed_sync.sync import SyncOptions, SyncReport, sync_clusters
+
+MiB = 1024 * 1024
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CHILD_TIMEOUT = 120.0
+# Retries within a run come fast: the triggers are byte counts, not time.
+FAST_RETRY = dict(backoff=0.02, max_backoff=0.1, timeout=10.0)
+
+
+def make_files(directory: Path, sizes: dict[str, int], seed: int = 0) -> Path:
+    """Files of seeded random bytes (incompressible, reproducible) in ``directory``."""
+    rng = random.Random(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, size in sizes.items():
+        (directory / name).write_bytes(rng.randbytes(size))
+    return directory
+
+
+def assert_mirrored(remote_dir: Path, local_dir: Path, names: Sequence[str] | None = None) -> None:
+    """Every named remote file (default: all) is in ``local_dir`` byte for byte."""
+    names = sorted(p.name for p in remote_dir.iterdir()) if names is None else names
+    for name in names:
+        local = local_dir / name
+        assert local.is_file(), f"{name} is missing"
+        assert local.read_bytes() == (remote_dir / name).read_bytes(), f"{name} differs"
+
+
+def assert_journal_readable(download_dir: Path) -> list[dict]:
+    """Every state file under the download directory parses: none is ever torn."""
+    documents = []
+    for path in (Path(download_dir) / STATE_DIR_NAME).rglob("*.json"):
+        documents.append(json.loads(path.read_text()))  # raises on a torn file
+    return documents
+
+
+def assert_no_wrong_file_in_place(remote_dir: Path, local_dir: Path) -> None:
+    """A file in the cluster folder is always the remote's bytes (or absent)."""
+    if not local_dir.exists():
+        return
+    for local in local_dir.iterdir():
+        assert local.read_bytes() == (remote_dir / local.name).read_bytes(), f"{local.name} is wrong"
+
+
+def sync_argv(config: Path, download_dir: Path, *extra: str) -> list[str]:
+    return ["sync", "--config", str(config), "--download-dir", str(download_dir), "--quiet", *extra]
+
+
+def run_cli_child(argv: Sequence[str], prelude: str = "",
+                  timeout: float = CHILD_TIMEOUT) -> subprocess.CompletedProcess[str]:
+    """``main(argv)`` in a fresh interpreter, after ``prelude`` (hooks, limits).
+
+    The child exits with main's return code; a SIGKILL from a hook shows as
+    ``returncode == -9``.
+    """
+    code = (f"{prelude}\n"
+            "import sys\n"
+            "from async_embed_sync.cli import main\n"
+            "sys.exit(main(sys.argv[1:]))\n")
+    return subprocess.run([sys.executable, "-c", code, *argv], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+async def sync_in_process(config: Path, download_dir: Path, **options) -> SyncReport:
+    """The sync on the test's own loop (where embedded servers and proxies live)."""
+    clusters = load_config(config).select(None)
+    return await sync_clusters(clusters, str(download_dir), QuietProgress(),
+                               SyncOptions(**{**FAST_RETRY, **options}))
+
+
+async def wait_until(condition: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
+    """Poll ``condition`` (a bounded wait, not a trigger)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.02)
