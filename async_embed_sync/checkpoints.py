@@ -20,13 +20,16 @@ import functools
 import hashlib
 import json
 import math
+import multiprocessing
 import os
 import pickle
 import re
+import signal
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from multiprocessing.pool import AsyncResult
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -445,12 +448,14 @@ _JSONL_CHUNK_BYTES = 16 << 20
 class JsonlIndex:
     """Where each line of a ``.jsonl`` file ends, and which rows are not articles.
 
-    Built without parsing the lines that need no parsing: a line whose bytes
-    hold no ``"kind"`` key (however escaped) is an article, and a line that
-    starts with ``{`` and ends with ``}`` is taken to be a JSON object. Every
-    other line is parsed, and refused if it is not a JSON object. A line that
-    looks like an object but is broken inside is only found where the row is
-    read as a dict (a ``.pkl`` output, or ``load()`` of a bundle).
+    Built without parsing the lines that need no parsing to be counted: a
+    line whose bytes hold no ``"kind"`` key (however escaped) is an article,
+    and a line that starts with ``{`` and ends with ``}`` is taken to be a
+    JSON object. Every other line is parsed here, and refused if it is not a
+    JSON object. The lines taken on trust are still parsed before a merge
+    publishes anything: where the row is read as a dict (a ``.pkl`` or
+    parquet output), or by :func:`check_jsonl_lines` in a worker process
+    (a bundle's ``articles.jsonl``, which copies the lines verbatim).
     """
 
     line_ends: np.ndarray  # int64: the offset just after each line, its newline included
@@ -491,36 +496,121 @@ def _rows_needing_a_parse(text: bytes, ends: np.ndarray) -> set[int]:
     return rows
 
 
-def index_jsonl(stream: BinaryIO, path: Path) -> JsonlIndex:
-    """Index the lines of ``stream``; :class:`CheckpointError` for a line that is not a JSON object."""
-    line_ends: list[np.ndarray] = []
-    dropped: list[int] = []
-    base = rows = 0
-    carry = last = b""
+def _whole_line_chunks(stream: BinaryIO, limit: int | None = None) -> Iterator[tuple[bytes, int]]:
+    """``(text, cut)`` pairs: ``text[:cut]`` is the next run of whole lines of ``stream``.
+
+    Reads at most ``limit`` bytes if given; the very last line may lack its newline.
+    """
+    carry = b""
+    remaining = math.inf if limit is None else limit
     while True:
-        chunk = stream.read(_JSONL_CHUNK_BYTES)
+        chunk = stream.read(min(_JSONL_CHUNK_BYTES, remaining)) if remaining else b""
+        remaining -= len(chunk)
         text = carry + chunk if carry else chunk
         # Whole lines only; a partial last line waits for the next chunk.
         cut = text.rfind(b"\n") + 1 if chunk else len(text)
         carry = text[cut:]
         if cut:
-            last = text[cut - 1 : cut]
-            ends = np.array(_line_ends(text, cut), dtype=np.int64)
-            for offset in sorted(_rows_needing_a_parse(text, ends)):
-                start = int(ends[offset - 1]) if offset else 0
-                row = _parse_jsonl_row(text[start : int(ends[offset])], rows + offset + 1, path)
-                if not is_article(row):
-                    dropped.append(rows + offset)
-            line_ends.append(ends + base)
-            base += cut
-            rows += len(ends)
+            yield text, cut
         if not chunk:
-            break
+            return
+
+
+def index_jsonl(stream: BinaryIO, path: Path) -> JsonlIndex:
+    """Index the lines of ``stream``; :class:`CheckpointError` for a line that is not a JSON object."""
+    line_ends: list[np.ndarray] = []
+    dropped: list[int] = []
+    base = rows = 0
+    last = b""
+    for text, cut in _whole_line_chunks(stream):
+        last = text[cut - 1 : cut]
+        ends = np.array(_line_ends(text, cut), dtype=np.int64)
+        for offset in sorted(_rows_needing_a_parse(text, ends)):
+            start = int(ends[offset - 1]) if offset else 0
+            row = _parse_jsonl_row(text[start : int(ends[offset])], rows + offset + 1, path)
+            if not is_article(row):
+                dropped.append(rows + offset)
+        line_ends.append(ends + base)
+        base += cut
+        rows += len(ends)
     return JsonlIndex(
         line_ends=np.concatenate(line_ends) if line_ends else np.zeros(0, np.int64),
         dropped=np.array(dropped, dtype=np.int64),
         ends_with_newline=last in (b"", b"\n"),
     )
+
+
+def check_jsonl_lines(path: Path, length: int) -> str | None:
+    """Parse every line of the first ``length`` bytes of ``path``: the first problem found, or None.
+
+    The full check that :func:`index_jsonl` leaves out, meant for a worker
+    process (:class:`BackgroundJsonlCheck`): it takes a path and a byte
+    count rather than the bytes, and returns the problem as text, which
+    crosses the process boundary as it is.
+    """
+    number = checked = 0
+    try:
+        with open(path, "rb") as stream:
+            for text, cut in _whole_line_chunks(stream, length):
+                start = 0
+                for end in _line_ends(text, cut):
+                    number += 1
+                    _parse_jsonl_row(text[start:end], number, path)
+                    start = end
+                checked += cut
+    except CheckpointError as exc:
+        return exc.problem
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})."
+    return None if checked == length else "the file shrank while it was read."
+
+
+def _leave_signals_to_the_parent() -> None:
+    # Ctrl-C reaches the whole process group: the parent decides what stops,
+    # and stops the worker with SIGTERM, whatever handler it had inherited.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+class BackgroundJsonlCheck:
+    """:func:`check_jsonl_lines` of each file submitted, in a worker process, while this one works on.
+
+    ``json`` parsing holds the GIL: on a thread it would only take turns
+    with the caller's work, in a process it runs on another core. The worker
+    is forked when this object is made (make it before large buffers exist:
+    the fork shares them, and they would count in the worker's resident
+    size too) and is given file paths and byte counts, never the bytes.
+    Use as a context manager: leaving it stops the worker at once.
+    """
+
+    def __init__(self) -> None:
+        methods = multiprocessing.get_all_start_methods()
+        context = multiprocessing.get_context("fork" if "fork" in methods else None)
+        self._pool = context.Pool(1, initializer=_leave_signals_to_the_parent)
+        self._pending: list[tuple[Path, AsyncResult]] = []
+
+    def submit(self, path: Path, length: int) -> None:
+        """Check the first ``length`` bytes of ``path``."""
+        self._pending.append((path, self._pool.apply_async(check_jsonl_lines, (path, length))))
+
+    def wait(self) -> None:
+        """Block until every submitted file is checked; :class:`CheckpointError` for the first bad one."""
+        pending, self._pending = self._pending, []
+        for path, result in pending:
+            problem = result.get()
+            if problem is not None:
+                raise CheckpointError(str(path), problem)
+
+    def close(self) -> None:
+        # Reaped, not only killed: the worker's resource usage then counts as the parent's child's.
+        self._pool.terminate()
+        self._pool.join()
+
+    def __enter__(self) -> BackgroundJsonlCheck:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 class NpyCheckpoint(Checkpoint):
@@ -599,6 +689,11 @@ class NpyCheckpoint(Checkpoint):
         except (ValueError, OSError) as exc:
             raise CheckpointError(path, f"cannot be memory-mapped ({exc}).") from exc
 
+    @property
+    def indexed_bytes(self) -> int:
+        """How much of the ``.jsonl`` file its index covers: what a merge copies from it."""
+        return int(self.lines.line_ends[-1]) if self.lines.rows else 0
+
     def header_bytes(self) -> bytes:
         """The ``.npy`` header: with the bytes of every block, in order, the whole file."""
         with self._open(self.path) as stream:
@@ -612,7 +707,7 @@ class NpyCheckpoint(Checkpoint):
                 yield self.lines.line_start(start), self.lines.line_start(row) - self.lines.line_start(start)
             start = row + 1
         if start < self.lines.rows:
-            yield self.lines.line_start(start), int(self.lines.line_ends[-1]) - self.lines.line_start(start)
+            yield self.lines.line_start(start), self.indexed_bytes - self.lines.line_start(start)
 
     def blocks(self, max_rows: int) -> Iterator[RowBlock]:
         # Read through one reusable buffer instead of the map: pages of a map

@@ -13,6 +13,13 @@ Three steps, in this order:
    accumulating the quality metrics and hashing inputs and output (on
    worker threads) in the same pass; publish atomically (see ``output.py``).
 
+Every ``.jsonl`` line is parsed before anything is published. Where the
+output reads the rows as dicts, the copy parses them; where it copies them
+verbatim (a bundle's ``articles.jsonl``), a worker process parses them from
+the moment each file is indexed, beside the planning and the copy, and is
+joined before the publish: a bad line aborts the merge with nothing at the
+output path.
+
 Memory stays bounded by one loaded legacy checkpoint (a pickle can only be
 read whole), or by one block for ``.npy`` checkpoints.
 """
@@ -23,6 +30,7 @@ import resource
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,6 +40,7 @@ import numpy as np
 
 from .checkpoints import (
     BackgroundDigest,
+    BackgroundJsonlCheck,
     Checkpoint,
     CheckpointInfo,
     NpyCheckpoint,
@@ -41,7 +50,16 @@ from .checkpoints import (
 )
 from .errors import MergeValidationError
 from .metrics import QualityMetrics
-from .output import ArticlesFormat, OutputWriter, StagingArea, check_output_path, open_output, publish
+from .output import (
+    ArticlesFormat,
+    OutputWriter,
+    StagingArea,
+    bundle_articles_format,
+    check_output_path,
+    copies_checkpoint_lines,
+    open_output,
+    publish,
+)
 
 OUTPUT_DTYPES = ("float32", "float16")
 
@@ -103,22 +121,28 @@ class _InfoOnly:
         return self.info.path
 
 
-def _open_all(download_dir: Path) -> list[NpyCheckpoint | _InfoOnly]:
+def _open_all(download_dir: Path, line_check: BackgroundJsonlCheck | None = None) -> list[NpyCheckpoint | _InfoOnly]:
     """Open every checkpoint under ``download_dir``, by start index.
 
     A legacy checkpoint is dropped as soon as it is opened: only its info is
-    kept, so memory holds at most one loaded pickle.
+    kept, so memory holds at most one loaded pickle. With ``line_check``,
+    the lines of each ``.npy`` checkpoint are given to it as soon as they
+    are indexed, so that the check runs beside the rest of the merge.
     """
     paths = find_checkpoints(download_dir) if Path(download_dir).is_dir() else []
     if not paths:
         raise MergeValidationError(f"no checkpoints (*.pkl, *.npy) under {download_dir}/*/.")
     # No name holds a loaded pickle while the next one loads.
-    opened = [_kept_part(open_checkpoint(path)) for path in paths]
+    opened = [_kept_part(open_checkpoint(path), line_check) for path in paths]
     return sorted(opened, key=lambda checkpoint: checkpoint.info.start_index)
 
 
-def _kept_part(checkpoint: Checkpoint) -> NpyCheckpoint | _InfoOnly:
-    return checkpoint if isinstance(checkpoint, NpyCheckpoint) else _InfoOnly(checkpoint.info)
+def _kept_part(checkpoint: Checkpoint, line_check: BackgroundJsonlCheck | None) -> NpyCheckpoint | _InfoOnly:
+    if not isinstance(checkpoint, NpyCheckpoint):
+        return _InfoOnly(checkpoint.info)
+    if line_check is not None:
+        line_check.submit(checkpoint.articles_path, checkpoint.indexed_bytes)
+    return checkpoint
 
 
 def plan_merge(download_dir: Path) -> list[CheckpointInfo]:
@@ -281,20 +305,31 @@ def merge_checkpoints(
         raise MergeValidationError(f"output dtype {dtype!r} is not one of {', '.join(OUTPUT_DTYPES)}.")
     output = Path(output)
     check_output_path(output)
-    checkpoints = _open_all(Path(download_dir))
-    infos = [checkpoint.info for checkpoint in checkpoints]
-    validate_plan(infos, expect_articles)
-    # .npy checkpoints stay open (a map and a line index); legacy ones are reopened one at a time.
-    opened = {checkpoint.path: checkpoint for checkpoint in checkpoints if isinstance(checkpoint, NpyCheckpoint)}
-    del checkpoints
-    total_articles = sum(info.article_rows for info in infos)
-    timestamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    digests: dict[Path, Callable[[], str]] = {}
-    with ThreadPoolExecutor(max_workers=1) as file_hasher, StagingArea(output) as staging:
+    articles_format = bundle_articles_format(output, articles_format)
+    with ExitStack() as cleanup:
+        # Lines copied verbatim are parsed by no one else: every line is
+        # checked in a worker process, forked now while this one is small,
+        # and joined before the result is published.
+        line_check = (
+            cleanup.enter_context(BackgroundJsonlCheck()) if copies_checkpoint_lines(output, articles_format) else None
+        )
+        checkpoints = _open_all(Path(download_dir), line_check)
+        infos = [checkpoint.info for checkpoint in checkpoints]
+        validate_plan(infos, expect_articles)
+        # .npy checkpoints stay open (a map and a line index); legacy ones are reopened one at a time.
+        opened = {checkpoint.path: checkpoint for checkpoint in checkpoints if isinstance(checkpoint, NpyCheckpoint)}
+        del checkpoints
+        total_articles = sum(info.article_rows for info in infos)
+        timestamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        digests: dict[Path, Callable[[], str]] = {}
+        file_hasher = cleanup.enter_context(ThreadPoolExecutor(max_workers=1))
+        staging = cleanup.enter_context(StagingArea(output))
         writer = open_output(staging, (total_articles, infos[0].dim), np.dtype(dtype), articles_format)
         try:
             copy_pass = _CopyPass(writer, infos, opened, np.dtype(dtype), strict, on_progress)
             copy_pass.run(digests, file_hasher)
+            if line_check is not None:
+                line_check.wait()
             quality_metrics = copy_pass.metrics.result()
             writer.finish(
                 {

@@ -418,6 +418,10 @@ class LegacyPickleWriter:
         self._file.close()
 
 
+def _articles_writer_type(articles_format: ArticlesFormat) -> type[JsonlArticles] | type[ParquetArticles]:
+    return ParquetArticles if articles_format == "parquet" else JsonlArticles
+
+
 class BundleWriter:
     """The bundle's files in the staging directory: preallocated ``embeddings.npy``, articles, manifest."""
 
@@ -434,10 +438,7 @@ class BundleWriter:
         self._file.write_at(header.getvalue(), 0)
         self.embeddings = EmbeddingsRegion(self._file, len(header.getvalue()), shape, dtype, self._digest)
         self.articles_file = ARTICLES_PARQUET if articles_format == "parquet" else ARTICLES_JSONL
-        path = directory / self.articles_file
-        self.articles: JsonlArticles | ParquetArticles = (
-            ParquetArticles(path) if articles_format == "parquet" else JsonlArticles(path)
-        )
+        self.articles = _articles_writer_type(articles_format)(directory / self.articles_file)
 
     def finish(self, metadata: Mapping[str, Any]) -> None:
         """Write ``manifest.json`` (every legacy key but the first two) and close."""
@@ -457,16 +458,37 @@ class BundleWriter:
 OutputWriter = LegacyPickleWriter | BundleWriter
 
 
+def bundle_articles_format(output: Path, articles_format: ArticlesFormat | None = None) -> ArticlesFormat | None:
+    """The form of the articles of a bundle at ``output`` (None for a ``.pkl`` output).
+
+    ``None`` asks for the default; parquet without pyarrow is refused.
+    """
+    if is_pickle_output(output):
+        return None
+    if articles_format is None:
+        return default_articles_format()
+    if articles_format == "parquet" and not parquet_available():
+        raise OutputError(str(output), "articles.parquet needs pyarrow, which is not installed.")
+    return articles_format
+
+
+def copies_checkpoint_lines(output: Path, articles_format: ArticlesFormat | None = None) -> bool:
+    """True when the output at ``output`` takes the lines of ``.jsonl`` checkpoints verbatim, unparsed.
+
+    Only a bundle's ``articles.jsonl`` does; every other form reads each
+    article row as a dict, and so parses it.
+    """
+    articles_format = bundle_articles_format(output, articles_format)
+    return articles_format is not None and _articles_writer_type(articles_format).copies_lines
+
+
 def open_output(
     staging: StagingArea, shape: tuple[int, int], dtype: np.dtype, articles_format: ArticlesFormat | None = None
 ) -> OutputWriter:
     """The writer for the form that the output path asks for, writing into ``staging``."""
-    if is_pickle_output(staging.output):
-        return LegacyPickleWriter(staging.path / staging.output.name, shape, dtype)
+    articles_format = bundle_articles_format(staging.output, articles_format)
     if articles_format is None:
-        articles_format = default_articles_format()
-    if articles_format == "parquet" and not parquet_available():
-        raise OutputError(str(staging.output), "articles.parquet needs pyarrow, which is not installed.")
+        return LegacyPickleWriter(staging.path / staging.output.name, shape, dtype)
     return BundleWriter(staging.path, shape, dtype, articles_format)
 
 

@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 from merge_fixtures import DIM, write_evil_pickle
 
-from async_embed_sync.checkpoints import file_sha256, find_checkpoints, open_checkpoint, restricted_load
+from async_embed_sync.checkpoints import (
+    BackgroundJsonlCheck,
+    check_jsonl_lines,
+    file_sha256,
+    find_checkpoints,
+    open_checkpoint,
+    restricted_load,
+)
 from async_embed_sync.errors import CheckpointError, UnsafePickleError
 from async_embed_sync.synthetic import make_rows, make_vectors, write_legacy_checkpoint, write_npy_checkpoint
 
@@ -259,6 +266,33 @@ def test_a_jsonl_line_that_is_not_an_object_is_refused(tmp_path: Path, text: str
 
     with pytest.raises(CheckpointError, match=message):
         open_checkpoint(path)
+
+
+def test_check_jsonl_lines_parses_every_line_of_the_range(tmp_path: Path) -> None:
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"id": "0"}\r\n {"id": "1"} \n{"id": "2", "title": 3,}\n{"id": "3"}')
+    good = len('{"id": "0"}\r\n {"id": "1"} \n')
+
+    assert check_jsonl_lines(path, good) is None
+    assert check_jsonl_lines(path, path.stat().st_size).startswith("line 3 is not JSON")
+    assert check_jsonl_lines(path, path.stat().st_size + 1).startswith("line 3 is not JSON")
+    path.write_text('{"id": "0"}\n{"id": "1"}')
+    assert check_jsonl_lines(path, path.stat().st_size) is None
+    assert check_jsonl_lines(path, path.stat().st_size + 5) == "the file shrank while it was read."
+    assert check_jsonl_lines(tmp_path / "missing.jsonl", 1).startswith("cannot be read")
+
+
+def test_background_jsonl_check_reports_the_first_bad_file_by_name(tmp_path: Path) -> None:
+    good, bad = tmp_path / "good.jsonl", tmp_path / "bad.jsonl"
+    good.write_text('{"id": "0"}\n')
+    bad.write_text('{"id": "0"}\n[1]\n')
+
+    with BackgroundJsonlCheck() as line_check:
+        line_check.submit(good, good.stat().st_size)
+        line_check.wait()
+        line_check.submit(bad, bad.stat().st_size)
+        with pytest.raises(CheckpointError, match=f"{bad}: line 2 is not a JSON object"):
+            line_check.wait()
 
 
 def test_jsonl_lines_are_kept_verbatim_whatever_their_ending(tmp_path: Path) -> None:

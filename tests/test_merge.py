@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import pickle
 import signal
 import subprocess
@@ -13,7 +14,7 @@ from merge_fixtures import DIM, entries, expected_merge
 
 from async_embed_sync.errors import AsyncEmbedSyncError, CheckpointError, MergeValidationError
 from async_embed_sync.merge import MergeProgress, merge_checkpoints
-from async_embed_sync.output import load
+from async_embed_sync.output import load, parquet_available
 from async_embed_sync.synthetic import generate_run, make_rows, make_vectors, write_legacy_checkpoint, write_npy_checkpoint
 
 ROWS = 400
@@ -193,6 +194,59 @@ def test_articles_length_mismatch_is_refused(tmp_path: Path) -> None:
 
     with pytest.raises(CheckpointError, match="9 entries"):
         merge_checkpoints(tmp_path / "downloads", tmp_path / "out" / "merged.pkl")
+    assert entries(tmp_path / "out") == []
+
+
+def _replace_jsonl_line(checkpoint: Path, number: int, line: str) -> Path:
+    articles = checkpoint.with_suffix(".jsonl")
+    lines = articles.read_text().splitlines()
+    lines[number - 1] = line
+    articles.write_text("\n".join(lines) + "\n")
+    return articles
+
+
+_OUTPUT_FORMS = [
+    ("merged.pkl", None),
+    ("merged", "jsonl"),
+    pytest.param("merged", "parquet", marks=pytest.mark.skipif(not parquet_available(), reason="needs pyarrow")),
+]
+
+
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [
+        ('{"id": "40", "title": "x",}', "is not JSON"),  # looks like an object: not caught by the index
+        ('{"id": "40" "title": "x"}', "is not JSON"),
+        ('{"id": "40", "title": "\xff"}', "is not JSON"),  # not UTF-8 once written as latin-1 below
+        ('["40", "x"]', "is not a JSON object"),  # valid JSON, not an object
+        ('"40"', "is not a JSON object"),
+    ],
+)
+@pytest.mark.parametrize(("output_name", "articles_format"), _OUTPUT_FORMS)
+def test_a_broken_jsonl_line_is_refused_before_anything_is_written(
+    tmp_path: Path, line: str, problem: str, output_name: str, articles_format: str | None
+) -> None:
+    paths = _run(tmp_path / "downloads", "npy")
+    articles = _replace_jsonl_line(paths[2], 7, line)
+    if "\xff" in line:
+        articles.write_bytes(articles.read_bytes().replace("\xff".encode(), b"\xff"))
+
+    with pytest.raises(CheckpointError) as caught:
+        merge_checkpoints(tmp_path / "downloads", tmp_path / "out" / output_name, articles_format=articles_format)
+
+    assert str(articles) in str(caught.value) and f"line 7 {problem}" in str(caught.value)
+    assert entries(tmp_path / "out") == []
+    assert multiprocessing.active_children() == []  # no worker left behind
+
+
+def test_a_broken_line_in_the_last_checkpoint_is_found_after_the_copy(tmp_path: Path) -> None:
+    paths = _run(tmp_path / "downloads", "npy")
+    last = max(paths, key=lambda path: int(path.stem.split("_")[-1]))
+    articles = _replace_jsonl_line(last, 3, '{"id": "x", "title": "y", "text": "unterminated}')
+    (tmp_path / "out").mkdir()
+
+    with pytest.raises(CheckpointError, match=f"{articles}.*line 3 is not JSON"):
+        merge_checkpoints(tmp_path / "downloads", tmp_path / "out" / "merged", articles_format="jsonl")
     assert entries(tmp_path / "out") == []
 
 
