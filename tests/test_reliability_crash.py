@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import signal
 
+import numpy as np
 import pytest
 from reliability_helpers import (
     MiB,
@@ -26,9 +27,11 @@ from async_embed_sync.cli import main
 from async_embed_sync.config import load_config
 from async_embed_sync.download import CHECKPOINT_BYTES
 from async_embed_sync.journal import DownloadLayout
+from async_embed_sync.output import load
 from async_embed_sync.progress import QuietProgress
 from async_embed_sync.remote import MAX_BLOCK_SIZE
 from async_embed_sync.sync import SyncOptions, sync
+from async_embed_sync.synthetic import generate_run
 
 # 2.5 checkpoint intervals: journal saves at 8 and 16 MiB, at the end of the
 # transfer, and once more when the file is complete.
@@ -77,6 +80,11 @@ elif _KIND == "replace":
         if _due(source):
             _die()
         return _original(source, destination, **kwargs)
+elif _KIND == "pwrite":
+    def _hooked(fd, data, offset):
+        if _due(fd):
+            _die()
+        return _original(fd, data, offset)
 else:
     def _hooked(fd):
         if _due(fd):
@@ -139,3 +147,27 @@ def test_a_verified_prefix_survives_the_kill_and_is_not_fetched_again(openssh, t
     assert report.ok and report.clusters["tensor01"].resumed == 1
     assert report.transferred == BIG_SIZE - state.verified_offset
     assert_mirrored(remote, download_dir / "tensor01")
+
+
+@pytest.mark.parametrize("output_name", ["merged.pkl", "merged"])
+def test_sigkill_mid_merge_then_the_next_merge_is_complete_and_equal(tmp_path, output_name):
+    """Killed at the third row write into the staged output: nothing at the
+    output path; the next merge produces what an uninterrupted one does."""
+    download_dir = tmp_path / "dl"
+    generate_run(download_dir, rows=1200, dim=64, files_per_gpu=2, fmt="mixed")
+    output = tmp_path / "out" / output_name
+    def merge_argv(to):
+        return ["merge", "--download-dir", str(download_dir), "--output", str(to), "--quiet"]
+    argv = merge_argv(output)
+
+    killed = run_cli_child(argv, _KILL_HOOK.format(kind="pwrite", match=f"{output_name}.", nth=3))
+
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not output.exists()
+    assert main(argv) == 0
+    reference = tmp_path / "reference" / output_name
+    assert main(merge_argv(reference)) == 0
+    merged, expected = load(output), load(reference)
+    assert np.array_equal(merged["embeddings"], expected["embeddings"])
+    assert merged["articles"] == expected["articles"]
+    assert merged["total_articles"] == expected["total_articles"] == 1200 - 10

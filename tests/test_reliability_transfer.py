@@ -234,3 +234,45 @@ async def test_a_second_run_on_a_busy_download_directory_refuses_naming_the_hold
     assert first.returncode == 0, stderr
     assert_mirrored(remote, download_dir / "tensor01")
 
+
+
+async def test_a_stalled_link_is_noticed_within_the_timeout_and_the_sync_finishes(
+        tmp_path, embedded_server, link_proxy, write_config):
+    """The proxy stops forwarding after 3 MiB with every socket open; the
+    client must give the link up and connect again within about ``timeout``
+    (keepalives every timeout / 4), then finish the file."""
+    timeout = 1.5
+    remote = make_files(tmp_path / "srv" / "ckpt", {"a.pkl": 8 * MiB})
+    async with embedded_server(tmp_path / "srv") as server, \
+            link_proxy(server, stall_after=3 * MiB) as proxy:
+        config = write_config(tmp_path, {"tensor01": server.cluster_entry("/ckpt", port=proxy.port)})
+        run = asyncio.create_task(sync_in_process(config, tmp_path / "dl", timeout=timeout))
+        await wait_until(lambda: proxy.stalled, what="the stall")
+        stalled_at = asyncio.get_running_loop().time()
+        await wait_until(lambda: proxy.connections > 1, timeout=10 * timeout, what="a reconnect")
+        noticed_after = asyncio.get_running_loop().time() - stalled_at
+        proxy.resume()  # the new connection's bytes must flow
+        report = await asyncio.wait_for(run, 30)
+    assert noticed_after <= 2 * timeout + 0.5, noticed_after
+    assert report.ok and report.clusters["tensor01"].reconnects == 1
+    assert report.clusters["tensor01"].resumed == 1
+    assert_mirrored(remote, tmp_path / "dl" / "tensor01")
+
+
+@pytest.mark.parametrize("damage", [b"", b'{"version": 1, "remote_size"', b"\x00" * 64, b'{"version": 1}'],
+                         ids=["empty", "torn", "zeros", "fields-missing"])
+async def test_a_damaged_journal_is_recovered_from_end_to_end(tmp_path, embedded_server, write_config,
+                                                              damage):
+    """A partial whose state file is damaged is not trusted (its bytes are
+    wrong here, on purpose) and not crashed on: the file is fetched again."""
+    remote = make_files(tmp_path / "srv" / "ckpt", {"a.pkl": 3 * MiB})
+    layout = DownloadLayout(tmp_path / "dl")
+    layout.prepare("tensor01")
+    layout.partial_path("tensor01", "a.pkl").write_bytes(b"\xff" * (2 * MiB))
+    layout.state_path("tensor01", "a.pkl").write_bytes(damage)
+    async with embedded_server(tmp_path / "srv") as server:
+        config = write_config(tmp_path, {"tensor01": server.cluster_entry("/ckpt")})
+        report = await sync_in_process(config, tmp_path / "dl")
+    assert report.ok and report.clusters["tensor01"].resumed == 0
+    assert_mirrored(remote, tmp_path / "dl" / "tensor01")
+    assert layout.load_state("tensor01", "a.pkl").complete
