@@ -496,15 +496,18 @@ def _rows_needing_a_parse(text: bytes, ends: np.ndarray) -> set[int]:
     return rows
 
 
-def _whole_line_chunks(stream: BinaryIO, limit: int | None = None) -> Iterator[tuple[bytes, int]]:
+def _whole_line_chunks(
+    stream: BinaryIO, limit: int | None = None, chunk_bytes: int = _JSONL_CHUNK_BYTES
+) -> Iterator[tuple[bytes, int]]:
     """``(text, cut)`` pairs: ``text[:cut]`` is the next run of whole lines of ``stream``.
 
-    Reads at most ``limit`` bytes if given; the very last line may lack its newline.
+    Reads ``chunk_bytes`` at a time, at most ``limit`` bytes if given; the
+    very last line may lack its newline.
     """
     carry = b""
     remaining = math.inf if limit is None else limit
     while True:
-        chunk = stream.read(min(_JSONL_CHUNK_BYTES, remaining)) if remaining else b""
+        chunk = stream.read(min(chunk_bytes, remaining)) if remaining else b""
         remaining -= len(chunk)
         text = carry + chunk if carry else chunk
         # Whole lines only; a partial last line waits for the next chunk.
@@ -540,6 +543,11 @@ def index_jsonl(stream: BinaryIO, path: Path) -> JsonlIndex:
     )
 
 
+# The worker reads this much at a time: its resident size adds to the
+# merge's, and larger reads parse no faster.
+_CHECK_CHUNK_BYTES = 1 << 20
+
+
 def check_jsonl_lines(path: Path, length: int) -> str | None:
     """Parse every line of the first ``length`` bytes of ``path``: the first problem found, or None.
 
@@ -551,7 +559,7 @@ def check_jsonl_lines(path: Path, length: int) -> str | None:
     number = checked = 0
     try:
         with open(path, "rb") as stream:
-            for text, cut in _whole_line_chunks(stream, length):
+            for text, cut in _whole_line_chunks(stream, length, _CHECK_CHUNK_BYTES):
                 start = 0
                 for end in _line_ends(text, cut):
                     number += 1
