@@ -24,12 +24,20 @@ same directory on the same disk. Each contender runs ``--repeat`` times; the
 table shows the median wall time, the largest peak RSS of those runs, and
 the median CPU time (user + system; it is less sensitive than the wall time
 to other load on the machine). RSS is what ``time -v`` reports as "Maximum
-resident set size": it counts mapped file pages too.
+resident set size": it counts mapped file pages too, and it is the largest
+peak of any *one* process of the tree (the process it ran and the
+descendants reaped by then: the kernel keeps the largest), not their sum.
+The merge forks a worker process to check ``.jsonl`` lines when it writes a
+bundle with ``articles.jsonl``, so the merge also reports its own peak and
+its worker's (``getrusage``), and the table shows their sum: an upper bound
+of what the two held at once (pages shared since the fork count twice).
+CPU time, by contrast, includes the reaped worker's.
 
 Needs ``/usr/bin/time`` (Debian: ``apt-get install -y time``).
 
     python benchmarks/bench_merge.py                   # full size, scales 1 and 4
     python benchmarks/bench_merge.py --rows 20000 --scale 1 --keep --workdir /tmp/bm
+    python benchmarks/bench_merge.py --npy-only --no-pkl-out --bundle-forms jsonl   # the jsonl bundle rows only
 """
 
 from __future__ import annotations
@@ -76,10 +84,13 @@ with open(output, "wb") as stream:
 """
 
 TOOL_MERGE = """
-import sys
+import resource, sys
 from async_embed_sync.merge import merge_checkpoints
 articles_format = sys.argv[3] if len(sys.argv) > 3 else None
 print(merge_checkpoints(sys.argv[1], sys.argv[2], articles_format=articles_format).summary(), file=sys.stderr)
+# time -v reports the larger of these two, not their sum: see the module docstring.
+print("peak RSS KiB: merge process", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+      "its largest worker process", resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr)
 """
 
 
@@ -90,6 +101,8 @@ class Measurement:
     seconds: float
     cpu_seconds: float
     peak_rss_bytes: int
+    # The merge's own process peak plus its largest worker process's peak, where it says (else None).
+    process_tree_rss_bytes: int | None = None
 
 
 def _elapsed_seconds(text: str) -> float:
@@ -99,8 +112,9 @@ def _elapsed_seconds(text: str) -> float:
     return seconds
 
 
-def _time_v(label: str, command: list[str]) -> tuple[float, float, int]:
-    """Run ``command`` once under ``/usr/bin/time -v``: wall seconds, CPU seconds, peak RSS bytes."""
+def _time_v(label: str, command: list[str]) -> tuple[float, float, int, int | None]:
+    """Run ``command`` once under ``/usr/bin/time -v``: wall seconds, CPU seconds, peak RSS bytes,
+    and the sum of the merge's and its worker's peaks if the merge reported them."""
     finished = subprocess.run(
         ["/usr/bin/time", "-v", *command], cwd=REPO, capture_output=True, text=True, check=False
     )
@@ -115,7 +129,9 @@ def _time_v(label: str, command: list[str]) -> tuple[float, float, int]:
     summary = next((lines[at : at + 4] for at, line in enumerate(lines) if line.startswith("Merged")), [])
     print(f"{label}: {wall.group(1)} s, {int(rss.group(1)) // 1024} MiB", *summary, sep="\n  ", file=sys.stderr)
     cpu = float(user.group(1)) + float(system.group(1))
-    return _elapsed_seconds(wall.group(1)), cpu, int(rss.group(1)) * 1024
+    peaks = re.search(r"peak RSS KiB: merge process (\d+) its largest worker process (\d+)", finished.stderr)
+    tree = (int(peaks.group(1)) + int(peaks.group(2))) * 1024 if peaks else None
+    return _elapsed_seconds(wall.group(1)), cpu, int(rss.group(1)) * 1024, tree
 
 
 def _remove(path: Path) -> None:
@@ -148,6 +164,7 @@ def measure(label: str, command: list[str], inputs: list[Path], output: Path, re
         statistics.median(run[0] for run in runs),
         statistics.median(run[1] for run in runs),
         max(run[2] for run in runs),
+        None if runs[0][3] is None else max(run[3] for run in runs),
     )
 
 
@@ -179,24 +196,35 @@ def _pyarrow_imports() -> bool:
     return subprocess.run([sys.executable, "-c", "import pyarrow.parquet"], capture_output=True).returncode == 0
 
 
-def run(workdir: Path, rows: int, scales: list[int], text_bytes: int, repeat: int) -> list[tuple[Measurement, Measurement]]:
-    """Pairs of (contender, reference) measurements, in table order."""
-    pickles, output = workdir / "pkl", workdir / "out"
-    output.mkdir(parents=True, exist_ok=True)
+def _pickle_input_pairs(workdir: Path, output: Path, rows: int, text_bytes: int, repeat: int) -> list[tuple[Measurement, Measurement]]:
+    """The legacy merge, this tool and ``cat`` on legacy pickles."""
+    pickles = workdir / "pkl"
     _generate(pickles, rows, "pkl", text_bytes)
     legacy_command = [sys.executable, "-c", LEGACY_MERGE, str(pickles), str(output / "legacy.pkl")]
     legacy = measure("legacy merge (pkl in)", legacy_command, _inputs(pickles), output / "legacy.pkl", repeat)
     tool = _merge("merge_checkpoints (pkl in)", pickles, output / "merged.pkl", repeat)
     cat = _cat("cat (pkl in)", pickles, output / "cat.bin", repeat)
     shutil.rmtree(pickles)
-    pairs = [(tool, legacy), (cat, legacy)]
-    bundle_forms = ["jsonl", "parquet"] if _pyarrow_imports() else ["jsonl"]
+    return [(tool, legacy), (cat, legacy)]
+
+
+def run(
+    workdir: Path, rows: int, scales: list[int], text_bytes: int, repeat: int,
+    pickle_input: bool = True, bundle_forms: list[str] | None = None, pickle_output: bool = True,
+) -> list[tuple[Measurement, Measurement]]:
+    """Pairs of (contender, reference) measurements, in table order."""
+    output = workdir / "out"
+    output.mkdir(parents=True, exist_ok=True)
+    pairs = _pickle_input_pairs(workdir, output, rows, text_bytes, repeat) if pickle_input else []
+    if bundle_forms is None:
+        bundle_forms = ["jsonl", "parquet"] if _pyarrow_imports() else ["jsonl"]
     for scale in scales:
         arrays = workdir / f"npy-x{scale}"
         _generate(arrays, rows * scale, "npy", text_bytes)
         copied = _cat(f"cat (npy in, {scale}x)", arrays, output / "cat.bin", repeat)
-        merged = _merge(f"merge_checkpoints (npy in, {scale}x, .pkl out)", arrays, output / "merged.pkl", repeat)
-        pairs.append((merged, copied))
+        if pickle_output:
+            merged = _merge(f"merge_checkpoints (npy in, {scale}x, .pkl out)", arrays, output / "merged.pkl", repeat)
+            pairs.append((merged, copied))
         for form in bundle_forms:
             label = f"merge_checkpoints (npy in, {scale}x, bundle out, articles.{form})"
             pairs.append((_merge(label, arrays, output / "bundle", repeat, form), copied))
@@ -204,17 +232,26 @@ def run(workdir: Path, rows: int, scales: list[int], text_bytes: int, repeat: in
     return pairs
 
 
+def _ratio(value: float, reference: float, digits: int) -> str:
+    # A tiny run can take "0:00.00" by /usr/bin/time's clock.
+    return f"{value / reference:.{digits}f}" if reference else "n/a"
+
+
 def table(pairs: list[tuple[Measurement, Measurement]]) -> str:
     lines = [
-        "| contender | input | wall time | CPU time | peak RSS | reference | ref. time | ref. RSS | time ratio | RSS ratio |",
-        "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |",
+        "| contender | input | wall time | CPU time | peak RSS | merge + worker peaks "
+        "| reference | ref. time | ref. RSS | time ratio | RSS ratio |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |",
     ]
     for contender, reference in pairs:
+        tree = contender.process_tree_rss_bytes
         lines.append(
             f"| {contender.label} | {contender.input_bytes / 1e9:.2f} GB | {contender.seconds:.2f} s "
-            f"| {contender.cpu_seconds:.2f} s | {contender.peak_rss_bytes / 2**20:,.0f} MiB | {reference.label} "
+            f"| {contender.cpu_seconds:.2f} s | {contender.peak_rss_bytes / 2**20:,.0f} MiB "
+            f"| {'-' if tree is None else f'{tree / 2**20:,.0f} MiB'} | {reference.label} "
             f"| {reference.seconds:.2f} s | {reference.peak_rss_bytes / 2**20:,.0f} MiB "
-            f"| {contender.seconds / reference.seconds:.2f} | {contender.peak_rss_bytes / reference.peak_rss_bytes:.3f} |"
+            f"| {_ratio(contender.seconds, reference.seconds, 2)} "
+            f"| {_ratio(contender.peak_rss_bytes, reference.peak_rss_bytes, 3)} |"
         )
     return "\n".join(lines)
 
@@ -227,12 +264,20 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="runs of each contender; the median is shown (default 3)")
     parser.add_argument("--workdir", type=Path, help="where the data goes (default: a new directory under /tmp)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument("--npy-only", action="store_true", help="skip the legacy-pickle input rows")
+    parser.add_argument("--bundle-forms", nargs="*", choices=["jsonl", "parquet"],
+                        help="article forms of the bundle rows (default: both where pyarrow imports; none: no bundle rows)")
+    parser.add_argument("--no-pkl-out", action="store_true", help="skip the .npy-in, .pkl-out rows")
     options = parser.parse_args()
     if not Path("/usr/bin/time").exists():
         raise SystemExit("/usr/bin/time is missing: apt-get install -y time")
     workdir = options.workdir or Path(tempfile.mkdtemp(prefix="bench_merge_"))
     try:
-        print(table(run(workdir, options.rows, options.scale, options.text_bytes, options.repeat)))
+        pairs = run(
+            workdir, options.rows, options.scale, options.text_bytes, options.repeat,
+            pickle_input=not options.npy_only, bundle_forms=options.bundle_forms, pickle_output=not options.no_pkl_out,
+        )
+        print(table(pairs))
     finally:
         if not options.keep:
             shutil.rmtree(workdir, ignore_errors=True)
