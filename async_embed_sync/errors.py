@@ -214,7 +214,7 @@ class RemoteFileChangedError(RemoteError):
         super().__init__(
             cluster,
             f"{name} changed on the server while it was being copied ({what}); "
-            f"it will be fetched again.",
+            f"nothing was put in its place. Is it still being written?",
         )
 
 
@@ -229,15 +229,15 @@ class VerificationError(AsyncEmbedSyncError):
 
 
 class SyncFailedError(AsyncEmbedSyncError):
-    def __init__(self, failures: dict[str, list[str]]):
-        self.failures = failures
-        parts = [f"{cluster}: {'; '.join(msgs)}" for cluster, msgs in sorted(failures.items())]
+    """Raised after the per-cluster errors were shown: it sums up, it does
+    not repeat them."""
+
+    def __init__(self, missing: dict[str, str]):
+        self.missing = missing
+        parts = "; ".join(f"{cluster}: {what}" for cluster, what in sorted(missing.items()))
         super().__init__(
-            "The sync did not finish for "
-            + ", ".join(sorted(failures))
-            + ". "
-            + " | ".join(parts)
-            + " Running the same command again resumes where it stopped."
+            f"The sync did not finish ({parts}; the errors are above). What was "
+            f"verified is kept: running the same command again resumes where it stopped."
         )
 
 

@@ -48,7 +48,7 @@ from .checkpoints import (
     find_checkpoints,
     open_checkpoint,
 )
-from .errors import MergeValidationError
+from .errors import MergeValidationError, OutputError
 from .metrics import QualityMetrics
 from .output import (
     ArticlesFormat,
@@ -323,27 +323,33 @@ def merge_checkpoints(
         timestamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
         digests: dict[Path, Callable[[], str]] = {}
         file_hasher = cleanup.enter_context(ThreadPoolExecutor(max_workers=1))
-        staging = cleanup.enter_context(StagingArea(output))
-        writer = open_output(staging, (total_articles, infos[0].dim), np.dtype(dtype), articles_format)
         try:
-            copy_pass = _CopyPass(writer, infos, opened, np.dtype(dtype), strict, on_progress)
-            copy_pass.run(digests, file_hasher)
-            if line_check is not None:
-                line_check.wait()
-            quality_metrics = copy_pass.metrics.result()
-            writer.finish(
-                {
-                    "total_articles": copy_pass.metrics.rows,
-                    "embedding_dim": infos[0].dim,
-                    "model": infos[0].model,
-                    "timestamp": timestamp,
-                    "quality_metrics": quality_metrics,
-                    "chunk_info": [_chunk_info(info, digests[info.path]()) for info in infos],
-                }
-            )
-        finally:
-            writer.close()
-        publish(staging)
+            staging = cleanup.enter_context(StagingArea(output))
+            writer = open_output(staging, (total_articles, infos[0].dim), np.dtype(dtype), articles_format)
+            try:
+                copy_pass = _CopyPass(writer, infos, opened, np.dtype(dtype), strict, on_progress)
+                copy_pass.run(digests, file_hasher)
+                if line_check is not None:
+                    line_check.wait()
+                quality_metrics = copy_pass.metrics.result()
+                writer.finish(
+                    {
+                        "total_articles": copy_pass.metrics.rows,
+                        "embedding_dim": infos[0].dim,
+                        "model": infos[0].model,
+                        "timestamp": timestamp,
+                        "quality_metrics": quality_metrics,
+                        "chunk_info": [_chunk_info(info, digests[info.path]()) for info in infos],
+                    }
+                )
+            finally:
+                writer.close()
+            publish(staging)
+        except OSError as exc:
+            # The disk filled up (ENOSPC), a size limit was hit (EFBIG), the
+            # folder is read-only...: the staging area goes with the exception.
+            raise OutputError(str(output), f"cannot be written ({exc.strerror or exc}); nothing was "
+                                           f"left at this path. Free the space and run the merge again.") from exc
     return MergeReport(
         output=output,
         checkpoints=len(infos),

@@ -79,6 +79,13 @@ class ClusterReport:
     def ok(self) -> bool:
         return not self.errors
 
+    def missing(self) -> str:
+        """What a failed cluster lacks, in a few words."""
+        if not self.files:
+            return "not listed"
+        absent = self.files - self.downloaded - self.skipped
+        return f"{absent} of {self.files} files missing" if absent else "names refused"
+
     def record(self, outcome: FileOutcome) -> None:
         if outcome.status == "skipped":
             self.skipped += 1
@@ -102,9 +109,9 @@ class SyncReport:
         return sum(c.transferred for c in self.clusters.values())
 
     def raise_for_failures(self) -> None:
-        failures = {name: c.errors for name, c in self.clusters.items() if c.errors}
-        if failures:
-            raise SyncFailedError(failures)
+        missing = {name: c.missing() for name, c in self.clusters.items() if c.errors}
+        if missing:
+            raise SyncFailedError(missing)
 
     def summary(self) -> str:
         header = f"{'cluster':<12} {'files':>5} {'size':>10} {'fetched':>10} {'time':>7} {'rate':>11} " \
@@ -200,7 +207,7 @@ async def _download_with_retries(link: ClusterLink, layout: DownloadLayout, remo
     without a byte gained give the file up. A verification failure earns
     one fresh download (the partial was discarded), not more."""
     cluster, name = link.cluster.name, remote_file.name
-    stalled_attempts = 0
+    stalled_attempts = changed_in_a_row = 0
     verification_failed = False
     fetched_by_failed_attempts = 0
     while True:
@@ -218,7 +225,10 @@ async def _download_with_retries(link: ClusterLink, layout: DownloadLayout, remo
             after = _verified_offset(layout, cluster, name)
             fetched_by_failed_attempts += max(after - before, 0)
             stalled_attempts = 0 if after > before else stalled_attempts + 1
-            if stalled_attempts > options.retries:
+            # A file still being written changes under every copy; each copy
+            # "gains" bytes, so changes are counted on their own.
+            changed_in_a_row = changed_in_a_row + 1 if isinstance(exc, RemoteFileChangedError) else 0
+            if stalled_attempts > options.retries or changed_in_a_row > options.retries:
                 raise
             progress.note(f"{exc}; retrying.")
             await anyio.sleep(options.delay(stalled_attempts))

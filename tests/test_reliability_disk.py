@@ -10,6 +10,8 @@ write).
 
 from __future__ import annotations
 
+import numpy as np
+import pytest
 from reliability_helpers import (
     MiB,
     assert_journal_readable,
@@ -20,10 +22,13 @@ from reliability_helpers import (
     sync_argv,
 )
 
+from async_embed_sync.cli import main
 from async_embed_sync.config import load_config
 from async_embed_sync.journal import DownloadLayout
+from async_embed_sync.output import load
 from async_embed_sync.progress import QuietProgress
 from async_embed_sync.sync import SyncOptions, sync
+from async_embed_sync.synthetic import generate_run
 
 _FILE_SIZE_LIMIT = """
 import resource, signal
@@ -33,14 +38,14 @@ resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))
 
 
 def _assert_one_clear_paragraph(stderr: str, *phrases: str) -> None:
-    """No traceback; the last line is the error paragraph naming the file and
-    the cause; any line before it is the same error, noted live as it happened."""
+    """No traceback; the error (naming the file and the cause) is said once,
+    each paragraph on a line of its own; the last line is the ``error:`` one."""
     assert "Traceback" not in stderr, stderr
-    *earlier, last = stderr.strip().splitlines()
-    assert last.startswith("error: "), stderr
+    lines = stderr.strip().splitlines()
+    assert lines[-1].startswith("error: "), stderr
+    assert len(lines) == len(set(lines)), stderr
     for phrase in phrases:
-        assert phrase in last, stderr
-    assert all(line in last for line in earlier), stderr
+        assert sum(phrase in line for line in lines) == 1, stderr
 
 
 def test_disk_full_during_the_download_is_a_clear_error_and_the_rerun_resumes(
@@ -70,3 +75,25 @@ def test_disk_full_during_the_download_is_a_clear_error_and_the_rerun_resumes(
     assert report.transferred <= 14 * MiB + 5 - verified + small_fetched_again + MiB
     assert_mirrored(remote, download_dir / "tensor01")
 
+
+@pytest.mark.parametrize("output_name", ["merged.pkl", "merged"])
+def test_disk_full_during_the_merge_is_a_clear_error_and_leaves_nothing(tmp_path, output_name):
+    """An OSError while writing the output (EFBIG here, ENOSPC on a full
+    disk) is one OutputError paragraph, nothing is left behind, and the same
+    merge succeeds once space is freed."""
+    download_dir = tmp_path / "dl"
+    generate_run(download_dir, rows=2000, dim=768, files_per_gpu=1, fmt="npy")  # ~6 MB of embeddings
+    output = tmp_path / "out" / output_name
+    argv = ["merge", "--download-dir", str(download_dir), "--output", str(output), "--quiet"]
+
+    full = run_cli_child(argv, _FILE_SIZE_LIMIT.format(limit=2 * MiB))
+
+    assert full.returncode == 1, full.stderr
+    _assert_one_clear_paragraph(full.stderr, str(output), "File too large")
+    assert not output.exists()
+    assert not output.parent.exists() or list(output.parent.iterdir()) == []
+
+    assert main(argv) == 0
+    merged = load(output)
+    assert merged["embeddings"].shape == (2000 - 10, 768)  # the 10 questions are dropped
+    assert np.isfinite(merged["embeddings"]).all()

@@ -276,3 +276,63 @@ async def test_a_damaged_journal_is_recovered_from_end_to_end(tmp_path, embedded
     assert report.ok and report.clusters["tensor01"].resumed == 0
     assert_mirrored(remote, tmp_path / "dl" / "tensor01")
     assert layout.load_state("tensor01", "a.pkl").complete
+
+
+async def test_a_file_that_changes_during_every_copy_is_given_up_with_a_clear_error(
+        tmp_path, embedded_server, write_config):
+    """A checkpoint still being written (it grows during each copy) must not
+    be copied forever: after ``retries`` changed copies in a row the file is
+    given up, named, and nothing is put in its place. (Each fresh copy
+    "gains" verified bytes, so changes are counted apart from progress.)"""
+    remote = make_files(tmp_path / "srv" / "ckpt", {"a.pkl": 3 * MiB, "b.npy": MiB})
+    copies = 0
+
+    class GrowsAtEveryClosingStat(asyncssh.SFTPServer):
+        def fstat(self, file_obj):
+            nonlocal copies
+            if os.fsdecode(file_obj.name).endswith("a.pkl"):
+                copies += 1
+                with (remote / "a.pkl").open("ab") as f:
+                    f.write(b"x" * 4096)
+            return super().fstat(file_obj)
+
+    retries = 2
+    async with embedded_server(tmp_path / "srv", sftp_factory=GrowsAtEveryClosingStat) as server:
+        config = write_config(tmp_path, {"tensor01": server.cluster_entry("/ckpt")})
+        report = await asyncio.wait_for(sync_in_process(config, tmp_path / "dl", retries=retries), 30)
+    errors = report.clusters["tensor01"].errors
+    assert len(errors) == 1 and "a.pkl changed on the server while it was being copied" in errors[0]
+    assert copies <= retries + 2
+    assert not (tmp_path / "dl" / "tensor01" / "a.pkl").exists()
+    assert_mirrored(remote, tmp_path / "dl" / "tensor01", ["b.npy"])
+
+
+@pytest.mark.parametrize("shell", [False, True], ids=["no-shell", "shell"])
+@pytest.mark.parametrize("change", ["rewritten", "grows"])
+async def test_a_change_mid_copy_is_noticed(tmp_path, embedded_server, write_config, change, shell):
+    """The closing stat must describe the file *after* the reads: without a
+    shell (no sha256sum) it is the only check of a change mid-copy, and with
+    one, the remote sha256 may have been computed before the change. The
+    embedded asyncssh server answers requests concurrently, so a stat sent
+    behind the last read could be answered before it."""
+    size = 6 * MiB
+    remote = make_files(tmp_path / "srv" / "ckpt", {"a.pkl": size})
+
+    def rewrite(path):
+        before = path.stat()
+        with path.open("r+b") as f:
+            f.write(random.Random(3).randbytes(size))
+        os.utime(path, (before.st_atime, before.st_mtime + 10))
+
+    def grow(path):
+        with path.open("ab") as f:
+            f.write(random.Random(4).randbytes(MiB))
+
+    on_read, copies = _change_at(remote / "a.pkl", size // 2, rewrite if change == "rewritten" else grow)
+    async with embedded_server(tmp_path / "srv", sftp_factory=_fault_server(on_read),
+                               allow_exec=shell) as server:
+        config = write_config(tmp_path, {"tensor01": server.cluster_entry("/ckpt")})
+        report = await sync_in_process(config, tmp_path / "dl")
+    assert report.ok, report.clusters["tensor01"].errors
+    assert len(copies) == 2
+    assert_mirrored(remote, tmp_path / "dl" / "tensor01")

@@ -154,7 +154,10 @@ def test_unreachable_host_fails_alone(openssh, tmp_path, write_config, capsys):
     })
     err = _run_failing(capsys, config, tmp_path / "dl")
     assert f"cannot connect to 127.0.0.1:{closed_port}" in err
-    assert "tensor02:" not in err.split("did not finish for")[-1]
+    summary = err[err.index("The sync did not finish"):]
+    assert "tensor01: not listed" in summary and "tensor02" not in summary
+    # Each error is shown once, not again in the closing summary.
+    assert err.count(f"cannot connect to 127.0.0.1:{closed_port}") == 1
     # The failing cluster did not stop the other one.
     _assert_mirrored(dirs["tensor02"], tmp_path / "dl" / "tensor02")
 
