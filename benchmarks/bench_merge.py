@@ -38,6 +38,7 @@ Needs ``/usr/bin/time`` (Debian: ``apt-get install -y time``).
     python benchmarks/bench_merge.py                   # full size, scales 1 and 4
     python benchmarks/bench_merge.py --rows 20000 --scale 1 --keep --workdir /tmp/bm
     python benchmarks/bench_merge.py --npy-only --no-pkl-out --bundle-forms jsonl   # the jsonl bundle rows only
+    python benchmarks/bench_merge.py --pkl-only        # the legacy-pickle input rows only
 """
 
 from __future__ import annotations
@@ -264,7 +265,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="runs of each contender; the median is shown (default 3)")
     parser.add_argument("--workdir", type=Path, help="where the data goes (default: a new directory under /tmp)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
-    parser.add_argument("--npy-only", action="store_true", help="skip the legacy-pickle input rows")
+    only = parser.add_mutually_exclusive_group()
+    only.add_argument("--npy-only", action="store_true", help="skip the legacy-pickle input rows")
+    only.add_argument("--pkl-only", action="store_true", help="only the legacy-pickle input rows (no .npy runs)")
     parser.add_argument("--bundle-forms", nargs="*", choices=["jsonl", "parquet"],
                         help="article forms of the bundle rows (default: both where pyarrow imports; none: no bundle rows)")
     parser.add_argument("--no-pkl-out", action="store_true", help="skip the .npy-in, .pkl-out rows")
@@ -274,7 +277,7 @@ def main() -> None:
     workdir = options.workdir or Path(tempfile.mkdtemp(prefix="bench_merge_"))
     try:
         pairs = run(
-            workdir, options.rows, options.scale, options.text_bytes, options.repeat,
+            workdir, options.rows, [] if options.pkl_only else options.scale, options.text_bytes, options.repeat,
             pickle_input=not options.npy_only, bundle_forms=options.bundle_forms, pickle_output=not options.no_pkl_out,
         )
         print(table(pairs))
