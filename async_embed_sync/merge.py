@@ -2,16 +2,23 @@
 
 Three steps, in this order:
 
-1. **Plan**: open each checkpoint in turn (one at a time) and keep its
-   :class:`~.checkpoints.CheckpointInfo` (and, for a ``.npy`` checkpoint,
-   the opened checkpoint itself: a map and the index of its lines).
-2. **Validate** all of them together before anything is written: contiguous
-   coverage of ``[0, N)`` from index 0, one dimension, one model, float
-   dtypes, the expected article count.
-3. **Copy**: preallocate the output, then copy checkpoint by checkpoint,
-   block by block, keeping only article rows, converting the dtype,
-   accumulating the quality metrics and hashing inputs and output (on
-   worker threads) in the same pass; publish atomically (see ``output.py``).
+1. **Read**: open each checkpoint in turn (one at a time) and keep its
+   :class:`~.checkpoints.CheckpointInfo`. A ``.npy`` checkpoint stays open
+   (a map and the index of its lines). A legacy pickle is read once, here:
+   a pickle can only be loaded whole, and holding them all would break the
+   memory bound, so what the output needs of it (its article rows in the
+   output dtype, its article dicts as the output encodes them) is appended
+   to scratch files in the staging area, and its quality metrics are taken.
+2. **Validate** all of them together before the output is created:
+   contiguous coverage of ``[0, N)`` from index 0, one dimension, one model,
+   float dtypes, the expected article count.
+3. **Copy**: preallocate the output, then fill it checkpoint by checkpoint
+   in index order: a legacy checkpoint's bytes are copied from the scratch
+   files (in the kernel where nothing needs to see them); a ``.npy``
+   checkpoint's rows block by block, keeping only article rows, converting
+   the dtype, accumulating the quality metrics and hashing inputs and
+   output (on worker threads) in the same pass. The scratch files are then
+   deleted and the result published atomically (see ``output.py``).
 
 Every ``.jsonl`` line is parsed before anything is published. Where the
 output reads the rows as dicts, the copy parses them; where it copies them
@@ -21,7 +28,9 @@ joined before the publish: a bad line aborts the merge with nothing at the
 output path.
 
 Memory stays bounded by one loaded legacy checkpoint (a pickle can only be
-read whole), or by one block for ``.npy`` checkpoints.
+read whole), or by one block for ``.npy`` checkpoints. The quality metrics
+are taken per checkpoint and combined in index order, so they do not depend
+on the order in which the files were read.
 """
 
 from __future__ import annotations
@@ -39,11 +48,13 @@ from typing import Any
 import numpy as np
 
 from .checkpoints import (
+    LEGACY_SUFFIX,
     BackgroundDigest,
     BackgroundJsonlCheck,
-    Checkpoint,
     CheckpointInfo,
+    LegacyCheckpoint,
     NpyCheckpoint,
+    RowBlock,
     file_sha256,
     find_checkpoints,
     open_checkpoint,
@@ -53,7 +64,9 @@ from .metrics import QualityMetrics
 from .output import (
     ArticlesFormat,
     OutputWriter,
+    ScratchFile,
     StagingArea,
+    articles_encoder,
     bundle_articles_format,
     check_output_path,
     copies_checkpoint_lines,
@@ -110,36 +123,140 @@ class MergeReport:
         )
 
 
+def _block_rows(dim: int, *dtypes: np.dtype) -> int:
+    """Rows per block of about ``_BLOCK_BYTES``, in the widest of ``dtypes``."""
+    return max(1, _BLOCK_BYTES // (dim * max(dtype.itemsize for dtype in dtypes)))
+
+
+def _write_article_rows(
+    block: RowBlock, dtype: np.dtype, write: Callable[[np.ndarray], None], metrics: QualityMetrics,
+    strict: bool, path: Path,
+) -> None:
+    """Give the article rows of ``block``, in ``dtype``, to ``write``, then account for them in ``metrics``.
+
+    With ``strict``, a NaN or an Inf is a :class:`MergeValidationError`.
+    """
+    keep = block.keep
+    rows = block.embeddings if keep.all() else block.embeddings[keep]
+    rows = rows.astype(dtype, copy=False)
+    write(rows)
+    metrics.add_dropped(int(len(keep) - keep.sum()))
+    nonfinite_before = metrics.nonfinite_rows
+    # While the rows are hashed and written, on other cores.
+    metrics.add_rows(rows)
+    if strict and metrics.nonfinite_rows > nonfinite_before:
+        raise MergeValidationError(
+            f"{path} holds NaN or Inf values (--strict); "
+            f"{metrics.nan_values:,} NaN and {metrics.inf_values:,} Inf values in it so far."
+        )
+
+
+def _cannot_write(output: Path, exc: OSError) -> OutputError:
+    # The disk filled up (ENOSPC), a size limit was hit (EFBIG), the folder is
+    # read-only...: the staging area goes with the exception.
+    return OutputError(str(output), f"cannot be written ({exc.strerror or exc}); nothing was "
+                                    f"left at this path. Free the space and run the merge again.")
+
+
 @dataclass(frozen=True)
-class _InfoOnly:
-    """What is kept of a legacy checkpoint between planning and copying."""
+class _SpilledCheckpoint:
+    """A legacy checkpoint after its one read: what the copy needs of it, in the scratch files."""
 
     info: CheckpointInfo
+    metrics: QualityMetrics
+    sha256: Callable[[], str]
+    embeddings_offset: int  # its article rows, in the output dtype, back to back from here
+    articles_offset: int  # its article rows as the output encodes them, from here ...
+    articles_length: int  # ... for this many bytes
 
     @property
     def path(self) -> Path:
         return self.info.path
 
 
-def _open_all(download_dir: Path, line_check: BackgroundJsonlCheck | None = None) -> list[NpyCheckpoint | _InfoOnly]:
-    """Open every checkpoint under ``download_dir``, by start index.
+class _Spill:
+    """Reads legacy checkpoints once each, leaving what the output needs in two scratch files.
 
-    A legacy checkpoint is dropped as soon as it is opened: only its info is
-    kept, so memory holds at most one loaded pickle. With ``line_check``,
-    the lines of each ``.npy`` checkpoint are given to it as soon as they
-    are indexed, so that the check runs beside the rest of the merge.
+    The output cannot be sized, nor its rows placed, before every checkpoint
+    has been read: the rows of each legacy checkpoint are appended, in read
+    order, to one scratch file, its articles (encoded as the output wants
+    them) to another, and the copy takes them from there in index order.
+    Each file is hashed (for ``chunk_info``) by a worker thread meanwhile.
     """
+
+    def __init__(
+        self, staging: StagingArea, dtype: np.dtype, encode_articles: Callable[[RowBlock], bytes], strict: bool
+    ):
+        self.output = staging.output
+        self.dtype = dtype
+        self.encode_articles = encode_articles
+        self.strict = strict
+        self._hasher = ThreadPoolExecutor(max_workers=1)
+        try:
+            self.embeddings = ScratchFile(staging.path / "embeddings.scratch")
+            self.articles = ScratchFile(staging.path / "articles.scratch")
+        except OSError as exc:
+            self._hasher.shutdown()
+            raise _cannot_write(self.output, exc) from exc
+
+    def read(self, path: Path) -> _SpilledCheckpoint:
+        sha256 = self._hasher.submit(file_sha256, path).result
+        checkpoint = LegacyCheckpoint(path)
+        info = checkpoint.info
+        metrics = QualityMetrics(row_bytes=info.dim * self.dtype.itemsize)
+        embeddings_offset, articles_offset = self.embeddings.size, self.articles.size
+        try:
+            for block in checkpoint.blocks(_block_rows(info.dim, self.dtype, info.dtype)):
+                _write_article_rows(block, self.dtype, self._append_rows, metrics, self.strict, path)
+                self.articles.append(self.encode_articles(block))
+        except OSError as exc:
+            raise _cannot_write(self.output, exc) from exc
+        return _SpilledCheckpoint(
+            info, metrics, sha256, embeddings_offset, articles_offset, self.articles.size - articles_offset
+        )
+
+    def _append_rows(self, rows: np.ndarray) -> None:
+        self.embeddings.append(np.ascontiguousarray(rows))
+
+    def remove(self) -> None:
+        """Delete the scratch files: their bytes are in the output, or nowhere."""
+        self.embeddings.remove()
+        self.articles.remove()
+
+    def __enter__(self) -> _Spill:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.remove()
+        self._hasher.shutdown(cancel_futures=True)
+
+
+_ReadCheckpoint = NpyCheckpoint | _SpilledCheckpoint
+
+
+def _checkpoint_paths(download_dir: Path) -> list[Path]:
     paths = find_checkpoints(download_dir) if Path(download_dir).is_dir() else []
     if not paths:
         raise MergeValidationError(f"no checkpoints (*.pkl, *.npy) under {download_dir}/*/.")
-    # No name holds a loaded pickle while the next one loads.
-    opened = [_kept_part(open_checkpoint(path), line_check) for path in paths]
-    return sorted(opened, key=lambda checkpoint: checkpoint.info.start_index)
+    return paths
 
 
-def _kept_part(checkpoint: Checkpoint, line_check: BackgroundJsonlCheck | None) -> NpyCheckpoint | _InfoOnly:
-    if not isinstance(checkpoint, NpyCheckpoint):
-        return _InfoOnly(checkpoint.info)
+def _read_all(download_dir: Path, spill: _Spill, line_check: BackgroundJsonlCheck | None = None) -> list[_ReadCheckpoint]:
+    """Read every checkpoint under ``download_dir``, one at a time; by start index.
+
+    A legacy checkpoint is read through ``spill`` and dropped at once, so
+    memory holds at most one loaded pickle. With ``line_check``, the lines
+    of each ``.npy`` checkpoint are given to it as soon as they are indexed,
+    so that the check runs beside the rest of the merge.
+    """
+    parts = [_read_one(path, spill, line_check) for path in _checkpoint_paths(download_dir)]
+    return sorted(parts, key=lambda part: part.info.start_index)
+
+
+def _read_one(path: Path, spill: _Spill, line_check: BackgroundJsonlCheck | None) -> _ReadCheckpoint:
+    if path.suffix == LEGACY_SUFFIX:
+        return spill.read(path)
+    checkpoint = NpyCheckpoint(path)
     if line_check is not None:
         line_check.submit(checkpoint.articles_path, checkpoint.indexed_bytes)
     return checkpoint
@@ -147,7 +264,9 @@ def _kept_part(checkpoint: Checkpoint, line_check: BackgroundJsonlCheck | None) 
 
 def plan_merge(download_dir: Path) -> list[CheckpointInfo]:
     """Open every checkpoint under ``download_dir``, one at a time; their infos by start index."""
-    return [checkpoint.info for checkpoint in _open_all(Path(download_dir))]
+    # No name holds a loaded pickle while the next one loads.
+    infos = [open_checkpoint(path).info for path in _checkpoint_paths(Path(download_dir))]
+    return sorted(infos, key=lambda info: info.start_index)
 
 
 def validate_plan(infos: Sequence[CheckpointInfo], expect_articles: int | None = None) -> None:
@@ -182,83 +301,80 @@ def validate_plan(infos: Sequence[CheckpointInfo], expect_articles: int | None =
 
 
 class _CopyPass:
-    """Copies the article rows of each checkpoint into the output writer, in one pass.
+    """Fills the output writer with the article rows of every checkpoint, in index order.
 
-    Every input byte is read once here: a ``.npy`` checkpoint's bytes are
-    hashed (for ``chunk_info``) from the same buffer that is copied; legacy
-    pickles, which can only be read whole by the unpickler, are hashed from
-    the file by a worker thread.
+    A legacy checkpoint's rows and articles are copied from the spill's
+    scratch files. A ``.npy`` checkpoint is read once here: its bytes are
+    hashed (for ``chunk_info``) from the same buffer that is copied, its
+    rows measured as they pass.
     """
 
     def __init__(
         self,
         writer: OutputWriter,
-        infos: Sequence[CheckpointInfo],
-        opened: dict[Path, NpyCheckpoint],
+        parts: Sequence[_ReadCheckpoint],
+        spill: _Spill,
         dtype: np.dtype,
         strict: bool,
         on_progress: Callable[[MergeProgress], None] | None,
     ):
         self.writer = writer
-        self.infos = infos
-        self.opened = opened
+        self.parts = parts
+        self.spill = spill
         self.dtype = dtype
         self.strict = strict
         self.on_progress = on_progress
-        self.rows_total = sum(info.rows for info in infos)
+        self.rows_total = sum(part.info.rows for part in parts)
         self.rows_done = 0
-        dim = infos[0].dim
-        self.block_rows = max(1, _BLOCK_BYTES // (dim * max(dtype.itemsize, infos[0].dtype.itemsize)))
-        self.metrics = QualityMetrics(row_bytes=dim * dtype.itemsize)
+        self.metrics = QualityMetrics(row_bytes=parts[0].info.dim * dtype.itemsize)
 
-    def run(self, digests: dict[Path, Callable[[], str]], file_hasher: ThreadPoolExecutor) -> None:
-        """Copy everything; fill ``digests`` with how to get each checkpoint's sha256."""
-        for info in self.infos:
-            mapped = self.opened.get(info.path)
-            if mapped is None:
-                digests[info.path] = file_hasher.submit(file_sha256, info.path).result
-                # Loaded here, released on return: one loaded pickle at a time.
-                self._copy(info, open_checkpoint(info.path, info.cluster), None)
-            else:
+    def run(self) -> list[Callable[[], str]]:
+        """Copy everything; how to get each checkpoint's sha256, in index order."""
+        digests: list[Callable[[], str]] = []
+        for part in self.parts:
+            if isinstance(part, NpyCheckpoint):
                 digest = BackgroundDigest()
                 try:
-                    digest.update(mapped.header_bytes())
-                    self._copy(info, mapped, digest)
+                    digest.update(part.header_bytes())
+                    metrics = self._copy(part, digest)
                 except BaseException:
                     digest.close()
                     raise
-                digests[info.path] = digest.hexdigest
+                digests.append(digest.hexdigest)
+            else:
+                self._copy_spilled(part)
+                digests.append(part.sha256)
+                metrics = part.metrics
+            # In index order, whatever order the checkpoints were read in.
+            self.metrics.absorb(metrics)
+        return digests
 
-    def _copy(self, info: CheckpointInfo, checkpoint: Checkpoint, digest: BackgroundDigest | None) -> None:
+    def _copy_spilled(self, part: _SpilledCheckpoint) -> None:
+        self.writer.embeddings.copy_from(self.spill.embeddings.fd, part.embeddings_offset, part.info.article_rows)
+        self.writer.articles.add_encoded(self.spill.articles.fd, part.articles_offset, part.articles_length)
+        self._progress(part.info.rows, part.path)
+
+    def _copy(self, checkpoint: NpyCheckpoint, digest: BackgroundDigest) -> QualityMetrics:
+        info = checkpoint.info
+        metrics = QualityMetrics(row_bytes=info.dim * self.dtype.itemsize)
         articles = self.writer.articles
-        verbatim_lines = articles.copies_lines and isinstance(checkpoint, NpyCheckpoint)
-        for block in checkpoint.blocks(self.block_rows):
-            if digest is not None:
-                digest.update(block.embeddings)
-            keep = block.keep
-            rows = block.embeddings if keep.all() else block.embeddings[keep]
-            rows = rows.astype(self.dtype, copy=False)
-            self.writer.embeddings.append(rows)
-            self.metrics.add_dropped(int(len(keep) - keep.sum()))
-            nonfinite_before = self.metrics.nonfinite_rows
-            # While the rows are hashed and written, on other cores.
-            self.metrics.add_rows(rows)
-            if self.strict and self.metrics.nonfinite_rows > nonfinite_before:
-                raise MergeValidationError(
-                    f"{info.path} holds NaN or Inf values (--strict); "
-                    f"{self.metrics.nan_values:,} NaN and {self.metrics.inf_values:,} Inf values so far."
-                )
-            if not verbatim_lines:
+        for block in checkpoint.blocks(_block_rows(info.dim, self.dtype, info.dtype)):
+            digest.update(block.embeddings)
+            _write_article_rows(block, self.dtype, self.writer.embeddings.append, metrics, self.strict, info.path)
+            if not articles.copies_lines:
                 articles.add(block)
             # The block's buffer is reused by the next block: the hashes must be done with it.
             self.writer.embeddings.wait()
-            if digest is not None:
-                digest.wait()
-            self.rows_done += len(keep)
-            if self.on_progress is not None:
-                self.on_progress(MergeProgress(self.rows_done, self.rows_total, info.path))
-        if verbatim_lines:
+            digest.wait()
+            self._progress(len(block.keep), info.path)
+        if articles.copies_lines:
             articles.copy_lines(checkpoint)
+        return metrics
+
+    def _progress(self, rows: int, path: Path) -> None:
+        self.rows_done += rows
+        if self.on_progress is not None:
+            self.on_progress(MergeProgress(self.rows_done, self.rows_total, path))
 
 
 def _chunk_info(info: CheckpointInfo, sha256: str) -> dict[str, Any]:
@@ -313,22 +429,25 @@ def merge_checkpoints(
         line_check = (
             cleanup.enter_context(BackgroundJsonlCheck()) if copies_checkpoint_lines(output, articles_format) else None
         )
-        checkpoints = _open_all(Path(download_dir), line_check)
-        infos = [checkpoint.info for checkpoint in checkpoints]
+        # Legacy checkpoints leave what the output needs in the staging area
+        # as they are read; the output itself is created only once they are
+        # all read and validated.
+        staging = cleanup.enter_context(StagingArea(output))
+        spill = cleanup.enter_context(
+            _Spill(staging, np.dtype(dtype), articles_encoder(output, articles_format), strict)
+        )
+        parts = _read_all(Path(download_dir), spill, line_check)
+        infos = [part.info for part in parts]
         validate_plan(infos, expect_articles)
-        # .npy checkpoints stay open (a map and a line index); legacy ones are reopened one at a time.
-        opened = {checkpoint.path: checkpoint for checkpoint in checkpoints if isinstance(checkpoint, NpyCheckpoint)}
-        del checkpoints
         total_articles = sum(info.article_rows for info in infos)
         timestamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        digests: dict[Path, Callable[[], str]] = {}
-        file_hasher = cleanup.enter_context(ThreadPoolExecutor(max_workers=1))
         try:
-            staging = cleanup.enter_context(StagingArea(output))
             writer = open_output(staging, (total_articles, infos[0].dim), np.dtype(dtype), articles_format)
             try:
-                copy_pass = _CopyPass(writer, infos, opened, np.dtype(dtype), strict, on_progress)
-                copy_pass.run(digests, file_hasher)
+                copy_pass = _CopyPass(writer, parts, spill, np.dtype(dtype), strict, on_progress)
+                digests = copy_pass.run()
+                # Before the publish: a bundle's staging directory becomes the output.
+                spill.remove()
                 if line_check is not None:
                     line_check.wait()
                 quality_metrics = copy_pass.metrics.result()
@@ -339,17 +458,14 @@ def merge_checkpoints(
                         "model": infos[0].model,
                         "timestamp": timestamp,
                         "quality_metrics": quality_metrics,
-                        "chunk_info": [_chunk_info(info, digests[info.path]()) for info in infos],
+                        "chunk_info": [_chunk_info(info, digest()) for info, digest in zip(infos, digests)],
                     }
                 )
             finally:
                 writer.close()
             publish(staging)
         except OSError as exc:
-            # The disk filled up (ENOSPC), a size limit was hit (EFBIG), the
-            # folder is read-only...: the staging area goes with the exception.
-            raise OutputError(str(output), f"cannot be written ({exc.strerror or exc}); nothing was "
-                                           f"left at this path. Free the space and run the merge again.") from exc
+            raise _cannot_write(output, exc) from exc
     return MergeReport(
         output=output,
         checkpoints=len(infos),

@@ -122,16 +122,40 @@ class QualityMetrics:
     def _add_norms(self, norms: np.ndarray) -> None:
         if not len(norms):
             return
-        count = len(norms)
         mean = float(norms.mean())
         m2 = float(((norms - mean) ** 2).sum())
+        self._merge_norm_statistics(len(norms), mean, m2, float(norms.min()), float(norms.max()))
+
+    def _merge_norm_statistics(self, count: int, mean: float, m2: float, low: float, high: float) -> None:
+        # Chan et al.'s update: the statistics of the union of two sets of norms.
+        if not count:
+            return
         total = self._norm_count + count
         delta = mean - self._norm_mean
         self._norm_mean += delta * count / total
         self._norm_m2 += m2 + delta * delta * self._norm_count * count / total
         self._norm_count = total
-        self._norm_min = min(self._norm_min, float(norms.min()))
-        self._norm_max = max(self._norm_max, float(norms.max()))
+        self._norm_min = min(self._norm_min, low)
+        self._norm_max = max(self._norm_max, high)
+
+    def absorb(self, other: QualityMetrics) -> None:
+        """Add what ``other`` accumulated (rows of the same width), as if its rows came after these.
+
+        The counts and the duplicate count do not depend on the order in
+        which parts are absorbed; the norm mean and spread may differ in their
+        last bits, so a merge absorbs its checkpoints' parts in index order
+        whatever order it read them in.
+        """
+        self.rows += other.rows
+        self.dropped_rows += other.dropped_rows
+        self.nan_values += other.nan_values
+        self.inf_values += other.inf_values
+        self.nonfinite_rows += other.nonfinite_rows
+        self.zero_norm_rows += other.zero_norm_rows
+        self._merge_norm_statistics(
+            other._norm_count, other._norm_mean, other._norm_m2, other._norm_min, other._norm_max
+        )
+        self._hash_blocks.extend(other._hash_blocks)
 
     def duplicate_rows(self) -> int:
         """Rows that repeat an earlier row byte for byte."""

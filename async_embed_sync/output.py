@@ -32,7 +32,7 @@ import shutil
 import socket
 import struct
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO, Literal
@@ -63,6 +63,9 @@ ArticlesFormat = Literal["jsonl", "parquet"]
 
 # Parquet row groups hold this many articles: memory stays bounded by one group.
 _PARQUET_GROUP_ROWS = 16_384
+
+# Bytes copied through Python (not in the kernel) pass through a buffer of this size.
+_COPY_BUFFER_BYTES = 16 << 20
 
 
 def is_pickle_output(path: Path) -> bool:
@@ -178,6 +181,23 @@ class StagingArea:
 # ------------------------------------------------------------------ row writers
 
 
+def _write_at(fd: int, data: Any, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+
+
+def _read_at(fd: int, buffer: Any, offset: int) -> None:
+    """Fill ``buffer`` from ``offset`` of ``fd``."""
+    view = memoryview(buffer).cast("B")
+    while view:
+        count = os.preadv(fd, [view], offset)
+        if count == 0:
+            raise OSError(f"the file ended {len(view)} bytes early")
+        view, offset = view[count:], offset + count
+
+
 class _PreallocatedFile:
     """A new file of its final size from the start, written at explicit offsets."""
 
@@ -191,15 +211,39 @@ class _PreallocatedFile:
             raise
 
     def write_at(self, data: Any, offset: int) -> None:
-        view = memoryview(data).cast("B")
-        while view:
-            written = os.pwrite(self.fd, view, offset)
-            view, offset = view[written:], offset + written
+        _write_at(self.fd, data, offset)
 
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+class ScratchFile:
+    """An append-only file in the staging area, for bytes to be copied into the output later.
+
+    The merge reads each legacy checkpoint once, before the output can be
+    sized, and leaves here what the output will need of it; :meth:`remove`
+    deletes it once copied (a bundle's staging directory becomes the output).
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        self.size = 0
+
+    def append(self, data: Any) -> int:
+        """Write ``data`` (a contiguous buffer) after everything before it; the offset it starts at."""
+        offset = self.size
+        _write_at(self.fd, data, offset)
+        self.size += memoryview(data).nbytes
+        return offset
+
+    def remove(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+            self.path.unlink(missing_ok=True)
 
 
 class EmbeddingsRegion:
@@ -239,43 +283,98 @@ class EmbeddingsRegion:
         if self.digest is not None:
             self.digest.wait()
 
+    def copy_from(self, source_fd: int, offset: int, rows: int) -> None:
+        """Append ``rows`` rows stored back to back, in this region's dtype, from ``offset`` of ``source_fd``."""
+        if not rows:
+            return
+        if self.digest is None:
+            if self.rows_written + rows > self.shape[0]:
+                raise OutputError(str(self.file.path), "more rows than were planned.")
+            target = self.offset + self.rows_written * self.row_bytes
+            _copy_range(source_fd, self.file.fd, offset, rows * self.row_bytes, target)
+            self.rows_written += rows
+            return
+        # The digest needs the bytes: they pass through one reusable buffer.
+        buffer = np.empty((min(rows, max(1, _COPY_BUFFER_BYTES // self.row_bytes)), self.shape[1]), self.dtype)
+        for first in range(0, rows, len(buffer)):
+            block = buffer[: min(len(buffer), rows - first)]
+            _read_at(source_fd, block, offset + first * self.row_bytes)
+            self.append(block)
+            self.wait()
+
     def check_complete(self) -> None:
         if self.rows_written != self.shape[0]:
             raise OutputError(str(self.file.path), f"{self.rows_written} rows written, {self.shape[0]} planned.")
 
 
-def _copy_range(source_fd: int, target_fd: int, offset: int, length: int) -> None:
+def _copy_range(source_fd: int, target_fd: int, offset: int, length: int, target_offset: int | None = None) -> None:
+    """Copy ``length`` bytes from ``offset`` of the source to ``target_offset`` of the target
+    (None: at the target's file position, which moves on)."""
     # In the kernel where it can: no pass of the bytes through Python.
     while length > 0:
         try:
-            copied = os.copy_file_range(source_fd, target_fd, length, offset)
+            copied = os.copy_file_range(source_fd, target_fd, length, offset, target_offset)
         except OSError:
-            copied = os.write(target_fd, os.pread(source_fd, min(length, 16 << 20), offset))
+            data = os.pread(source_fd, min(length, _COPY_BUFFER_BYTES), offset)
+            copied = os.write(target_fd, data) if target_offset is None else os.pwrite(target_fd, data, target_offset)
         if copied == 0:
             raise OSError(f"the source ended {length} bytes early")
         offset, length = offset + copied, length - copied
+        if target_offset is not None:
+            target_offset += copied
 
 
-class JsonlArticles:
+def _append_copied(stream: BinaryIO, source_fd: int, spans: Iterable[tuple[int, int]]) -> None:
+    """Append the ``(offset, length)`` spans of ``source_fd`` to ``stream``, copied in the kernel."""
+    stream.flush()
+    for offset, length in spans:
+        _copy_range(source_fd, stream.fileno(), offset, length)
+    # The kernel moved the file position past the stream's idea of it.
+    stream.seek(0, os.SEEK_END)
+
+
+class _AppendedArticles:
+    """Articles appended to one stream as bytes: from row blocks, or already encoded elsewhere.
+
+    A merge encodes the rows of a legacy checkpoint with :meth:`encode` as
+    soon as it has read them (the output cannot be opened yet), and the
+    bytes are copied in later with :meth:`add_encoded`.
+    """
+
+    copies_lines = False
+    _stream: BinaryIO
+
+    @staticmethod
+    def encode(block: RowBlock) -> bytes:
+        """The bytes that :meth:`add` appends for ``block``."""
+        raise NotImplementedError
+
+    def add(self, block: RowBlock) -> None:
+        self._stream.write(self.encode(block))
+
+    def add_encoded(self, source_fd: int, offset: int, length: int) -> None:
+        """Append ``length`` bytes made by :meth:`encode`, from ``offset`` of ``source_fd``."""
+        _append_copied(self._stream, source_fd, [(offset, length)])
+
+
+def _json_lines(block: RowBlock) -> bytes:
+    return b"".join(block.article_lines())
+
+
+class JsonlArticles(_AppendedArticles):
     """``articles.jsonl``: one article per line, lines of ``.jsonl`` checkpoints copied verbatim."""
 
     copies_lines = True
+    encode = staticmethod(_json_lines)
 
     def __init__(self, path: Path):
         self.path = path
         self._stream = open(path, "wb")
 
-    def add(self, block: RowBlock) -> None:
-        self._stream.writelines(block.article_lines())
-
     def copy_lines(self, checkpoint: NpyCheckpoint) -> None:
         """Copy the article lines of ``checkpoint`` as they are, in the kernel."""
-        self._stream.flush()
-        target = self._stream.fileno()
         with open(checkpoint.articles_path, "rb") as source:
-            for offset, length in checkpoint.article_spans():
-                _copy_range(source.fileno(), target, offset, length)
-        os.lseek(target, 0, os.SEEK_END)
+            _append_copied(self._stream, source.fileno(), checkpoint.article_spans())
         if not checkpoint.lines.ends_with_newline and checkpoint.lines.rows - 1 not in checkpoint.lines.dropped:
             self._stream.write(b"\n")
 
@@ -291,6 +390,8 @@ class ParquetArticles:
     """
 
     copies_lines = False
+    # Rows read before the output exists wait as JSON lines, parsed back when added.
+    encode = staticmethod(_json_lines)
 
     def __init__(self, path: Path):
         self.path = path
@@ -299,7 +400,16 @@ class ParquetArticles:
         self._closed = False
 
     def add(self, block: RowBlock) -> None:
-        self._pending.extend(block.article_rows())
+        self._add_rows(block.article_rows())
+
+    def add_encoded(self, source_fd: int, offset: int, length: int) -> None:
+        """Add the rows of ``length`` bytes made by :meth:`encode`, from ``offset`` of ``source_fd``."""
+        text = bytearray(length)
+        _read_at(source_fd, text, offset)
+        self._add_rows([json.loads(line) for line in text.split(b"\n")[:-1]])
+
+    def _add_rows(self, rows: list[dict]) -> None:
+        self._pending.extend(rows)
         if len(self._pending) >= _PARQUET_GROUP_ROWS:
             self._write_group()
 
@@ -345,21 +455,19 @@ def _pickle_body(value: Any) -> bytes:
     return data[2:-1]
 
 
-class _PickledArticles:
+class _PickledArticles(_AppendedArticles):
     """The article list of the legacy pickle: APPENDS batches written after an EMPTY_LIST."""
-
-    copies_lines = False
 
     def __init__(self, stream: Any):
         self._stream = stream
         self._stream.write(pickle.EMPTY_LIST)
 
-    def add(self, block: RowBlock) -> None:
+    @staticmethod
+    def encode(block: RowBlock) -> bytes:
         rows = block.article_rows()
-        if rows:
-            # A pickled list's body is EMPTY_LIST then its APPEND(S): without the
-            # EMPTY_LIST, the rows append to the list already on the stack.
-            self._stream.write(_pickle_body(rows)[1:])
+        # A pickled list's body is EMPTY_LIST then its APPEND(S): without the
+        # EMPTY_LIST, the rows append to the list already on the stack.
+        return _pickle_body(rows)[1:] if rows else b""
 
     def close(self) -> None:
         pass
@@ -480,6 +588,12 @@ def copies_checkpoint_lines(output: Path, articles_format: ArticlesFormat | None
     """
     articles_format = bundle_articles_format(output, articles_format)
     return articles_format is not None and _articles_writer_type(articles_format).copies_lines
+
+
+def articles_encoder(output: Path, articles_format: ArticlesFormat | None = None) -> Callable[[RowBlock], bytes]:
+    """How the output at ``output`` encodes the article rows of a block, for its ``add_encoded``."""
+    articles_format = bundle_articles_format(output, articles_format)
+    return _PickledArticles.encode if articles_format is None else _articles_writer_type(articles_format).encode
 
 
 def open_output(

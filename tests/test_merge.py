@@ -402,3 +402,137 @@ def test_a_merge_after_a_killed_one_removes_its_staging(tmp_path: Path) -> None:
     merge_checkpoints(tmp_path / "downloads", output)
 
     assert entries(tmp_path / "out") == ["merged.pkl"]
+
+
+# ------------------------------------------------- legacy checkpoints read once
+
+
+@pytest.mark.parametrize("fmt", ["pkl", "mixed"])
+@pytest.mark.parametrize(("output_name", "articles_format"), _OUTPUT_FORMS)
+def test_each_legacy_checkpoint_is_unpickled_once_and_merged_exactly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str, output_name: str, articles_format: str | None
+) -> None:
+    from async_embed_sync.checkpoints import RestrictedUnpickler
+
+    paths = _run(tmp_path / "downloads", fmt)
+    loads: list[Path] = []
+
+    def counted_load(unpickler: RestrictedUnpickler) -> object:
+        loads.append(unpickler.source)
+        return pickle.Unpickler.load(unpickler)
+
+    monkeypatch.setattr(RestrictedUnpickler, "load", counted_load)
+    embeddings, articles = expected_merge(ROWS, QUESTIONS)
+
+    merge_checkpoints(tmp_path / "downloads", tmp_path / "out" / output_name, articles_format=articles_format)
+
+    assert sorted(loads) == sorted(path for path in paths if path.suffix == ".pkl")
+    monkeypatch.undo()  # load() reads a .pkl output through the same unpickler
+    merged = load(tmp_path / "out" / output_name)
+    assert np.array_equal(merged["embeddings"], embeddings) and merged["articles"] == articles
+    assert entries(tmp_path / "out") == [output_name]  # no scratch file left, in the bundle or beside it
+
+
+@pytest.mark.parametrize(("output_name", "articles_format"), _OUTPUT_FORMS)
+def test_legacy_checkpoints_merge_exactly_into_float16(
+    tmp_path: Path, output_name: str, articles_format: str | None
+) -> None:
+    _run(tmp_path / "downloads", "pkl")
+    embeddings, articles = expected_merge(ROWS, QUESTIONS)
+
+    merge_checkpoints(tmp_path / "downloads", tmp_path / output_name, dtype="float16", articles_format=articles_format)
+
+    merged = load(tmp_path / output_name)
+    assert merged["embeddings"].dtype == np.float16
+    assert np.array_equal(merged["embeddings"], embeddings.astype(np.float16)) and merged["articles"] == articles
+
+
+def _write_out_of_order_run(root: Path, read_order: list[int]) -> None:
+    """Four legacy checkpoints of 30 rows, found (by path) in ``read_order`` of their index ranges;
+    rows repeat across files, and one holds a NaN."""
+    vectors = make_vectors(0, 120, dim=DIM, seed=3)
+    vectors[95:100] = vectors[5:10]  # duplicates in the last file of rows of the first
+    vectors[100] = vectors[100] * 1e3
+    vectors[31, 4] = np.nan
+    rows = make_rows(0, 120, text_bytes=20, question_indices={12, 64}, seed=3)
+    for rank, piece in enumerate(read_order):
+        start = piece * 30
+        write_legacy_checkpoint(
+            root / "tensor01" / f"{rank:02d}.pkl", vectors[start : start + 30], rows[start : start + 30],
+            start_index=start, model="m",
+        )
+
+
+def test_metrics_do_not_depend_on_the_order_the_checkpoints_are_read(tmp_path: Path) -> None:
+    _write_out_of_order_run(tmp_path / "in_order", [0, 1, 2, 3])
+    _write_out_of_order_run(tmp_path / "shuffled", [2, 0, 3, 1])
+
+    in_order = merge_checkpoints(tmp_path / "in_order", tmp_path / "in_order.pkl")
+    shuffled = merge_checkpoints(tmp_path / "shuffled", tmp_path / "shuffled.pkl")
+
+    assert shuffled.quality_metrics == in_order.quality_metrics  # bit for bit, norms included
+    assert in_order.quality_metrics["duplicate_rows"] == 5 and in_order.quality_metrics["nan_values"] == 1
+    first, second = load(tmp_path / "in_order.pkl"), load(tmp_path / "shuffled.pkl")
+    assert np.array_equal(first["embeddings"], second["embeddings"], equal_nan=True)
+    assert first["articles"] == second["articles"] and len(first["articles"]) == 118
+    assert [chunk["start_index"] for chunk in second["chunk_info"]] == [0, 30, 60, 90]
+
+
+def _no_output_expected(*arguments: object, **keywords: object) -> None:
+    raise AssertionError("the output was created")
+
+
+@pytest.mark.parametrize("damage", [_gap, _overlap, _model_mismatch])
+def test_validation_fails_before_the_output_is_created(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, damage
+) -> None:
+    import async_embed_sync.merge as merge
+
+    paths = _run(tmp_path / "downloads", "pkl")
+    damage(tmp_path / "downloads", paths)
+    monkeypatch.setattr(merge, "open_output", _no_output_expected)
+
+    with pytest.raises(MergeValidationError):
+        merge_checkpoints(tmp_path / "downloads", tmp_path / "out" / "merged.pkl")
+    assert entries(tmp_path / "out") == []
+
+
+def test_strict_fails_on_a_legacy_checkpoint_before_the_output_is_created(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import async_embed_sync.merge as merge
+
+    _write_run_with_nan(tmp_path / "downloads")
+    monkeypatch.setattr(merge, "open_output", _no_output_expected)
+
+    with pytest.raises(MergeValidationError, match="NaN or Inf"):
+        merge_checkpoints(tmp_path / "downloads", tmp_path / "out" / "merged", strict=True)
+    assert entries(tmp_path / "out") == []
+
+
+_MERGE_WITH_A_FILE_SIZE_LIMIT = """
+import resource, signal, sys
+from async_embed_sync.errors import OutputError
+from async_embed_sync.merge import merge_checkpoints
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG, as a full disk gives ENOSPC
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+try:
+    merge_checkpoints(sys.argv[1], sys.argv[2])
+except OutputError as exc:
+    sys.exit(str(exc))
+"""
+
+
+def test_a_full_disk_while_legacy_checkpoints_are_read_is_an_output_error(tmp_path: Path) -> None:
+    generate_run(tmp_path / "downloads", rows=2000, dim=256, fmt="pkl")  # 2 MB of rows: over the limit
+    output = tmp_path / "out" / "merged.pkl"
+
+    finished = subprocess.run(
+        [sys.executable, "-c", _MERGE_WITH_A_FILE_SIZE_LIMIT, str(tmp_path / "downloads"), str(output)],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=60,
+    )
+
+    assert finished.returncode == 1
+    assert f"Output {output}: cannot be written (File too large)" in finished.stderr, finished.stderr
+    assert entries(tmp_path / "out") == []

@@ -93,3 +93,31 @@ def test_hashes_cover_rows_whose_size_is_not_a_multiple_of_eight() -> None:
     hashes = RowHasher(12).hash_rows(rows)
 
     assert tuple(hashes[0]) != tuple(hashes[1])
+
+
+_NORM_KEYS = ("norm_min", "norm_mean", "norm_max", "norm_std")
+
+
+@pytest.mark.parametrize("order", [[0, 1, 2, 3], [3, 1, 0, 2]])
+def test_absorbed_parts_count_as_one_accumulator(order: list[int]) -> None:
+    rows = _sample()
+    whole = _accumulate(rows, 300)
+    # Duplicates (rows 40, 50, 51 and 3, 60) and non-finite rows fall into different parts.
+    bounds = [0, 45, 55, 200, 300]
+    parts = []
+    for first, last in zip(bounds, bounds[1:]):
+        part = QualityMetrics(row_bytes=rows.shape[1] * rows.dtype.itemsize)
+        part.add_rows(rows[first:last])
+        parts.append(part)
+    parts[2].add_dropped(7)
+    combined = QualityMetrics(row_bytes=rows.shape[1] * rows.dtype.itemsize)
+
+    for index in order:
+        combined.absorb(parts[index])
+
+    result = combined.result()
+    assert {key: result[key] for key in result if key not in _NORM_KEYS} == {
+        key: whole[key] for key in whole if key not in _NORM_KEYS
+    }
+    for key in _NORM_KEYS:
+        assert result[key] == pytest.approx(whole[key], rel=1e-12)
