@@ -274,11 +274,15 @@ class RowBlock(ABC):
         """The article rows as JSON lines."""
 
 
-class DictRowBlock(RowBlock):
-    """Rows that were loaded as dicts (legacy pickles)."""
+def _article_mask(rows: list[dict]) -> np.ndarray:
+    return np.fromiter(map(is_article, rows), dtype=bool, count=len(rows))
 
-    def __init__(self, embeddings: np.ndarray, rows: list[dict]):
-        super().__init__(embeddings, np.fromiter(map(is_article, rows), dtype=bool, count=len(rows)))
+
+class DictRowBlock(RowBlock):
+    """Rows that were loaded as dicts (legacy pickles); ``keep`` if already known, else from the rows."""
+
+    def __init__(self, embeddings: np.ndarray, rows: list[dict], keep: np.ndarray | None = None):
+        super().__init__(embeddings, _article_mask(rows) if keep is None else keep)
         self._rows = rows
 
     def article_rows(self) -> list[dict]:
@@ -428,16 +432,17 @@ class LegacyCheckpoint(Checkpoint):
             raise CheckpointError(str(path), "'articles' is missing or not a list.")
         _check_row_dicts(articles, self.path)
         self.articles: list[dict] = articles
+        self._keep = _article_mask(articles)
         self.info = self._make_info(
             _read_fields(document, self.path),
-            article_rows=sum(map(is_article, articles)),
+            article_rows=int(self._keep.sum()),
             row_count=len(articles),
         )
 
     def blocks(self, max_rows: int) -> Iterator[RowBlock]:
         for first in range(0, self.info.rows, max_rows):
             last = first + max_rows
-            yield DictRowBlock(self.embeddings[first:last], self.articles[first:last])
+            yield DictRowBlock(self.embeddings[first:last], self.articles[first:last], self._keep[first:last])
 
 
 # The ``.jsonl`` of a checkpoint is read this much at a time when it is indexed.

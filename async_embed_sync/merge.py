@@ -35,6 +35,7 @@ on the order in which the files were read.
 
 from __future__ import annotations
 
+import re
 import resource
 import time
 from collections.abc import Callable, Sequence
@@ -72,6 +73,7 @@ from .output import (
     copies_checkpoint_lines,
     open_output,
     publish,
+    rows_offset,
 )
 
 OUTPUT_DTYPES = ("float32", "float16")
@@ -181,7 +183,10 @@ class _Spill:
     has been read: the rows of each legacy checkpoint are appended, in read
     order, to one scratch file, its articles (encoded as the output wants
     them) to another, and the copy takes them from there in index order.
-    Each file is hashed (for ``chunk_info``) by a worker thread meanwhile.
+    The rows start where a ``.pkl`` output's rows start: if the checkpoints
+    were read in index order, that scratch file becomes the output as it is
+    (see :func:`_rows_in_place`). Each file is hashed (for ``chunk_info``)
+    by a worker thread meanwhile.
     """
 
     def __init__(
@@ -191,9 +196,10 @@ class _Spill:
         self.dtype = dtype
         self.encode_articles = encode_articles
         self.strict = strict
+        self.rows_offset = rows_offset(self.output)
         self._hasher = ThreadPoolExecutor(max_workers=1)
         try:
-            self.embeddings = ScratchFile(staging.path / "embeddings.scratch")
+            self.embeddings = ScratchFile(staging.path / "embeddings.scratch", self.rows_offset or 0)
             self.articles = ScratchFile(staging.path / "articles.scratch")
         except OSError as exc:
             self._hasher.shutdown()
@@ -234,11 +240,35 @@ class _Spill:
 _ReadCheckpoint = NpyCheckpoint | _SpilledCheckpoint
 
 
+def _rows_in_place(parts: Sequence[_ReadCheckpoint], spill: _Spill) -> Path | None:
+    """The spill's rows file if it holds the output's rows at their place, ready to become the output.
+
+    So it is when every checkpoint is a legacy one and they were read in
+    index order, for a ``.pkl`` output (see :func:`~.output.rows_offset`).
+    """
+    expected = spill.rows_offset
+    for part in parts:
+        if expected is None or not isinstance(part, _SpilledCheckpoint) or part.embeddings_offset != expected:
+            return None
+        expected += part.info.article_rows * part.info.dim * spill.dtype.itemsize
+    return spill.embeddings.path
+
+
+def _natural_order(path: Path) -> list[int | str]:
+    # "ckpt_5000" before "ckpt_10000", as most runs number their files.
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))]
+
+
 def _checkpoint_paths(download_dir: Path) -> list[Path]:
+    """Every checkpoint under ``download_dir``, in natural order of their names.
+
+    Read in that order, checkpoints usually come in index order, which lets
+    a ``.pkl`` output keep the rows where they were first written.
+    """
     paths = find_checkpoints(download_dir) if Path(download_dir).is_dir() else []
     if not paths:
         raise MergeValidationError(f"no checkpoints (*.pkl, *.npy) under {download_dir}/*/.")
-    return paths
+    return sorted(paths, key=_natural_order)
 
 
 def _read_all(download_dir: Path, spill: _Spill, line_check: BackgroundJsonlCheck | None = None) -> list[_ReadCheckpoint]:
@@ -442,7 +472,9 @@ def merge_checkpoints(
         total_articles = sum(info.article_rows for info in infos)
         timestamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
         try:
-            writer = open_output(staging, (total_articles, infos[0].dim), np.dtype(dtype), articles_format)
+            writer = open_output(
+                staging, (total_articles, infos[0].dim), np.dtype(dtype), articles_format, _rows_in_place(parts, spill)
+            )
             try:
                 copy_pass = _CopyPass(writer, parts, spill, np.dtype(dtype), strict, on_progress)
                 digests = copy_pass.run()

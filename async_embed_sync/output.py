@@ -201,9 +201,9 @@ def _read_at(fd: int, buffer: Any, offset: int) -> None:
 class _PreallocatedFile:
     """A new file of its final size from the start, written at explicit offsets."""
 
-    def __init__(self, path: Path, size: int):
+    def __init__(self, path: Path, size: int, keep_contents: bool = False):
         self.path = path
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | (0 if keep_contents else os.O_TRUNC), 0o644)
         try:
             os.ftruncate(self.fd, size)
         except BaseException:
@@ -225,12 +225,15 @@ class ScratchFile:
     The merge reads each legacy checkpoint once, before the output can be
     sized, and leaves here what the output will need of it; :meth:`remove`
     deletes it once copied (a bundle's staging directory becomes the output).
+    The first ``start`` bytes are left as a hole, for what precedes the rows
+    in an output file that this file may become (see :func:`rows_offset`).
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, start: int = 0):
         self.path = path
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        self.size = 0
+        # The mode of an output file: this one may become the output.
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        self.size = start
 
     def append(self, data: Any) -> int:
         """Write ``data`` (a contiguous buffer) after everything before it; the offset it starts at."""
@@ -291,7 +294,10 @@ class EmbeddingsRegion:
             if self.rows_written + rows > self.shape[0]:
                 raise OutputError(str(self.file.path), "more rows than were planned.")
             target = self.offset + self.rows_written * self.row_bytes
-            _copy_range(source_fd, self.file.fd, offset, rows * self.row_bytes, target)
+            # Rows written in place before this output existed (LegacyPickleWriter's
+            # ``rows_in_place``) are not copied onto themselves.
+            if not (offset == target and os.path.samestat(os.fstat(source_fd), os.fstat(self.file.fd))):
+                _copy_range(source_fd, self.file.fd, offset, rows * self.row_bytes, target)
             self.rows_written += rows
             return
         # The digest needs the bytes: they pass through one reusable buffer.
@@ -473,6 +479,33 @@ class _PickledArticles(_AppendedArticles):
         pass
 
 
+def _legacy_pickle_head(nbytes: int) -> bytes:
+    """The legacy pickle up to its ``nbytes`` of rows, which follow; its length does not depend on ``nbytes``."""
+    from numpy._core.numeric import _frombuffer  # what numpy's protocol-5 array reduce names
+
+    return b"".join(
+        [
+            pickle.PROTO + bytes([5]),
+            pickle.EMPTY_DICT,
+            pickle.MARK,
+            _pickle_body("embeddings"),
+            _pickle_body(_frombuffer),
+            pickle.MARK,
+            pickle.BYTEARRAY8 + struct.pack("<Q", nbytes),
+        ]
+    )
+
+
+def rows_offset(output: Path) -> int | None:
+    """Where the rows start in the file of the output at ``output``, known before its size is.
+
+    A ``.pkl`` output's rows may be written there in place, ahead of the
+    output itself (see :class:`LegacyPickleWriter`). None for a bundle: its
+    rows are hashed in file order as they are written, after its header.
+    """
+    return len(_legacy_pickle_head(0)) if is_pickle_output(output) else None
+
+
 class LegacyPickleWriter:
     """The legacy dict, one pickle stream written in one pass, loadable with plain ``pickle.load``.
 
@@ -485,27 +518,21 @@ class LegacyPickleWriter:
     so it loads as a writable ndarray, as the legacy merge's did. The array
     bytes sit at a known offset: rows are written there as they come while
     the articles are appended after the array, so nothing is staged twice.
+
+    ``rows_in_place`` names a file that already holds every row, in order,
+    from :func:`rows_offset` to its end: it becomes this output, and only
+    what precedes and follows the rows is written.
     """
 
-    def __init__(self, path: Path, shape: tuple[int, int], dtype: np.dtype):
-        from numpy._core.numeric import _frombuffer  # what numpy's protocol-5 array reduce names
-
+    def __init__(self, path: Path, shape: tuple[int, int], dtype: np.dtype, rows_in_place: Path | None = None):
         dtype = np.dtype(dtype)
         self.path = path
         nbytes = shape[0] * shape[1] * dtype.itemsize
-        head = b"".join(
-            [
-                pickle.PROTO + bytes([5]),
-                pickle.EMPTY_DICT,
-                pickle.MARK,
-                _pickle_body("embeddings"),
-                _pickle_body(_frombuffer),
-                pickle.MARK,
-                pickle.BYTEARRAY8 + struct.pack("<Q", nbytes),
-            ]
-        )
+        head = _legacy_pickle_head(nbytes)
         tail = b"".join([_pickle_body(dtype), _pickle_body(shape), _pickle_body("C"), pickle.TUPLE, pickle.REDUCE])
-        self._file = _PreallocatedFile(path, len(head) + nbytes)
+        if rows_in_place is not None:
+            os.replace(rows_in_place, path)
+        self._file = _PreallocatedFile(path, len(head) + nbytes, keep_contents=rows_in_place is not None)
         self._file.write_at(head, 0)
         self.embeddings = EmbeddingsRegion(self._file, len(head), shape, dtype)
         self._stream = open(path, "r+b")
@@ -597,12 +624,18 @@ def articles_encoder(output: Path, articles_format: ArticlesFormat | None = None
 
 
 def open_output(
-    staging: StagingArea, shape: tuple[int, int], dtype: np.dtype, articles_format: ArticlesFormat | None = None
+    staging: StagingArea, shape: tuple[int, int], dtype: np.dtype, articles_format: ArticlesFormat | None = None,
+    rows_in_place: Path | None = None,
 ) -> OutputWriter:
-    """The writer for the form that the output path asks for, writing into ``staging``."""
+    """The writer for the form that the output path asks for, writing into ``staging``.
+
+    ``rows_in_place``: see :class:`LegacyPickleWriter`; only for a ``.pkl`` output.
+    """
     articles_format = bundle_articles_format(staging.output, articles_format)
     if articles_format is None:
-        return LegacyPickleWriter(staging.path / staging.output.name, shape, dtype)
+        return LegacyPickleWriter(staging.path / staging.output.name, shape, dtype, rows_in_place)
+    if rows_in_place is not None:
+        raise ValueError("a bundle's rows are never written in place")
     return BundleWriter(staging.path, shape, dtype, articles_format)
 
 

@@ -447,9 +447,9 @@ def test_legacy_checkpoints_merge_exactly_into_float16(
     assert np.array_equal(merged["embeddings"], embeddings.astype(np.float16)) and merged["articles"] == articles
 
 
-def _write_out_of_order_run(root: Path, read_order: list[int]) -> None:
-    """Four legacy checkpoints of 30 rows, found (by path) in ``read_order`` of their index ranges;
-    rows repeat across files, and one holds a NaN."""
+def _write_out_of_order_run(root: Path, read_order: list[int], names: str = "{rank:02d}.pkl") -> None:
+    """Four legacy checkpoints of 30 rows, named by ``names`` from their rank in ``read_order`` of
+    their index ranges; rows repeat across files, and one holds a NaN."""
     vectors = make_vectors(0, 120, dim=DIM, seed=3)
     vectors[95:100] = vectors[5:10]  # duplicates in the last file of rows of the first
     vectors[100] = vectors[100] * 1e3
@@ -458,7 +458,7 @@ def _write_out_of_order_run(root: Path, read_order: list[int]) -> None:
     for rank, piece in enumerate(read_order):
         start = piece * 30
         write_legacy_checkpoint(
-            root / "tensor01" / f"{rank:02d}.pkl", vectors[start : start + 30], rows[start : start + 30],
+            root / "tensor01" / names.format(rank=rank * 5), vectors[start : start + 30], rows[start : start + 30],
             start_index=start, model="m",
         )
 
@@ -536,3 +536,35 @@ def test_a_full_disk_while_legacy_checkpoints_are_read_is_an_output_error(tmp_pa
     assert finished.returncode == 1
     assert f"Output {output}: cannot be written (File too large)" in finished.stderr, finished.stderr
     assert entries(tmp_path / "out") == []
+
+
+@pytest.mark.parametrize(
+    ("read_order", "names", "in_place"),
+    [
+        ([0, 1, 2, 3], "{rank:02d}.pkl", True),
+        ([0, 1, 2, 3], "ckpt_{rank}.pkl", True),  # ckpt_5 before ckpt_10: natural order
+        ([2, 0, 3, 1], "{rank:02d}.pkl", False),
+    ],
+)
+def test_rows_read_in_index_order_stay_where_they_were_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, read_order: list[int], names: str, in_place: bool
+) -> None:
+    import async_embed_sync.output as output
+
+    _write_out_of_order_run(tmp_path / "downloads", read_order, names)
+    rows_copied: list[int] = []
+    copy_range = output._copy_range
+
+    def recorded_copy_range(source_fd: int, target_fd: int, offset: int, length: int, target_offset=None) -> None:
+        if target_offset is not None:  # rows into the embeddings region
+            rows_copied.append(length)
+        copy_range(source_fd, target_fd, offset, length, target_offset)
+
+    monkeypatch.setattr(output, "_copy_range", recorded_copy_range)
+
+    merge_checkpoints(tmp_path / "downloads", tmp_path / "merged.pkl")
+
+    assert rows_copied == ([] if in_place else [articles * DIM * 4 for articles in (29, 30, 29, 30)])
+    merged = load(tmp_path / "merged.pkl")
+    expected = make_vectors(0, 120, dim=DIM, seed=3)
+    assert len(merged["articles"]) == 118 and np.array_equal(merged["embeddings"][:2], expected[:2])

@@ -220,3 +220,24 @@ def test_load_maps_the_embeddings_of_a_pickle_it_wrote(
     assert loaded["articles"] == plain["articles"]
     embeddings[0, 0] = 42  # copy-on-write: the file does not change
     assert np.array_equal(load(tmp_path / "merged.pkl")["embeddings"], plain["embeddings"])
+
+
+@pytest.mark.parametrize(("output_name", "articles_format"), [("merged.pkl", None), ("bundle", "jsonl")])
+def test_copies_work_where_copy_file_range_does_not(
+    downloads: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, output_name: str, articles_format: str | None
+) -> None:
+    import errno
+    import os
+
+    merge_checkpoints(downloads, tmp_path / "kernel" / output_name, articles_format=articles_format)
+
+    def unsupported(*arguments: object) -> int:
+        raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+
+    monkeypatch.setattr(os, "copy_file_range", unsupported)
+    merge_checkpoints(downloads, tmp_path / "fallback" / output_name, articles_format=articles_format)
+
+    kernel, fallback = load(tmp_path / "kernel" / output_name), load(tmp_path / "fallback" / output_name)
+    assert np.array_equal(kernel["embeddings"], fallback["embeddings"])
+    for key in ("articles", "total_articles", "quality_metrics", "chunk_info"):
+        assert kernel[key] == fallback[key]
