@@ -220,6 +220,93 @@ def restricted_load(
         raise CheckpointError(str(path), f"cannot be read ({exc.strerror or exc}).") from exc
 
 
+# A payload (the bytes of an array) at least this large is mapped from the file, not read.
+MAPPED_PAYLOAD_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class _SkippedPayload:
+    address: int  # where in memory the unpickler wanted the bytes
+    length: int
+    offset: int  # where they are in the file
+
+
+class _PayloadSkippingReader:
+    """A file for the unpickler that leaves large ``readinto`` requests unfilled, noting where they were.
+
+    The unpickler reads a large bytes or bytearray payload (an array's data)
+    with one ``readinto`` into a fresh buffer: left unfilled, the buffer's
+    pages are never touched, and cost neither memory nor a copy.
+    """
+
+    def __init__(self, stream: BinaryIO, threshold: int):
+        self._stream = stream
+        self._threshold = threshold
+        self.read = stream.read
+        self.readline = stream.readline
+        self.peek = getattr(stream, "peek", None) or (lambda size=0: b"")
+        self.skipped: list[_SkippedPayload] = []
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer)
+        if view.nbytes < self._threshold:
+            return self._stream.readinto(buffer)
+        position = self._stream.tell()
+        end = self._stream.seek(0, os.SEEK_END)
+        self._stream.seek(min(position + view.nbytes, end))
+        address = np.frombuffer(view, dtype=np.uint8).ctypes.data
+        self.skipped.append(_SkippedPayload(address, view.nbytes, position))
+        return min(view.nbytes, end - position)
+
+
+def _mapped(array: np.ndarray, payload: _SkippedPayload, path: Path, mode: str) -> np.ndarray | None:
+    """``array`` mapped from ``path`` if ``payload`` holds the end of its bytes, else None.
+
+    The unpickler may have buffered the first bytes of the payload already
+    (they were copied into the array): they precede the skipped ones in the file.
+    """
+    buffered = payload.address - array.ctypes.data
+    if not array.flags.c_contiguous or buffered < 0 or buffered + payload.length != array.nbytes:
+        return None
+    data = np.memmap(path, dtype=np.uint8, mode=mode, offset=payload.offset - buffered, shape=(array.nbytes,))
+    return np.frombuffer(data, dtype=array.dtype).reshape(array.shape)
+
+
+def restricted_load_mapped(path: Path, mode: str = "r", threshold: int | None = None) -> Any:
+    """:func:`restricted_load` of a dict whose large ``embeddings`` array is mapped from the file, not read.
+
+    Reading an array's bytes costs a copy into fresh memory (most of the
+    time of loading a checkpoint); a map costs neither. ``mode`` is that of
+    :class:`numpy.memmap` ("r": read-only, "c": copy-on-write). A payload of
+    ``threshold`` bytes or more (default :data:`MAPPED_PAYLOAD_BYTES`) is
+    left unread; if one is not the embeddings', its bytes are missing, and
+    the file is read again, whole.
+    """
+    readers: list[_PayloadSkippingReader] = []
+
+    def unpickler(stream: BinaryIO, source: Path) -> RestrictedUnpickler:
+        readers.append(_PayloadSkippingReader(stream, MAPPED_PAYLOAD_BYTES if threshold is None else threshold))
+        return RestrictedUnpickler(readers[-1], source)  # type: ignore[arg-type]
+
+    document = restricted_load(path, unpickler)
+    skipped = readers[0].skipped
+    if not skipped:
+        return document
+    embeddings = document.get("embeddings") if isinstance(document, dict) else None
+    try:
+        mapped = (
+            _mapped(embeddings, skipped[0], path, mode)
+            if len(skipped) == 1 and isinstance(embeddings, np.ndarray)
+            else None
+        )
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(str(path), f"cannot be memory-mapped ({exc}).") from exc
+    if mapped is None:
+        return restricted_load(path)
+    document["embeddings"] = mapped
+    return document
+
+
 # ------------------------------------------------------------------ uniform shards
 
 
@@ -419,11 +506,11 @@ def _require_matrix(array: Any, path: Path) -> np.ndarray:
 
 
 class LegacyCheckpoint(Checkpoint):
-    """A legacy pickle, loaded whole (through the restricted unpickler)."""
+    """A legacy pickle, loaded whole (through the restricted unpickler), its array mapped read-only."""
 
     def __init__(self, path: Path, cluster: str | None = None):
         super().__init__(path, cluster)
-        document = restricted_load(self.path)
+        document = restricted_load_mapped(self.path)
         if not isinstance(document, dict):
             raise CheckpointError(str(path), "the pickle does not hold a checkpoint dict.")
         self.embeddings = _require_matrix(document.get("embeddings"), self.path)

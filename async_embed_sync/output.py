@@ -40,7 +40,7 @@ from typing import Any, BinaryIO, Literal
 import numpy as np
 from numpy.lib import format as npy_format
 
-from .checkpoints import BackgroundDigest, NpyCheckpoint, RestrictedUnpickler, RowBlock, restricted_load
+from .checkpoints import MAPPED_PAYLOAD_BYTES, BackgroundDigest, NpyCheckpoint, RowBlock, restricted_load_mapped
 from .errors import CheckpointError, OutputError
 
 PICKLE_SUFFIX = ".pkl"
@@ -698,60 +698,8 @@ def _load_bundle(path: Path) -> dict[str, Any]:
     return {"embeddings": embeddings, "articles": articles, **{key: manifest.get(key) for key in LEGACY_KEYS[2:]}}
 
 
-# A BYTEARRAY8 payload at least this large is mapped from the file, not read.
-_MAPPED_PAYLOAD_BYTES = 1 << 20
-
-
-class _PayloadSkippingReader:
-    """A file for the unpickler that skips large ``readinto`` requests, noting where they were.
-
-    The unpickler reads a BYTEARRAY8 payload (the embeddings) with one
-    ``readinto`` into a fresh bytearray; leaving it unfilled costs no memory,
-    and the bytes are mapped from the file instead.
-    """
-
-    def __init__(self, stream: BinaryIO):
-        self._stream = stream
-        self.read = stream.read
-        self.readline = stream.readline
-        self.peek = getattr(stream, "peek", None) or (lambda size=0: b"")
-        self.skipped: dict[int, int] = {}  # length of a skipped request -> its file offset
-
-    def readinto(self, buffer: Any) -> int:
-        size = memoryview(buffer).nbytes
-        if size < _MAPPED_PAYLOAD_BYTES:
-            return self._stream.readinto(buffer)
-        position = self._stream.tell()
-        end = self._stream.seek(0, os.SEEK_END)
-        self._stream.seek(min(position + size, end))
-        self.skipped[size] = position
-        return min(size, end - position)
-
-
-class _MappingUnpickler(RestrictedUnpickler):
-    """The restricted unpickler, rebuilding a large in-band array as a copy-on-write map of the file."""
-
-    def __init__(self, stream: BinaryIO, source: Path):
-        self._reader = _PayloadSkippingReader(stream)
-        super().__init__(self._reader, source)  # type: ignore[arg-type]
-
-    def find_class(self, module: str, name: str) -> Any:
-        allowed = super().find_class(module, name)
-        return self._frombuffer if name == "_frombuffer" else allowed
-
-    def _frombuffer(self, buffer: Any, dtype: np.dtype, shape: tuple[int, ...], order: str) -> np.ndarray:
-        restricted = super().find_class("numpy._core.numeric", "_frombuffer")
-        size = memoryview(buffer).nbytes
-        # The part of the payload that the unpickler had already buffered was
-        # copied into ``buffer``; the rest was skipped from ``offset`` on.
-        skipped = next(((length, at) for length, at in self._reader.skipped.items() if length <= size), None)
-        if skipped is None or np.dtype(dtype).hasobject:
-            return restricted(buffer, dtype, shape, order)
-        length, at = skipped
-        del self._reader.skipped[length]
-        # Copy-on-write: writable, as the legacy merge's array was, and the file stays as it is.
-        mapped = np.memmap(self.source, dtype=np.uint8, mode="c", offset=at - (size - length), shape=(size,))
-        return restricted(mapped, dtype, shape, order)
+# A payload at least this large is mapped from the file, not read.
+_MAPPED_PAYLOAD_BYTES = MAPPED_PAYLOAD_BYTES
 
 
 def load(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -766,7 +714,8 @@ def load(path: str | os.PathLike[str]) -> dict[str, Any]:
         document = _load_bundle(path)
     else:
         try:
-            document = restricted_load(path, _MappingUnpickler)
+            # Copy-on-write: writable, as the legacy merge's array was, and the file stays as it is.
+            document = restricted_load_mapped(path, mode="c", threshold=_MAPPED_PAYLOAD_BYTES)
         except CheckpointError as exc:
             raise OutputError(str(path), exc.problem) from exc
     if not isinstance(document, dict) or set(document) != set(LEGACY_KEYS):

@@ -309,3 +309,66 @@ def test_jsonl_lines_are_kept_verbatim_whatever_their_ending(tmp_path: Path) -> 
     assert [text.encode()[offset : offset + length] for offset, length in checkpoint.article_spans()] == [
         b'{"id": "0"}\r\n', b' {"id": "2"} \n{"id": "3"}'
     ]
+
+
+def _bases(array: np.ndarray) -> list[object]:
+    bases: list[object] = []
+    while (base := getattr(bases[-1] if bases else array, "base", None)) is not None:
+        bases.append(base)
+    return bases
+
+
+# Payloads under about 128 KiB come within the unpickler's read-ahead (or a
+# protocol-4 frame) and are never skipped: these arrays are larger.
+_MAPPED_ROWS = 4000
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_legacy_embeddings_are_mapped_from_the_file_not_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, protocol: int
+) -> None:
+    import async_embed_sync.checkpoints as checkpoints
+
+    monkeypatch.setattr(checkpoints, "MAPPED_PAYLOAD_BYTES", 4096)
+    path = _write(tmp_path / "c" / "ckpt", "pkl", end=10 + _MAPPED_ROWS, protocol=protocol)
+
+    embeddings = open_checkpoint(path).embeddings
+
+    assert np.array_equal(embeddings, _rows(10, 10 + _MAPPED_ROWS)[0])
+    # Protocol 2 carries bytes as latin-1 text, which is read, never skipped.
+    mapped = any(isinstance(base, np.memmap) for base in _bases(embeddings))
+    assert mapped == (protocol >= 3)
+    assert not (mapped and embeddings.flags.writeable)
+
+
+@pytest.mark.parametrize("rows", [_MAPPED_ROWS, 30])
+def test_a_large_payload_that_is_not_the_embeddings_is_read_all_the_same(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rows: int
+) -> None:
+    import async_embed_sync.checkpoints as checkpoints
+
+    monkeypatch.setattr(checkpoints, "MAPPED_PAYLOAD_BYTES", 4096)
+    embeddings, articles = _rows(10, 10 + rows)
+    blob = bytes(range(256)) * 1024  # a bytes payload that is skipped, beside (or instead of) the array's
+    articles[1]["blob"] = blob
+    path = _write(tmp_path / "c" / "ckpt", "pkl", end=10 + rows, embeddings=embeddings, articles=articles)
+
+    checkpoint = open_checkpoint(path)
+
+    assert checkpoint.articles[1]["blob"] == blob
+    assert np.array_equal(checkpoint.embeddings, embeddings)
+
+
+@pytest.mark.parametrize("protocol", [4, 5])
+def test_a_pickle_truncated_inside_its_mapped_array_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, protocol: int
+) -> None:
+    import async_embed_sync.checkpoints as checkpoints
+
+    monkeypatch.setattr(checkpoints, "MAPPED_PAYLOAD_BYTES", 4096)
+    path = _write(tmp_path / "c" / "ckpt", "pkl", end=10 + _MAPPED_ROWS, protocol=protocol)
+    data = path.read_bytes()
+    path.write_bytes(data[: data.index(_rows(10, 10 + _MAPPED_ROWS)[0].tobytes()) + 200_000])
+
+    with pytest.raises(CheckpointError, match="truncated"):
+        open_checkpoint(path)
