@@ -144,7 +144,7 @@ def _write_article_rows(
     write(rows)
     metrics.add_dropped(int(len(keep) - keep.sum()))
     nonfinite_before = metrics.nonfinite_rows
-    # While the rows are hashed and written, on other cores.
+    # Meanwhile the digests of a .npy checkpoint and of a bundle hash the rows on another core.
     metrics.add_rows(rows)
     if strict and metrics.nonfinite_rows > nonfinite_before:
         raise MergeValidationError(
