@@ -139,6 +139,9 @@ def _add_merge_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default=DEFAULT_OUTPUT, metavar="PATH",
                         help="a .pkl path for the legacy pickle, any other path for a memory-mappable "
                              "bundle directory (default: %(default)s)")
+    parser.add_argument("--articles-format", choices=("jsonl", "parquet"), default=None,
+                        help="articles of a bundle: articles.jsonl, or articles.parquet (needs "
+                             "pyarrow; uses more memory) (default: parquet where pyarrow is installed)")
     _add_merge_arguments_without_output(parser)
 
 
@@ -206,7 +209,8 @@ def _merge_phase(args: argparse.Namespace, progress: Progress) -> None:
     try:
         report = merge_checkpoints(
             args.download_dir, args.output, dtype=args.dtype, expect_articles=args.expect_articles,
-            strict=args.strict, on_progress=lambda p: progress.rows_merged(p.rows_done, p.rows_total))
+            strict=args.strict, on_progress=lambda p: progress.rows_merged(p.rows_done, p.rows_total),
+            articles_format=args.articles_format)
     finally:
         progress.close()
     if not args.quiet:

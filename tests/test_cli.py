@@ -76,6 +76,19 @@ def test_bundle_output_and_float16(tmp_path):
     assert str(result["embeddings"].dtype) == "float16" and len(result["articles"]) == 590
 
 
+@pytest.mark.parametrize("articles_format", ["jsonl", "parquet"])
+def test_bundle_articles_format_flag(tmp_path, articles_format):
+    if articles_format == "parquet" and os.environ.get("CI") != "true":
+        pytest.importorskip("pyarrow")  # the test extra installs it: CI always runs this
+    download_dir = _local_run(tmp_path, fmt="npy")
+    bundle, legacy = tmp_path / "bundle", tmp_path / "legacy.pkl"
+    for output, extra in ((bundle, ["--articles-format", articles_format]), (legacy, [])):
+        assert main(["merge", "--download-dir", str(download_dir), "--output", str(output),
+                     "--quiet", *extra]) == 0
+    assert (bundle / f"articles.{articles_format}").is_file()
+    assert load(bundle)["articles"] == load(legacy)["articles"]
+
+
 def test_merge_error_is_one_paragraph_and_leaves_nothing(tmp_path, capsys):
     download_dir = _local_run(tmp_path)
     victim = sorted((download_dir / "tensor01").glob("*.pkl"))[1]
