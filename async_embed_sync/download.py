@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import os
 from dataclasses import dataclass
@@ -98,8 +99,7 @@ async def download_file(remote: ClusterRemote, layout: DownloadLayout, remote_fi
         finally:
             # Also after a drop: what arrived is kept, so that the retry asks
             # only for the rest.
-            with anyio.CancelScope(shield=True):
-                await _checkpoint(layout, cluster, name, fd, state, position, hasher)
+            await _checkpoint(layout, cluster, name, fd, state, position, hasher)
         if position != remote_file.size:
             raise RemoteFileChangedError(cluster, name, f"it ended at byte {position}, "
                                                         f"expected {remote_file.size}")
@@ -180,12 +180,16 @@ async def _checkpoint(layout: DownloadLayout, cluster: str, name: str, fd: int,
                       state: FileState, position: int, hasher) -> None:
     if position == state.verified_offset and state.prefix_sha256:
         return
-    state.verified_offset = position
-    state.prefix_sha256 = hasher.hexdigest()
-    try:
-        await anyio.to_thread.run_sync(_fsync_and_save, layout, cluster, name, fd, state)
-    except OSError as exc:
-        raise LocalFileError(str(layout.state_path(cluster, name)), exc.strerror or str(exc)) from exc
+    advanced = dataclasses.replace(state, verified_offset=position, prefix_sha256=hasher.hexdigest())
+    # Shielded, and ``state`` moves only once the save is done: a cancel
+    # here must not leave memory believing in a checkpoint the disk lacks
+    # (the closing checkpoint would then skip it as already made).
+    with anyio.CancelScope(shield=True):
+        try:
+            await anyio.to_thread.run_sync(_fsync_and_save, layout, cluster, name, fd, advanced)
+        except OSError as exc:
+            raise LocalFileError(str(layout.state_path(cluster, name)), exc.strerror or str(exc)) from exc
+    state.verified_offset, state.prefix_sha256 = advanced.verified_offset, advanced.prefix_sha256
 
 
 def _fsync_and_save(layout: DownloadLayout, cluster: str, name: str, fd: int, state: FileState) -> None:
