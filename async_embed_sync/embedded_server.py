@@ -11,7 +11,7 @@ It is the server side of the tool's protocol, so it may import asyncssh
 * SFTP chrooted to ``root``, served by ``sftp_factory``: tests pass an
   ``asyncssh.SFTPServer`` subclass to inject faults;
 * when ``allow_exec`` is true, the one command the tool runs remotely,
-  ``sha256sum [--] PATH``, answered like coreutils (``<hex>  PATH``, exit 0;
+  ``sha256sum [--] PATH...``, answered like coreutils (``<hex>  PATH``, exit 0;
   exit 1 and a message on stderr when the file is missing); any other command
   exits 127. When it is false, exec requests are refused, like a server
   without a shell. Every command received is recorded in ``exec_commands``.
@@ -240,22 +240,26 @@ class EmbeddedSFTPServer(LoopbackSSHAccess):
             words = shlex.split(command or "")
         except ValueError:
             words = []
-        if len(words) == 3 and words[1] == "--":
-            words = [words[0], words[2]]
-        if len(words) != 2 or words[0] != "sha256sum":
+        if words[:1] != ["sha256sum"] or len(words) < 2:
             stderr.write(f"sh: 1: {command!s}: not found\n")
             return COMMAND_NOT_FOUND
-        name = words[1]
-        local = self.local_path(name)
-        try:
-            if local is None:
-                raise FileNotFoundError
-            digest = await asyncio.to_thread(file_sha256, local)
-        except FileNotFoundError:
-            stderr.write(f"sha256sum: {name}: No such file or directory\n")
-            return 1
-        except IsADirectoryError:
-            stderr.write(f"sha256sum: {name}: Is a directory\n")
-            return 1
-        stdout.write(_coreutils_line(digest, name))
-        return 0
+        names = words[2:] if words[1] == "--" else words[1:]
+        status = 0
+        # Like coreutils: one line per file, in order; a missing file is
+        # reported on stderr and makes the exit status 1, the rest still hashed.
+        for name in names:
+            local = self.local_path(name)
+            try:
+                if local is None:
+                    raise FileNotFoundError
+                digest = await asyncio.to_thread(file_sha256, local)
+            except FileNotFoundError:
+                stderr.write(f"sha256sum: {name}: No such file or directory\n")
+                status = 1
+                continue
+            except IsADirectoryError:
+                stderr.write(f"sha256sum: {name}: Is a directory\n")
+                status = 1
+                continue
+            stdout.write(_coreutils_line(digest, name))
+        return status

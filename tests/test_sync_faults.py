@@ -184,6 +184,20 @@ async def test_with_a_shell_files_are_verified_by_sha256(tmp_path, embedded_serv
     assert any("sha256sum" in (command or "") for command in server.exec_commands)
 
 
+async def test_remote_hashes_are_batched_and_every_file_verified(tmp_path, embedded_server,
+                                                                  write_config):
+    names = {f"part{i:02d}.pkl": 200_000 + i for i in range(12)}
+    remote = _make_remote(tmp_path / "srv", names)
+    async with embedded_server(tmp_path / "srv") as server:
+        config = write_config(tmp_path, {"tensor01": server.cluster_entry("/ckpt")})
+        report = await _sync(config, tmp_path / "dl", max_parallel=12)
+    assert report.ok and report.clusters["tensor01"].verified_by == {"sha256"}
+    hashes = [c for c in server.exec_commands if c and c.startswith("sha256sum")]
+    assert sum(c.count(".pkl") for c in hashes) == 12
+    assert len(hashes) < 12  # several files per sha256sum call
+    _same(remote, tmp_path / "dl" / "tensor01", names)
+
+
 async def test_wrong_host_key_refused_before_any_file_is_written(tmp_path, embedded_server,
                                                                  write_config):
     _make_remote(tmp_path / "srv", {"a.pkl": MiB})
