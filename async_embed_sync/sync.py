@@ -210,10 +210,15 @@ async def _download_with_retries(link: ClusterLink, layout: DownloadLayout, remo
     stalled_attempts = changed_in_a_row = 0
     verification_failed = False
     fetched_by_failed_attempts = 0
+    changed_on_server = False
     while True:
         before = _verified_offset(layout, cluster, name)
         try:
-            outcome = await download_file(await link.get(), layout, remote_file, progress)
+            remote = await link.get()
+            if changed_on_server:
+                remote_file = await remote.stat(name)  # copy the new version
+                changed_on_server = False
+            outcome = await download_file(remote, layout, remote_file, progress)
         except VerificationError:
             if verification_failed:
                 raise
@@ -230,10 +235,9 @@ async def _download_with_retries(link: ClusterLink, layout: DownloadLayout, remo
             changed_in_a_row = changed_in_a_row + 1 if isinstance(exc, RemoteFileChangedError) else 0
             if stalled_attempts > options.retries or changed_in_a_row > options.retries:
                 raise
-            progress.note(f"{exc}; retrying.")
+            progress.note(f"{exc} (retrying)")
             await anyio.sleep(options.delay(stalled_attempts))
-            if isinstance(exc, RemoteFileChangedError):
-                remote_file = await (await link.get()).stat(name)
+            changed_on_server = isinstance(exc, RemoteFileChangedError)
             continue
         outcome.transferred += fetched_by_failed_attempts
         outcome.resumed = outcome.resumed or fetched_by_failed_attempts > 0
