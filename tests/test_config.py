@@ -1,7 +1,6 @@
 """Configuration: both layouts, validation, permissions, and no secret shown."""
 
 import json
-import os
 
 import pytest
 

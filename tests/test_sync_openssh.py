@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
 
 from async_embed_sync.cli import main
 from async_embed_sync.config import load_config
@@ -142,7 +141,7 @@ def test_missing_remote_dir_and_empty_dir_are_named(openssh, tmp_path, write_con
     })
     err = _run_failing(capsys, config, tmp_path / "dl")
     assert f"{tmp_path / 'does-not-exist'} cannot be listed" in err
-    assert f"no checkpoint files matching" in err and str(empty) in err
+    assert "no checkpoint files matching" in err and str(empty) in err
 
 
 def test_unreachable_host_fails_alone(openssh, tmp_path, write_config, capsys):
