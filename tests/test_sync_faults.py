@@ -40,6 +40,14 @@ async def _sync(config: Path, download_dir: Path, **options):
                                SyncOptions(**{**FAST_RETRY, **options}))
 
 
+async def _cli_sync_child(config: Path, download_dir: Path, stderr):
+    """The real CLI in a process of its own, to be killed or signalled."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "async_embed_sync", "sync", "--config", str(config),
+        "--download-dir", str(download_dir), "--quiet",
+        stdout=asyncio.subprocess.DEVNULL, stderr=stderr)
+
+
 async def _until_stalled(proxy, child=None) -> None:
     """Wait (bounded) until the proxy's stall point is reached."""
     for _ in range(600):
@@ -88,10 +96,7 @@ async def test_killed_process_resumes(tmp_path, embedded_server, link_proxy, wri
     async with embedded_server(tmp_path / "srv") as server, \
             link_proxy(server, stall_after=kill_at) as proxy:
         config = write_config(tmp_path, {"tensor01": server.cluster_entry("/ckpt", port=proxy.port)})
-        child = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "async_embed_sync", "sync", "--config", str(config),
-            "--download-dir", str(tmp_path / "dl"), "--quiet",
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+        child = await _cli_sync_child(config, tmp_path / "dl", stderr=asyncio.subprocess.DEVNULL)
         await _until_stalled(proxy, child)
         child.send_signal(signal.SIGKILL)
         await child.wait()
@@ -271,10 +276,7 @@ async def test_sigterm_exits_130_and_keeps_what_arrived(tmp_path, embedded_serve
     async with embedded_server(tmp_path / "srv") as server, \
             link_proxy(server, stall_after=13 * MiB) as proxy:
         config = write_config(tmp_path, {"tensor01": server.cluster_entry("/ckpt", port=proxy.port)})
-        child = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "async_embed_sync", "sync", "--config", str(config),
-            "--download-dir", str(tmp_path / "dl"), "--quiet",
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        child = await _cli_sync_child(config, tmp_path / "dl", stderr=asyncio.subprocess.PIPE)
         await _until_stalled(proxy, child)
         child.send_signal(signal.SIGTERM)
         stderr = (await asyncio.wait_for(child.communicate(), 30))[1].decode()
