@@ -21,10 +21,6 @@ class BackgroundLoop:
         """Run ``coroutine`` on the background loop and wait for its result."""
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
 
-    def call(self, function, *args) -> None:
-        """Call ``function`` on the loop's thread (fault controls, counters)."""
-        self.loop.call_soon_threadsafe(function, *args)
-
 
 @contextlib.contextmanager
 def background_loop(name: str = "background-loop") -> Iterator[BackgroundLoop]:

@@ -52,10 +52,11 @@ import asyncio
 import contextlib
 import signal
 import sys
-import threading
 from collections import deque
 from collections.abc import Iterator, Sequence
 from typing import Self
+
+from .background import background_loop
 
 CHUNK_SIZE = 256 * 1024
 DEFAULT_BUFFER_BYTES = 4 * 1024 * 1024
@@ -336,20 +337,14 @@ def run_in_thread(target_host: str, target_port: int, **options: object) -> Iter
     The counters may be read from the caller's thread; the fault controls
     must run on the proxy's loop: ``proxy.loop.call_soon_threadsafe(proxy.stall)``.
     """
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, name="LinkProxy", daemon=True)
-    thread.start()
-    proxy = LinkProxy(target_host, target_port, **options)  # type: ignore[arg-type]
-    try:
-        asyncio.run_coroutine_threadsafe(proxy.start(), loop).result(CONNECT_TIMEOUT)
-        yield proxy
-    finally:
-        with contextlib.suppress(Exception):
-            asyncio.run_coroutine_threadsafe(proxy.close(), loop).result(2 * CLOSE_TIMEOUT)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(CLOSE_TIMEOUT)
-        if not thread.is_alive():
-            loop.close()
+    with background_loop("LinkProxy") as loop:
+        proxy = LinkProxy(target_host, target_port, **options)  # type: ignore[arg-type]
+        loop.run(proxy.start(), timeout=CONNECT_TIMEOUT)
+        try:
+            yield proxy
+        finally:
+            with contextlib.suppress(Exception):
+                loop.run(proxy.close(), timeout=2 * CLOSE_TIMEOUT)
 
 
 def _parse_target(text: str) -> tuple[str, int]:
