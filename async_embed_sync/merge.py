@@ -58,7 +58,6 @@ from .checkpoints import (
     RowBlock,
     file_sha256,
     find_checkpoints,
-    open_checkpoint,
 )
 from .errors import MergeValidationError, OutputError
 from .metrics import QualityMetrics
@@ -290,13 +289,6 @@ def _read_one(path: Path, spill: _Spill, line_check: BackgroundJsonlCheck | None
     if line_check is not None:
         line_check.submit(checkpoint.articles_path, checkpoint.indexed_bytes)
     return checkpoint
-
-
-def plan_merge(download_dir: Path) -> list[CheckpointInfo]:
-    """Open every checkpoint under ``download_dir``, one at a time; their infos by start index."""
-    # No name holds a loaded pickle while the next one loads.
-    infos = [open_checkpoint(path).info for path in _checkpoint_paths(Path(download_dir))]
-    return sorted(infos, key=lambda info: info.start_index)
 
 
 def validate_plan(infos: Sequence[CheckpointInfo], expect_articles: int | None = None) -> None:

@@ -639,20 +639,6 @@ def open_output(
     return BundleWriter(staging.path, shape, dtype, articles_format)
 
 
-class _StreamedList:
-    """Pickles as a plain ``list`` whose items are drawn from an iterator.
-
-    ``(list, (), None, iterator)`` makes the pickler write APPENDS batches as
-    it goes, so the list is never held whole; it loads back as a plain list.
-    """
-
-    def __init__(self, items: Iterable[Any]):
-        self._items = items
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (list, (), None, iter(self._items))
-
-
 def _replace_directory(source: Path, target: Path) -> None:
     previous = None
     if target.exists():

@@ -12,7 +12,7 @@ from merge_fixtures import DIM, entries, write_evil_pickle
 from async_embed_sync import load
 from async_embed_sync.errors import OutputError
 from async_embed_sync.merge import merge_checkpoints
-from async_embed_sync.output import LEGACY_KEYS, _StreamedList
+from async_embed_sync.output import LEGACY_KEYS
 from async_embed_sync.synthetic import generate_run
 
 
@@ -62,14 +62,6 @@ def test_legacy_output_is_one_plain_dict(downloads: Path, tmp_path: Path) -> Non
     assert document["embeddings"].dtype == np.float16 and document["embeddings"].shape == (290, DIM)
     assert document["embedding_dim"] == DIM and document["model"] == "google/embeddinggemma-300m"
     assert document["timestamp"].endswith("+00:00")
-
-
-def test_streamed_list_pickles_as_a_plain_list() -> None:
-    produced = iter(range(2500))
-
-    loaded = pickle.loads(pickle.dumps({"items": _StreamedList(produced)}, protocol=5))
-
-    assert type(loaded["items"]) is list and loaded["items"] == list(range(2500))
 
 
 def test_load_refuses_a_checkpoint(downloads: Path) -> None:
