@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import hashlib
 import os
 import shlex
 from collections.abc import Callable
@@ -36,10 +35,10 @@ from typing import Any, Self
 
 import asyncssh
 
+from .checkpoints import file_sha256
 from .known_hosts import known_hosts_line
 
 CLOSE_TIMEOUT = 5.0
-HASH_BLOCK = 1024 * 1024
 COMMAND_NOT_FOUND = 127
 
 
@@ -104,15 +103,6 @@ def _coreutils_line(digest: str, name: str) -> str:
     if "\\" in name or "\n" in name:
         return "\\" + digest + "  " + name.replace("\\", "\\\\").replace("\n", "\\n") + "\n"
     return f"{digest}  {name}\n"
-
-
-def file_sha256(path: Path) -> str:
-    """The hex sha256 of a file, read in blocks (files may be larger than memory)."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(HASH_BLOCK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class _ConnectionTracker(asyncssh.SSHServer):

@@ -41,7 +41,7 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 from openssh import OpenSSHServer  # noqa: E402  (tests/ is put on the path just above)
 
-from async_embed_sync.embedded_server import file_sha256  # noqa: E402
+from async_embed_sync.checkpoints import file_sha256  # noqa: E402
 
 CLUSTERS = ("tensor01", "tensor02")
 MIB = 1024 * 1024
