@@ -38,6 +38,7 @@ from types import TracebackType
 from typing import Any, BinaryIO, Literal
 
 import numpy as np
+import orjson
 from numpy.lib import format as npy_format
 
 from .checkpoints import MAPPED_PAYLOAD_BYTES, BackgroundDigest, NpyCheckpoint, RowBlock, restricted_load_mapped
@@ -670,8 +671,8 @@ def _read_articles(path: Path) -> list[dict]:
         import pyarrow.parquet as pq
 
         return pq.read_table(path).to_pylist()
-    with open(path, encoding="utf-8") as stream:
-        return [json.loads(line) for line in stream]
+    with open(path, "rb") as stream:
+        return [orjson.loads(line) for line in stream]
 
 
 def _load_bundle(path: Path) -> dict[str, Any]:
