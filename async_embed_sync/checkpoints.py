@@ -20,16 +20,13 @@ import functools
 import hashlib
 import json
 import math
-import multiprocessing
 import os
 import pickle
 import re
-import signal
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from multiprocessing.pool import AsyncResult
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -533,7 +530,7 @@ class LegacyCheckpoint(Checkpoint):
 
 
 # The ``.jsonl`` of a checkpoint is read this much at a time when it is indexed.
-_JSONL_CHUNK_BYTES = 16 << 20
+_JSONL_CHUNK_BYTES = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -545,9 +542,9 @@ class JsonlIndex:
     and a line that starts with ``{`` and ends with ``}`` is taken to be a
     JSON object. Every other line is parsed here, and refused if it is not a
     JSON object. The lines taken on trust are still parsed before a merge
-    publishes anything: where the row is read as a dict (a ``.pkl`` or
-    parquet output), or by :func:`check_jsonl_lines` in a worker process
-    (a bundle's ``articles.jsonl``, which copies the lines verbatim).
+    publishes anything: where the row is read as a dict (a ``.pkl``
+    output), or by :func:`parse_jsonl_span` in the article worker process
+    (a bundle's articles).
     """
 
     line_ends: np.ndarray  # int64: the offset just after each line, its newline included
@@ -635,82 +632,37 @@ def index_jsonl(stream: BinaryIO, path: Path) -> JsonlIndex:
     )
 
 
-# The worker reads this much at a time: its resident size adds to the
-# merge's, and larger reads parse no faster.
-_CHECK_CHUNK_BYTES = 1 << 20
+# Spans are parsed this much at a time: the parser runs in a worker process
+# (see ``article_worker.py``) whose resident size adds to the merge's, and
+# larger reads parse no faster.
+_PARSE_CHUNK_BYTES = 1 << 20
 
 
-def check_jsonl_lines(path: Path, length: int) -> str | None:
-    """Parse every line of the first ``length`` bytes of ``path``: the first problem found, or None.
+def parse_jsonl_span(path: Path, offset: int, length: int, first_line: int, source: Path | None = None) -> Iterator[list[dict]]:
+    """The rows of the whole lines in ``length`` bytes of ``path`` from ``offset``, a list per chunk read.
 
-    The full check that :func:`index_jsonl` leaves out, meant for a worker
-    process (:class:`BackgroundJsonlCheck`): it takes a path and a byte
-    count rather than the bytes, and returns the problem as text, which
-    crosses the process boundary as it is.
+    Every line is parsed: :class:`CheckpointError` naming ``source``
+    (default ``path``) and the line (numbered from ``first_line``) for a
+    line that is not a JSON object, or if the file is shorter than the span.
     """
-    number = checked = 0
+    source = source or path
+    number = first_line
+    parsed = 0
     try:
         with open(path, "rb") as stream:
-            for text, cut in _whole_line_chunks(stream, length, _CHECK_CHUNK_BYTES):
-                start = 0
+            stream.seek(offset)
+            for text, cut in _whole_line_chunks(stream, length, _PARSE_CHUNK_BYTES):
+                view, start, rows = memoryview(text), 0, []
                 for end in _line_ends(text, cut):
+                    rows.append(_parse_jsonl_row(view[start:end], number, source))
                     number += 1
-                    _parse_jsonl_row(text[start:end], number, path)
                     start = end
-                checked += cut
-    except CheckpointError as exc:
-        return exc.problem
+                parsed += cut
+                yield rows
     except OSError as exc:
-        return f"cannot be read ({exc.strerror or exc})."
-    return None if checked == length else "the file shrank while it was read."
-
-
-def _leave_signals_to_the_parent() -> None:
-    # Ctrl-C reaches the whole process group: the parent decides what stops,
-    # and stops the worker with SIGTERM, whatever handler it had inherited.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
-class BackgroundJsonlCheck:
-    """:func:`check_jsonl_lines` of each file submitted, in a worker process, while this one works on.
-
-    ``json`` parsing holds the GIL: on a thread it would only take turns
-    with the caller's work, in a process it runs on another core. The worker
-    is forked when this object is made (make it before large buffers exist:
-    the fork shares them, and they would count in the worker's resident
-    size too) and is given file paths and byte counts, never the bytes.
-    Use as a context manager: leaving it stops the worker at once.
-    """
-
-    def __init__(self) -> None:
-        methods = multiprocessing.get_all_start_methods()
-        context = multiprocessing.get_context("fork" if "fork" in methods else None)
-        self._pool = context.Pool(1, initializer=_leave_signals_to_the_parent)
-        self._pending: list[tuple[Path, AsyncResult]] = []
-
-    def submit(self, path: Path, length: int) -> None:
-        """Check the first ``length`` bytes of ``path``."""
-        self._pending.append((path, self._pool.apply_async(check_jsonl_lines, (path, length))))
-
-    def wait(self) -> None:
-        """Block until every submitted file is checked; :class:`CheckpointError` for the first bad one."""
-        pending, self._pending = self._pending, []
-        for path, result in pending:
-            problem = result.get()
-            if problem is not None:
-                raise CheckpointError(str(path), problem)
-
-    def close(self) -> None:
-        # Reaped, not only killed: the worker's resource usage then counts as the parent's child's.
-        self._pool.terminate()
-        self._pool.join()
-
-    def __enter__(self) -> BackgroundJsonlCheck:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+        raise CheckpointError(str(source), f"cannot be read ({exc.strerror or exc}).") from exc
+    if parsed != length:
+        raise CheckpointError(str(source), "the file shrank while it was read.")
 
 
 class NpyCheckpoint(Checkpoint):
@@ -799,15 +751,15 @@ class NpyCheckpoint(Checkpoint):
         with self._open(self.path) as stream:
             return stream.read(self._data_offset)
 
-    def article_spans(self) -> Iterator[tuple[int, int]]:
-        """``(offset, length)`` of each run of consecutive article lines in the ``.jsonl``."""
+    def article_spans(self) -> Iterator[tuple[int, int, int]]:
+        """``(offset, length, line number)`` of each run of consecutive article lines in the ``.jsonl``."""
         start = 0
         for row in self.lines.dropped.tolist():
             if row > start:
-                yield self.lines.line_start(start), self.lines.line_start(row) - self.lines.line_start(start)
+                yield self.lines.line_start(start), self.lines.line_start(row) - self.lines.line_start(start), start + 1
             start = row + 1
         if start < self.lines.rows:
-            yield self.lines.line_start(start), self.indexed_bytes - self.lines.line_start(start)
+            yield self.lines.line_start(start), self.indexed_bytes - self.lines.line_start(start), start + 1
 
     def blocks(self, max_rows: int) -> Iterator[RowBlock]:
         # Read through one reusable buffer instead of the map: pages of a map

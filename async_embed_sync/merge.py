@@ -20,12 +20,14 @@ Three steps, in this order:
    output (on worker threads) in the same pass. The scratch files are then
    deleted and the result published atomically (see ``output.py``).
 
-Every ``.jsonl`` line is parsed before anything is published. Where the
-output reads the rows as dicts, the copy parses them; where it copies them
-verbatim (a bundle's ``articles.jsonl``), a worker process parses them from
-the moment each file is indexed, beside the planning and the copy, and is
-joined before the publish: a bad line aborts the merge with nothing at the
-output path.
+Every ``.jsonl`` line is parsed before anything is published. A ``.pkl``
+output reads the rows as dicts: the copy parses them. A bundle's articles
+are left to the article worker process (``article_worker.py``): it parses
+every line of each checkpoint from the moment the file is indexed where
+``articles.jsonl`` copies them verbatim, and parses and writes the article
+rows where they go to ``articles.parquet``; it runs beside the planning and
+the copy, and is joined before the publish: a bad line aborts the merge
+with nothing at the output path.
 
 Memory stays bounded by one loaded legacy checkpoint (a pickle can only be
 read whole), or by one block for ``.npy`` checkpoints. The quality metrics
@@ -48,10 +50,10 @@ from typing import Any
 
 import numpy as np
 
+from .article_worker import ArticleWorker
 from .checkpoints import (
     LEGACY_SUFFIX,
     BackgroundDigest,
-    BackgroundJsonlCheck,
     CheckpointInfo,
     LegacyCheckpoint,
     NpyCheckpoint,
@@ -70,6 +72,7 @@ from .output import (
     bundle_articles_format,
     check_output_path,
     copies_checkpoint_lines,
+    is_pickle_output,
     open_output,
     publish,
     rows_offset,
@@ -78,7 +81,7 @@ from .output import (
 OUTPUT_DTYPES = ("float32", "float16")
 
 # Rows are copied in blocks of about this many bytes.
-_BLOCK_BYTES = 16 << 20
+_BLOCK_BYTES = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -270,24 +273,24 @@ def _checkpoint_paths(download_dir: Path) -> list[Path]:
     return sorted(paths, key=_natural_order)
 
 
-def _read_all(download_dir: Path, spill: _Spill, line_check: BackgroundJsonlCheck | None = None) -> list[_ReadCheckpoint]:
+def _read_all(download_dir: Path, spill: _Spill, line_check: ArticleWorker | None = None) -> list[_ReadCheckpoint]:
     """Read every checkpoint under ``download_dir``, one at a time; by start index.
 
     A legacy checkpoint is read through ``spill`` and dropped at once, so
-    memory holds at most one loaded pickle. With ``line_check``, the lines
-    of each ``.npy`` checkpoint are given to it as soon as they are indexed,
-    so that the check runs beside the rest of the merge.
+    memory holds at most one loaded pickle. With ``line_check``, every line
+    of each ``.npy`` checkpoint is given to it to parse as soon as the file
+    is indexed, so that the check runs beside the rest of the merge.
     """
     parts = [_read_one(path, spill, line_check) for path in _checkpoint_paths(download_dir)]
     return sorted(parts, key=lambda part: part.info.start_index)
 
 
-def _read_one(path: Path, spill: _Spill, line_check: BackgroundJsonlCheck | None) -> _ReadCheckpoint:
+def _read_one(path: Path, spill: _Spill, line_check: ArticleWorker | None) -> _ReadCheckpoint:
     if path.suffix == LEGACY_SUFFIX:
         return spill.read(path)
     checkpoint = NpyCheckpoint(path)
     if line_check is not None:
-        line_check.submit(checkpoint.articles_path, checkpoint.indexed_bytes)
+        line_check.submit(checkpoint.articles_path, [(0, checkpoint.indexed_bytes, 1)])
     return checkpoint
 
 
@@ -373,7 +376,7 @@ class _CopyPass:
 
     def _copy_spilled(self, part: _SpilledCheckpoint) -> None:
         self.writer.embeddings.copy_from(self.spill.embeddings.fd, part.embeddings_offset, part.info.article_rows)
-        self.writer.articles.add_encoded(self.spill.articles.fd, part.articles_offset, part.articles_length)
+        self.writer.articles.add_encoded(self.spill.articles, part.articles_offset, part.articles_length, part.path)
         self._progress(part.info.rows, part.path)
 
     def _copy(self, checkpoint: NpyCheckpoint, digest: BackgroundDigest) -> QualityMetrics:
@@ -383,14 +386,14 @@ class _CopyPass:
         for block in checkpoint.blocks(_block_rows(info.dim, self.dtype, info.dtype)):
             digest.update(block.embeddings)
             _write_article_rows(block, self.dtype, self.writer.embeddings.append, metrics, self.strict, info.path)
-            if not articles.copies_lines:
+            if not articles.takes_lines:
                 articles.add(block)
             # The block's buffer is reused by the next block: the hashes must be done with it.
             self.writer.embeddings.wait()
             digest.wait()
             self._progress(len(block.keep), info.path)
-        if articles.copies_lines:
-            articles.copy_lines(checkpoint)
+        if articles.takes_lines:
+            articles.add_lines(checkpoint)
         return metrics
 
     def _progress(self, rows: int, path: Path) -> None:
@@ -445,12 +448,12 @@ def merge_checkpoints(
     check_output_path(output)
     articles_format = bundle_articles_format(output, articles_format)
     with ExitStack() as cleanup:
-        # Lines copied verbatim are parsed by no one else: every line is
-        # checked in a worker process, forked now while this one is small,
-        # and joined before the result is published.
-        line_check = (
-            cleanup.enter_context(BackgroundJsonlCheck()) if copies_checkpoint_lines(output, articles_format) else None
-        )
+        # A bundle's articles are parsed in a worker process (forked now,
+        # while this one is small), and written there if they are parquet;
+        # lines copied verbatim into articles.jsonl are parsed by no one
+        # else, so the worker checks every line of every checkpoint.
+        worker = None if is_pickle_output(output) else cleanup.enter_context(ArticleWorker())
+        line_check = worker if copies_checkpoint_lines(output, articles_format) else None
         # Legacy checkpoints leave what the output needs in the staging area
         # as they are read; the output itself is created only once they are
         # all read and validated.
@@ -465,15 +468,14 @@ def merge_checkpoints(
         timestamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
         try:
             writer = open_output(
-                staging, (total_articles, infos[0].dim), np.dtype(dtype), articles_format, _rows_in_place(parts, spill)
+                staging, (total_articles, infos[0].dim), np.dtype(dtype), articles_format,
+                _rows_in_place(parts, spill), worker,
             )
             try:
                 copy_pass = _CopyPass(writer, parts, spill, np.dtype(dtype), strict, on_progress)
                 digests = copy_pass.run()
-                # Before the publish: a bundle's staging directory becomes the output.
-                spill.remove()
-                if line_check is not None:
-                    line_check.wait()
+                if worker is not None:
+                    worker.finish()
                 quality_metrics = copy_pass.metrics.result()
                 writer.finish(
                     {
@@ -487,6 +489,8 @@ def merge_checkpoints(
                 )
             finally:
                 writer.close()
+            # Before the publish: a bundle's staging directory becomes the output.
+            spill.remove()
             publish(staging)
         except OSError as exc:
             raise _cannot_write(output, exc) from exc

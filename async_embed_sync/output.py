@@ -24,6 +24,7 @@ same output. :func:`load` reads either form.
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
@@ -35,7 +36,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any, BinaryIO, Literal
+from typing import Any, BinaryIO, Literal, Protocol
 
 import numpy as np
 import orjson
@@ -62,8 +63,9 @@ LEGACY_KEYS = (
 
 ArticlesFormat = Literal["jsonl", "parquet"]
 
-# Parquet row groups hold this many articles: memory stays bounded by one group.
-_PARQUET_GROUP_ROWS = 16_384
+# Parquet row groups hold this many articles: the article worker's memory
+# stays bounded by one group (see benchmarks/RESULTS-merge.md).
+_PARQUET_GROUP_ROWS = 4_096
 
 # Bytes copied through Python (not in the kernel) pass through a buffer of this size.
 _COPY_BUFFER_BYTES = 16 << 20
@@ -75,11 +77,9 @@ def is_pickle_output(path: Path) -> bool:
 
 
 def parquet_available() -> bool:
-    try:
-        import pyarrow.parquet  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    # Found, not imported: pyarrow is imported only by the article worker
+    # process, and would add 30 MiB to this one's resident size.
+    return importlib.util.find_spec("pyarrow") is not None
 
 
 def default_articles_format() -> ArticlesFormat:
@@ -348,7 +348,9 @@ class _AppendedArticles:
     bytes are copied in later with :meth:`add_encoded`.
     """
 
-    copies_lines = False
+    # True: takes the article lines of a ``.jsonl`` checkpoint as they are
+    # (:meth:`add_lines`), not its row blocks (:meth:`add`).
+    takes_lines = False
     _stream: BinaryIO
 
     @staticmethod
@@ -359,9 +361,9 @@ class _AppendedArticles:
     def add(self, block: RowBlock) -> None:
         self._stream.write(self.encode(block))
 
-    def add_encoded(self, source_fd: int, offset: int, length: int) -> None:
-        """Append ``length`` bytes made by :meth:`encode`, from ``offset`` of ``source_fd``."""
-        _append_copied(self._stream, source_fd, [(offset, length)])
+    def add_encoded(self, scratch: ScratchFile, offset: int, length: int, source: Path) -> None:
+        """Append ``length`` bytes made by :meth:`encode` from the rows of ``source``, at ``offset`` of ``scratch``."""
+        _append_copied(self._stream, scratch.fd, [(offset, length)])
 
 
 def _json_lines(block: RowBlock) -> bytes:
@@ -369,83 +371,149 @@ def _json_lines(block: RowBlock) -> bytes:
 
 
 class JsonlArticles(_AppendedArticles):
-    """``articles.jsonl``: one article per line, lines of ``.jsonl`` checkpoints copied verbatim."""
+    """``articles.jsonl``: one article per line, lines of ``.jsonl`` checkpoints copied verbatim.
 
-    copies_lines = True
+    Nothing here parses them: the merge has every checkpoint line checked
+    by the article worker (``article_worker.py``) before it publishes.
+    """
+
+    takes_lines = True
     encode = staticmethod(_json_lines)
 
     def __init__(self, path: Path):
         self.path = path
         self._stream = open(path, "wb")
 
-    def copy_lines(self, checkpoint: NpyCheckpoint) -> None:
+    def add_lines(self, checkpoint: NpyCheckpoint) -> None:
         """Copy the article lines of ``checkpoint`` as they are, in the kernel."""
         with open(checkpoint.articles_path, "rb") as source:
-            _append_copied(self._stream, source.fileno(), checkpoint.article_spans())
+            _append_copied(self._stream, source.fileno(), [span[:2] for span in checkpoint.article_spans()])
         if not checkpoint.lines.ends_with_newline and checkpoint.lines.rows - 1 not in checkpoint.lines.dropped:
             self._stream.write(b"\n")
 
     def close(self) -> None:
         self._stream.close()
 
+    finish = close
+
+
+class _ArticleWorker(Protocol):
+    # article_worker.ArticleWorker, which imports this module.
+    def write_parquet(self, path: Path, group_rows: int) -> None: ...
+    def submit(self, path: Path, spans: Iterable[tuple[int, int, int]], source: Path | None = None) -> None: ...
+    def finish(self) -> None: ...
+
 
 class ParquetArticles:
-    """``articles.parquet``, written one row group at a time.
+    """``articles.parquet``, parsed and written by the article worker process from the lines it is sent.
 
-    Columns are the keys of the rows (the first row group's schema); a key
-    missing from a row is stored as null and reads back as ``None``.
+    The merge process hands over byte spans of JSON lines (the article
+    lines of ``.jsonl`` checkpoints, and legacy checkpoints' rows, which wait
+    in the staging area as JSON lines); it never imports pyarrow.
     """
 
-    copies_lines = False
-    # Rows read before the output exists wait as JSON lines, parsed back when added.
+    takes_lines = True
     encode = staticmethod(_json_lines)
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, worker: _ArticleWorker):
         self.path = path
-        self._pending: list[dict] = []
-        self._writer: Any = None
-        self._closed = False
+        self._worker = worker
+        worker.write_parquet(path, _PARQUET_GROUP_ROWS)
 
-    def add(self, block: RowBlock) -> None:
-        self._add_rows(block.article_rows())
+    def add_lines(self, checkpoint: NpyCheckpoint) -> None:
+        self._worker.submit(checkpoint.articles_path, checkpoint.article_spans())
 
-    def add_encoded(self, source_fd: int, offset: int, length: int) -> None:
-        """Add the rows of ``length`` bytes made by :meth:`encode`, from ``offset`` of ``source_fd``."""
-        text = bytearray(length)
-        _read_at(source_fd, text, offset)
-        self._add_rows([json.loads(line) for line in text.split(b"\n")[:-1]])
+    def add_encoded(self, scratch: ScratchFile, offset: int, length: int, source: Path) -> None:
+        self._worker.submit(scratch.path, [(offset, length, 1)], source)
 
-    def _add_rows(self, rows: list[dict]) -> None:
-        self._pending.extend(rows)
-        if len(self._pending) >= _PARQUET_GROUP_ROWS:
-            self._write_group()
+    def finish(self) -> None:
+        """Wait until the worker has written and closed the file; raise what went wrong there."""
+        self._worker.finish()
 
-    def _write_group(self) -> None:
+    def close(self) -> None:
+        pass  # after a failure, the merge stops the worker: nothing to wait for
+
+
+def _low_retention_memory_pool(pa: Any) -> Any:
+    # Arrow's default pool (mimalloc) keeps much of what a row group freed:
+    # jemalloc, where the wheel has it, gives the worker a lower peak.
+    try:
+        return pa.jemalloc_memory_pool()
+    except NotImplementedError:
+        return pa.default_memory_pool()
+
+
+class ParquetRowWriter:
+    """Article rows into a parquet file, one row group of ``group_rows`` rows at a time.
+
+    Runs in the article worker process. The columns are the keys of the
+    first row group's rows; a key missing from a row is stored as null and
+    reads back as ``None``. A parquet file has one set of columns: a later
+    row with a key that the first group had not is refused, not dropped.
+    """
+
+    def __init__(self, path: Path, group_rows: int):
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        if self._writer is None:
-            schema = pa.Table.from_pylist(self._pending).schema
-            self._writer = pq.ParquetWriter(self.path, schema)
+        pa.set_memory_pool(_low_retention_memory_pool(pa))
+        self._pa, self._pq = pa, pq
+        self.path = path
+        self.group_rows = group_rows
+        self._pending: list[dict] = []
+        self._source: Path | None = None
+        self._type: Any = None
+        self._writer: Any = None
+
+    def add(self, rows: list[dict], source: Path) -> None:
+        """Add ``rows``, which come from the checkpoint ``source`` (named in errors)."""
+        self._source = source
+        self._pending.extend(rows)
+        while len(self._pending) >= self.group_rows:
+            group, self._pending = self._pending[: self.group_rows], self._pending[self.group_rows :]
+            self._write(group)
+
+    def _write(self, group: list[dict]) -> None:
+        pa = self._pa
         try:
-            table = pa.Table.from_pylist(self._pending, schema=self._writer.schema)
+            if self._type is None:
+                rows = pa.array(group)
+                self._type = rows.type
+                # No dictionary encoding: article columns (ids, titles, texts)
+                # rarely repeat a value, and the dictionaries cost memory.
+                self._writer = self._pq.ParquetWriter(self.path, pa.schema(list(self._type)), use_dictionary=False)
+            else:
+                extra = set().union(*group).difference(field.name for field in self._type)
+                if extra:
+                    raise CheckpointError(
+                        str(self._source),
+                        f"article rows up to this checkpoint's have keys ({', '.join(sorted(extra))}) that the "
+                        f"first {len(group):,} rows did not have, and a parquet file has one set of columns; "
+                        f"--articles-format jsonl keeps every key.",
+                    )
+                rows = pa.array(group, type=self._type)
+            self._writer.write_batch(pa.RecordBatch.from_struct_array(rows))
         except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
-            raise OutputError(str(self.path), f"the article rows do not fit one table ({exc}).") from exc
-        self._writer.write_table(table)
-        self._pending = []
+            raise CheckpointError(
+                str(self._source),
+                f"article rows up to this checkpoint's do not fit the parquet columns of the rows before "
+                f"them ({exc}); --articles-format jsonl keeps rows of any shape.",
+            ) from exc
+        except OSError as exc:
+            raise OutputError(str(self.path), f"cannot be written ({exc.strerror or exc}).") from exc
 
     def close(self) -> None:
         if self._pending:
-            self._write_group()
-        if self._writer is None and not self._closed:
-            # No article at all: still a readable, empty file.
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-
-            pq.write_table(pa.table({}), self.path)
-        elif self._writer is not None:
-            self._writer.close()
-        self._writer, self._closed = None, True
+            self._write(self._pending)
+            self._pending = []
+        try:
+            if self._writer is None:
+                # No article at all: still a readable, empty file.
+                self._pq.write_table(self._pa.table({}), self.path)
+            else:
+                self._writer.close()
+        except OSError as exc:
+            raise OutputError(str(self.path), f"cannot be written ({exc.strerror or exc}).") from exc
 
 
 def _pickle_body(value: Any) -> bytes:
@@ -554,14 +622,13 @@ class LegacyPickleWriter:
         self._file.close()
 
 
-def _articles_writer_type(articles_format: ArticlesFormat) -> type[JsonlArticles] | type[ParquetArticles]:
-    return ParquetArticles if articles_format == "parquet" else JsonlArticles
-
-
 class BundleWriter:
     """The bundle's files in the staging directory: preallocated ``embeddings.npy``, articles, manifest."""
 
-    def __init__(self, directory: Path, shape: tuple[int, int], dtype: np.dtype, articles_format: ArticlesFormat):
+    def __init__(
+        self, directory: Path, shape: tuple[int, int], dtype: np.dtype, articles_format: ArticlesFormat,
+        worker: _ArticleWorker | None = None,
+    ):
         dtype = np.dtype(dtype)
         self.directory = directory
         header = io.BytesIO()
@@ -574,12 +641,16 @@ class BundleWriter:
         self._file.write_at(header.getvalue(), 0)
         self.embeddings = EmbeddingsRegion(self._file, len(header.getvalue()), shape, dtype, self._digest)
         self.articles_file = ARTICLES_PARQUET if articles_format == "parquet" else ARTICLES_JSONL
-        self.articles = _articles_writer_type(articles_format)(directory / self.articles_file)
+        self.articles: JsonlArticles | ParquetArticles = (
+            ParquetArticles(directory / self.articles_file, worker)
+            if articles_format == "parquet"
+            else JsonlArticles(directory / self.articles_file)
+        )
 
     def finish(self, metadata: Mapping[str, Any]) -> None:
         """Write ``manifest.json`` (every legacy key but the first two) and close."""
         self.embeddings.check_complete()
-        self.articles.close()
+        self.articles.finish()
         self._file.close()
         manifest = {**{key: metadata[key] for key in LEGACY_KEYS[2:]}, "embeddings_sha256": self._digest.hexdigest()}
         manifest.update(embeddings_file=EMBEDDINGS_FILE, articles_file=self.articles_file)
@@ -611,33 +682,36 @@ def bundle_articles_format(output: Path, articles_format: ArticlesFormat | None 
 def copies_checkpoint_lines(output: Path, articles_format: ArticlesFormat | None = None) -> bool:
     """True when the output at ``output`` takes the lines of ``.jsonl`` checkpoints verbatim, unparsed.
 
-    Only a bundle's ``articles.jsonl`` does; every other form reads each
-    article row as a dict, and so parses it.
+    Only a bundle's ``articles.jsonl`` does: a ``.pkl`` output reads each
+    article row as a dict, and the article worker parses every row that
+    goes into ``articles.parquet``.
     """
-    articles_format = bundle_articles_format(output, articles_format)
-    return articles_format is not None and _articles_writer_type(articles_format).copies_lines
+    return bundle_articles_format(output, articles_format) == "jsonl"
 
 
 def articles_encoder(output: Path, articles_format: ArticlesFormat | None = None) -> Callable[[RowBlock], bytes]:
     """How the output at ``output`` encodes the article rows of a block, for its ``add_encoded``."""
     articles_format = bundle_articles_format(output, articles_format)
-    return _PickledArticles.encode if articles_format is None else _articles_writer_type(articles_format).encode
+    return _PickledArticles.encode if articles_format is None else _json_lines
 
 
 def open_output(
     staging: StagingArea, shape: tuple[int, int], dtype: np.dtype, articles_format: ArticlesFormat | None = None,
-    rows_in_place: Path | None = None,
+    rows_in_place: Path | None = None, worker: _ArticleWorker | None = None,
 ) -> OutputWriter:
     """The writer for the form that the output path asks for, writing into ``staging``.
 
-    ``rows_in_place``: see :class:`LegacyPickleWriter`; only for a ``.pkl`` output.
+    ``rows_in_place``: see :class:`LegacyPickleWriter`; only for a ``.pkl``
+    output. ``worker``: the article worker, which writes parquet articles.
     """
     articles_format = bundle_articles_format(staging.output, articles_format)
     if articles_format is None:
         return LegacyPickleWriter(staging.path / staging.output.name, shape, dtype, rows_in_place)
     if rows_in_place is not None:
         raise ValueError("a bundle's rows are never written in place")
-    return BundleWriter(staging.path, shape, dtype, articles_format)
+    if articles_format == "parquet" and worker is None:
+        raise ValueError("parquet articles are written by an article worker")
+    return BundleWriter(staging.path, shape, dtype, articles_format, worker)
 
 
 def _replace_directory(source: Path, target: Path) -> None:

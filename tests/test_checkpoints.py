@@ -9,11 +9,10 @@ import pytest
 from merge_fixtures import DIM, write_evil_pickle
 
 from async_embed_sync.checkpoints import (
-    BackgroundJsonlCheck,
-    check_jsonl_lines,
     file_sha256,
     find_checkpoints,
     open_checkpoint,
+    parse_jsonl_span,
     restricted_load,
 )
 from async_embed_sync.errors import CheckpointError, UnsafePickleError
@@ -268,31 +267,27 @@ def test_a_jsonl_line_that_is_not_an_object_is_refused(tmp_path: Path, text: str
         open_checkpoint(path)
 
 
-def test_check_jsonl_lines_parses_every_line_of_the_range(tmp_path: Path) -> None:
+def _parse(path: Path, offset: int, length: int, first_line: int = 1) -> list[dict]:
+    return [row for rows in parse_jsonl_span(path, offset, length, first_line) for row in rows]
+
+
+def test_parse_jsonl_span_parses_every_line_of_the_span(tmp_path: Path) -> None:
     path = tmp_path / "rows.jsonl"
     path.write_text('{"id": "0"}\r\n {"id": "1"} \n{"id": "2", "title": 3,}\n{"id": "3"}')
     good = len('{"id": "0"}\r\n {"id": "1"} \n')
 
-    assert check_jsonl_lines(path, good) is None
-    assert check_jsonl_lines(path, path.stat().st_size).startswith("line 3 is not JSON")
-    assert check_jsonl_lines(path, path.stat().st_size + 1).startswith("line 3 is not JSON")
+    assert _parse(path, 0, good) == [{"id": "0"}, {"id": "1"}]
+    assert _parse(path, len('{"id": "0"}\r\n'), good - len('{"id": "0"}\r\n'), 2) == [{"id": "1"}]
+    with pytest.raises(CheckpointError, match="rows.jsonl: line 3 is not JSON"):
+        _parse(path, 0, path.stat().st_size)
+    with pytest.raises(CheckpointError, match="line 12 is not JSON"):
+        _parse(path, good, path.stat().st_size - good, 12)
     path.write_text('{"id": "0"}\n{"id": "1"}')
-    assert check_jsonl_lines(path, path.stat().st_size) is None
-    assert check_jsonl_lines(path, path.stat().st_size + 5) == "the file shrank while it was read."
-    assert check_jsonl_lines(tmp_path / "missing.jsonl", 1).startswith("cannot be read")
-
-
-def test_background_jsonl_check_reports_the_first_bad_file_by_name(tmp_path: Path) -> None:
-    good, bad = tmp_path / "good.jsonl", tmp_path / "bad.jsonl"
-    good.write_text('{"id": "0"}\n')
-    bad.write_text('{"id": "0"}\n[1]\n')
-
-    with BackgroundJsonlCheck() as line_check:
-        line_check.submit(good, good.stat().st_size)
-        line_check.wait()
-        line_check.submit(bad, bad.stat().st_size)
-        with pytest.raises(CheckpointError, match=f"{bad}: line 2 is not a JSON object"):
-            line_check.wait()
+    assert _parse(path, 0, path.stat().st_size) == [{"id": "0"}, {"id": "1"}]
+    with pytest.raises(CheckpointError, match="the file shrank while it was read"):
+        _parse(path, 0, path.stat().st_size + 5)
+    with pytest.raises(CheckpointError, match="missing.jsonl: cannot be read"):
+        _parse(tmp_path / "missing.jsonl", 0, 1)
 
 
 def test_jsonl_lines_are_kept_verbatim_whatever_their_ending(tmp_path: Path) -> None:
@@ -306,8 +301,8 @@ def test_jsonl_lines_are_kept_verbatim_whatever_their_ending(tmp_path: Path) -> 
     assert checkpoint.info.article_rows == 3
     assert lines == [b'{"id": "0"}\r\n', b' {"id": "2"} \n', b'{"id": "3"}\n']
     assert rows == [{"id": "0"}, {"id": "2"}, {"id": "3"}]
-    assert [text.encode()[offset : offset + length] for offset, length in checkpoint.article_spans()] == [
-        b'{"id": "0"}\r\n', b' {"id": "2"} \n{"id": "3"}'
+    assert [(text.encode()[offset : offset + length], line) for offset, length, line in checkpoint.article_spans()] == [
+        (b'{"id": "0"}\r\n', 1), (b' {"id": "2"} \n{"id": "3"}', 3)
     ]
 
 
