@@ -23,7 +23,7 @@ from pathlib import Path
 import anyio
 
 from .errors import LocalFileError, RemoteFileChangedError, VerificationError
-from .journal import DownloadLayout, FileState, fsync_directory
+from .journal import DownloadLayout, FileState, file_identity, fsync_directory
 from .progress import Progress
 from .remote import ClusterRemote, RemoteFile
 
@@ -208,4 +208,5 @@ def _move_into_place(layout: DownloadLayout, cluster: str, name: str, fd: int,
     state.complete = True
     state.sha256 = digest
     state.verified_by = verified_by
+    state.local_identity = file_identity(final)
     layout.save_state(cluster, name, state)

@@ -42,6 +42,9 @@ class FileState:
     # How the finished file was checked: "sha256" against the remote's
     # sha256sum, or "size" where the remote has no shell.
     verified_by: str = ""
+    # The finished local file's identity (see ``file_identity``) when
+    # ``sha256`` was taken: while it holds, the file is the one hashed.
+    local_identity: list[int] | None = None
 
     def matches(self, size: int, mtime: int) -> bool:
         return self.remote_size == size and self.remote_mtime == mtime
@@ -86,6 +89,27 @@ class DownloadLayout:
         write_atomically(self.state_path(cluster, name),
                          json.dumps(document, sort_keys=True).encode("utf-8"))
 
+    def verified_sha256(self, path: Path) -> str | None:
+        """The sha256 the sync recorded for the complete file at ``path``, if it is still that file.
+
+        None unless ``path`` is ``<download-dir>/<cluster>/<name>``, its
+        state is complete, and the file's identity (inode, size, change and
+        modification times) is the one recorded when it was hashed: any write,
+        rename or replacement since changes the change time, which no one
+        can set back. Saves the merge from reading a synced file to hash it.
+        """
+        path = Path(path)
+        if path.parent.parent != self.root:
+            return None
+        state = self.load_state(path.parent.name, path.name)
+        if state is None or not state.complete or not state.sha256 or state.local_identity is None:
+            return None
+        try:
+            identity = file_identity(path)
+        except OSError:
+            return None
+        return state.sha256 if identity == state.local_identity else None
+
     def forget(self, cluster: str, name: str) -> None:
         """Drop the partial and its state: the next attempt starts at 0."""
         for path in (self.partial_path(cluster, name), self.state_path(cluster, name)):
@@ -93,6 +117,12 @@ class DownloadLayout:
                 path.unlink()
             except FileNotFoundError:
                 pass
+
+
+def file_identity(path: Path) -> list[int]:
+    """What changes whenever the file at ``path`` does: inode, size, change and modification times (ns)."""
+    stat = os.stat(path)
+    return [stat.st_ino, stat.st_size, stat.st_ctime_ns, stat.st_mtime_ns]
 
 
 def write_atomically(path: Path, data: bytes) -> None:

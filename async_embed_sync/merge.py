@@ -62,6 +62,7 @@ from .checkpoints import (
     find_checkpoints,
 )
 from .errors import MergeValidationError, OutputError
+from .journal import DownloadLayout
 from .metrics import QualityMetrics
 from .output import (
     ArticlesFormat,
@@ -192,9 +193,11 @@ class _Spill:
     """
 
     def __init__(
-        self, staging: StagingArea, dtype: np.dtype, encode_articles: Callable[[RowBlock], bytes], strict: bool
+        self, staging: StagingArea, dtype: np.dtype, encode_articles: Callable[[RowBlock], bytes], strict: bool,
+        recorded_sha256: Callable[[Path], str | None],
     ):
         self.output = staging.output
+        self.recorded_sha256 = recorded_sha256
         self.dtype = dtype
         self.encode_articles = encode_articles
         self.strict = strict
@@ -208,7 +211,7 @@ class _Spill:
             raise _cannot_write(self.output, exc) from exc
 
     def read(self, path: Path) -> _SpilledCheckpoint:
-        sha256 = self._hasher.submit(file_sha256, path).result
+        sha256 = _sha256_of(path, self.recorded_sha256) or self._hasher.submit(file_sha256, path).result
         checkpoint = LegacyCheckpoint(path)
         info = checkpoint.info
         metrics = QualityMetrics(row_bytes=info.dim * self.dtype.itemsize)
@@ -240,6 +243,12 @@ class _Spill:
 
 
 _ReadCheckpoint = NpyCheckpoint | _SpilledCheckpoint
+
+
+def _sha256_of(path: Path, recorded_sha256: Callable[[Path], str | None]) -> Callable[[], str] | None:
+    """How to get the sha256 that the sync recorded for ``path``; None if there is none to trust."""
+    recorded = recorded_sha256(path)
+    return None if recorded is None else lambda: recorded
 
 
 def _rows_in_place(parts: Sequence[_ReadCheckpoint], spill: _Spill) -> Path | None:
@@ -350,6 +359,7 @@ class _CopyPass:
         self.strict = strict
         self.on_progress = on_progress
         self.rows_total = sum(part.info.rows for part in parts)
+        self.recorded_sha256 = spill.recorded_sha256
         self.rows_done = 0
         self.metrics = QualityMetrics(row_bytes=parts[0].info.dim * dtype.itemsize)
 
@@ -357,7 +367,11 @@ class _CopyPass:
         """Copy everything; how to get each checkpoint's sha256, in index order."""
         digests: list[Callable[[], str]] = []
         for part in self.parts:
-            if isinstance(part, NpyCheckpoint):
+            if isinstance(part, NpyCheckpoint) and (recorded := _sha256_of(part.path, self.recorded_sha256)):
+                # Synced and untouched since: no need to hash it again.
+                metrics = self._copy(part, None)
+                digests.append(recorded)
+            elif isinstance(part, NpyCheckpoint):
                 digest = BackgroundDigest()
                 try:
                     digest.update(part.header_bytes())
@@ -379,18 +393,20 @@ class _CopyPass:
         self.writer.articles.add_encoded(self.spill.articles, part.articles_offset, part.articles_length, part.path)
         self._progress(part.info.rows, part.path)
 
-    def _copy(self, checkpoint: NpyCheckpoint, digest: BackgroundDigest) -> QualityMetrics:
+    def _copy(self, checkpoint: NpyCheckpoint, digest: BackgroundDigest | None) -> QualityMetrics:
         info = checkpoint.info
         metrics = QualityMetrics(row_bytes=info.dim * self.dtype.itemsize)
         articles = self.writer.articles
         for block in checkpoint.blocks(_block_rows(info.dim, self.dtype, info.dtype)):
-            digest.update(block.embeddings)
+            if digest is not None:
+                digest.update(block.embeddings)
             _write_article_rows(block, self.dtype, self.writer.embeddings.append, metrics, self.strict, info.path)
             if not articles.takes_lines:
                 articles.add(block)
             # The block's buffer is reused by the next block: the hashes must be done with it.
             self.writer.embeddings.wait()
-            digest.wait()
+            if digest is not None:
+                digest.wait()
             self._progress(len(block.keep), info.path)
         if articles.takes_lines:
             articles.add_lines(checkpoint)
@@ -458,8 +474,11 @@ def merge_checkpoints(
         # as they are read; the output itself is created only once they are
         # all read and validated.
         staging = cleanup.enter_context(StagingArea(output))
+        # A checkpoint that the sync downloaded and verified, untouched since,
+        # has its sha256 (for chunk_info) in the sync's journal.
+        recorded_sha256 = DownloadLayout(download_dir).verified_sha256
         spill = cleanup.enter_context(
-            _Spill(staging, np.dtype(dtype), articles_encoder(output, articles_format), strict)
+            _Spill(staging, np.dtype(dtype), articles_encoder(output, articles_format), strict, recorded_sha256)
         )
         parts = _read_all(Path(download_dir), spill, line_check)
         infos = [part.info for part in parts]

@@ -1,6 +1,8 @@
 """The journal: atomic, versioned, and forgiving of damage."""
 
-from async_embed_sync.journal import STATE_DIR_NAME, DownloadLayout, FileState
+import os
+
+from async_embed_sync.journal import STATE_DIR_NAME, DownloadLayout, FileState, file_identity
 
 
 def test_round_trip_and_layout(tmp_path):
@@ -35,3 +37,38 @@ def test_forget_removes_partial_and_state(tmp_path):
     layout.forget("c", "a")  # twice is fine
     assert not layout.partial_path("c", "a").exists()
     assert layout.load_state("c", "a") is None
+
+
+def _record_complete(layout: DownloadLayout, cluster: str, name: str, sha256: str) -> None:
+    state = FileState(1, 1, complete=True, sha256=sha256, verified_by="sha256",
+                      local_identity=file_identity(layout.final_path(cluster, name)))
+    layout.save_state(cluster, name, state)
+
+
+def test_a_recorded_sha256_is_trusted_only_while_the_file_is_untouched(tmp_path):
+    layout = DownloadLayout(tmp_path)
+    layout.prepare("c")
+    path = layout.final_path("c", "a.npy")
+    path.write_bytes(b"synced bytes")
+    _record_complete(layout, "c", "a.npy", "ab" * 32)
+
+    assert layout.verified_sha256(path) == "ab" * 32
+    assert layout.verified_sha256(tmp_path / "elsewhere" / "a.npy") is None
+    assert layout.verified_sha256(layout.final_path("c", "unknown.npy")) is None
+
+    # Rewritten in place, same size, modification time put back: the change time tells.
+    before = os.stat(path)
+    path.write_bytes(b"edited bytes")
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert layout.verified_sha256(path) is None
+
+
+def test_a_state_without_the_file_identity_is_not_trusted(tmp_path):
+    layout = DownloadLayout(tmp_path)
+    layout.prepare("c")
+    path = layout.final_path("c", "a.npy")
+    path.write_bytes(b"synced bytes")
+    # As written before the identity was recorded.
+    layout.save_state("c", "a.npy", FileState(1, 1, complete=True, sha256="ab" * 32))
+
+    assert layout.verified_sha256(path) is None

@@ -66,6 +66,28 @@ def test_chunk_info_describes_each_checkpoint(tmp_path: Path) -> None:
     assert chunks[-1]["cluster"] == "tensor02"
 
 
+def test_chunk_info_takes_the_sha256_the_sync_recorded_while_the_file_is_untouched(tmp_path: Path) -> None:
+    import hashlib
+
+    from async_embed_sync.journal import DownloadLayout, FileState, file_identity
+
+    paths = _run(tmp_path / "downloads", "mixed")
+    layout = DownloadLayout(tmp_path / "downloads")
+    # Recorded hashes that differ from the files' own show where chunk_info's came from.
+    for path in paths:
+        layout.prepare(path.parent.name)
+        layout.save_state(path.parent.name, path.name, FileState(
+            1, 1, complete=True, sha256=f"recorded {path.name}", local_identity=file_identity(path)))
+    edited = next(path for path in paths if path.suffix == ".npy")
+    edited.write_bytes(edited.read_bytes())  # same bytes, but no longer the file that was hashed
+
+    merge_checkpoints(tmp_path / "downloads", tmp_path / "merged")
+
+    sha256 = {chunk["file"]: chunk["sha256"] for chunk in load(tmp_path / "merged")["chunk_info"]}
+    assert sha256.pop(edited.name) == hashlib.sha256(edited.read_bytes()).hexdigest()
+    assert sha256 == {path.name: f"recorded {path.name}" for path in paths if path != edited}
+
+
 def test_float16_output(tmp_path: Path) -> None:
     _run(tmp_path / "downloads", "mixed")
     embeddings, _ = expected_merge(ROWS, QUESTIONS)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -52,8 +53,12 @@ def test_two_clusters_byte_identical_then_incremental(openssh, tmp_path, write_c
                  "--max-parallel", "3", "--quiet"]) == 0
     for cluster, remote_dir in dirs.items():
         _assert_mirrored(remote_dir, download_dir / cluster)
-        state = DownloadLayout(download_dir).load_state(cluster, "emb_gpu0.pkl")
+        layout = DownloadLayout(download_dir)
+        state = layout.load_state(cluster, "emb_gpu0.pkl")
         assert state.complete and state.verified_by == "sha256"  # sshd has a shell
+        # The merge can take each file's sha256 from the journal instead of hashing it again.
+        for path in (download_dir / cluster).iterdir():
+            assert layout.verified_sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest(), path
 
     # Second run: nothing changed, nothing transferred.
     report = _sync(config, download_dir)
