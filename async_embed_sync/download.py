@@ -23,7 +23,7 @@ from pathlib import Path
 import anyio
 
 from .errors import LocalFileError, RemoteFileChangedError, VerificationError
-from .journal import DownloadLayout, FileState, file_identity, fsync_directory
+from .journal import DownloadLayout, FileState, fsync_directory
 from .progress import Progress
 from .remote import ClusterRemote, RemoteFile
 
@@ -205,8 +205,4 @@ def _move_into_place(layout: DownloadLayout, cluster: str, name: str, fd: int,
     final = layout.final_path(cluster, name)
     os.replace(layout.partial_path(cluster, name), final)
     fsync_directory(final.parent)
-    state.complete = True
-    state.sha256 = digest
-    state.verified_by = verified_by
-    state.local_identity = file_identity(final)
-    layout.save_state(cluster, name, state)
+    layout.record_complete(cluster, name, state, digest, verified_by)

@@ -89,6 +89,14 @@ class DownloadLayout:
         write_atomically(self.state_path(cluster, name),
                          json.dumps(document, sort_keys=True).encode("utf-8"))
 
+    def record_complete(self, cluster: str, name: str, state: FileState, sha256: str, verified_by: str) -> None:
+        """Record that the file now in place at ``final_path(cluster, name)`` is complete and hashes to ``sha256``."""
+        state.complete = True
+        state.sha256 = sha256
+        state.verified_by = verified_by
+        state.local_identity = file_identity(self.final_path(cluster, name))
+        self.save_state(cluster, name, state)
+
     def verified_sha256(self, path: Path) -> str | None:
         """The sha256 the sync recorded for the complete file at ``path``, if it is still that file.
 

@@ -56,6 +56,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from async_embed_sync.checkpoints import file_sha256  # noqa: E402
+from async_embed_sync.journal import DownloadLayout, FileState  # noqa: E402
 from async_embed_sync.synthetic import generate_run  # noqa: E402
 
 LEGACY_MERGE = """
@@ -193,6 +195,20 @@ def _generate(root: Path, rows: int, fmt: str, text_bytes: int) -> None:
     generate_run(root, rows=rows, dim=768, gpus_per_cluster=4, fmt=fmt, text_bytes=text_bytes)
 
 
+def _record_as_synced(root: Path) -> None:
+    """Write the sync's journal for every file under ``root/*/``, as a sync that downloaded them would."""
+    layout = DownloadLayout(root)
+    for path in _inputs(root):
+        layout.prepare(path.parent.name)
+        stat = path.stat()
+        state = FileState(stat.st_size, int(stat.st_mtime), verified_offset=stat.st_size)
+        layout.record_complete(path.parent.name, path.name, state, file_sha256(path), "sha256")
+
+
+def _forget_sync(root: Path) -> None:
+    shutil.rmtree(DownloadLayout(root).state_root, ignore_errors=True)
+
+
 def _pyarrow_imports() -> bool:
     return subprocess.run([sys.executable, "-c", "import pyarrow.parquet"], capture_output=True).returncode == 0
 
@@ -212,6 +228,7 @@ def _pickle_input_pairs(workdir: Path, output: Path, rows: int, text_bytes: int,
 def run(
     workdir: Path, rows: int, scales: list[int], text_bytes: int, repeat: int,
     pickle_input: bool = True, bundle_forms: list[str] | None = None, pickle_output: bool = True,
+    synced: list[bool] | None = None,
 ) -> list[tuple[Measurement, Measurement]]:
     """Pairs of (contender, reference) measurements, in table order."""
     output = workdir / "out"
@@ -223,12 +240,16 @@ def run(
         arrays = workdir / f"npy-x{scale}"
         _generate(arrays, rows * scale, "npy", text_bytes)
         copied = _cat(f"cat (npy in, {scale}x)", arrays, output / "cat.bin", repeat)
-        if pickle_output:
-            merged = _merge(f"merge_checkpoints (npy in, {scale}x, .pkl out)", arrays, output / "merged.pkl", repeat)
-            pairs.append((merged, copied))
-        for form in bundle_forms:
-            label = f"merge_checkpoints (npy in, {scale}x, bundle out, articles.{form})"
-            pairs.append((_merge(label, arrays, output / "bundle", repeat, form), copied))
+        for was_synced in synced or [False]:
+            # Synced: the sync's journal holds each file's sha256, which the merge then need not compute.
+            _record_as_synced(arrays) if was_synced else _forget_sync(arrays)
+            inputs = f"npy in{', synced' if was_synced else ''}, {scale}x"
+            if pickle_output:
+                merged = _merge(f"merge_checkpoints ({inputs}, .pkl out)", arrays, output / "merged.pkl", repeat)
+                pairs.append((merged, copied))
+            for form in bundle_forms:
+                label = f"merge_checkpoints ({inputs}, bundle out, articles.{form})"
+                pairs.append((_merge(label, arrays, output / "bundle", repeat, form), copied))
         shutil.rmtree(arrays)
     return pairs
 
@@ -271,6 +292,9 @@ def main() -> None:
     parser.add_argument("--bundle-forms", nargs="*", choices=["jsonl", "parquet"],
                         help="article forms of the bundle rows (default: both where pyarrow imports; none: no bundle rows)")
     parser.add_argument("--no-pkl-out", action="store_true", help="skip the .npy-in, .pkl-out rows")
+    parser.add_argument("--npy-inputs", nargs="+", choices=["unsynced", "synced"], default=["unsynced", "synced"],
+                        help="the .npy inputs as files from elsewhere (the merge hashes them) and/or as a sync "
+                             "left them (their sha256 in its journal); default both")
     options = parser.parse_args()
     if not Path("/usr/bin/time").exists():
         raise SystemExit("/usr/bin/time is missing: apt-get install -y time")
@@ -279,6 +303,7 @@ def main() -> None:
         pairs = run(
             workdir, options.rows, [] if options.pkl_only else options.scale, options.text_bytes, options.repeat,
             pickle_input=not options.npy_only, bundle_forms=options.bundle_forms, pickle_output=not options.no_pkl_out,
+            synced=[kind == "synced" for kind in options.npy_inputs],
         )
         print(table(pairs))
     finally:
