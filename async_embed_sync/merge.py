@@ -61,7 +61,7 @@ from .checkpoints import (
     file_sha256,
     find_checkpoints,
 )
-from .errors import MergeValidationError, OutputError
+from .errors import CheckpointError, MergeValidationError, OutputError
 from .journal import DownloadLayout
 from .metrics import QualityMetrics
 from .output import (
@@ -370,6 +370,8 @@ class _CopyPass:
             if isinstance(part, NpyCheckpoint) and (recorded := _sha256_of(part.path, self.recorded_sha256)):
                 # Synced and untouched since: no need to hash it again.
                 metrics = self._copy(part, None)
+                if self.recorded_sha256(part.path) != recorded():
+                    raise CheckpointError(str(part.path), "changed while it was being merged; run the merge again.")
                 digests.append(recorded)
             elif isinstance(part, NpyCheckpoint):
                 digest = BackgroundDigest()

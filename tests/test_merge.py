@@ -88,6 +88,24 @@ def test_chunk_info_takes_the_sha256_the_sync_recorded_while_the_file_is_untouch
     assert sha256 == {path.name: f"recorded {path.name}" for path in paths if path != edited}
 
 
+def test_a_synced_checkpoint_changed_during_the_merge_fails_it(tmp_path: Path) -> None:
+    from async_embed_sync.journal import DownloadLayout, FileState, file_identity
+
+    paths = _run(tmp_path / "downloads", "npy")
+    layout = DownloadLayout(tmp_path / "downloads")
+    for path in paths:
+        layout.prepare(path.parent.name)
+        layout.save_state(path.parent.name, path.name, FileState(
+            1, 1, complete=True, sha256="ab" * 32, local_identity=file_identity(path)))
+
+    def touch_the_file_being_read(progress: MergeProgress) -> None:
+        progress.checkpoint.chmod(0o600)  # a new change time, as any write would give
+
+    with pytest.raises(CheckpointError, match="changed while it was being merged"):
+        merge_checkpoints(tmp_path / "downloads", tmp_path / "merged", on_progress=touch_the_file_being_read)
+    assert not (tmp_path / "merged").exists()
+
+
 def test_float16_output(tmp_path: Path) -> None:
     _run(tmp_path / "downloads", "mixed")
     embeddings, _ = expected_merge(ROWS, QUESTIONS)
