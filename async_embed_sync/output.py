@@ -488,8 +488,8 @@ class ParquetRowWriter:
                     raise CheckpointError(
                         str(self._source),
                         f"article rows up to this checkpoint's have keys ({', '.join(sorted(extra))}) that the "
-                        f"first {len(group):,} rows did not have, and a parquet file has one set of columns; "
-                        f"--articles-format jsonl keeps every key.",
+                        f"first {self.group_rows:,} rows (the parquet columns) did not have, and a parquet file "
+                        f"has one set of columns; --articles-format jsonl keeps every key.",
                     )
                 rows = pa.array(group, type=self._type)
             self._writer.write_batch(pa.RecordBatch.from_struct_array(rows))

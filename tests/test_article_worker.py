@@ -66,7 +66,7 @@ def test_a_key_the_parquet_columns_lack_is_refused_not_dropped(tmp_path: Path) -
     with ArticleWorker() as worker:
         worker.write_parquet(tmp_path / "articles.parquet", group_rows=2)
         worker.submit(rows, [(0, size, 1)])
-        with pytest.raises(CheckpointError, match=r"a\.jsonl: .*keys \(lang\).*--articles-format jsonl"):
+        with pytest.raises(CheckpointError, match=r"a\.jsonl: .*keys \(lang\) that the first 2 rows .*--articles-format jsonl"):
             worker.finish()
 
 
