@@ -246,9 +246,22 @@ _ReadCheckpoint = NpyCheckpoint | _SpilledCheckpoint
 
 
 def _sha256_of(path: Path, recorded_sha256: Callable[[Path], str | None]) -> Callable[[], str] | None:
-    """How to get the sha256 that the sync recorded for ``path``; None if there is none to trust."""
+    """How to get the sha256 that the sync recorded for ``path``; None if there is none to trust.
+
+    Asked for once the file has been read (for ``chunk_info``), it checks
+    that the file is still the one the sync hashed: one that changed while
+    it was being merged fails the merge rather than getting that sha256.
+    """
     recorded = recorded_sha256(path)
-    return None if recorded is None else lambda: recorded
+    if recorded is None:
+        return None
+
+    def still_recorded() -> str:
+        if recorded_sha256(path) != recorded:
+            raise CheckpointError(str(path), "changed while it was being merged; run the merge again.")
+        return recorded
+
+    return still_recorded
 
 
 def _rows_in_place(parts: Sequence[_ReadCheckpoint], spill: _Spill) -> Path | None:
@@ -370,8 +383,6 @@ class _CopyPass:
             if isinstance(part, NpyCheckpoint) and (recorded := _sha256_of(part.path, self.recorded_sha256)):
                 # Synced and untouched since: no need to hash it again.
                 metrics = self._copy(part, None)
-                if self.recorded_sha256(part.path) != recorded():
-                    raise CheckpointError(str(part.path), "changed while it was being merged; run the merge again.")
                 digests.append(recorded)
             elif isinstance(part, NpyCheckpoint):
                 digest = BackgroundDigest()

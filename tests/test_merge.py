@@ -88,10 +88,11 @@ def test_chunk_info_takes_the_sha256_the_sync_recorded_while_the_file_is_untouch
     assert sha256 == {path.name: f"recorded {path.name}" for path in paths if path != edited}
 
 
-def test_a_synced_checkpoint_changed_during_the_merge_fails_it(tmp_path: Path) -> None:
+@pytest.mark.parametrize("fmt", ["npy", "pkl"])
+def test_a_synced_checkpoint_changed_during_the_merge_fails_it(tmp_path: Path, fmt: str) -> None:
     from async_embed_sync.journal import DownloadLayout, FileState, file_identity
 
-    paths = _run(tmp_path / "downloads", "npy")
+    paths = _run(tmp_path / "downloads", fmt)
     layout = DownloadLayout(tmp_path / "downloads")
     for path in paths:
         layout.prepare(path.parent.name)
