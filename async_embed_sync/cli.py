@@ -140,8 +140,10 @@ def _add_merge_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a .pkl path for the legacy pickle, any other path for a memory-mappable "
                              "bundle directory (default: %(default)s)")
     parser.add_argument("--articles-format", choices=("jsonl", "parquet"), default=None,
-                        help="articles of a bundle: articles.jsonl, or articles.parquet (needs "
-                             "pyarrow; uses more memory) (default: parquet where pyarrow is installed)")
+                        help="articles of a bundle: articles.jsonl, which keeps any row, or "
+                             "articles.parquet (needs the parquet extra: pip install "
+                             "'async_embed_sync[parquet]'; every row must have the keys of the first "
+                             "4,096) (default: jsonl, whatever is installed)")
     _add_merge_arguments_without_output(parser)
 
 

@@ -465,7 +465,7 @@ def merge_checkpoints(
 
     ``output`` ending in ``.pkl`` gets the legacy pickle, anything else the
     bundle directory, whose articles are ``articles_format`` (default:
-    parquet where pyarrow is installed, else jsonl). Raises
+    jsonl, on every install). Raises
     :class:`MergeValidationError`, :class:`CheckpointError` or
     :class:`OutputError`; on any failure, Ctrl-C included, nothing is left
     at ``output`` and the staging area is removed.

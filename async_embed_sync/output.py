@@ -82,9 +82,10 @@ def parquet_available() -> bool:
     return importlib.util.find_spec("pyarrow") is not None
 
 
-def default_articles_format() -> ArticlesFormat:
-    """Parquet where pyarrow is installed, as the data contract prefers; else JSON lines."""
-    return "parquet" if parquet_available() else "jsonl"
+# The same on every install: JSON lines keep any row a pipeline writes (a key
+# that only some rows have, nested values, mixed types), and need nothing
+# beyond the core dependencies. Parquet is asked for by name.
+DEFAULT_ARTICLES_FORMAT: ArticlesFormat = "jsonl"
 
 
 # ------------------------------------------------------------------ staging area
@@ -668,14 +669,17 @@ OutputWriter = LegacyPickleWriter | BundleWriter
 def bundle_articles_format(output: Path, articles_format: ArticlesFormat | None = None) -> ArticlesFormat | None:
     """The form of the articles of a bundle at ``output`` (None for a ``.pkl`` output).
 
-    ``None`` asks for the default; parquet without pyarrow is refused.
+    ``None`` asks for the default, :data:`DEFAULT_ARTICLES_FORMAT`;
+    parquet without pyarrow is refused.
     """
     if is_pickle_output(output):
         return None
     if articles_format is None:
-        return default_articles_format()
+        return DEFAULT_ARTICLES_FORMAT
     if articles_format == "parquet" and not parquet_available():
-        raise OutputError(str(output), "articles.parquet needs pyarrow, which is not installed.")
+        raise OutputError(str(output), "articles.parquet needs pyarrow, which is not installed: "
+                                       "pip install 'async_embed_sync[parquet]', or leave out "
+                                       "--articles-format for articles.jsonl.")
     return articles_format
 
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +14,7 @@ from merge_fixtures import DIM, entries, write_evil_pickle
 from async_embed_sync import load
 from async_embed_sync.errors import OutputError
 from async_embed_sync.merge import merge_checkpoints
-from async_embed_sync.output import LEGACY_KEYS
+from async_embed_sync.output import LEGACY_KEYS, parquet_available
 from async_embed_sync.synthetic import generate_run
 
 
@@ -117,11 +119,26 @@ def test_bundle_articles_in_either_form_load_the_same(downloads: Path, tmp_path:
     assert bundle["articles"] == load(tmp_path / "merged.pkl")["articles"]
 
 
-def test_parquet_is_the_default_where_pyarrow_imports(downloads: Path, tmp_path: Path) -> None:
-    pytest.importorskip("pyarrow")
+def test_jsonl_is_the_default_even_where_pyarrow_imports(downloads: Path, tmp_path: Path) -> None:
+    # The test extra installs pyarrow: the output must not change with it.
+    assert parquet_available()
     merge_checkpoints(downloads, tmp_path / "bundle")
 
-    assert (tmp_path / "bundle" / "articles.parquet").is_file()
+    assert entries(tmp_path / "bundle") == ["articles.jsonl", "embeddings.npy", "manifest.json"]
+
+
+def test_parquet_without_pyarrow_is_one_clear_error(downloads: Path, tmp_path: Path) -> None:
+    # A child whose import system finds no pyarrow, as on an install without the parquet extra.
+    code = ("import sys; sys.modules['pyarrow'] = None\n"
+            "from async_embed_sync.cli import main\n"
+            f"sys.exit(main(['merge', '--download-dir', {str(downloads)!r}, '--output', "
+            f"{str(tmp_path / 'bundle')!r}, '--articles-format', 'parquet']))")
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+
+    assert child.returncode == 1, child.stderr
+    assert "pip install 'async_embed_sync[parquet]'" in child.stderr
+    assert "Traceback" not in child.stderr
+    assert not (tmp_path / "bundle").exists()
 
 
 def test_parquet_row_groups_bound_memory(downloads: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
