@@ -39,9 +39,11 @@ def _free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-def _keygen(path: Path) -> None:
+def keygen(path: Path, passphrase: str = "") -> None:
+    """An ed25519 key pair at ``path`` (+ ``.pub``), as ``ssh-keygen`` writes it: OpenSSH format,
+    encrypted with bcrypt's KDF when there is a passphrase."""
     if not path.exists():
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", path.name, "-f", str(path)],
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", passphrase, "-C", path.name, "-f", str(path)],
                        check=True, timeout=30, stdin=subprocess.DEVNULL)
     os.chmod(path, 0o600)
 
@@ -80,10 +82,10 @@ class OpenSSHServer(LoopbackSSHAccess):
             raise RuntimeError(f"{SSHD} or ssh-keygen is not installed")
         self.workdir.mkdir(parents=True, exist_ok=True)
         Path("/run/sshd").mkdir(parents=True, exist_ok=True)  # sshd's privilege-separation dir
-        _keygen(self.host_key_path)
-        _keygen(self.client_key_path)
+        keygen(self.host_key_path)
+        keygen(self.client_key_path)
         self.host_public_key = self.host_key_path.with_suffix(".pub").read_text()
-        authorized_keys = self.workdir / "authorized_keys"
+        authorized_keys = self.authorized_keys_path
         authorized_keys.write_text(self.client_key_path.with_suffix(".pub").read_text())
         for attempt in range(START_ATTEMPTS):
             self.port = _free_port(self.host)
@@ -93,6 +95,15 @@ class OpenSSHServer(LoopbackSSHAccess):
                 return
         raise RuntimeError(f"sshd did not start after {START_ATTEMPTS} attempts; see {self.log_path}:\n"
                            + self.log_path.read_text()[-2000:])
+
+    @property
+    def authorized_keys_path(self) -> Path:
+        return self.workdir / "authorized_keys"
+
+    def authorize(self, public_key_path: Path) -> None:
+        """Accept one more client key (sshd reads the file at every login)."""
+        with self.authorized_keys_path.open("a") as keys:
+            keys.write(Path(public_key_path).read_text())
 
     def stop(self) -> None:
         if self._process is None:

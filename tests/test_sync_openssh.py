@@ -6,6 +6,7 @@ import hashlib
 import os
 from pathlib import Path
 
+from openssh import keygen
 
 from async_embed_sync.cli import main
 from async_embed_sync.config import load_config
@@ -171,3 +172,18 @@ def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_a_passphrase_protected_key_from_ssh_keygen_logs_in(openssh, tmp_path, write_config):
+    # ssh-keygen -N writes the OpenSSH format, encrypted with bcrypt's KDF:
+    # the README's install must be able to decrypt it (asyncssh's bcrypt extra).
+    key = tmp_path / "id_ed25519_encrypted"
+    keygen(key, passphrase=PASSWORD)
+    assert b"PASSWORD" not in key.read_bytes() and key.read_bytes().startswith(b"-----BEGIN OPENSSH PRIVATE KEY")
+    openssh.authorize(key.with_suffix(".pub"))
+    dirs = _remote_tree(tmp_path)
+    config = write_config(tmp_path, {"tensor01": openssh.cluster_entry(
+        str(dirs["tensor01"]), key_file=str(key), passphrase=PASSWORD)})
+
+    assert main(["sync", "--config", str(config), "--download-dir", str(tmp_path / "dl"), "--quiet"]) == 0
+    _assert_mirrored(dirs["tensor01"], tmp_path / "dl" / "tensor01")
