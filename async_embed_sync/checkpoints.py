@@ -324,6 +324,8 @@ class CheckpointInfo:
     hostname: str | None
     size_bytes: int
     article_rows: int
+    # N, the rows of the whole run, where the embedding job wrote it.
+    total_rows: int | None = None
 
 
 # The key "kind", each letter possibly escaped: a line without a match has no
@@ -417,6 +419,7 @@ class _Fields:
     model: str
     gpu_id: int | None
     hostname: str | None
+    total_rows: int | None
 
 
 def _read_fields(document: Mapping[str, Any], path: Path) -> _Fields:
@@ -439,6 +442,7 @@ def _read_fields(document: Mapping[str, Any], path: Path) -> _Fields:
         model=model,
         gpu_id=integer("gpu_id"),
         hostname=text("hostname"),
+        total_rows=integer("total_rows"),
     )
 
 
@@ -491,6 +495,7 @@ class Checkpoint(ABC):
             hostname=fields.hostname,
             size_bytes=self.path.stat().st_size,
             article_rows=article_rows,
+            total_rows=fields.total_rows,
         )
 
 

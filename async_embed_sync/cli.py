@@ -13,8 +13,8 @@ import threading
 from collections.abc import Sequence
 
 from . import __version__
-from .config import load_config
-from .errors import AsyncEmbedSyncError
+from .config import ClusterConfig, Config, load_config
+from .errors import AsyncEmbedSyncError, ClustersLeftOutError
 from .progress import Progress, choose_progress
 from .prompts import TerminalPrompter
 from .sync import DEFAULT_DOWNLOAD_DIR, SyncOptions, sync
@@ -144,6 +144,9 @@ def _add_merge_arguments(parser: argparse.ArgumentParser) -> None:
                              "articles.parquet (needs the parquet extra: pip install "
                              "'async_embed_sync[parquet]'; every row must have the keys of the first "
                              "4,096) (default: jsonl, whatever is installed)")
+    parser.add_argument("--partial", action="store_true",
+                        help="merge what is there even if rows of the run are missing (a cluster left "
+                             "out of --clusters, checkpoints short of total_rows); the summary names them")
     _add_merge_arguments_without_output(parser)
 
 
@@ -183,18 +186,41 @@ def _merge(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     progress = choose_progress(args.quiet)
+    # --merge-only needs no connection: without any configuration it merges
+    # what is downloaded, as `merge` does.
+    config = load_config(args.config, args.credentials_dir, required=not args.merge_only)
+    clusters = config.select(args.clusters) if config else None
+    if config and not args.sync_only:
+        _refuse_left_out_clusters(config, clusters, args.partial)
     if not args.merge_only:
-        _sync_phase(args, progress)
+        _sync_phase(args, progress, config, clusters)
     if not args.sync_only:
-        _merge_phase(args, progress)
+        # Exactly the clusters of this run, as they were at their sync.
+        _merge_phase(args, progress, clusters=[c.name for c in clusters] if clusters else None,
+                     expect_rows=config.total_rows if config else None)
     return EXIT_OK
 
 
-def _sync_phase(args: argparse.Namespace, progress: Progress) -> None:
+def _refuse_left_out_clusters(config: Config, clusters: list[ClusterConfig], partial: bool) -> None:
+    """A run that merges fewer clusters than are configured would make a result that looks complete;
+    with ``partial`` it is asked for, and said."""
+    selected = {c.name for c in clusters}
+    left_out = [name for name in config.clusters if name not in selected]
+    if left_out and not partial:
+        raise ClustersLeftOutError(config.source, selected, left_out)
+    if left_out:
+        print(f"PARTIAL (--partial): the merge leaves out {', '.join(left_out)}, configured in "
+              f"{config.source}.", file=sys.stderr)
+
+
+def _sync_phase(args: argparse.Namespace, progress: Progress, config: Config | None = None,
+                clusters: list[ClusterConfig] | None = None) -> None:
     """Raises SyncFailedError when a cluster did not sync completely, so that
     ``run`` never merges an incomplete download."""
-    config = load_config(args.config, args.credentials_dir)
-    clusters = config.select(args.clusters)
+    if config is None:
+        config = load_config(args.config, args.credentials_dir)
+    if clusters is None:
+        clusters = config.select(args.clusters)
     for warning in config.warnings:
         print(warning, file=sys.stderr)
     options = SyncOptions(max_parallel=args.max_parallel, timeout=args.timeout, retries=args.retries,
@@ -205,14 +231,16 @@ def _sync_phase(args: argparse.Namespace, progress: Progress) -> None:
     report.raise_for_failures()
 
 
-def _merge_phase(args: argparse.Namespace, progress: Progress) -> None:
+def _merge_phase(args: argparse.Namespace, progress: Progress, clusters: list[str] | None = None,
+                 expect_rows: int | None = None) -> None:
     from .merge import merge_checkpoints
 
     try:
         report = merge_checkpoints(
             args.download_dir, args.output, dtype=args.dtype, expect_articles=args.expect_articles,
             strict=args.strict, on_progress=lambda p: progress.rows_merged(p.rows_done, p.rows_total),
-            articles_format=args.articles_format)
+            articles_format=args.articles_format, clusters=clusters, expect_rows=expect_rows,
+            partial=args.partial)
     finally:
         progress.close()
     if not args.quiet:

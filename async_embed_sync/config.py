@@ -7,7 +7,11 @@ Two layouts are read:
       {"clusters": {"tensor01": {"host": ..., "port": 22, "username": ...,
                                  "key_file": ... | "password": ...,
                                  "remote_dir": ..., "pattern": ...,
-                                 "known_hosts": ...}}}
+                                 "known_hosts": ...}},
+       "total_rows": 250010}
+
+  ``total_rows`` (optional): the rows of the whole run, articles and
+  others; a run whose checkpoints stop short of it does not merge.
 
 * the legacy ``.credentials/`` folder of ``<cluster>.credentials`` JSON files,
   one cluster per file, same fields.
@@ -79,6 +83,7 @@ class Config:
     clusters: dict[str, ClusterConfig]
     source: str
     warnings: tuple[str, ...] = ()
+    total_rows: int | None = None
 
     def select(self, names: list[str] | None) -> list[ClusterConfig]:
         """The clusters named by ``--clusters`` (all when ``names`` is empty).
@@ -96,12 +101,13 @@ class Config:
 
 
 def load_config(config_file: str | os.PathLike | None = None,
-                credentials_dir: str | os.PathLike | None = None) -> Config:
+                credentials_dir: str | os.PathLike | None = None, *, required: bool = True) -> Config | None:
     """Read the configuration the way the CLI documents.
 
     An explicit ``config_file`` or ``credentials_dir`` is used as given (and
     must exist); otherwise ``credentials.json``, then ``.credentials/``, in
-    the working directory.
+    the working directory. When neither is there: an error, or None if not
+    ``required``.
     """
     if config_file is not None:
         return _load_json_file(Path(config_file))
@@ -111,6 +117,8 @@ def load_config(config_file: str | os.PathLike | None = None,
         return _load_json_file(Path(DEFAULT_CONFIG_FILE))
     if Path(DEFAULT_CREDENTIALS_DIR).is_dir():
         return _load_credentials_dir(Path(DEFAULT_CREDENTIALS_DIR))
+    if not required:
+        return None
     raise ConfigError(
         DEFAULT_CONFIG_FILE,
         f"no configuration found: neither {DEFAULT_CONFIG_FILE} nor "
@@ -125,12 +133,20 @@ def _load_json_file(path: Path) -> Config:
     clusters_doc = document.get("clusters") if isinstance(document, dict) else None
     if not isinstance(clusters_doc, dict) or not clusters_doc:
         raise ConfigError(str(path), 'expected an object {"clusters": {"<name>": {...}, ...}} with at least one cluster.')
+    unknown = sorted(set(document) - {"clusters", "total_rows"})
+    if unknown:
+        raise ConfigError(str(path), f"unknown top-level field(s) {', '.join(map(repr, unknown))}; "
+                                     f"the file holds \"clusters\" and, optionally, \"total_rows\".")
+    total_rows = document.get("total_rows")
+    if total_rows is not None and (not isinstance(total_rows, int) or isinstance(total_rows, bool) or total_rows < 1):
+        raise ConfigError(str(path), "\"total_rows\" must be a positive whole number: the rows of the "
+                                     "whole run, articles and others.")
     warnings = []
     clusters = {}
     for name, entry in clusters_doc.items():
         clusters[name] = _parse_cluster(name, entry, str(path))
         warnings += _secret_permission_warnings(path, clusters[name])
-    return Config(clusters, str(path), tuple(dict.fromkeys(warnings)))
+    return Config(clusters, str(path), tuple(dict.fromkeys(warnings)), total_rows)
 
 
 def _load_credentials_dir(directory: Path) -> Config:

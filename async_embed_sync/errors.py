@@ -26,6 +26,8 @@ secret (no class here takes a password or key material as a field).
     ├── CheckpointError                  one checkpoint file is unreadable or unsafe
     │   └── UnsafePickleError            pickle asks for a global we do not allow
     ├── MergeValidationError             shards disagree: gap, overlap, dim, model
+    │   ├── ClustersLeftOutError         a run would merge fewer clusters than configured
+    │   └── RowsMissingError             the checkpoints stop short of the run's declared rows
     └── OutputError                      the merged result cannot be written/read
 
 ``TransferError`` and ``RemoteFileChangedError`` are the retryable ones: the
@@ -266,6 +268,40 @@ class MergeValidationError(AsyncEmbedSyncError):
     def __init__(self, problem: str):
         self.problem = problem
         super().__init__(f"The checkpoints cannot be merged: {problem}")
+
+
+_PARTIAL_HINT = "add --partial to merge only what is there, on purpose"
+
+
+class ClustersLeftOutError(MergeValidationError):
+    """A result without a configured cluster's rows would look complete."""
+
+    def __init__(self, source: str, merged: Iterable[str], left_out: Iterable[str]):
+        self.source = source
+        self.merged = sorted(merged)
+        self.left_out = sorted(left_out)
+        names = ", ".join(self.left_out)
+        super().__init__(
+            f"--clusters {' '.join(self.merged)} leaves out {names}, which {source} also "
+            f"configures: the result would lack {'its' if len(self.left_out) == 1 else 'their'} "
+            f"rows and still look complete. Run without --clusters to sync and merge every "
+            f"cluster, use `sync --clusters ...` to only download, or {_PARTIAL_HINT}."
+        )
+
+
+class RowsMissingError(MergeValidationError):
+    """The checkpoints end before the total the run declared (or a checkpoint carries)."""
+
+    def __init__(self, declared_rows: int, declared_by: str, end: int, last_path: str):
+        self.declared_rows = declared_rows
+        self.declared_by = declared_by
+        self.end = end
+        super().__init__(
+            f"rows {end:,}..{declared_rows - 1:,} are missing: the run has {declared_rows:,} rows "
+            f"({declared_by}) but the last checkpoint, {last_path}, ends at {end:,}. Is a cluster "
+            f"missing from the download directory or from --clusters, or did a GPU's job not "
+            f"finish? Or {_PARTIAL_HINT}."
+        )
 
 
 class OutputError(AsyncEmbedSyncError):

@@ -5,6 +5,7 @@ Layout under the download directory::
     <download-dir>/<cluster>/<file>                       complete, verified files
     <download-dir>/.async_embed_sync/<cluster>/<file>.part   bytes so far
     <download-dir>/.async_embed_sync/<cluster>/<file>.json   this module's state
+    <download-dir>/.async_embed_sync/<cluster>.listing.json  what the cluster held at the last sync
 
 The state directory is hidden so that whatever reads ``<download-dir>/*/``
 (the merge) never sees a partial file. A state file is replaced atomically
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -117,6 +119,36 @@ class DownloadLayout:
         except OSError:
             return None
         return state.sha256 if identity == state.local_identity else None
+
+    def listing_path(self, cluster: str) -> Path:
+        return self.state_root / f"{cluster}.listing.json"
+
+    def save_listing(self, cluster: str, names: Iterable[str]) -> None:
+        """Record the names a complete listing of ``cluster`` found: what it holds now."""
+        document = {"version": _FORMAT_VERSION, "names": sorted(names)}
+        write_atomically(self.listing_path(cluster), json.dumps(document).encode("utf-8"))
+
+    def load_listing(self, cluster: str) -> frozenset[str] | None:
+        """The names ``cluster`` held at its last complete listing; None if never recorded (or unreadable)."""
+        try:
+            document = json.loads(self.listing_path(cluster).read_text(encoding="utf-8"))
+            if document.get("version") != _FORMAT_VERSION:
+                return None
+            return frozenset(str(name) for name in document["names"])
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+            return None
+
+    def local_only(self, cluster: str, listed: Iterable[str]) -> list[str]:
+        """Files in ``<download-dir>/<cluster>/`` that are not in ``listed``: the cluster no longer
+        holds them (deleted, or its run re-split since an earlier sync). Sorted names."""
+        listed = set(listed)
+        try:
+            entries = list(os.scandir(self.root / cluster))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        return sorted(entry.name for entry in entries
+                      if not entry.name.startswith(".") and entry.is_file(follow_symlinks=False)
+                      and entry.name not in listed)
 
     def forget(self, cluster: str, name: str) -> None:
         """Drop the partial and its state: the next attempt starts at 0."""

@@ -40,7 +40,7 @@ from __future__ import annotations
 import re
 import resource
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -61,7 +61,7 @@ from .checkpoints import (
     file_sha256,
     find_checkpoints,
 )
-from .errors import CheckpointError, MergeValidationError, OutputError
+from .errors import CheckpointError, MergeValidationError, OutputError, RowsMissingError
 from .journal import DownloadLayout
 from .metrics import QualityMetrics
 from .output import (
@@ -107,6 +107,10 @@ class MergeReport:
     quality_metrics: dict[str, Any]
     elapsed_seconds: float
     peak_rss_bytes: int
+    # With ``partial``: the index ranges [start, end) that the result lacks.
+    missing_ranges: tuple[tuple[int, int], ...] = ()
+    # Checkpoints here that their cluster no longer held at the last sync.
+    left_out: tuple[Path, ...] = ()
 
     def summary(self) -> str:
         metrics = self.quality_metrics
@@ -124,8 +128,20 @@ class MergeReport:
                 f"  quality: {metrics['nan_values']:,} NaN and {metrics['inf_values']:,} Inf values, "
                 f"{metrics['zero_norm_rows']:,} zero-norm rows, {metrics['duplicate_rows']:,} duplicate rows; {norms}",
                 f"  time {self.elapsed_seconds:.1f} s; peak memory {self.peak_rss_bytes / 2**20:,.0f} MiB",
+                *self._warnings(),
             ]
         )
+
+    def _warnings(self) -> list[str]:
+        lines = []
+        if self.missing_ranges:
+            ranges = ", ".join(f"{start:,}..{end - 1:,}" for start, end in self.missing_ranges)
+            lines.append(f"  PARTIAL (--partial): this result lacks the rows at indices {ranges}")
+        if self.left_out:
+            names = ", ".join(f"{path.parent.name}/{path.name}" for path in self.left_out)
+            lines.append(f"  left out {len(self.left_out)} checkpoint(s) that their cluster no longer held at "
+                         f"the last sync: {names}")
+        return lines
 
 
 def _block_rows(dim: int, *dtypes: np.dtype) -> int:
@@ -283,27 +299,42 @@ def _natural_order(path: Path) -> list[int | str]:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))]
 
 
-def _checkpoint_paths(download_dir: Path) -> list[Path]:
-    """Every checkpoint under ``download_dir``, in natural order of their names.
+def select_checkpoints(download_dir: Path, clusters: Collection[str] | None = None) -> tuple[list[Path], list[Path]]:
+    """The checkpoints to merge under ``download_dir``, in natural order of their names, and those left out.
 
-    Read in that order, checkpoints usually come in index order, which lets
-    a ``.pkl`` output keep the rows where they were first written.
+    Only the folders of ``clusters`` (all, when None). Where the sync
+    recorded what a cluster held at its last listing, a file it no longer
+    held (deleted or re-split there since) is left out, never merged
+    silently: the caller reports it. Read in natural order, checkpoints
+    usually come in index order, which lets a ``.pkl`` output keep the rows
+    where they were first written.
     """
-    paths = find_checkpoints(download_dir) if Path(download_dir).is_dir() else []
-    if not paths:
-        raise MergeValidationError(f"no checkpoints (*.pkl, *.npy) under {download_dir}/*/.")
-    return sorted(paths, key=_natural_order)
+    layout = DownloadLayout(download_dir)
+    found = find_checkpoints(download_dir) if Path(download_dir).is_dir() else []
+    listings = {cluster: layout.load_listing(cluster) for cluster in {path.parent.name for path in found}}
+    selected: list[Path] = []
+    left_out: list[Path] = []
+    for path in found:
+        if clusters is not None and path.parent.name not in clusters:
+            continue
+        listed = listings[path.parent.name]
+        (selected if listed is None or path.name in listed else left_out).append(path)
+    if not selected:
+        where = f"{download_dir}/{{{','.join(sorted(clusters))}}}/" if clusters is not None else f"{download_dir}/*/"
+        also = f" ({len(left_out)} more are no longer on their cluster)" if left_out else ""
+        raise MergeValidationError(f"no checkpoints (*.pkl, *.npy) under {where}{also}.")
+    return sorted(selected, key=_natural_order), sorted(left_out, key=_natural_order)
 
 
-def _read_all(download_dir: Path, spill: _Spill, line_check: ArticleWorker | None = None) -> list[_ReadCheckpoint]:
-    """Read every checkpoint under ``download_dir``, one at a time; by start index.
+def _read_all(paths: Sequence[Path], spill: _Spill, line_check: ArticleWorker | None = None) -> list[_ReadCheckpoint]:
+    """Read the checkpoints at ``paths``, one at a time; by start index.
 
     A legacy checkpoint is read through ``spill`` and dropped at once, so
     memory holds at most one loaded pickle. With ``line_check``, every line
     of each ``.npy`` checkpoint is given to it to parse as soon as the file
     is indexed, so that the check runs beside the rest of the merge.
     """
-    parts = [_read_one(path, spill, line_check) for path in _checkpoint_paths(download_dir)]
+    parts = [_read_one(path, spill, line_check) for path in paths]
     return sorted(parts, key=lambda part: part.info.start_index)
 
 
@@ -316,11 +347,29 @@ def _read_one(path: Path, spill: _Spill, line_check: ArticleWorker | None) -> _R
     return checkpoint
 
 
-def validate_plan(infos: Sequence[CheckpointInfo], expect_articles: int | None = None) -> None:
-    """Raise :class:`MergeValidationError` unless the checkpoints form one clean run."""
+def validate_plan(
+    infos: Sequence[CheckpointInfo], expect_articles: int | None = None, *,
+    expect_rows: int | None = None, partial: bool = False,
+) -> list[tuple[int, int]]:
+    """Raise :class:`MergeValidationError` unless the checkpoints form one clean run.
+
+    The run's rows are ``[0, N)``, where ``N`` is declared by ``expect_rows``
+    (the config's ``total_rows``) or by the checkpoints' own ``total_rows``,
+    else is wherever the last checkpoint ends. ``partial`` accepts missing
+    rows (never overlaps) and returns their ranges ``[start, end)``.
+    """
+    missing: list[tuple[int, int]] = []
+
+    def lacking(start: int, end: int, problem: MergeValidationError) -> None:
+        if not partial:
+            raise problem
+        missing.append((start, end))
+
     first = infos[0]
     if first.start_index != 0:
-        raise MergeValidationError(f"the first checkpoint, {first.path}, starts at index {first.start_index}, not 0.")
+        lacking(0, first.start_index, MergeValidationError(
+            f"the first checkpoint, {first.path}, starts at index {first.start_index}, not 0: "
+            f"indices 0..{first.start_index - 1} are missing."))
     for before, after in zip(infos, infos[1:]):
         if after.start_index < before.end_index:
             raise MergeValidationError(
@@ -329,10 +378,19 @@ def validate_plan(infos: Sequence[CheckpointInfo], expect_articles: int | None =
                 f"{after.start_index}..{min(before.end_index, after.end_index) - 1}."
             )
         if after.start_index > before.end_index:
-            raise MergeValidationError(
+            lacking(before.end_index, after.start_index, MergeValidationError(
                 f"indices {before.end_index}..{after.start_index - 1} are missing: "
                 f"{before.path} ends at {before.end_index} and {after.path} starts at {after.start_index}."
-            )
+            ))
+    declared = _declared_rows(infos, expect_rows)
+    if declared is not None:
+        rows, declared_by = declared
+        last = infos[-1]
+        if last.end_index > rows:
+            raise MergeValidationError(
+                f"{last.path} ends at index {last.end_index:,}, past the run's {rows:,} rows ({declared_by}).")
+        if last.end_index < rows:
+            lacking(last.end_index, rows, RowsMissingError(rows, declared_by, last.end_index, str(last.path)))
     for info in infos:
         if info.dim != first.dim:
             raise MergeValidationError(f"{first.path} has dimension {first.dim} but {info.path} has {info.dim}.")
@@ -345,6 +403,26 @@ def validate_plan(infos: Sequence[CheckpointInfo], expect_articles: int | None =
     articles = sum(info.article_rows for info in infos)
     if expect_articles is not None and articles != expect_articles:
         raise MergeValidationError(f"{expect_articles:,} articles were expected but the checkpoints hold {articles:,}.")
+    return missing
+
+
+def _declared_rows(infos: Sequence[CheckpointInfo], expect_rows: int | None) -> tuple[int, str] | None:
+    """The run's total rows and who declared it, where anyone did; declarations must agree."""
+    carriers = [info for info in infos if info.total_rows is not None]
+    for info in carriers[1:]:
+        if info.total_rows != carriers[0].total_rows:
+            raise MergeValidationError(
+                f"{carriers[0].path} says the run has {carriers[0].total_rows:,} rows (total_rows) "
+                f"but {info.path} says {info.total_rows:,}: are they from the same run?")
+    if expect_rows is not None:
+        if carriers and carriers[0].total_rows != expect_rows:
+            raise MergeValidationError(
+                f"the config's total_rows is {expect_rows:,} but {carriers[0].path} says the run has "
+                f"{carriers[0].total_rows:,} rows.")
+        return expect_rows, "total_rows in the config"
+    if carriers:
+        return carriers[0].total_rows, "total_rows in its checkpoints"
+    return None
 
 
 class _CopyPass:
@@ -460,8 +538,16 @@ def merge_checkpoints(
     strict: bool = False,
     on_progress: Callable[[MergeProgress], None] | None = None,
     articles_format: ArticlesFormat | None = None,
+    clusters: Collection[str] | None = None,
+    expect_rows: int | None = None,
+    partial: bool = False,
 ) -> MergeReport:
     """Merge every checkpoint under ``<download_dir>/*/`` into ``output``.
+
+    ``clusters`` limits it to those folders; checkpoints that their cluster
+    no longer held at the last sync are left out (``left_out``). The rows
+    must cover the whole run (see :func:`validate_plan`: ``expect_rows``,
+    ``partial``).
 
     ``output`` ending in ``.pkl`` gets the legacy pickle, anything else the
     bundle directory, whose articles are ``articles_format`` (default:
@@ -493,9 +579,10 @@ def merge_checkpoints(
         spill = cleanup.enter_context(
             _Spill(staging, np.dtype(dtype), articles_encoder(output, articles_format), strict, recorded_sha256)
         )
-        parts = _read_all(Path(download_dir), spill, line_check)
+        paths, left_out = select_checkpoints(Path(download_dir), clusters)
+        parts = _read_all(paths, spill, line_check)
         infos = [part.info for part in parts]
-        validate_plan(infos, expect_articles)
+        missing_ranges = validate_plan(infos, expect_articles, expect_rows=expect_rows, partial=partial)
         total_articles = sum(info.article_rows for info in infos)
         timestamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
         try:
@@ -538,4 +625,6 @@ def merge_checkpoints(
         quality_metrics=quality_metrics,
         elapsed_seconds=time.perf_counter() - started,
         peak_rss_bytes=_peak_rss_bytes(),
+        missing_ranges=tuple(missing_ranges),
+        left_out=tuple(left_out),
     )

@@ -13,6 +13,7 @@ from .journal import DownloadLayout
 from .progress import format_bytes
 from .prompts import Prompter
 from .remote import ClusterRemote
+from .sync import local_only_notice
 
 
 @dataclass
@@ -26,8 +27,9 @@ class ClusterStatus:
     partial_of: int = 0
     changed: int = 0
     missing: int = 0
+    local_only: int = 0  # here, but no longer on the cluster
     error: str | None = None
-    refused: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # refused names, local-only files
 
     def line(self) -> str:
         if self.error:
@@ -35,11 +37,11 @@ class ClusterStatus:
         percent = f" ({100 * self.partial_bytes / self.partial_of:.0f} %)" if self.partial_of else ""
         return (f"{self.name:<12} {self.remote_files:>6} {format_bytes(self.remote_bytes):>10} "
                 f"{self.complete:>8} {self.partial:>4} {format_bytes(self.partial_bytes) + percent:>16} "
-                f"{self.changed:>7} {self.missing:>7}")
+                f"{self.changed:>7} {self.missing:>7} {self.local_only:>10}")
 
 
 HEADER = (f"{'cluster':<12} {'remote':>6} {'size':>10} {'complete':>8} {'partial':>4} "
-          f"{'partial bytes':>16} {'changed':>7} {'missing':>7}")
+          f"{'partial bytes':>16} {'changed':>7} {'missing':>7} {'local only':>10}")
 
 
 def collect_status(clusters: list[ClusterConfig], download_dir: str, timeout: float = 30.0,
@@ -65,7 +67,11 @@ async def _cluster_status(cluster: ClusterConfig, layout: DownloadLayout, timeou
     except AsyncEmbedSyncError as exc:
         status.error = str(exc)
         return
-    status.refused = [str(e) for e in listing.refused]
+    status.notes = [str(e) for e in listing.refused]
+    local_only = layout.local_only(cluster.name, (f.name for f in listing.files))
+    status.local_only = len(local_only)
+    if local_only:
+        status.notes.append(local_only_notice(cluster.name, local_only))
     for remote_file in listing.files:
         status.remote_files += 1
         status.remote_bytes += remote_file.size
@@ -86,5 +92,5 @@ async def _cluster_status(cluster: ClusterConfig, layout: DownloadLayout, timeou
 def format_status(statuses: list[ClusterStatus]) -> str:
     lines = [HEADER] + [s.line() for s in statuses]
     for status in statuses:
-        lines += status.refused
+        lines += status.notes
     return "\n".join(lines)

@@ -74,6 +74,8 @@ class ClusterReport:
     method: str = ""  # "sftp", or "exec" where the server has no SFTP
     verified_by: set[str] = field(default_factory=set)
     errors: list[str] = field(default_factory=list)
+    # Files here that the cluster no longer holds: kept, but never merged.
+    local_only: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -124,7 +126,15 @@ class SyncReport:
             lines.append(f"{c.name:<12} {c.files:>5} {format_bytes(c.total_bytes):>10} "
                          f"{format_bytes(c.transferred):>10} {c.seconds:>6.1f}s {rate:>11} "
                          f"{c.resumed:>7} {c.skipped:>7}  {c.method or '-':<6}  {verified}{status}")
+        lines += [local_only_notice(c.name, c.local_only) for c in self.clusters.values() if c.local_only]
         return "\n".join(lines)
+
+
+def local_only_notice(cluster: str, names: list[str]) -> str:
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    return (f"{cluster}: {len(names)} file(s) here are no longer on the cluster ({shown}): deleted or "
+            f"re-split there since an earlier sync. They are kept, and left out of the merge; delete "
+            f"them by hand once you no longer need them.")
 
 
 def sync(clusters: list[ClusterConfig], download_dir: str, progress: Progress,
@@ -158,6 +168,7 @@ async def _sync_cluster(cluster: ClusterConfig, layout: DownloadLayout, slots: F
     try:
         remote = await link.get()
         pending = 0
+        listed: list[str] = []
         listing_error: AsyncEmbedSyncError | None = None
         async with anyio.create_task_group() as tasks:
             try:
@@ -166,6 +177,7 @@ async def _sync_cluster(cluster: ClusterConfig, layout: DownloadLayout, slots: F
                         if isinstance(entry, UnsafeRemoteNameError):
                             _fail(report, progress, entry)
                             continue
+                        listed.append(entry.name)
                         report.files += 1
                         report.total_bytes += entry.size
                         if is_up_to_date(layout, cluster.name, entry):
@@ -181,6 +193,9 @@ async def _sync_cluster(cluster: ClusterConfig, layout: DownloadLayout, slots: F
             slots.set_need(cluster.name, pending)
         if listing_error is not None:
             raise listing_error
+        # What the cluster holds now, so that the merge takes exactly that.
+        layout.save_listing(cluster.name, listed)
+        report.local_only = layout.local_only(cluster.name, listed)
         if not report.files and report.ok:
             raise NoCheckpointsError(cluster.name, cluster.remote_dir, cluster.patterns)
     except AsyncEmbedSyncError as exc:

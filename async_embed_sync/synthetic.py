@@ -106,6 +106,7 @@ def write_legacy_checkpoint(
     model: str = DEFAULT_MODEL,
     gpu_id: int | None = None,
     hostname: str | None = None,
+    total_rows: int | None = None,
     protocol: int = pickle.DEFAULT_PROTOCOL,
 ) -> Path:
     """Write one legacy ``.pkl`` checkpoint; ``end_index`` may lie, for tests."""
@@ -117,6 +118,7 @@ def write_legacy_checkpoint(
         "model": model,
         "gpu_id": gpu_id,
         "hostname": hostname,
+        **({} if total_rows is None else {"total_rows": total_rows}),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as stream:
@@ -134,6 +136,7 @@ def write_npy_checkpoint(
     model: str = DEFAULT_MODEL,
     gpu_id: int | None = None,
     hostname: str | None = None,
+    total_rows: int | None = None,
 ) -> Path:
     """Write ``<stem>.npy``, ``<stem>.json`` and ``<stem>.jsonl``; return the ``.npy`` path."""
     stem_path.parent.mkdir(parents=True, exist_ok=True)
@@ -150,6 +153,7 @@ def write_npy_checkpoint(
         "gpu_id": gpu_id,
         "hostname": hostname,
         "articles_file": articles_path.name,
+        **({} if total_rows is None else {"total_rows": total_rows}),
     }
     stem_path.with_name(stem_path.name + ".json").write_text(json.dumps(sidecar), encoding="utf-8")
     return array_path
@@ -173,8 +177,12 @@ def generate_run(
     question_indices: Collection[int] | None = None,
     seed: int = 0,
     model: str = DEFAULT_MODEL,
+    declare_total: bool = False,
 ) -> list[Path]:
     """Write a whole run under ``root/<cluster>/``; return the checkpoint paths in index order.
+
+    ``declare_total``: every checkpoint carries ``total_rows``, as embedding
+    jobs that know their corpus write it.
 
     Questions sit at the last ``questions`` indices, as in the original run,
     unless ``question_indices`` places them elsewhere. With ``fmt="mixed"``
@@ -199,7 +207,8 @@ def generate_run(
             )
             stem = root / cluster / f"embeddings_gpu{gpu_id}_{start:08d}_{end:08d}"
             as_npy = fmt == "npy" or (fmt == "mixed" and len(written) % 2 == 1)
-            metadata = dict(start_index=start, model=model, gpu_id=gpu_id, hostname=f"{cluster}-node")
+            metadata = dict(start_index=start, model=model, gpu_id=gpu_id, hostname=f"{cluster}-node",
+                            total_rows=rows if declare_total else None)
             if as_npy:
                 written.append(write_npy_checkpoint(stem, embeddings, articles, **metadata))
             else:

@@ -148,8 +148,32 @@ def test_status_counts_complete_missing_and_changed(openssh, tmp_path, write_con
     assert header.split()[:3] == ["cluster", "remote", "size"]
     columns = line.split()
     assert columns[0] == "tensor01" and columns[1] == "3"
-    assert columns[-2:] == ["1", "2"]  # a.pkl changed remotely; b and c missing
+    assert columns[-3:] == ["1", "2", "0"]  # a.pkl changed remotely; b and c missing; none local only
     assert not (download_dir / "tensor01" / "b.pkl").exists()
+
+
+def test_status_and_sync_name_files_the_cluster_no_longer_holds(openssh, tmp_path, write_config, capsys):
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    for name in ("a.pkl", "b.pkl"):
+        (remote / name).write_bytes(os.urandom(10_000))
+    config = write_config(tmp_path, {"tensor01": openssh.cluster_entry(str(remote))})
+    download_dir = tmp_path / "dl"
+    assert main(["sync", "--config", str(config), "--download-dir", str(download_dir), "--quiet"]) == 0
+    (remote / "b.pkl").unlink()  # re-split or cleaned up on the cluster since
+    capsys.readouterr()
+
+    assert main(["status", "--config", str(config), "--download-dir", str(download_dir)]) == 0
+    out = capsys.readouterr().out
+    header, line = out.splitlines()[:2]
+    assert header.split()[-2:] == ["local", "only"] and line.split()[-1] == "1"
+    assert "1 file(s) here are no longer on the cluster (b.pkl)" in out
+
+    assert main(["sync", "--config", str(config), "--download-dir", str(download_dir)]) == 0
+    err = capsys.readouterr().err
+    assert "tensor01: 1 file(s) here are no longer on the cluster (b.pkl)" in err
+    assert "left out of the merge" in err
+    assert (download_dir / "tensor01" / "b.pkl").is_file()  # kept: never deleted
 
 
 def _readme_commands() -> list[str]:
