@@ -48,10 +48,17 @@ def assert_mirrored(remote_dir: Path, local_dir: Path, names: Sequence[str] | No
 
 
 def assert_journal_readable(download_dir: Path) -> list[dict]:
-    """Every state file under the download directory parses: none is ever torn."""
+    """Every state file under the download directory parses: none is ever torn.
+
+    Returns the per-file states (``<cluster>/<file>.json``); the clusters'
+    listings (``<cluster>.listing.json``) are parsed too, not returned.
+    """
+    state_root = Path(download_dir) / STATE_DIR_NAME
     documents = []
-    for path in (Path(download_dir) / STATE_DIR_NAME).rglob("*.json"):
-        documents.append(json.loads(path.read_text()))  # raises on a torn file
+    for path in state_root.rglob("*.json"):
+        document = json.loads(path.read_text())  # raises on a torn file
+        if path.parent != state_root:
+            documents.append(document)
     return documents
 
 
