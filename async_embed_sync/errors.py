@@ -129,15 +129,24 @@ class ConnectError(RemoteError):
 
 
 class AuthenticationError(RemoteError):
-    def __init__(self, cluster: str, username: str, host: str, methods: str):
+    """The server refused the login: says as whom, what was tried, what the server accepts."""
+
+    def __init__(self, cluster: str, username: str, host: str, port: int, *,
+                 tried: Iterable[str] = (), accepted: Iterable[str] = (), unanswered: str | None = None):
         self.username = username
         self.host = host
-        super().__init__(
-            cluster,
-            f"authentication as {username!r} on {host} failed ({methods}). "
-            f"Check the username and the key_file or password in the "
-            f"configuration, or load the key into ssh-agent.",
-        )
+        self.tried = list(tried)
+        self.accepted = list(accepted)
+        what = f" Tried: {'; '.join(self.tried)}." if self.tried else ""
+        accepts = f" The server accepts: {', '.join(self.accepted)}." if self.accepted else ""
+        if unanswered:
+            fix = (f"The server asked for {unanswered}, and there is no terminal to ask: set it in "
+                   f"the configuration, use a key, or run the command in a terminal.")
+        else:
+            fix = (f"Check `username` and `key_file` (or `password`) for this cluster; "
+                   f"`ssh -p {port} {username}@{host}` with the same key should log in; or load "
+                   f"the key into ssh-agent.")
+        super().__init__(cluster, f"the server {host} refused the login as {username!r}.{what}{accepts} {fix}")
 
 
 class HostKeyError(RemoteError):

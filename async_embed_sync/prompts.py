@@ -22,12 +22,19 @@ class Prompter:
     def ask(self, prompt: str, *, secret: bool = True) -> str:
         raise NotImplementedError
 
+    def can_ask(self) -> bool:
+        """Whether ``ask`` can reach anyone: a method nobody can answer is not attempted."""
+        return True
+
 
 class NoPrompter(Prompter):
     """For runs that must never ask (``--quiet`` batch use, library calls)."""
 
     def ask(self, prompt: str, *, secret: bool = True) -> str:
         raise NoTerminal(prompt)
+
+    def can_ask(self) -> bool:
+        return False
 
 
 class TerminalPrompter(Prompter):
@@ -39,6 +46,13 @@ class TerminalPrompter(Prompter):
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+
+    def can_ask(self) -> bool:
+        try:
+            os.close(os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY))
+        except OSError:
+            return False
+        return True
 
     def ask(self, prompt: str, *, secret: bool = True) -> str:
         with self._lock:

@@ -25,6 +25,7 @@ import dataclasses
 import fnmatch
 import functools
 import getpass
+import logging
 import os
 import posixpath
 import shlex
@@ -51,6 +52,8 @@ from .errors import (
 from .known_hosts import append_known_host
 from .prompts import NoPrompter, NoTerminal, Prompter
 from .shell_access import ShellAccess
+
+logger = logging.getLogger(__name__)
 
 # 16 MiB per channel: at 50 ms RTT one channel then carries up to 320 MiB/s,
 # instead of the 40 MiB/s that asyncssh's 2 MiB default allows.
@@ -233,7 +236,6 @@ class ClusterRemote:
             window=window,
             max_pktsize=256 * 1024,
             encryption_algs=list(PREFERRED_CIPHERS),
-            passphrase=_PassphraseSource(cluster, prompter),
         )
         jumps: list[asyncssh.SSHClientConnection] = []
         try:
@@ -536,40 +538,127 @@ def _local_username() -> str:
         return "root"
 
 
-class _PassphraseSource:
-    """asyncssh asks this for every key file it loads: the configured
-    passphrase, else (for an encrypted key only) the person at the terminal."""
+class _Identities:
+    """The configured key files, loaded as ``ssh`` loads them.
 
-    def __init__(self, cluster: ClusterConfig, prompter: Prompter):
-        self._cluster = cluster
-        self._prompter = prompter
-
-    def __call__(self, filename: str) -> str | None:
-        if self._cluster.passphrase is not None:
-            return self._cluster.passphrase
-        try:
-            asyncssh.read_private_key(filename)
-            return None  # not encrypted
-        except (OSError, asyncssh.KeyImportError):
-            pass
-        try:
-            return self._prompter.ask(f"[{self._cluster.name}] Passphrase for key {filename}: ")
-        except NoTerminal:
-            return None  # asyncssh then refuses the key; the error says why
-
-
-class _AuthClient(asyncssh.SSHClient):
-    """Passwords and keyboard-interactive prompts (2FA codes): from the
-    configuration, else asked through the prompter; what could not be asked
-    for want of a terminal is remembered for the error message."""
-
-    MAX_PROMPTED_PASSWORDS = 3
+    A file that does not exist is skipped with a warning, as ssh does (real
+    ``~/.ssh/config`` files name keys that are long gone). An encrypted key
+    beside its ``.pub`` is decrypted only once the server accepts its public
+    half (asyncssh defers it, as ssh does); its passphrase comes from the
+    configuration, else from the person at the terminal. Why a key could not
+    be used (no passphrase to be had, a wrong one, not a key) is told by
+    ``problems()``, for the error that explains a refused login.
+    """
 
     def __init__(self, target: SSHTarget, prompter: Prompter):
         self._target = target
         self._prompter = prompter
+        self._unloadable: list[str] = []
+        self._passphrases: dict[str, str | None] = {}  # key file -> passphrase given for it
+
+    def load(self) -> list[asyncssh.SSHKeyPair] | tuple[()]:
+        """The key pairs to offer; ``()`` where none is configured or none could be
+        loaded, which leaves it to asyncssh's defaults (ssh-agent, ``~/.ssh/id_*``)."""
+        keys: list[asyncssh.SSHKeyPair] = []
+        for path in self._target.identity_files:
+            try:
+                keys += asyncssh.load_keypairs([path], passphrase=self.passphrase)
+            except FileNotFoundError:
+                logger.warning("cluster %r: no such identity: %s (skipped, as ssh does)",
+                               self._target.cluster.name, path)
+            except (asyncssh.KeyImportError, asyncssh.KeyEncryptionError) as exc:
+                self._unloadable.append(f"the key {path} ({self._why_unusable(path) or exc})")
+            except OSError as exc:
+                self._unloadable.append(f"the key {path} (cannot be read: {exc.strerror or exc})")
+        return keys or ()
+
+    def passphrase(self, filename: str) -> str | None:
+        """The configured passphrase, else (for an encrypted key only) the person at the terminal."""
+        answer = self._target.cluster.passphrase
+        if answer is None and _is_encrypted(filename):
+            try:
+                answer = self._prompter.ask(f"[{self._target.cluster.name}] Passphrase for key {filename}: ")
+            except NoTerminal:
+                answer = None
+        self._passphrases[filename] = answer
+        return answer
+
+    def problems(self) -> list[str]:
+        """Each configured key that could not be used, and why; empty if every key was offered."""
+        problems = list(self._unloadable)
+        for path in self._passphrases:
+            why = self._why_unusable(path)
+            if why and not any(p.startswith(f"the key {path} ") for p in problems):
+                problems.append(f"the key {path} ({why})")
+        return problems
+
+    def _why_unusable(self, path: str) -> str | None:
+        if path not in self._passphrases:
+            return None
+        given = self._passphrases[path]
+        if given is None:
+            return (f"encrypted, and no passphrase to be had: none in the configuration, no "
+                    f"terminal to ask; set `passphrase` for this cluster, load the key into "
+                    f"ssh-agent with `ssh-add {path}`, or run in a terminal")
+        try:
+            asyncssh.read_private_key(path, given)  # only after a failure: the KDF is slow on purpose
+        except (asyncssh.KeyImportError, asyncssh.KeyEncryptionError):
+            source = "the configured `passphrase`" if self._target.cluster.passphrase is not None \
+                else "the passphrase typed"
+            return f"encrypted, and {source} does not decrypt it"
+        except OSError:
+            return None
+        return None
+
+
+def _is_encrypted(filename: str) -> bool:
+    try:
+        asyncssh.read_private_key(filename)
+    except (OSError, asyncssh.KeyImportError):
+        return True
+    return False
+
+
+class _AuthClient(asyncssh.SSHClient):
+    """Passwords and keyboard-interactive prompts (2FA codes): from the
+    configuration, else asked through the prompter. A method nobody can
+    answer (no terminal) is not attempted, and one whose attempt the server
+    failed without a question is not attempted again: each attempt counts
+    against the server's ``MaxAuthTries``, and a client that keeps trying
+    is cut off with "Too many authentication failures", which reads like a
+    connection problem. What was tried is kept for the error message."""
+
+    MAX_PROMPTED_ATTEMPTS = 3
+
+    def __init__(self, target: SSHTarget, prompter: Prompter, identities: _Identities):
+        self._target = target
+        self._prompter = prompter
+        self.identities = identities
+        self._connection: asyncssh.SSHClientConnection | None = None
         self._passwords_given = 0
+        self._kbdint_rounds = 0
+        self._kbdint_questions = 0
+        self.started = False  # the server asked for authentication
+        self._accepted: dict[str, None] = {}  # ordered set
         self.unanswered: str | None = None
+        self.tried: dict[str, str] = {}  # method -> what happened, in the order tried
+
+    def connection_made(self, connection: asyncssh.SSHClientConnection) -> None:
+        self._connection = connection
+
+    def _requested(self) -> None:
+        """Each method's callback: the server is asking for authentication; note what it accepts."""
+        self.started = True
+        if self._connection is not None:
+            self._accepted.update(dict.fromkeys(m for m in self._connection.get_server_auth_methods() if m != "none"))
+
+    def server_methods(self) -> list[str]:
+        """The methods the server said it accepts (those this client supports)."""
+        return list(self._accepted)
+
+    def public_key_auth_requested(self) -> None:
+        self._requested()
+        return None  # the configured keys and the agent are offered before this is asked
 
     async def _ask(self, prompt: str, *, secret: bool, what: str) -> str | None:
         try:
@@ -579,27 +668,44 @@ class _AuthClient(asyncssh.SSHClient):
             return None
 
     async def password_auth_requested(self) -> str | None:
+        self._requested()
         self._passwords_given += 1
         configured = self._target.cluster.password
         if configured is not None:
+            self.tried["password"] = "the password in the configuration, refused"
             return configured if self._passwords_given == 1 else None
-        if self._passwords_given > self.MAX_PROMPTED_PASSWORDS:
+        if self._passwords_given > self.MAX_PROMPTED_ATTEMPTS:
             return None
-        return await self._ask(f"[{self._target.cluster.name}] Password for "
-                               f"{self._target.username}@{self._target.hostname}: ",
-                               secret=True, what="a password")
+        answer = await self._ask(f"[{self._target.cluster.name}] Password for "
+                                 f"{self._target.username}@{self._target.hostname}: ",
+                                 secret=True, what="a password")
+        self.tried["password"] = ("not attempted: no terminal to ask for it" if answer is None else
+                                  f"typed {self._passwords_given} time(s), refused")
+        return answer
 
-    def kbdint_auth_requested(self) -> str:
+    def kbdint_auth_requested(self) -> str | None:
+        self._requested()
+        if self._target.cluster.password is None and not self._prompter.can_ask():
+            self.tried["keyboard-interactive"] = "not attempted: no terminal to answer it on"
+            return None
+        if self._kbdint_rounds and not self._kbdint_questions:
+            return None  # the server failed it without asking anything: it will again
+        if self._kbdint_rounds >= self.MAX_PROMPTED_ATTEMPTS:
+            return None
+        self._kbdint_rounds += 1
+        self.tried["keyboard-interactive"] = "the server asked nothing it accepts"
         return ""  # let the server choose its challenge
 
     async def kbdint_challenge_received(self, name: str, instructions: str, lang: str,
                                         prompts) -> list[str] | None:
         if not prompts:
             return []
+        self._kbdint_questions += len(prompts)
         configured = self._target.cluster.password
         if configured is not None and len(prompts) == 1 and "password" in prompts[0][0].lower():
             # A server that takes its password through keyboard-interactive.
             self._passwords_given += 1
+            self.tried["keyboard-interactive"] = "the password in the configuration, refused"
             return [configured] if self._passwords_given == 1 else None
         header = "\n".join(part for part in (name, instructions) if part)
         answers = []
@@ -609,9 +715,29 @@ class _AuthClient(asyncssh.SSHClient):
                                      what="answers to the server's keyboard-interactive prompts "
                                           "(such as a two-factor code)")
             if answer is None:
+                self.tried["keyboard-interactive"] = "not answered: no terminal to answer it on"
                 return None
             answers.append(answer)
+        self.tried["keyboard-interactive"] = f"answered {self._kbdint_rounds} time(s), refused"
         return answers
+
+    def attempts(self) -> list[str]:
+        """What was offered to the server, for the error message."""
+        keys = self._target.identity_files or tuple(
+            str(path) for path in sorted(Path("~/.ssh").expanduser().glob("id_*")) if path.suffix != ".pub")
+        agent = ["ssh-agent"] if os.environ.get("SSH_AUTH_SOCK") else []
+        offered = [*(f"the key {path}" for path in keys), *agent]
+        unusable = self.identities.problems()
+        usable = [k for k in offered if not any(p.startswith(k + " ") for p in unusable)]
+        described = [*unusable]
+        if usable:
+            described.append(f"{' and '.join(usable)} (refused)")
+        described += [f"{method} ({outcome})" for method, outcome in self.tried.items()]
+        if self._target.cluster.password is not None and "password" not in self.tried \
+                and "keyboard-interactive" not in self.tried:
+            described.append("the password in the configuration (not attempted: the server does "
+                             "not accept passwords)")
+        return described or ["no key, agent or password to offer"]
 
 
 async def _connect_verified(target: SSHTarget, options: dict, prompter: Prompter, timeout: float,
@@ -643,15 +769,28 @@ async def _connect_verified(target: SSHTarget, options: dict, prompter: Prompter
 
 async def _connect(target: SSHTarget, options: dict, prompter: Prompter, trusted: list[Path],
                    tunnel: asyncssh.SSHClientConnection | None) -> asyncssh.SSHClientConnection:
-    client = _AuthClient(target, prompter)
+    identities = _Identities(target, prompter)
+    # In a thread: a key's passphrase may be asked at the terminal, and its
+    # KDF takes a while; other clusters connect meanwhile.
+    client_keys = await anyio.to_thread.run_sync(identities.load)
+    client = _AuthClient(target, prompter, identities)
     with _translate_errors(target, connecting=True, auth=client):
         return await asyncssh.connect(
             target.host, target.port, username=target.username, tunnel=tunnel,
             config=list(target.ssh_config) or None,
-            client_keys=list(target.identity_files) or (),
+            client_keys=client_keys,
+            # For the default keys (~/.ssh/id_*), which asyncssh loads itself.
+            passphrase=identities.passphrase,
             # Empty lists of trusted keys, never None: None turns checking off.
             known_hosts=[str(p) for p in trusted] if trusted else ([], [], []),
             client_factory=lambda: client, **options)
+
+
+def _authentication_error(target: SSHTarget, auth: _AuthClient | None) -> AuthenticationError:
+    return AuthenticationError(
+        target.cluster.name, target.username, target.hostname, target.port,
+        tried=auth.attempts() if auth else [], accepted=auth.server_methods() if auth else [],
+        unanswered=auth.unanswered if auth else None)
 
 
 def _host_is_known(target: SSHTarget) -> bool:
@@ -681,14 +820,7 @@ def _translate_errors(target: SSHTarget, *, connecting: bool = False,
         raise HostKeyError(cluster.name, target.hostname, target.port, str(target.known_hosts[0]),
                            changed=_host_is_known(target)) from exc
     except asyncssh.PermissionDenied as exc:
-        if auth is not None and auth.unanswered:
-            tried = f"it asked for {auth.unanswered}, and there is no terminal to ask; set it in " \
-                    f"the configuration or run the command in a terminal"
-        else:
-            tried = "tried " + ("the key " + ", ".join(target.identity_files) if target.identity_files
-                                else "the agent and default keys") + (
-                " and the password" if cluster.password is not None else "")
-        raise AuthenticationError(cluster.name, target.username, target.hostname, tried) from exc
+        raise _authentication_error(target, auth) from exc
     except (asyncssh.KeyImportError, asyncssh.KeyEncryptionError) as exc:
         hint = "" if cluster.passphrase else "; set its passphrase, load it into ssh-agent, or run in a terminal"
         raise ConfigError(cluster.source, f"cluster {cluster.name!r}: the key "
@@ -710,6 +842,11 @@ def _translate_errors(target: SSHTarget, *, connecting: bool = False,
         raise TransferError(cluster.name, name or cluster.remote_dir,
                             f"the server reported: {exc.reason or exc}") from exc
     except (asyncssh.DisconnectError, asyncssh.ChannelOpenError) as exc:
+        if connecting and auth is not None and auth.started and \
+                "authentication" in (getattr(exc, "reason", "") or "").lower():
+            # "Too many authentication failures": the server's MaxAuthTries
+            # ran out (many agent keys, say). A login problem, not a network one.
+            raise _authentication_error(target, auth) from exc
         if connecting:
             raise ConnectError(cluster.name, target.hostname, target.port,
                                f"the server closed the connection: {getattr(exc, 'reason', '') or exc}") from exc

@@ -1,0 +1,104 @@
+"""A refused login says so: as whom, what was tried, what the server accepts, what to change.
+
+Against the real sshd with keyboard-interactive on (OpenSSH's default, and
+what two-factor clusters use) and nothing behind it (``UsePAM no``): a client
+that keeps offering keyboard-interactive with no answers is cut off at
+``MaxAuthTries`` with "Too many authentication failures", which reads like a
+connection problem.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+from openssh import OpenSSHServer, keygen, sshd_available
+
+from async_embed_sync.cli import main
+
+PASSPHRASE = "correct horse battery staple"
+
+
+@pytest.fixture(scope="module")
+def kbdint_sshd(tmp_path_factory: pytest.TempPathFactory):
+    if not sshd_available():
+        import os
+        if os.environ.get("CI") == "true":
+            pytest.fail("OpenSSH sshd is not installed")
+        pytest.skip("OpenSSH sshd is not installed")
+    with OpenSSHServer(tmp_path_factory.mktemp("kbdint_sshd"),
+                       extra_config={"KbdInteractiveAuthentication": "yes"}) as server:
+        yield server
+
+
+def _sync(tmp_path: Path, write_config, entry: dict) -> int:
+    config = write_config(tmp_path, {"tensor01": entry})
+    return main(["sync", "--config", str(config), "--download-dir", str(tmp_path / "dl"), "--quiet"])
+
+
+def _one_paragraph(err: str) -> str:
+    errors = [line for line in err.splitlines() if line.startswith("Cluster 'tensor01'")]
+    assert len(errors) == 1, err
+    assert "Traceback" not in err
+    return errors[0]
+
+
+def test_a_rejected_key_says_authentication_not_connection(kbdint_sshd, tmp_path, write_config, capsys):
+    stranger = tmp_path / "stranger_key"
+    keygen(stranger)
+    assert _sync(tmp_path, write_config, kbdint_sshd.cluster_entry(str(tmp_path), key_file=str(stranger))) == 1
+    message = _one_paragraph(capsys.readouterr().err)
+
+    assert "the server 127.0.0.1 refused the login as 'root'" in message
+    assert f"the key {stranger} (refused)" in message
+    assert "keyboard-interactive (not attempted: no terminal to answer it on)" in message
+    assert "The server accepts: publickey, keyboard-interactive." in message
+    assert "Too many authentication failures" not in message
+    assert "host name and port" not in message and "cannot connect" not in message
+
+
+def test_an_encrypted_key_without_a_passphrase_or_terminal_names_the_fix(kbdint_sshd, tmp_path, write_config, capsys):
+    key = tmp_path / "encrypted_key"
+    keygen(key, passphrase=PASSPHRASE)
+    kbdint_sshd.authorize(key.with_suffix(".pub"))
+    assert _sync(tmp_path, write_config, kbdint_sshd.cluster_entry(str(tmp_path), key_file=str(key))) == 1
+    message = _one_paragraph(capsys.readouterr().err)
+
+    assert f"the key {key} (encrypted, and no passphrase to be had" in message
+    assert "set `passphrase` for this cluster" in message and f"ssh-add {key}" in message
+    assert "run in a terminal" in message
+    assert "Too many authentication failures" not in message
+
+
+def test_a_wrong_passphrase_says_so(kbdint_sshd, tmp_path, write_config, capsys):
+    key = tmp_path / "encrypted_key"
+    keygen(key, passphrase=PASSPHRASE)
+    kbdint_sshd.authorize(key.with_suffix(".pub"))
+    entry = kbdint_sshd.cluster_entry(str(tmp_path), key_file=str(key), passphrase="not it")
+    assert _sync(tmp_path, write_config, entry) == 1
+    err = capsys.readouterr().err
+    message = _one_paragraph(err)
+
+    assert f"the key {key} (encrypted, and the configured `passphrase` does not decrypt it)" in message
+    assert "not it" not in err and PASSPHRASE not in err
+
+
+def test_a_missing_identity_file_in_the_ssh_config_is_skipped_with_a_warning(
+        kbdint_sshd, tmp_path, write_config, capsys, caplog):
+    ssh_config = tmp_path / "ssh_config"
+    ssh_config.write_text(
+        "Host tensor01-login\n"
+        f"  HostName {kbdint_sshd.host}\n  Port {kbdint_sshd.port}\n  User root\n"
+        f"  IdentityFile {tmp_path}/id_long_gone\n"
+        f"  IdentityFile {kbdint_sshd.client_key_path}\n")
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    (remote / "a.pkl").write_bytes(b"x" * 1000)
+    entry = {"host": "tensor01-login", "remote_dir": str(remote), "ssh_config": str(ssh_config),
+             "known_hosts": str(kbdint_sshd.known_hosts_for(kbdint_sshd.port))}
+
+    with caplog.at_level(logging.WARNING, logger="async_embed_sync"):
+        assert _sync(tmp_path, write_config, entry) == 0
+    assert (tmp_path / "dl" / "tensor01" / "a.pkl").read_bytes() == b"x" * 1000
+    assert f"no such identity: {tmp_path}/id_long_gone (skipped, as ssh does)" in caplog.text
