@@ -49,7 +49,7 @@ from .errors import (
     TransferError,
     UnsafeRemoteNameError,
 )
-from .known_hosts import append_known_host
+from .known_hosts import append_known_host, host_pattern
 from .prompts import NoPrompter, NoTerminal, Prompter
 from .shell_access import ShellAccess
 
@@ -764,6 +764,10 @@ async def _connect_verified(target: SSHTarget, options: dict, prompter: Prompter
                            str(cluster.project_known_hosts_path), changed=False)
     append_known_host(cluster.project_known_hosts_path, target.hostname, target.port,
                       key.export_public_key().decode())
+    # As OpenSSH says it under StrictHostKeyChecking=accept-new.
+    logger.warning("cluster %r: permanently added '%s' (%s, %s) to the list of known hosts in %s",
+                   cluster.name, host_pattern(target.hostname, target.port), key.get_algorithm(),
+                   key.get_fingerprint(), cluster.project_known_hosts_path)
     return await _connect(target, options, prompter, target.trusted_files(), tunnel)
 
 

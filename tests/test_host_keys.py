@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import asyncssh
@@ -38,14 +39,21 @@ async def test_unknown_host_is_refused_by_default(tmp_path, embedded_server, wri
 
 
 async def test_accept_new_records_the_key_in_the_project_file(tmp_path, embedded_server,
-                                                              write_config):
+                                                              write_config, caplog):
     async with embedded_server(_serve(tmp_path)) as server:
         config = write_config(tmp_path, {"tensor01": server.cluster_entry(
             "/ckpt", known_hosts=str(tmp_path / "absent_known_hosts"), host_key_policy="accept-new")})
-        first = await _sync(config, tmp_path / "dl")
-        recorded = (tmp_path / PROJECT_KNOWN_HOSTS).read_text()
-        second = await _sync(config, tmp_path / "dl")
+        with caplog.at_level(logging.WARNING, logger="async_embed_sync"):
+            first = await _sync(config, tmp_path / "dl")
+            said_first, _ = caplog.text, caplog.clear()
+            recorded = (tmp_path / PROJECT_KNOWN_HOSTS).read_text()
+            second = await _sync(config, tmp_path / "dl")
+            said_second = caplog.text
     assert first.ok and second.ok
+    fingerprint = asyncssh.import_public_key(server.host_public_key).get_fingerprint()
+    assert (f"cluster 'tensor01': permanently added '[127.0.0.1]:{server.port}' (ssh-ed25519, {fingerprint}) "
+            f"to the list of known hosts in {tmp_path / PROJECT_KNOWN_HOSTS}") in said_first
+    assert "permanently added" not in said_second  # said once, when it is recorded
     assert recorded == f"[127.0.0.1]:{server.port} {server.host_public_key.strip()}\n"
     assert (tmp_path / PROJECT_KNOWN_HOSTS).read_text() == recorded  # trusted, not added twice
     assert oct((tmp_path / PROJECT_KNOWN_HOSTS).stat().st_mode & 0o777) == "0o600"
