@@ -34,7 +34,8 @@ class ClusterStatus:
     def line(self) -> str:
         if self.error:
             return f"{self.name:<12} error: {self.error}"
-        percent = f" ({100 * self.partial_bytes / self.partial_of:.0f} %)" if self.partial_of else ""
+        # Rounded down, and below 100 %: a partial is not complete until it is verified.
+        percent = f" ({min(99, 100 * self.partial_bytes // self.partial_of)} %)" if self.partial_of else ""
         return (f"{self.name:<12} {self.remote_files:>6} {format_bytes(self.remote_bytes):>10} "
                 f"{self.complete:>8} {self.partial:>4} {format_bytes(self.partial_bytes) + percent:>16} "
                 f"{self.changed:>7} {self.missing:>7} {self.local_only:>10}")

@@ -12,6 +12,7 @@ import pytest
 
 from async_embed_sync import load
 from async_embed_sync.cli import build_parser, main
+from async_embed_sync.journal import DownloadLayout, FileState
 from async_embed_sync.synthetic import generate_run
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -215,3 +216,20 @@ def test_readme_nearest_neighbour_example_runs(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 5
     assert lines[0].startswith("1.000")  # the first article is its own nearest neighbour
+
+
+def test_status_never_shows_a_partial_at_100_percent(openssh, tmp_path, write_config, capsys):
+    # All bytes here, not yet verified (a kill between the last fsync and the rename).
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    (remote / "a.pkl").write_bytes(os.urandom(200_000))
+    config = write_config(tmp_path, {"tensor01": openssh.cluster_entry(str(remote))})
+    layout = DownloadLayout(tmp_path / "dl")
+    layout.prepare("tensor01")
+    stat = (remote / "a.pkl").stat()
+    layout.partial_path("tensor01", "a.pkl").write_bytes((remote / "a.pkl").read_bytes())
+    layout.save_state("tensor01", "a.pkl", FileState(remote_size=stat.st_size, remote_mtime=int(stat.st_mtime),
+                                                    verified_offset=stat.st_size))
+    assert main(["status", "--config", str(config), "--download-dir", str(tmp_path / "dl")]) == 0
+    line = capsys.readouterr().out.splitlines()[1]
+    assert "(99 %)" in line and "100 %" not in line
