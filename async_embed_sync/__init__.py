@@ -1,16 +1,27 @@
 """Sync embedding checkpoints from GPU clusters over SSH and merge them.
 
-``python -m async_embed_sync run`` is the whole job; see README.md.
-``async_embed_sync.load(path)`` reads a merged result back.
+``python -m async_embed_sync run`` is the whole job; see README.md. The
+Python API is the same job as functions::
+
+    from async_embed_sync import sync, merge, load
+
+    sync()                                  # every configured cluster
+    merge(output="embeddings/merged")       # a .pkl path or a bundle directory
+    result = load("embeddings/merged")      # the legacy dict, embeddings memory-mapped
+
+``sync_async`` and ``merge_async`` are their forms for a running event loop.
 """
 
 __version__ = "0.1.0"
-__all__ = ["load"]
+__all__ = ["load", "merge", "merge_async", "sync", "sync_async"]
+
+# Imported here, not on first use: the submodule ``sync`` would otherwise
+# be what ``from async_embed_sync import sync`` finds once anything imported it.
+from .api import merge, merge_async, sync, sync_async  # noqa: E402
 
 
 def __getattr__(name: str):
-    # Imported on first use: ``load`` needs numpy, which the sync does not,
-    # and every command pays for what the package's import pulls in.
+    # ``load`` on first use: it needs numpy, which the sync does not.
     if name == "load":
         from .output import load
 

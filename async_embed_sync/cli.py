@@ -13,6 +13,7 @@ import threading
 from collections.abc import Sequence
 
 from . import __version__
+from .api import DEFAULT_OUTPUT
 from .config import ClusterConfig, Config, load_config
 from .errors import AsyncEmbedSyncError, ClustersLeftOutError
 from .progress import Progress, choose_progress
@@ -20,7 +21,6 @@ from .prompts import TerminalPrompter
 from .sync import DEFAULT_DOWNLOAD_DIR, SyncOptions, sync
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-DEFAULT_OUTPUT = "embeddings/wikipedia_merged.pkl"
 
 _EXAMPLES = """\
 examples:

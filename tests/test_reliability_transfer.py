@@ -6,6 +6,7 @@ download directory."""
 from __future__ import annotations
 
 import asyncio
+import importlib
 import os
 import random
 import sys
@@ -26,10 +27,12 @@ from reliability_helpers import (
 )
 
 import async_embed_sync.remote as remote_module
-import async_embed_sync.sync as sync_module
 from async_embed_sync.cli import main
 from async_embed_sync.journal import DownloadLayout
 from async_embed_sync.remote import MAX_BLOCK_SIZE
+
+# The module, not the package's ``sync`` function of the same name.
+sync_module = importlib.import_module("async_embed_sync.sync")
 
 pytestmark = pytest.mark.anyio
 

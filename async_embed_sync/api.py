@@ -1,0 +1,111 @@
+"""The Python API: ``sync``, ``merge`` and ``load``, as the README shows them.
+
+The same work as the commands, with the same defaults, from a script or a
+notebook::
+
+    from async_embed_sync import sync, merge, load
+
+    sync()                     # ./credentials.json, every cluster, into embeddings/checkpoints
+    merge(output="embeddings/merged")
+    result = load("embeddings/merged")
+
+Progress shows as bars on a terminal and not at all elsewhere (pass
+``progress=`` to choose). ``sync`` always holds the download directory's
+lock. Inside a running event loop (a Jupyter notebook) ``sync`` runs its
+own loop on a thread of its own; ``await sync_async(...)`` and
+``await merge_async(...)`` are the async forms.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from .config import Config, load_config
+from .lock import DownloadDirLock
+from .progress import Progress, QuietProgress, TqdmProgress
+from .prompts import Prompter, TerminalPrompter
+from .sync import DEFAULT_DOWNLOAD_DIR, SyncOptions, SyncReport, sync_clusters
+
+if TYPE_CHECKING:
+    from .merge import MergeReport
+
+DEFAULT_OUTPUT = "embeddings/wikipedia_merged.pkl"
+PathLike = str | os.PathLike[str]
+
+
+def sync(config: PathLike | Config | None = None, *, clusters: Sequence[str] | None = None,
+         download_dir: PathLike = DEFAULT_DOWNLOAD_DIR, max_parallel: int = SyncOptions.max_parallel,
+         timeout: float = SyncOptions.timeout, retries: int = SyncOptions.retries,
+         progress: Progress | None = None, prompter: Prompter | None = None) -> SyncReport:
+    """Download every checkpoint of the configured clusters (or of ``clusters``).
+
+    ``config``: a ``credentials.json`` path, a loaded :class:`~.config.Config`,
+    or None for the CLI's search. Returns the report; a cluster that did not
+    sync completely is in it (``report.ok``, ``report.raise_for_failures()``),
+    not raised, so that the others' results are there to see.
+    """
+    arguments = (config, clusters, download_dir, max_parallel, timeout, retries, progress, prompter)
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return anyio.run(_sync_async, *arguments, backend="asyncio")
+    # A loop runs in this thread (a notebook): anyio.run cannot nest in it.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="async_embed_sync") as thread:
+        return thread.submit(anyio.run, _sync_async, *arguments, backend="asyncio").result()
+
+
+async def sync_async(config: PathLike | Config | None = None, *, clusters: Sequence[str] | None = None,
+                     download_dir: PathLike = DEFAULT_DOWNLOAD_DIR, max_parallel: int = SyncOptions.max_parallel,
+                     timeout: float = SyncOptions.timeout, retries: int = SyncOptions.retries,
+                     progress: Progress | None = None, prompter: Prompter | None = None) -> SyncReport:
+    """:func:`sync`, awaited in the caller's event loop."""
+    return await _sync_async(config, clusters, download_dir, max_parallel, timeout, retries, progress, prompter)
+
+
+async def _sync_async(config: PathLike | Config | None, clusters: Sequence[str] | None, download_dir: PathLike,
+                      max_parallel: int, timeout: float, retries: int, progress: Progress | None,
+                      prompter: Prompter | None) -> SyncReport:
+    if not isinstance(config, Config):
+        config = load_config(config)
+    options = SyncOptions(max_parallel=max_parallel, timeout=timeout, retries=retries,
+                          prompter=prompter if prompter is not None else TerminalPrompter())
+    with DownloadDirLock(download_dir):
+        return await sync_clusters(config.select(list(clusters) if clusters else None), str(download_dir),
+                                   progress if progress is not None else _default_progress(), options)
+
+
+def merge(download_dir: PathLike = DEFAULT_DOWNLOAD_DIR, output: PathLike = DEFAULT_OUTPUT, *,
+          progress: Progress | None = None, **options: Any) -> MergeReport:
+    """Merge the downloaded checkpoints into ``output`` (a ``.pkl`` path or a bundle directory).
+
+    ``options`` are :func:`~.merge.merge_checkpoints`'s: ``dtype``,
+    ``expect_articles``, ``strict``, ``articles_format``, ``clusters``,
+    ``expect_rows``, ``partial``.
+    """
+    from .merge import merge_checkpoints
+
+    progress = progress if progress is not None else _default_progress()
+    try:
+        return merge_checkpoints(download_dir, output, **options,
+                                 on_progress=lambda p: progress.rows_merged(p.rows_done, p.rows_total))
+    finally:
+        progress.close()
+
+
+async def merge_async(download_dir: PathLike = DEFAULT_DOWNLOAD_DIR, output: PathLike = DEFAULT_OUTPUT, *,
+                      progress: Progress | None = None, **options: Any) -> MergeReport:
+    """:func:`merge` on a worker thread, so that the caller's event loop goes on."""
+    return await anyio.to_thread.run_sync(lambda: merge(download_dir, output, progress=progress, **options))
+
+
+def _default_progress() -> Progress:
+    """Bars on a terminal; nothing elsewhere (a notebook, a log)."""
+    return TqdmProgress(sys.stderr) if sys.stderr.isatty() else QuietProgress(sys.stderr)
+
