@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from . import __version__
 from .api import DEFAULT_OUTPUT
-from .config import ClusterConfig, Config, load_config
+from .config import DEFAULT_CONFIG_FILE, ClusterConfig, Config, load_config, write_example_config
 from .errors import AsyncEmbedSyncError, ClustersLeftOutError
 from .progress import Progress, choose_progress
 from .prompts import TerminalPrompter
@@ -102,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
             _add_merge_arguments, _add_common_arguments)
     command("status", "show per cluster what is remote, complete here, partial or changed", _status,
             _add_connection_arguments, _add_common_arguments)
+    init = command("init", "write a credentials.json to fill in (mode 600), from the example", _init)
+    init.add_argument("--config", default=DEFAULT_CONFIG_FILE, metavar="FILE",
+                      help="where to write it (default: ./%(default)s; the user's is "
+                           "~/.config/async_embed_sync/credentials.json)")
     demo = command("demo", "run the whole job against two simulated clusters, no setup needed",
                    _demo, _add_merge_arguments_without_output)
     demo.add_argument("--rows", type=_positive_int, default=None, metavar="N",
@@ -245,6 +249,13 @@ def _merge_phase(args: argparse.Namespace, progress: Progress, clusters: list[st
         progress.close()
     if not args.quiet:
         print(report.summary(), file=sys.stderr)
+
+
+def _init(args: argparse.Namespace) -> int:
+    path = write_example_config(args.config)
+    print(f"Wrote {path} (mode 600). Fill in host, username, key_file (or password) and remote_dir "
+          f"for each cluster, then check with: python -m async_embed_sync status", file=sys.stderr)
+    return EXIT_OK
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+from importlib import resources
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +30,10 @@ from .errors import ConfigError, KeyPermissionError, UnknownClusterError
 
 DEFAULT_CONFIG_FILE = "credentials.json"
 DEFAULT_CREDENTIALS_DIR = ".credentials"
+CONFIG_ENV = "ASYNC_EMBED_SYNC_CONFIG"
+# A minimal working entry, for the message that says none was found.
+MINIMAL_ENTRY = ('{"clusters": {"tensor01": {"host": "tensor01.example.org", '
+                 '"remote_dir": "/scratch/you/embeddings/checkpoints"}}}')
 DEFAULT_PATTERNS = ("*.pkl", "*.npy", "*.json", "*.jsonl")
 DEFAULT_KNOWN_HOSTS = "~/.ssh/known_hosts"
 # Where the opt-in ``accept-new`` policy records keys it saw first: the
@@ -100,32 +105,63 @@ class Config:
         return [self.clusters[n] for n in dict.fromkeys(wanted)]
 
 
+def user_config_file() -> Path:
+    """``credentials.json`` in the user's config directory (``$XDG_CONFIG_HOME``, else ``~/.config``)."""
+    base = os.environ.get("XDG_CONFIG_HOME") or "~/.config"
+    return Path(base).expanduser() / "async_embed_sync" / DEFAULT_CONFIG_FILE
+
+
 def load_config(config_file: str | os.PathLike | None = None,
                 credentials_dir: str | os.PathLike | None = None, *, required: bool = True) -> Config | None:
-    """Read the configuration the way the CLI documents.
+    """Read the configuration where people look for it.
 
     An explicit ``config_file`` or ``credentials_dir`` is used as given (and
-    must exist); otherwise ``credentials.json``, then ``.credentials/``, in
-    the working directory. When neither is there: an error, or None if not
-    ``required``.
+    must exist); else the file named by ``$ASYNC_EMBED_SYNC_CONFIG`` (which
+    must exist too); else ``./credentials.json``, ``./.credentials/``, then
+    the user's ``~/.config/async_embed_sync/credentials.json``. When none is
+    there: an error saying where it looked, or None if not ``required``.
     """
     if config_file is not None:
         return _load_json_file(Path(config_file))
     if credentials_dir is not None:
         return _load_credentials_dir(Path(credentials_dir))
+    if os.environ.get(CONFIG_ENV):
+        named = Path(os.environ[CONFIG_ENV]).expanduser()
+        if not named.exists():
+            raise ConfigError(str(named), f"this file, named by ${CONFIG_ENV}, does not exist.")
+        return _load_json_file(named)
     if Path(DEFAULT_CONFIG_FILE).is_file():
         return _load_json_file(Path(DEFAULT_CONFIG_FILE))
     if Path(DEFAULT_CREDENTIALS_DIR).is_dir():
         return _load_credentials_dir(Path(DEFAULT_CREDENTIALS_DIR))
+    if user_config_file().is_file():
+        return _load_json_file(user_config_file())
     if not required:
         return None
     raise ConfigError(
         DEFAULT_CONFIG_FILE,
-        f"no configuration found: neither {DEFAULT_CONFIG_FILE} nor "
-        f"{DEFAULT_CREDENTIALS_DIR}/ exists in {Path.cwd()}. Copy "
-        f"credentials.example.json to {DEFAULT_CONFIG_FILE} and edit it, or "
-        f"pass --config FILE.",
+        f"no configuration found. Looked for --config, ${CONFIG_ENV} (not set), "
+        f"{DEFAULT_CONFIG_FILE} and {DEFAULT_CREDENTIALS_DIR}/ in {Path.cwd()}, and "
+        f"{user_config_file()}. Run `python -m async_embed_sync init` to write one to fill in "
+        f"(mode 600), or pass --config FILE. A minimal working one: {MINIMAL_ENTRY}",
     )
+
+
+def write_example_config(path: str | os.PathLike) -> Path:
+    """Write the example configuration to ``path``, private (mode 600), never over an existing file."""
+    path = Path(path)
+    example = resources.files(__package__).joinpath("credentials.example.json").read_bytes()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError as exc:
+        raise ConfigError(str(path), "already exists; it was left as it is. Edit it, or pass "
+                                     "--config with another path.") from exc
+    except OSError as exc:
+        raise ConfigError(str(path), f"cannot be written ({exc.strerror or exc}).") from exc
+    with os.fdopen(fd, "wb") as stream:
+        stream.write(example)
+    return path
 
 
 def _load_json_file(path: Path) -> Config:

@@ -37,6 +37,15 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+@pytest.fixture(autouse=True)
+def _no_configuration_of_the_machine(tmp_path_factory: pytest.TempPathFactory,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests never find the developer's own configuration (``$ASYNC_EMBED_SYNC_CONFIG``,
+    ``~/.config/async_embed_sync/``): only what they write."""
+    monkeypatch.delenv("ASYNC_EMBED_SYNC_CONFIG", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path_factory.mktemp("xdg_config_home")))
+
+
 @pytest.fixture(scope="session")
 def openssh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenSSHServer]:
     """The real OpenSSH sshd, one for the whole session; serves root's whole file system."""

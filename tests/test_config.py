@@ -1,9 +1,11 @@
 """Configuration: both layouts, validation, permissions, and no secret shown."""
 
 import json
+from pathlib import Path
 
 import pytest
 
+from async_embed_sync.cli import main
 from async_embed_sync.config import DEFAULT_PATTERNS, load_config
 from async_embed_sync.errors import ConfigError, KeyPermissionError, UnknownClusterError
 
@@ -114,3 +116,42 @@ def test_broken_json_is_reported_without_echoing_content(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_config(path)
     assert "line 1" in str(info.value) and SECRET not in str(info.value)
+
+
+def test_the_configuration_is_found_where_people_look(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    user_file = tmp_path / "xdg" / "async_embed_sync" / "credentials.json"
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    with pytest.raises(ConfigError) as refused:
+        load_config()
+    message = str(refused.value)
+    for place in ("$ASYNC_EMBED_SYNC_CONFIG (not set)", "credentials.json and .credentials/",
+                  str(user_file), "python -m async_embed_sync init", '"remote_dir"'):
+        assert place in message
+    user_file.parent.mkdir(parents=True)
+    _write(user_file, {"clusters": {"user": {"host": "h", "remote_dir": "/d"}}})
+    assert list(load_config().clusters) == ["user"]
+    _write(tmp_path / "credentials.json", {"clusters": {"here": {"host": "h", "remote_dir": "/d"}}})
+    assert list(load_config().clusters) == ["here"]  # the working directory's first
+    named = _write(tmp_path / "elsewhere.json", {"clusters": {"named": {"host": "h", "remote_dir": "/d"}}})
+    monkeypatch.setenv("ASYNC_EMBED_SYNC_CONFIG", str(named))
+    assert list(load_config().clusters) == ["named"]  # the environment's before that
+    assert list(load_config(tmp_path / "credentials.json").clusters) == ["here"]  # --config first of all
+    monkeypatch.setenv("ASYNC_EMBED_SYNC_CONFIG", str(tmp_path / "typo.json"))
+    with pytest.raises(ConfigError, match=r"named by \$ASYNC_EMBED_SYNC_CONFIG, does not exist"):
+        load_config()
+
+
+def test_init_writes_the_example_privately_and_never_over_a_file(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["init"]) == 0
+    written = tmp_path / "credentials.json"
+    assert oct(written.stat().st_mode & 0o777) == "0o600"
+    # The example the installed package carries, as the repository's top-level copy shows it.
+    assert written.read_text() == (Path(__file__).parent.parent / "credentials.example.json").read_text()
+    assert sorted(json.loads(written.read_text())["clusters"]) == ["tensor01", "tensor02"]
+    assert "Fill in host" in capsys.readouterr().err
+    written.write_text("{}  # edited by hand")
+    assert main(["init"]) == 1
+    assert "already exists; it was left as it is" in capsys.readouterr().err
+    assert written.read_text() == "{}  # edited by hand"
