@@ -7,6 +7,7 @@ Exit codes: 0 done, 1 failed (one clear paragraph on stderr, no traceback),
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -22,23 +23,34 @@ from .sync import DEFAULT_DOWNLOAD_DIR, SyncOptions, sync
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
-_EXAMPLES = """\
-examples:
-  python -m async_embed_sync demo                      # the whole job on two simulated clusters
-  python -m async_embed_sync run                       # sync every cluster, then merge
-  python -m async_embed_sync run --clusters tensor01 tensor02 --output embeddings/merged/
-  python -m async_embed_sync sync --max-parallel 16    # download only
-  python -m async_embed_sync merge --dtype float16     # merge what is downloaded
-  python -m async_embed_sync status                    # what is remote, what is here
-  python -m async_embed_sync --sync-only               # legacy flags mean `run`
+# Each command's --help shows its own; the top-level --help shows them all.
+_EXAMPLES = {
+    "demo": ["demo                                 # the whole job on two simulated clusters",
+             "demo --drop-after 20000000           # cut each link after 20 MB, to see a resume"],
+    "run": ["run                                  # sync every cluster, then merge",
+            "run --output embeddings/merged/      # a memory-mappable bundle instead of a .pkl",
+            "run --clusters tensor01 --partial    # one cluster's rows only, on purpose",
+            "--sync-only                          # legacy flags mean `run`"],
+    "sync": ["sync --max-parallel 16               # download only",
+             "sync --clusters tensor01 tensor02"],
+    "merge": ["merge --dtype float16                # merge what is downloaded",
+              "merge --output embeddings/merged/ --articles-format parquet"],
+    "status": ["status                               # what is remote, what is here"],
+    "init": ["init                                 # write credentials.json to fill in"],
+}
+_EXIT_CODES = "exit codes: 0 done, 1 failed, 2 usage error, 130 interrupted, 143 terminated."
 
-exit codes: 0 done, 1 failed, 2 usage error, 130 interrupted.
-"""
+
+def _epilog(prog: str, commands: Sequence[str]) -> str:
+    lines = [f"  {prog} {example}" for command in commands for example in _EXAMPLES[command]]
+    return "examples:\n" + "\n".join(lines) + "\n\n" + _EXIT_CODES + "\n"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """The command line; ``prog`` is the name the user typed (``python -m async_embed_sync``
+    from ``__main__``; the console script's own name otherwise)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
+    parser = build_parser(prog)
     try:
         args = parser.parse_args(_with_default_command(argv))
     except SystemExit as exc:  # -h, --version (0) or a usage error (2): argparse printed it
@@ -66,25 +78,26 @@ def _interrupt_on_sigterm() -> None:
 
 
 def _with_default_command(argv: list[str]) -> list[str]:
-    """The legacy script took flags only (``--sync-only``, ``--clusters``...):
-    flags without a command mean ``run``."""
-    if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
+    """The legacy script took flags only (``--sync-only``, ``--clusters``...), or
+    nothing at all: flags without a command, or no arguments, mean ``run``."""
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
         return ["run", *argv]
     return argv
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    prog = prog or os.path.basename(sys.argv[0]) or "async-embed-sync"
     parser = argparse.ArgumentParser(
-        prog="python -m async_embed_sync",
+        prog=prog,
         description="Sync embedding checkpoints from GPU clusters over SSH, then merge them "
-                    "into one result.",
-        epilog=_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+                    "into one result. With no command, or only flags, the command is `run`.",
+        epilog=_epilog(prog, list(_EXAMPLES)), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, help: str, handler, *groups) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".",
-                                  epilog=_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+                                  epilog=_epilog(prog, [name]), formatter_class=argparse.RawDescriptionHelpFormatter)
         for add_group in groups:
             add_group(sub)
         sub.set_defaults(handler=handler)
@@ -127,14 +140,14 @@ def _add_connection_arguments(parser: argparse.ArgumentParser) -> None:
                         help="legacy folder of <cluster>.credentials files")
     parser.add_argument("--clusters", nargs="+", metavar="NAME",
                         help='clusters to use (default: all configured); "tensor01 tensor02" works too')
-    parser.add_argument("--timeout", type=float, default=SyncOptions.timeout, metavar="SECONDS",
+    parser.add_argument("--timeout", type=_positive_seconds, default=SyncOptions.timeout, metavar="SECONDS",
                         help="connect timeout, and how soon a dead link is noticed (default: %(default)s)")
 
 
 def _add_sync_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-parallel", type=_positive_int, default=SyncOptions.max_parallel,
                         metavar="N", help="files in flight at once, over all clusters (default: %(default)s)")
-    parser.add_argument("--retries", type=int, default=SyncOptions.retries, metavar="N",
+    parser.add_argument("--retries", type=_whole_number, default=SyncOptions.retries, metavar="N",
                         help="attempts per file in a row without progress before giving up "
                              "(default: %(default)s)")
 
@@ -157,7 +170,7 @@ def _add_merge_arguments(parser: argparse.ArgumentParser) -> None:
 def _add_merge_arguments_without_output(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=("float32", "float16"), default="float32",
                         help="dtype of the merged embeddings (default: %(default)s)")
-    parser.add_argument("--expect-articles", type=int, default=None, metavar="N",
+    parser.add_argument("--expect-articles", type=_whole_number, default=None, metavar="N",
                         help="fail unless the merge keeps exactly N articles")
     parser.add_argument("--strict", action="store_true", help="treat NaN and Inf values as errors")
 
@@ -168,10 +181,27 @@ def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="print errors only")
 
 
+def _whole_number(text: str, least: int = 0) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < least:
+        raise argparse.ArgumentTypeError(f"must be at least {least}, not {value}")
+    return value
+
+
 def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
+    return _whole_number(text, least=1)
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, not {text}")
     return value
 
 
@@ -262,6 +292,8 @@ def _status(args: argparse.Namespace) -> int:
     from .status import collect_status, format_status
 
     config = load_config(args.config, args.credentials_dir)
+    for warning in config.warnings:
+        print(warning, file=sys.stderr)
     statuses = collect_status(config.select(args.clusters), args.download_dir, args.timeout,
                               TerminalPrompter())
     print(format_status(statuses))

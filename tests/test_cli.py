@@ -6,6 +6,8 @@ import os
 import pickle
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,13 +21,20 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 def test_help_and_usage_errors(capsys):
-    assert main(["--help"]) == 0
+    assert main(["--help"], prog="python -m async_embed_sync") == 0
     assert "examples:" in capsys.readouterr().out
-    for command in ("run", "sync", "merge", "status", "demo"):
-        assert main([command, "-h"]) == 0
-        assert f"usage: python -m async_embed_sync {command}" in capsys.readouterr().out
-    assert main([]) == 2
-    assert main(["sync", "--max-parallel", "0"]) == 2
+    for command in ("run", "sync", "merge", "status", "demo", "init"):
+        assert main([command, "-h"], prog="python -m async_embed_sync") == 0
+        help_text = capsys.readouterr().out
+        assert f"usage: python -m async_embed_sync {command}" in help_text
+        # Its own examples, not every command's.
+        examples = [line.split()[3] for line in help_text.split("examples:")[1].splitlines()
+                    if line.startswith("  python -m")]
+        assert examples and set(examples) <= {command, "--sync-only"}, help_text
+    for nonsense in (["sync", "--max-parallel", "0"], ["sync", "--retries", "-1"], ["sync", "--timeout", "0"],
+                     ["sync", "--timeout", "nan"], ["merge", "--expect-articles", "-5"], ["sync", "--retries", "x"]):
+        assert main(nonsense) == 2, nonsense
+        assert "error: argument" in capsys.readouterr().err
     assert main(["run", "--sync-only", "--merge-only"]) == 2
     assert main(["merge", "--dtype", "int8"]) == 2
     assert "invalid choice" in capsys.readouterr().err
@@ -233,3 +242,26 @@ def test_status_never_shows_a_partial_at_100_percent(openssh, tmp_path, write_co
     assert main(["status", "--config", str(config), "--download-dir", str(tmp_path / "dl")]) == 0
     line = capsys.readouterr().out.splitlines()[1]
     assert "(99 %)" in line and "100 %" not in line
+
+
+def test_no_arguments_mean_run_and_the_name_typed_is_shown(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main([]) == 1  # `run`, as the legacy script: here it finds no configuration
+    assert "no configuration found" in capsys.readouterr().err
+    console_script = subprocess.run([str(Path(sys.executable).parent / "async-embed-sync"), "--version"],
+                                    capture_output=True, text=True, timeout=60)
+    assert console_script.stdout.startswith("async-embed-sync ")
+    module = subprocess.run([sys.executable, "-m", "async_embed_sync", "merge", "--help"],
+                            capture_output=True, text=True, timeout=60)
+    assert module.stdout.startswith("usage: python -m async_embed_sync merge")
+
+
+def test_status_warns_about_a_readable_password_as_sync_does(openssh, tmp_path, write_config, capsys):
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    (remote / "a.pkl").write_bytes(b"x" * 100)
+    config = write_config(tmp_path, {"tensor01": openssh.cluster_entry(str(remote), password="not-used")})
+    config.chmod(0o644)
+    assert main(["status", "--config", str(config), "--download-dir", str(tmp_path / "dl")]) == 0
+    err = capsys.readouterr().err
+    assert "readable" in err and str(config) in err and "not-used" not in err
