@@ -42,7 +42,14 @@ import numpy as np
 import orjson
 from numpy.lib import format as npy_format
 
-from .checkpoints import MAPPED_PAYLOAD_BYTES, BackgroundDigest, NpyCheckpoint, RowBlock, restricted_load_mapped
+from .checkpoints import (
+    MAPPED_PAYLOAD_BYTES,
+    BackgroundDigest,
+    NpyCheckpoint,
+    RowBlock,
+    python_values,
+    restricted_load_mapped,
+)
 from .errors import CheckpointError, OutputError
 
 PICKLE_SUFFIX = ".pkl"
@@ -183,7 +190,10 @@ class StagingArea:
 
 
 def _write_at(fd: int, data: Any, offset: int) -> None:
-    view = memoryview(data).cast("B")
+    view = memoryview(data)
+    if not view.nbytes:
+        return  # no rows (a checkpoint of questions only); an empty array's view cannot be cast
+    view = view.cast("B")
     while view:
         written = os.pwrite(fd, view, offset)
         view, offset = view[written:], offset + written
@@ -516,16 +526,35 @@ class ParquetRowWriter:
             raise OutputError(str(self.path), f"cannot be written ({exc.strerror or exc}).") from exc
 
 
+class _NumpyScalarFound(Exception):
+    pass
+
+
+class _PlainValuesPickler(pickle.Pickler):
+    # Still the C pickler: it asks reducer_override only about objects that
+    # are not plain Python values, so rows without numpy scalars cost nothing more.
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, np.generic):
+            raise _NumpyScalarFound
+        return NotImplemented
+
+
 def _pickle_body(value: Any) -> bytes:
     """The opcodes that push ``value``, without the protocol header and STOP.
 
     Protocol 3 has no frames, so such bodies can be laid end to end inside
-    a larger stream; no memo (``fast``), so none refers to another.
+    a larger stream; no memo (``fast``), so none refers to another. A numpy
+    scalar in ``value`` is written as the Python scalar of its value, as a
+    bundle's JSON has it: the output loads the same under any numpy, and an
+    ``np.int64`` id stays an ``int``.
     """
     stream = io.BytesIO()
-    pickler = pickle.Pickler(stream, protocol=3)
+    pickler = _PlainValuesPickler(stream, protocol=3)
     pickler.fast = True  # also several times faster on many small dicts
-    pickler.dump(value)
+    try:
+        pickler.dump(value)
+    except _NumpyScalarFound:
+        return _pickle_body(python_values(value))
     data = stream.getvalue()
     return data[2:-1]
 
