@@ -63,9 +63,15 @@ def is_article(row: Mapping[str, Any]) -> bool:
 
 
 def as_bytes(data: Any) -> Any:
-    """``data``, or the bytes of an array as a flat uint8 view: the buffer protocol refuses some
-    dtypes (a big-endian longdouble)."""
-    return data.reshape(-1).view(np.uint8) if isinstance(data, np.ndarray) else data
+    """The bytes of a C-contiguous array as a flat uint8 view (never a copy); any other ``data`` as it is.
+
+    The buffer protocol refuses some dtypes (a big-endian longdouble); a view as uint8 does not.
+    """
+    if not isinstance(data, np.ndarray):
+        return data
+    if not data.flags.c_contiguous:
+        raise ValueError("not a C-contiguous array")  # its copy would be read into, or hashed, instead
+    return data.view(np.uint8).reshape(-1)
 
 
 def file_sha256(path: Path, chunk_bytes: int = 1 << 20) -> str:
@@ -389,7 +395,7 @@ def python_scalar(value: Any) -> Any:
 
 
 def python_values(value: Any) -> Any:
-    """``value`` with every numpy scalar in it, however deep, replaced by :func:`python_scalar` of it."""
+    """``value`` with every numpy scalar in it, however deep, replaced by the Python scalar of its value."""
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, dict):
@@ -813,7 +819,9 @@ class NpyCheckpoint(Checkpoint):
         return int(self.lines.line_ends[-1]) if self.lines.rows else 0
 
     def header_bytes(self) -> bytes:
-        """The ``.npy`` header: with the bytes of every block, in order, the whole file if :attr:`rows_in_file_order`."""
+        """The ``.npy`` header: with the bytes of every block, in order, the whole file
+
+        (when :attr:`rows_in_file_order`)."""
         with self._open(self.path) as stream:
             return stream.read(self._data_offset)
 
@@ -845,7 +853,8 @@ class NpyCheckpoint(Checkpoint):
                 else:
                     block = buffer[:, :count].T
                     for column in range(dim):
-                        self._read_array(array_stream.fileno(), buffer[column, :count], (column * rows + first) * block.itemsize)
+                        offset = (column * rows + first) * block.itemsize
+                        self._read_array(array_stream.fileno(), buffer[column, :count], offset)
                 text_start = self.lines.line_start(first)
                 line_ends = self.lines.line_ends[first : first + count] - text_start
                 yield JsonLineRowBlock(

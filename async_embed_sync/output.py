@@ -608,7 +608,8 @@ def _legacy_pickle_array(shape: tuple[int, int], dtype: np.dtype) -> bytes:
     ``numpy._core.numeric`` by numpy 2, a module numpy 1.x does not have.
     Every name is the installed numpy's own; only the shape and the bytes are ours.
     """
-    reconstruct, arguments, (version, _, state_dtype, fortran_order, _) = np.empty((0, shape[1]), dtype).__reduce_ex__(4)
+    template = np.empty((0, shape[1]), dtype)
+    reconstruct, arguments, (version, _, state_dtype, fortran_order, _) = template.__reduce_ex__(4)
     return b"".join(
         [
             pickle.BINPUT + _ROWS_MEMO,

@@ -71,7 +71,8 @@ def _list_pairs(pairs: list[tuple[Any, Any]]) -> tuple[list, list]:
 
 
 def _dict_pairs(pairs: dict[str, tuple[Any, Any]]) -> tuple[dict, dict]:
-    return {key: written for key, (written, _) in pairs.items()}, {key: expected for key, (_, expected) in pairs.items()}
+    written = {key: value for key, (value, _) in pairs.items()}
+    return written, {key: expected for key, (_, expected) in pairs.items()}
 
 
 METADATA = st.recursive(
@@ -144,7 +145,8 @@ def runs(draw: st.DrawFn, rows_strategy: Any) -> dict[str, Any]:
             }
         )
         start += size
-    return {"embeddings": embeddings, "rows": rows, "checkpoints": checkpoints, "dtype": draw(st.sampled_from(OUTPUT_DTYPES))}
+    dtype = draw(st.sampled_from(OUTPUT_DTYPES))
+    return {"embeddings": embeddings, "rows": rows, "checkpoints": checkpoints, "dtype": dtype}
 
 
 def _is_article(row: dict) -> bool:
@@ -161,7 +163,9 @@ def _write_run(run: dict[str, Any], root: Path) -> tuple[np.ndarray, list[dict]]
         stem = root / "cluster" / f"part{number}"
         if part["format"] == "pkl":
             written = [row for row, _ in rows[window]]
-            write_legacy_checkpoint(stem.with_suffix(".pkl"), array, written, start_index=part["start"], protocol=part["protocol"])
+            write_legacy_checkpoint(
+                stem.with_suffix(".pkl"), array, written, start_index=part["start"], protocol=part["protocol"]
+            )
         else:
             # JSON lines hold plain values only: what the pipeline's json.dumps could write.
             write_npy_checkpoint(stem, array, [expected for _, expected in rows[window]], start_index=part["start"])

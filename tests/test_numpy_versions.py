@@ -43,7 +43,8 @@ pytestmark = pytest.mark.timeout(300)
 
 
 def _cannot_build(step: list[str], result: subprocess.CompletedProcess[str]) -> None:
-    message = f"cannot build the numpy 1.26 environment: {' '.join(step)} exited {result.returncode}\n{result.stderr[-4000:]}"
+    message = (f"cannot build the numpy 1.26 environment: {' '.join(step)} exited {result.returncode}\n"
+               f"{result.stderr[-4000:]}")
     if os.environ.get("CI") != "true" and _OFFLINE.search(result.stderr):
         pytest.skip(f"the package index is unreachable: {message}")
     pytest.fail(message)
@@ -101,7 +102,7 @@ with open(sys.argv[3], encoding="utf-8") as stream:
     expected_articles = json.load(stream)
 assert document["articles"] == expected_articles
 # An np.int64 id is an int, no numpy scalar: the synthetic run's ids are str.
-assert [type(article["id"]) for article in document["articles"]] == [type(article["id"]) for article in expected_articles]
+assert [type(row["id"]) for row in document["articles"]] == [type(row["id"]) for row in expected_articles]
 print(np.__version__)
 """
 
@@ -152,8 +153,8 @@ for protocol, start in ((2, 120), (5, 150)):
     scalar_rows += [{"id": index, "title": f"t{index}", "score": index / 4, "ok": bool(index % 2)}
                     for index in range(start, start + 30)]
 questions = set(range(110, 120))
-expected_articles = [row for index, row in enumerate(make_rows(0, 120, text_bytes=200, question_indices=questions, seed=0))
-                     if index not in questions] + scalar_rows
+run_rows = make_rows(0, 120, text_bytes=200, question_indices=questions, seed=0)
+expected_articles = [row for index, row in enumerate(run_rows) if index not in questions] + scalar_rows
 expected = np.concatenate([make_vectors(0, 110, dim=8, seed=0), make_vectors(120, 150, dim=8, seed=5),
                            make_vectors(150, 180, dim=8, seed=5)])
 for output in (root / "numpy1.pkl", root / "numpy1-bundle"):
@@ -182,5 +183,6 @@ def test_the_package_merges_and_loads_under_numpy_1_and_reads_its_pickles(numpy1
 
     assert np.array_equal(ours["embeddings"], expected) and np.array_equal(theirs["embeddings"], expected)
     assert np.array_equal(plain["embeddings"], expected)
-    assert ours["articles"] == theirs["articles"] == plain["articles"] == load(tmp_path / "numpy1-bundle")["articles"]
+    bundle = load(tmp_path / "numpy1-bundle")
+    assert ours["articles"] == theirs["articles"] == plain["articles"] == bundle["articles"]
     assert ours["chunk_info"] == theirs["chunk_info"]
