@@ -62,6 +62,18 @@ def is_article(row: Mapping[str, Any]) -> bool:
     return row.get("kind", ARTICLE_KIND) == ARTICLE_KIND
 
 
+def as_bytes(data: Any) -> Any:
+    """The bytes of a C-contiguous array as a flat uint8 view (never a copy); any other ``data`` as it is.
+
+    The buffer protocol refuses some dtypes (a big-endian longdouble); a view as uint8 does not.
+    """
+    if not isinstance(data, np.ndarray):
+        return data
+    if not data.flags.c_contiguous:
+        raise ValueError("not a C-contiguous array")  # its copy would be read into, or hashed, instead
+    return data.view(np.uint8).reshape(-1)
+
+
 def file_sha256(path: Path, chunk_bytes: int = 1 << 20) -> str:
     """Hex sha256 of a file, read in chunks through one reusable buffer."""
     digest = hashlib.sha256()
@@ -87,7 +99,7 @@ class BackgroundDigest:
         self._pending: list[Future[None]] = []
 
     def update(self, data: Any) -> None:
-        self._pending.append(self._worker.submit(self._digest.update, data))
+        self._pending.append(self._worker.submit(self._digest.update, as_bytes(data)))
 
     def wait(self) -> None:
         """Block until every buffer given so far is hashed."""
@@ -145,10 +157,22 @@ def _frombuffer(buffer: Any, dtype: np.dtype, shape: tuple[int, ...], order: str
     return np.frombuffer(buffer, dtype=dtype).reshape(shape, order=order)
 
 
+# numpy's own scalar constructor, whichever module this numpy keeps it in.
+_numpy_scalar = np.int64(0).__reduce__()[0]
+
+
 def _scalar(dtype: np.dtype, data: bytes | None = None) -> Any:
-    if np.dtype(dtype).hasobject or data is None:
+    # Only an object scalar's second argument is not its bytes.
+    if np.dtype(dtype).hasobject or not isinstance(data, bytes):
         raise _RefusedContent("an object scalar")
-    return np.frombuffer(data, dtype=dtype, count=1)[0]
+    return _numpy_scalar(dtype, data)
+
+
+def _empty_bytes(*arguments: Any) -> bytes:
+    # Protocol 2 writes b"" as a call to bytes() without arguments; bytes(n) would allocate n bytes.
+    if arguments:
+        raise _RefusedContent("bytes built from arguments")
+    return b""
 
 
 def _latin1_encode(text: str, encoding: str = "utf-8") -> bytes:
@@ -171,6 +195,7 @@ _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): np.dtype,
     ("_codecs", "encode"): _latin1_encode,
+    **{(module, "bytes"): _empty_bytes for module in ("builtins", "__builtin__")},
     ("datetime", "datetime"): datetime.datetime,
     **{
         (module, container.__name__): container
@@ -364,18 +389,63 @@ def _article_mask(rows: list[dict]) -> np.ndarray:
     return np.fromiter(map(is_article, rows), dtype=bool, count=len(rows))
 
 
-class DictRowBlock(RowBlock):
-    """Rows that were loaded as dicts (legacy pickles); ``keep`` if already known, else from the rows."""
+def python_scalar(value: Any) -> Any:
+    """The Python scalar of a numpy scalar's value (``np.int64(7)`` is ``7``); TypeError for anything else."""
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"Type is not JSON serializable: {type(value).__name__}")
 
-    def __init__(self, embeddings: np.ndarray, rows: list[dict], keep: np.ndarray | None = None):
+
+def python_values(value: Any) -> Any:
+    """``value`` with every numpy scalar in it, however deep, replaced by the Python scalar of its value."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return {python_values(key): python_values(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return type(value)(map(python_values, value))
+    return value
+
+
+# Non-string keys become strings, as the json module writes them.
+_JSON_LINE = orjson.OPT_APPEND_NEWLINE | orjson.OPT_NON_STR_KEYS
+
+
+class DictRowBlock(RowBlock):
+    """Rows that were loaded as dicts (legacy pickles); ``keep`` if already known, else from the rows.
+
+    ``first_row`` is the index of the first row in the article list of
+    ``path``, the checkpoint named in errors.
+    """
+
+    def __init__(self, embeddings: np.ndarray, rows: list[dict], keep: np.ndarray | None = None,
+                 path: Path | None = None, first_row: int = 0):
         super().__init__(embeddings, _article_mask(rows) if keep is None else keep)
         self._rows = rows
+        self._path = path
+        self._first_row = first_row
 
     def article_rows(self) -> list[dict]:
         return [row for row, kept in zip(self._rows, self.keep) if kept]
 
     def article_lines(self) -> list[bytes]:
-        return [(json.dumps(row, ensure_ascii=False) + "\n").encode() for row in self.article_rows()]
+        """The article rows as strict JSON: numpy scalars as their Python value, NaN and Infinity as null.
+
+        A value that JSON cannot hold (bytes, a string with a lone
+        surrogate, an integer beyond 64 bits...) is a :class:`CheckpointError`
+        naming the checkpoint and the row.
+        """
+        lines = []
+        for offset in np.flatnonzero(self.keep).tolist():
+            try:
+                lines.append(orjson.dumps(self._rows[offset], default=python_scalar, option=_JSON_LINE))
+            except orjson.JSONEncodeError as exc:
+                raise CheckpointError(
+                    str(self._path),
+                    f"articles[{self._first_row + offset}] cannot be written as JSON ({exc}); "
+                    f"a .pkl output keeps any value that a checkpoint holds.",
+                ) from exc
+        return lines
 
 
 class JsonLineRowBlock(RowBlock):
@@ -531,7 +601,9 @@ class LegacyCheckpoint(Checkpoint):
     def blocks(self, max_rows: int) -> Iterator[RowBlock]:
         for first in range(0, self.info.rows, max_rows):
             last = first + max_rows
-            yield DictRowBlock(self.embeddings[first:last], self.articles[first:last], self._keep[first:last])
+            yield DictRowBlock(
+                self.embeddings[first:last], self.articles[first:last], self._keep[first:last], self.path, first
+            )
 
 
 # The ``.jsonl`` of a checkpoint is read this much at a time when it is indexed.
@@ -679,6 +751,8 @@ class NpyCheckpoint(Checkpoint):
         self.articles_path = self._articles_path(sidecar)
         self.embeddings = self._map_array()
         self._data_offset = int(self.embeddings.offset)  # type: ignore[attr-defined]
+        # numpy.save writes a Fortran-ordered array column by column.
+        self.rows_in_file_order = not (self.embeddings.flags.f_contiguous and not self.embeddings.flags.c_contiguous)
         with self._open(self.articles_path) as stream:
             self.lines = index_jsonl(stream, self.articles_path)
         articles = self.lines.rows - len(self.lines.dropped)
@@ -732,8 +806,6 @@ class NpyCheckpoint(Checkpoint):
             raise CheckpointError(path, "the array holds Python objects, which are refused.")
         if len(shape) != 2:
             raise CheckpointError(path, f"the array has shape {shape}, not (rows, dim).")
-        if fortran_order:
-            raise CheckpointError(path, "the array is in Fortran order; C order is expected.")
         declared = data_offset + math.prod(shape) * dtype.itemsize
         if declared != size:
             raise CheckpointError(
@@ -752,7 +824,9 @@ class NpyCheckpoint(Checkpoint):
         return int(self.lines.line_ends[-1]) if self.lines.rows else 0
 
     def header_bytes(self) -> bytes:
-        """The ``.npy`` header: with the bytes of every block, in order, the whole file."""
+        """The ``.npy`` header: with the bytes of every block, in order, the whole file
+
+        (when :attr:`rows_in_file_order`)."""
         with self._open(self.path) as stream:
             return stream.read(self._data_offset)
 
@@ -770,16 +844,22 @@ class NpyCheckpoint(Checkpoint):
         # Read through one reusable buffer instead of the map: pages of a map
         # count toward the process's resident size until unmapped.
         rows, dim = self.embeddings.shape
-        buffer = np.empty((min(max_rows, rows), dim), dtype=self.embeddings.dtype)
+        count = min(max_rows, rows)
+        # A Fortran-ordered file holds each column whole: a block is one run per column.
+        buffer = np.empty((count, dim) if self.rows_in_file_order else (dim, count), dtype=self.embeddings.dtype)
         keep_all = np.ones(rows, dtype=bool)
         keep_all[self.lines.dropped] = False
         with self._open(self.path) as array_stream, self._open(self.articles_path) as rows_stream:
-            array_stream.seek(self._data_offset)
             for first in range(0, rows, max_rows):
                 count = min(max_rows, rows - first)
-                block = buffer[:count]
-                if array_stream.readinto(memoryview(block).cast("B")) != block.nbytes:
-                    raise CheckpointError(str(self.path), "the file shrank while it was read.")
+                if self.rows_in_file_order:
+                    block = buffer[:count]
+                    self._read_array(array_stream.fileno(), block, first * block.itemsize * dim)
+                else:
+                    block = buffer[:, :count].T
+                    for column in range(dim):
+                        offset = (column * rows + first) * block.itemsize
+                        self._read_array(array_stream.fileno(), buffer[column, :count], offset)
                 text_start = self.lines.line_start(first)
                 line_ends = self.lines.line_ends[first : first + count] - text_start
                 yield JsonLineRowBlock(
@@ -790,6 +870,11 @@ class NpyCheckpoint(Checkpoint):
                     first + 1,
                     self.articles_path,
                 )
+
+    def _read_array(self, fd: int, target: np.ndarray, offset: int) -> None:
+        """Fill the contiguous ``target`` from ``offset`` of the array's data."""
+        if os.preadv(fd, [as_bytes(target)], self._data_offset + offset) != target.nbytes:
+            raise CheckpointError(str(self.path), "the file shrank while it was read.")
 
     def _read_lines(self, fd: int, offset: int, length: int) -> bytes:
         text = os.pread(fd, length, offset)

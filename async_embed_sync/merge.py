@@ -37,6 +37,7 @@ on the order in which the files were read.
 
 from __future__ import annotations
 
+import functools
 import re
 import resource
 import time
@@ -462,6 +463,10 @@ class _CopyPass:
                 # Synced and untouched since: no need to hash it again.
                 metrics = self._copy(part, None)
                 digests.append(recorded)
+            elif isinstance(part, NpyCheckpoint) and not part.rows_in_file_order:
+                # Its blocks are not the file's bytes in order: the file is hashed on its own.
+                metrics = self._copy(part, None)
+                digests.append(functools.partial(file_sha256, part.path))
             elif isinstance(part, NpyCheckpoint):
                 digest = BackgroundDigest()
                 try:

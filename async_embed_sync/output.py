@@ -42,7 +42,14 @@ import numpy as np
 import orjson
 from numpy.lib import format as npy_format
 
-from .checkpoints import MAPPED_PAYLOAD_BYTES, BackgroundDigest, NpyCheckpoint, RowBlock, restricted_load_mapped
+from .checkpoints import (
+    MAPPED_PAYLOAD_BYTES,
+    BackgroundDigest,
+    NpyCheckpoint,
+    RowBlock,
+    python_values,
+    restricted_load_mapped,
+)
 from .errors import CheckpointError, OutputError
 
 PICKLE_SUFFIX = ".pkl"
@@ -184,7 +191,10 @@ class StagingArea:
 
 
 def _write_at(fd: int, data: Any, offset: int) -> None:
-    view = memoryview(data).cast("B")
+    view = memoryview(data)
+    if not view.nbytes:
+        return  # no rows (a checkpoint of questions only); an empty array's view cannot be cast
+    view = view.cast("B")
     while view:
         written = os.pwrite(fd, view, offset)
         view, offset = view[written:], offset + written
@@ -517,16 +527,35 @@ class ParquetRowWriter:
             raise OutputError(str(self.path), f"cannot be written ({exc.strerror or exc}).") from exc
 
 
+class _NumpyScalarFound(Exception):
+    pass
+
+
+class _PlainValuesPickler(pickle.Pickler):
+    # Still the C pickler: it asks reducer_override only about objects that
+    # are not plain Python values, so rows without numpy scalars cost nothing more.
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, np.generic):
+            raise _NumpyScalarFound
+        return NotImplemented
+
+
 def _pickle_body(value: Any) -> bytes:
     """The opcodes that push ``value``, without the protocol header and STOP.
 
     Protocol 3 has no frames, so such bodies can be laid end to end inside
-    a larger stream; no memo (``fast``), so none refers to another.
+    a larger stream; no memo (``fast``), so none refers to another. A numpy
+    scalar in ``value`` is written as the Python scalar of its value, as a
+    bundle's JSON has it: the output loads the same under any numpy, and an
+    ``np.int64`` id stays an ``int``.
     """
     stream = io.BytesIO()
-    pickler = pickle.Pickler(stream, protocol=3)
+    pickler = _PlainValuesPickler(stream, protocol=3)
     pickler.fast = True  # also several times faster on many small dicts
-    pickler.dump(value)
+    try:
+        pickler.dump(value)
+    except _NumpyScalarFound:
+        return _pickle_body(python_values(value))
     data = stream.getvalue()
     return data[2:-1]
 
@@ -549,19 +578,57 @@ class _PickledArticles(_AppendedArticles):
         pass
 
 
-def _legacy_pickle_head(nbytes: int) -> bytes:
-    """The legacy pickle up to its ``nbytes`` of rows, which follow; its length does not depend on ``nbytes``."""
-    from numpy._core.numeric import _frombuffer  # what numpy's protocol-5 array reduce names
+# The rows' bytes are memo entry 0 of the legacy pickle; nothing else in it is memoized.
+_ROWS_MEMO = bytes([0])
 
+# The legacy pickle's rows start at a multiple of this in the file: mapped by
+# load(), they are then aligned for any float dtype (an unaligned array is
+# copied by many numpy and BLAS operations).
+_ROWS_ALIGNMENT = 64
+
+
+def _legacy_pickle_head(nbytes: int) -> bytes:
+    """The legacy pickle up to its ``nbytes`` of rows, which follow; its length does not depend on ``nbytes``.
+
+    The rows come first, as one bytes payload: the array made of them can be
+    described only once its shape is known (see :func:`_legacy_pickle_array`).
+    """
+    start = pickle.PROTO + bytes([4])  # BINBYTES8, for rows beyond 4 GiB
+    rows = pickle.BINBYTES8 + struct.pack("<Q", nbytes)
+    # Padding that puts the rows at their alignment: a bytes value, pushed and dropped.
+    padding = -(len(start) + 3 + len(rows)) % _ROWS_ALIGNMENT
+    return start + pickle.SHORT_BINBYTES + bytes([padding]) + bytes(padding) + pickle.POP + rows
+
+
+def _legacy_pickle_array(shape: tuple[int, int], dtype: np.dtype) -> bytes:
+    """What follows the rows: they are memoized and dropped, then the dict opens with the array made of them.
+
+    The array is rebuilt as ``ndarray.__reduce_ex__(4)`` describes one
+    (``_reconstruct``, then ``__setstate__`` with the raw bytes), a form that
+    numpy 1.x and 2.x both load; protocol 5's ``_frombuffer`` is named
+    ``numpy._core.numeric`` by numpy 2, a module numpy 1.x does not have.
+    Every name is the installed numpy's own; only the shape and the bytes are ours.
+    """
+    template = np.empty((0, shape[1]), dtype)
+    reconstruct, arguments, (version, _, state_dtype, fortran_order, _) = template.__reduce_ex__(4)
     return b"".join(
         [
-            pickle.PROTO + bytes([5]),
+            pickle.BINPUT + _ROWS_MEMO,
+            pickle.POP,
             pickle.EMPTY_DICT,
             pickle.MARK,
             _pickle_body("embeddings"),
-            _pickle_body(_frombuffer),
+            _pickle_body(reconstruct),
+            _pickle_body(arguments),
+            pickle.REDUCE,
             pickle.MARK,
-            pickle.BYTEARRAY8 + struct.pack("<Q", nbytes),
+            _pickle_body(version),
+            _pickle_body(tuple(int(size) for size in shape)),
+            _pickle_body(state_dtype),
+            _pickle_body(fortran_order),
+            pickle.BINGET + _ROWS_MEMO,
+            pickle.TUPLE,
+            pickle.BUILD,
         ]
     )
 
@@ -579,15 +646,17 @@ def rows_offset(output: Path) -> int | None:
 class LegacyPickleWriter:
     """The legacy dict, one pickle stream written in one pass, loadable with plain ``pickle.load``.
 
-    Layout (protocol 5, no frames)::
+    Layout (protocol 4, no frames)::
 
-        {'embeddings': _frombuffer(BYTEARRAY8 <rows>, dtype, shape, 'C'),
+        <padding> BINBYTES8 <rows> -> memo 0
+        {'embeddings': _reconstruct(ndarray, (0,), b'b') + __setstate__((1, shape, dtype, False, memo 0)),
          'articles': [APPENDS batches ...], 'total_articles': ..., ...}
 
-    which is what numpy's own protocol-5 reduce of a C-ordered array gives,
-    so it loads as a writable ndarray, as the legacy merge's did. The array
-    bytes sit at a known offset: rows are written there as they come while
-    the articles are appended after the array, so nothing is staged twice.
+    which is what ``pickle.dump`` of the legacy merge's array gave (protocol
+    4), so it loads as a writable ndarray as that one did, under numpy 1.x
+    and 2.x alike. The array bytes sit at a known offset: rows are written
+    there as they come while the articles are appended after the array, so
+    nothing is staged twice.
 
     ``rows_in_place`` names a file that already holds every row, in order,
     from :func:`rows_offset` to its end: it becomes this output, and only
@@ -599,7 +668,7 @@ class LegacyPickleWriter:
         self.path = path
         nbytes = shape[0] * shape[1] * dtype.itemsize
         head = _legacy_pickle_head(nbytes)
-        tail = b"".join([_pickle_body(dtype), _pickle_body(shape), _pickle_body("C"), pickle.TUPLE, pickle.REDUCE])
+        tail = _legacy_pickle_array(shape, dtype)
         if rows_in_place is not None:
             os.replace(rows_in_place, path)
         self._file = _PreallocatedFile(path, len(head) + nbytes, keep_contents=rows_in_place is not None)

@@ -250,3 +250,20 @@ def test_copies_work_where_copy_file_range_does_not(
     assert np.array_equal(kernel["embeddings"], fallback["embeddings"])
     for key in ("articles", "total_articles", "quality_metrics", "chunk_info"):
         assert kernel[key] == fallback[key]
+
+
+@pytest.mark.parametrize("protocol", [4, 5])
+def test_load_reads_a_pickle_dumped_whole_as_earlier_merges_wrote_it(
+    downloads: Path, tmp_path: Path, protocol: int
+) -> None:
+    # The legacy merge's pickle.dump (protocol 4: _reconstruct) and this tool's
+    # earlier writer (protocol 5: numpy's _frombuffer) of the same dict.
+    merge_checkpoints(downloads, tmp_path / "merged.pkl")
+    with open(tmp_path / "merged.pkl", "rb") as stream:
+        document = pickle.load(stream)
+    (tmp_path / "dumped.pkl").write_bytes(pickle.dumps(document, protocol=protocol))
+
+    loaded = load(tmp_path / "dumped.pkl")
+
+    assert np.array_equal(loaded["embeddings"], document["embeddings"]) and loaded["embeddings"].flags.writeable
+    assert loaded["articles"] == document["articles"] and loaded["chunk_info"] == document["chunk_info"]
