@@ -43,7 +43,7 @@ import orjson
 from numpy.lib import format as npy_format
 
 from .checkpoints import MAPPED_PAYLOAD_BYTES, BackgroundDigest, NpyCheckpoint, RowBlock, restricted_load_mapped
-from .errors import CheckpointError, OutputError
+from .errors import AFTER_MERGE, CheckpointError, OutputError, local_file_error, translating_local_errors
 
 PICKLE_SUFFIX = ".pkl"
 EMBEDDINGS_FILE = "embeddings.npy"
@@ -138,14 +138,15 @@ def remove_stale_staging(output: Path) -> list[Path]:
 
 def check_output_path(output: Path) -> None:
     """Refuse, before any work, an output path that the merge could not or must not replace."""
-    if is_pickle_output(output):
-        if output.is_dir():
-            raise OutputError(str(output), "is a directory; a .pkl output must be a file.")
-    elif output.exists() or output.is_symlink():
-        if not output.is_dir():
-            raise OutputError(str(output), "exists and is not a directory; refusing to replace it.")
-        if any(output.iterdir()) and not (output / MANIFEST_FILE).is_file():
-            raise OutputError(str(output), "is a directory that is not a merged bundle; refusing to replace it.")
+    with translating_local_errors(output, "write", AFTER_MERGE):
+        if is_pickle_output(output):
+            if output.is_dir():
+                raise OutputError(str(output), "is a directory; a .pkl output must be a file.")
+        elif output.exists() or output.is_symlink():
+            if not output.is_dir():
+                raise OutputError(str(output), "exists and is not a directory; refusing to replace it.")
+            if any(output.iterdir()) and not (output / MANIFEST_FILE).is_file():
+                raise OutputError(str(output), "is a directory that is not a merged bundle; refusing to replace it.")
 
 
 class StagingArea:
@@ -157,7 +158,7 @@ class StagingArea:
 
     def __enter__(self) -> StagingArea:
         check_output_path(self.output)
-        try:
+        with translating_local_errors(self.output, "write", AFTER_MERGE):
             self.output.parent.mkdir(parents=True, exist_ok=True)
             remove_stale_staging(self.output)
             self.path = Path(
@@ -165,8 +166,6 @@ class StagingArea:
                     prefix=f".{self.output.name}.{_owner_tag()}.", suffix=_STAGING_SUFFIX, dir=self.output.parent
                 )
             )
-        except OSError as exc:
-            raise OutputError(str(self.output), f"cannot create a staging directory ({exc}).") from exc
         return self
 
     def __exit__(
@@ -500,20 +499,18 @@ class ParquetRowWriter:
                 f"them ({exc}); --articles-format jsonl keeps rows of any shape.",
             ) from exc
         except OSError as exc:
-            raise OutputError(str(self.path), f"cannot be written ({exc.strerror or exc}).") from exc
+            raise local_file_error(exc, self.path, "write", AFTER_MERGE) from exc
 
     def close(self) -> None:
         if self._pending:
             self._write(self._pending)
             self._pending = []
-        try:
+        with translating_local_errors(self.path, "write", AFTER_MERGE):
             if self._writer is None:
                 # No article at all: still a readable, empty file.
                 self._pq.write_table(self._pa.table({}), self.path)
             else:
                 self._writer.close()
-        except OSError as exc:
-            raise OutputError(str(self.path), f"cannot be written ({exc.strerror or exc}).") from exc
 
 
 def _pickle_body(value: Any) -> bytes:
@@ -727,14 +724,12 @@ def _replace_directory(source: Path, target: Path) -> None:
 def publish(staging: StagingArea) -> None:
     """Rename the finished result in ``staging`` into place, atomically."""
     output = staging.output
-    try:
-        check_output_path(output)  # the path may have changed while the merge ran
+    check_output_path(output)  # the path may have changed while the merge ran
+    with translating_local_errors(output, "write", AFTER_MERGE):
         if is_pickle_output(output):
             os.replace(staging.path / output.name, output)
         else:
             _replace_directory(staging.path, output)
-    except OSError as exc:
-        raise OutputError(str(output), f"cannot be written ({exc}).") from exc
 
 
 # ------------------------------------------------------------------------- load
