@@ -30,9 +30,9 @@ import json
 import os
 import pickle
 import shutil
+import secrets
 import socket
 import struct
-import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
@@ -149,6 +149,23 @@ def check_output_path(output: Path) -> None:
                 raise OutputError(str(output), "is a directory that is not a merged bundle; refusing to replace it.")
 
 
+def _make_staging_directory(output: Path) -> Path:
+    """A new hidden directory beside ``output``, named as :func:`remove_stale_staging` expects.
+
+    Not ``tempfile.mkdtemp``: its 0700 would become the published bundle's
+    mode, whatever the umask; ``mkdir(0o777)`` lets the umask decide, as
+    for any directory the user makes (a group-readable bundle on a shared
+    file system under umask 002).
+    """
+    while True:
+        path = output.parent / f".{output.name}.{_owner_tag()}.{secrets.token_hex(4)}{_STAGING_SUFFIX}"
+        try:
+            path.mkdir(0o777)
+            return path
+        except FileExistsError:
+            continue
+
+
 class StagingArea:
     """A hidden directory beside the output, removed on leaving unless it was published."""
 
@@ -161,11 +178,7 @@ class StagingArea:
         with translating_local_errors(self.output, "write", AFTER_MERGE):
             self.output.parent.mkdir(parents=True, exist_ok=True)
             remove_stale_staging(self.output)
-            self.path = Path(
-                tempfile.mkdtemp(
-                    prefix=f".{self.output.name}.{_owner_tag()}.", suffix=_STAGING_SUFFIX, dir=self.output.parent
-                )
-            )
+            self.path = _make_staging_directory(self.output)
         return self
 
     def __exit__(
@@ -203,7 +216,9 @@ class _PreallocatedFile:
 
     def __init__(self, path: Path, size: int, keep_contents: bool = False):
         self.path = path
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | (0 if keep_contents else os.O_TRUNC), 0o644)
+        # 0o666: the umask decides, as for any file the user makes (group
+        # members on a shared file system read it under umask 002).
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | (0 if keep_contents else os.O_TRUNC), 0o666)
         try:
             os.ftruncate(self.fd, size)
         except BaseException:
@@ -231,8 +246,8 @@ class ScratchFile:
 
     def __init__(self, path: Path, start: int = 0):
         self.path = path
-        # The mode of an output file: this one may become the output.
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        # The mode of an output file (see _PreallocatedFile): this one may become the output.
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
         self.size = start
 
     def append(self, data: Any) -> int:

@@ -12,7 +12,9 @@ child's own (EROFS).
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -170,3 +172,32 @@ def test_an_unwritable_merge_output_is_one_paragraph(tmp_path, capsys, where):
     output = tmp_path / "merged.pkl"
     assert main(["merge", "--download-dir", str(download_dir), "--output", str(output), "--quiet"]) == 0
     assert load(output)["total_articles"] == 290
+
+
+@pytest.mark.parametrize(("umask", "folder_mode", "file_mode"),
+                         [(0o002, 0o775, 0o664), (0o022, 0o755, 0o644), (0o077, 0o700, 0o600)],
+                         ids=["umask 002", "umask 022", "umask 077"])
+def test_the_output_modes_follow_the_umask(tmp_path, umask, folder_mode, file_mode):
+    """A result on a shared file system is as readable as the user's umask
+    allows, as any file they make: the bundle folder and every file in it,
+    and the legacy pickle."""
+    download_dir = tmp_path / "dl"
+    generate_run(download_dir, rows=300, dim=8, gpus_per_cluster=1, fmt="mixed")
+    outputs = {"merged.pkl": [], "jsonl": ["--articles-format", "jsonl"],
+               "parquet": ["--articles-format", "parquet"]}
+    previous = os.umask(umask)
+    try:
+        for name, extra in outputs.items():
+            argv = ["merge", "--download-dir", str(download_dir), "--output", str(tmp_path / "out" / name),
+                    "--quiet", *extra]
+            assert main(argv) == 0
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == folder_mode
+    assert stat.S_IMODE((tmp_path / "out" / "merged.pkl").stat().st_mode) == file_mode
+    for bundle in ("jsonl", "parquet"):
+        assert stat.S_IMODE((tmp_path / "out" / bundle).stat().st_mode) == folder_mode
+        files = list((tmp_path / "out" / bundle).iterdir())
+        assert len(files) == 3, files
+        assert {path.name: stat.S_IMODE(path.stat().st_mode) for path in files} == \
+            {path.name: file_mode for path in files}
