@@ -137,8 +137,8 @@ def _add_sync_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _add_merge_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default=DEFAULT_OUTPUT, metavar="PATH",
-                        help="a .pkl path for the legacy pickle, any other path for a memory-mappable "
-                             "bundle directory (default: %(default)s)")
+                        help="a .pkl or .pickle path (any case) for the legacy pickle, any other path "
+                             "for a memory-mappable bundle directory (default: %(default)s)")
     parser.add_argument("--articles-format", choices=("jsonl", "parquet"), default=None,
                         help="articles of a bundle: articles.jsonl, or articles.parquet (needs "
                              "pyarrow; uses more memory) (default: parquet where pyarrow is installed)")

@@ -461,7 +461,7 @@ def merge_checkpoints(
 ) -> MergeReport:
     """Merge every checkpoint under ``<download_dir>/*/`` into ``output``.
 
-    ``output`` ending in ``.pkl`` gets the legacy pickle, anything else the
+    ``output`` ending in ``.pkl`` or ``.pickle`` (any case) gets the legacy pickle, anything else the
     bundle directory, whose articles are ``articles_format`` (default:
     parquet where pyarrow is installed, else jsonl). Raises
     :class:`MergeValidationError`, :class:`CheckpointError` or

@@ -4,7 +4,8 @@ The merge writes into a :class:`StagingArea` (a hidden directory beside the
 output, named after this host and process) through one of two writers, one
 per form of ``/work/shared/checkpoint-format.md``:
 
-- :class:`LegacyPickleWriter` for a path ending in ``.pkl``: the legacy dict
+- :class:`LegacyPickleWriter` for a path ending in ``.pkl`` or ``.pickle``
+  (any case, see :func:`is_pickle_output`): the legacy dict
   as one pickle stream, assembled opcode by opcode so that the embeddings'
   bytes have a known place in the file, filled as the rows arrive, while the
   article rows are appended after them; no staged copy of anything;
@@ -45,7 +46,8 @@ from numpy.lib import format as npy_format
 from .checkpoints import MAPPED_PAYLOAD_BYTES, BackgroundDigest, NpyCheckpoint, RowBlock, restricted_load_mapped
 from .errors import AFTER_MERGE, CheckpointError, OutputError, local_file_error, translating_local_errors
 
-PICKLE_SUFFIX = ".pkl"
+# Compared without case: "X.PKL" and "x.pickle" are pickles too, not bundle folders.
+PICKLE_SUFFIXES = (".pkl", ".pickle")
 EMBEDDINGS_FILE = "embeddings.npy"
 ARTICLES_JSONL = "articles.jsonl"
 ARTICLES_PARQUET = "articles.parquet"
@@ -73,7 +75,7 @@ _COPY_BUFFER_BYTES = 16 << 20
 
 def is_pickle_output(path: Path) -> bool:
     """True when ``path`` names the legacy pickle form, else it names a bundle directory."""
-    return Path(path).suffix == PICKLE_SUFFIX
+    return Path(path).suffix.lower() in PICKLE_SUFFIXES
 
 
 def parquet_available() -> bool:
@@ -141,7 +143,7 @@ def check_output_path(output: Path) -> None:
     with translating_local_errors(output, "write", AFTER_MERGE):
         if is_pickle_output(output):
             if output.is_dir():
-                raise OutputError(str(output), "is a directory; a .pkl output must be a file.")
+                raise OutputError(str(output), "is a directory; a .pkl or .pickle output must be a file.")
         elif output.exists() or output.is_symlink():
             if not output.is_dir():
                 raise OutputError(str(output), "exists and is not a directory; refusing to replace it.")
