@@ -109,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--drop-after", type=_positive_int, default=None, metavar="BYTES",
                       help="cut each cluster's connection after this many bytes, to show a resume")
     demo.add_argument("--dir", default=None, metavar="DIR",
-                      help="where the demo keeps its clusters and results (default: ./async_embed_sync_demo)")
+                      help="where the demo keeps its clusters and results; it replaces only what an "
+                           "earlier demo made there (default: ./async_embed_sync_demo)")
     demo.add_argument("--max-parallel", type=_positive_int, default=SyncOptions.max_parallel, metavar="N",
                       help="files in flight at once (default: %(default)s)")
     demo.add_argument("--quiet", action="store_true", help="print errors only")

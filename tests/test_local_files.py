@@ -201,3 +201,40 @@ def test_the_output_modes_follow_the_umask(tmp_path, umask, folder_mode, file_mo
         assert len(files) == 3, files
         assert {path.name: stat.S_IMODE(path.stat().st_mode) for path in files} == \
             {path.name: file_mode for path in files}
+
+
+def _tree(root: Path) -> dict[str, bytes | None]:
+    return {str(path.relative_to(root)): path.read_bytes() if path.is_file() else None
+            for path in sorted(root.rglob("*"))}
+
+
+def test_the_demo_leaves_the_users_files_alone_and_runs_again(tmp_path, capsys):
+    """``demo --dir DIR`` on a folder of the user's: their files survive the
+    demo and a second one; each demo replaces only what an earlier one made."""
+    root = tmp_path / "mydata"
+    (root / "notes").mkdir(parents=True)
+    (root / "notes" / "todo.txt").write_text("mine")
+    (root / "embeddings.npy").write_bytes(b"also mine")
+    mine = _tree(root)
+    argv = ["demo", "--dir", str(root), "--rows", "1010", "--quiet"]
+
+    for _ in range(2):
+        assert main(argv) == 0, capsys.readouterr().err
+        assert load(root / "wikipedia_merged.pkl")["total_articles"] == 1000
+        after = _tree(root)
+        assert {name: after[name] for name in mine} == mine
+        made = {name.split("/")[0] for name in set(after) - set(mine)}
+        assert made == {".async_embed_sync_demo", "remote", "keys", "checkpoints", "credentials.json",
+                        "wikipedia_merged.pkl"}, made
+
+
+def test_the_demo_refuses_a_folder_holding_an_entry_it_did_not_make(tmp_path, capsys):
+    root = tmp_path / "embeddings"
+    (root / "checkpoints" / "tensor01").mkdir(parents=True)
+    (root / "checkpoints" / "tensor01" / "real.pkl").write_bytes(b"a week of GPU time")
+    before = _tree(root)
+
+    assert main(["demo", "--dir", str(root), "--rows", "1010", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    _assert_one_paragraph(err, root / "checkpoints", "no earlier demo made it", "Choose another --dir")
+    assert _tree(root) == before
