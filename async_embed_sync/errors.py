@@ -118,7 +118,7 @@ NOTHING_CHANGED = "Nothing was changed."
 
 _FULL = "free some space (or raise the quota or size limit, see ulimit -f) or choose a path on another file system"
 _FIXES = {
-    errno.EACCES: "this user may not write there; fix the permissions (see ls -ld) or choose another path",
+    errno.EACCES: "this user lacks the permission; fix it (see ls -ld) or choose another path",
     errno.EPERM: "fix the permissions or choose another path",
     errno.EROFS: "the file system is mounted read-only; choose a path on a writable one",
     errno.ENOSPC: _FULL,
@@ -149,6 +149,19 @@ def _file_in_the_way(path: str) -> str | None:
         current = parent
 
 
+def os_error_problem(exc: OSError, path: str | os.PathLike) -> str:
+    """What went wrong at ``path``, in plain words, and the fix: "Read-only file system; choose ..."."""
+    reason = exc.strerror or str(exc)
+    fix = _FIXES.get(exc.errno or 0, "")
+    if exc.errno in (errno.EEXIST, errno.ENOTDIR):
+        # mkdir says "File exists" and open "Not a directory" when a plain
+        # file sits where a folder must be: name that file, it is the fix.
+        blocker = _file_in_the_way(os.fspath(path))
+        if blocker is not None:
+            reason, fix = f"{blocker} is a file where a folder is needed", "move it away or choose another path"
+    return f"{reason}; {fix}." if fix else f"{reason}."
+
+
 def local_file_error(exc: OSError, path: str | os.PathLike, action: str = "write",
                      after: str = "") -> LocalFileError:
     """The one translation of a local ``OSError``: the path, the cause in plain words, the fix.
@@ -156,17 +169,7 @@ def local_file_error(exc: OSError, path: str | os.PathLike, action: str = "write
     ``action`` is what was being done to ``path`` ("write", "create the
     folder"...); ``after`` says what still holds (see ``AFTER_SYNC``).
     """
-    path = os.fspath(path)
-    reason = exc.strerror or str(exc)
-    fix = _FIXES.get(exc.errno or 0, "")
-    if exc.errno in (errno.EEXIST, errno.ENOTDIR):
-        # mkdir says "File exists" and open "Not a directory" when a plain
-        # file sits where a folder must be: name that file, it is the fix.
-        blocker = _file_in_the_way(path)
-        if blocker is not None:
-            reason, fix = f"{blocker} is a file where a folder is needed", "move it away or choose another path"
-    problem = f"{reason}; {fix}." if fix else f"{reason}."
-    return LocalFileError(path, f"{problem} {after}".strip(), action)
+    return LocalFileError(os.fspath(path), f"{os_error_problem(exc, path)} {after}".strip(), action)
 
 
 @contextlib.contextmanager
