@@ -158,7 +158,8 @@ def os_error_problem(exc: OSError, path: str | os.PathLike) -> str:
         # file sits where a folder must be: name that file, it is the fix.
         blocker = _file_in_the_way(os.fspath(path))
         if blocker is not None:
-            reason, fix = f"{blocker} is a file where a folder is needed", "move it away or choose another path"
+            which = "it" if blocker == os.path.abspath(path) else blocker
+            reason, fix = f"{which} is a file where a folder is needed", "move it away or choose another path"
     return f"{reason}; {fix}." if fix else f"{reason}."
 
 

@@ -74,8 +74,8 @@ async def test_a_blocked_cluster_folder_fails_that_cluster_only(tmp_path, embedd
         code, stderr = await _cli("sync", "--config", str(config), "--download-dir", str(download_dir))
 
     assert code == 1, stderr
-    _assert_one_paragraph(stderr, f"Cannot create the folder {folder}",
-                          f"{folder} is a file where a folder is needed", "run the same command again")
+    _assert_one_paragraph(stderr, f"Cannot create the folder {folder}: it is a file where a folder is needed",
+                          "move it away", "run the same command again")
     assert_mirrored(remote / "tensor02", download_dir / "tensor02")
     summary = {line.split()[0]: line for line in stderr.splitlines() if line.startswith(CLUSTERS)}
     assert summary["tensor01"].endswith("FAILED") and not summary["tensor02"].endswith("FAILED"), stderr
@@ -97,7 +97,8 @@ async def test_status_names_a_blocked_cluster_folder_and_lists_the_others(
             main, ["status", "--config", str(config), "--download-dir", str(download_dir)])
     out = capsys.readouterr().out
     assert code == 1
-    _assert_one_paragraph(out, download_dir / "tensor01", "tensor01", "is a file where a folder is needed")
+    _assert_one_paragraph(out, f"Cannot read the folder {download_dir / 'tensor01'}: it is a file where a "
+                               f"folder is needed", "tensor01")
     tensor02 = next(line for line in out.splitlines() if line.startswith("tensor02"))
     assert tensor02.split()[1:2] == ["2"], out  # both remote files listed
 
