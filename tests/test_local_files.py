@@ -134,23 +134,45 @@ def _read_only_mount_works() -> bool:
     return probe.returncode == 0
 
 
+def _read_only(folder: Path) -> tuple[str, ...]:
+    """A command prefix: what follows runs with ``folder`` bind-mounted read-only, in a mount namespace of its own."""
+    return ("unshare", "-m", "sh", "-c",
+            'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" && exec "$@"', str(folder))
+
+
+needs_mount_namespace = pytest.mark.skipif(not _read_only_mount_works(), reason="needs unshare -m (a mount namespace)")
+
+
 @pytest.mark.anyio
-@pytest.mark.skipif(not _read_only_mount_works(), reason="needs unshare -m (a mount namespace)")
+@needs_mount_namespace
 async def test_a_read_only_download_directory_is_one_paragraph(tmp_path, embedded_server, write_config):
-    """The download directory bind-mounted read-only, in the child's own mount namespace."""
     _remote_run(tmp_path / "srv")
     download_dir = tmp_path / "dl"
     download_dir.mkdir()
-    read_only = ("unshare", "-m", "sh", "-c",
-                 'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" && exec "$@"', str(download_dir))
     async with embedded_server(tmp_path / "srv") as server:
         config = _config(write_config, tmp_path, server)
         code, stderr = await _cli("sync", "--config", str(config), "--download-dir", str(download_dir),
-                                  prefix=read_only)
+                                  prefix=_read_only(download_dir))
     assert code == 1, stderr
     _assert_one_paragraph(stderr, download_dir / STATE_DIR_NAME, "Read-only file system",
                           "choose a path on a writable one")
     assert list(download_dir.iterdir()) == []
+
+
+@pytest.mark.anyio
+@needs_mount_namespace
+@pytest.mark.parametrize("name", ["merged.pkl", "merged"])
+async def test_a_read_only_output_folder_is_one_paragraph(tmp_path, name):
+    download_dir = tmp_path / "dl"
+    generate_run(download_dir, rows=300, dim=8, gpus_per_cluster=1)
+    (tmp_path / "out").mkdir()
+    output = tmp_path / "out" / name
+    code, stderr = await _cli("merge", "--download-dir", str(download_dir), "--output", str(output), "--quiet",
+                              prefix=_read_only(tmp_path / "out"))
+    assert code == 1, stderr
+    _assert_one_paragraph(stderr, output, "Read-only file system", "Nothing was left at the output path")
+    assert stderr.startswith("error: ") and stderr.count("\n") == 1, stderr
+    assert list((tmp_path / "out").iterdir()) == []
 
 
 @pytest.mark.parametrize("where", ["parent is a file", "name too long"])
