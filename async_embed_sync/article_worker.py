@@ -27,15 +27,16 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 
 from .checkpoints import parse_jsonl_span
-from .errors import CheckpointError, OutputError
+from .errors import CheckpointError, LocalFileError, OutputError
 
 # A problem crosses the process boundary as (error class name, path, problem).
-_ERRORS = {cls.__name__: cls for cls in (CheckpointError, OutputError)}
+_ERRORS = {cls.__name__: cls for cls in (CheckpointError, LocalFileError, OutputError)}
 
 
 def _problem(exc: Exception) -> tuple[str, str, str]:
-    if isinstance(exc, (CheckpointError, OutputError)):
-        return ("CheckpointError" if isinstance(exc, CheckpointError) else "OutputError", exc.path, exc.problem)
+    for name, cls in _ERRORS.items():
+        if isinstance(exc, cls):
+            return (name, exc.path, exc.problem)
     # A bug, or memory exhausted: still one line for the user, not a traceback from the worker.
     return ("OutputError", "articles", f"the worker process that writes them failed ({exc!r}).")
 

@@ -34,7 +34,7 @@ import numpy as np
 import orjson
 from numpy.lib import format as npy_format
 
-from .errors import CheckpointError, UnsafePickleError
+from .errors import CheckpointError, UnsafePickleError, os_error_problem
 
 LEGACY_SUFFIX = ".pkl"
 NPY_SUFFIX = ".npy"
@@ -240,7 +240,7 @@ def restricted_load(
             str(path), f"not a readable pickle (truncated or corrupt: {exc!r})."
         ) from exc
     except OSError as exc:
-        raise CheckpointError(str(path), f"cannot be read ({exc.strerror or exc}).") from exc
+        raise CheckpointError(str(path), f"cannot be read: {os_error_problem(exc, path)}") from exc
 
 
 # A payload (the bytes of an array) at least this large is mapped from the file, not read.
@@ -737,7 +737,7 @@ def parse_jsonl_span(path: Path, offset: int, length: int, first_line: int, sour
                 parsed += cut
                 yield rows
     except OSError as exc:
-        raise CheckpointError(str(source), f"cannot be read ({exc.strerror or exc}).") from exc
+        raise CheckpointError(str(source), f"cannot be read: {os_error_problem(exc, path)}") from exc
     if parsed != length:
         raise CheckpointError(str(source), "the file shrank while it was read.")
 
@@ -766,7 +766,7 @@ class NpyCheckpoint(Checkpoint):
         try:
             return open(path, "rb")
         except OSError as exc:
-            raise CheckpointError(str(path), f"cannot be read ({exc.strerror or exc}).") from exc
+            raise CheckpointError(str(path), f"cannot be read: {os_error_problem(exc, path)}") from exc
 
     def _read_sidecar(self) -> dict:
         with self._open(self.sidecar_path) as stream:

@@ -126,7 +126,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     demo.add_argument("--drop-after", type=_positive_int, default=None, metavar="BYTES",
                       help="cut each cluster's connection after this many bytes, to show a resume")
     demo.add_argument("--dir", default=None, metavar="DIR",
-                      help="where the demo keeps its clusters and results (default: ./async_embed_sync_demo)")
+                      help="where the demo keeps its clusters and results; it replaces only what an "
+                           "earlier demo made there (default: ./async_embed_sync_demo)")
     demo.add_argument("--max-parallel", type=_positive_int, default=SyncOptions.max_parallel, metavar="N",
                       help="files in flight at once (default: %(default)s)")
     demo.add_argument("--quiet", action="store_true", help="print errors only")
@@ -154,8 +155,8 @@ def _add_sync_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _add_merge_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default=DEFAULT_OUTPUT, metavar="PATH",
-                        help="a .pkl path for the legacy pickle, any other path for a memory-mappable "
-                             "bundle directory (default: %(default)s)")
+                        help="a .pkl or .pickle path (any case) for the legacy pickle, any other path "
+                             "for a memory-mappable bundle directory (default: %(default)s)")
     parser.add_argument("--articles-format", choices=("jsonl", "parquet"), default=None,
                         help="articles of a bundle: articles.jsonl, which keeps any row, or "
                              "articles.parquet (needs the parquet extra: pip install "

@@ -26,7 +26,7 @@ from importlib import resources
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ConfigError, KeyPermissionError, UnknownClusterError
+from .errors import ConfigError, KeyPermissionError, UnknownClusterError, os_error_problem
 
 DEFAULT_CONFIG_FILE = "credentials.json"
 DEFAULT_CREDENTIALS_DIR = ".credentials"
@@ -210,7 +210,7 @@ def _read_json(path: Path):
         # the file may hold passwords.
         raise ConfigError(str(path), f"not valid JSON (line {exc.lineno}, column {exc.colno}).") from exc
     except OSError as exc:
-        raise ConfigError(str(path), f"cannot be read ({exc.strerror}).") from exc
+        raise ConfigError(str(path), f"cannot be read: {os_error_problem(exc, path)}") from exc
 
 
 def _parse_cluster(name: str, entry, source: str) -> ClusterConfig:
@@ -267,7 +267,8 @@ def _check_key_file(source: str, cluster: str, key_file: str) -> None:
     except FileNotFoundError as exc:
         raise ConfigError(source, f"cluster {cluster!r}: the key_file {key_file} does not exist.") from exc
     except OSError as exc:
-        raise ConfigError(source, f"cluster {cluster!r}: the key_file {key_file} cannot be read ({exc.strerror}).") from exc
+        raise ConfigError(source, f"cluster {cluster!r}: the key_file {key_file} cannot be "
+                                  f"read: {os_error_problem(exc, path)}") from exc
     if mode & 0o077:
         raise KeyPermissionError(source, cluster, str(path), mode)
 

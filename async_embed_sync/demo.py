@@ -22,11 +22,16 @@ from pathlib import Path
 
 from .background import background_loop
 from .embedded_server import EmbeddedSFTPServer
+from .errors import NOTHING_CHANGED, LocalFileError, translating_local_errors
 from .netproxy import LinkProxy
 from .synthetic import generate_run
 
 DEMO_CLUSTERS = ("tensor01", "tensor02")
 DEFAULT_DEMO_DIR = "async_embed_sync_demo"
+# The demo's own file in its folder: which entries there a demo made. Every
+# entry demo_site writes in its folder must be listed in _DEMO_ENTRIES.
+DEMO_MARK = ".async_embed_sync_demo"
+_DEMO_ENTRIES = ("remote", "keys", "checkpoints", "credentials.json", "wikipedia_merged.pkl")
 DEFAULT_DEMO_ROWS = 20_010
 
 
@@ -51,17 +56,60 @@ class _ServerThreadChatter(logging.Filter):
 _SERVER_THREAD = "demo-servers"
 
 
+def _claim(root: Path) -> None:
+    """Make room for the demo in ``root``, removing only what a demo made there.
+
+    ``--dir`` may name a folder of the user's own: the demo's entries are
+    removed only when the mark of an earlier demo lists them, and the demo
+    refuses to start where one of them exists unmarked. The mark is written
+    before anything else, so that a demo stopped halfway is cleaned up too.
+    """
+    mark = root / DEMO_MARK
+    with translating_local_errors(root, "create the folder", NOTHING_CHANGED):
+        root.mkdir(parents=True, exist_ok=True)
+    for name in _marked_entries(mark):
+        with translating_local_errors(root / name, "remove"):
+            _remove(root / name)
+    for name in _DEMO_ENTRIES:
+        path = root / name
+        if path.exists() or path.is_symlink():
+            raise LocalFileError(
+                str(path), f"the demo writes there, and no earlier demo made it (it is not listed in "
+                           f"{mark}); it was left alone. Choose another --dir, or move it away.", "use")
+    with translating_local_errors(mark, "write"):
+        mark.write_text(json.dumps({"made_by": "python -m async_embed_sync demo",
+                                    "entries": list(_DEMO_ENTRIES)}, indent=2) + "\n")
+
+
+def _marked_entries(mark: Path) -> list[str]:
+    """The entries an earlier demo listed in ``mark``; plain names only, none if it is unreadable."""
+    try:
+        entries = json.loads(mark.read_text()).get("entries", [])
+    except (OSError, ValueError, AttributeError):
+        return []  # unmarked, as far as we can tell: nothing is removed
+    # A mark edited to name "..", "/" or "a/b" must not reach outside the demo's folder.
+    return [name for name in entries if isinstance(name, str) and name not in ("", ".", "..")
+            and "/" not in name and "\0" not in name]
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
+
+
 @contextlib.contextmanager
 def demo_site(root: str | os.PathLike = DEFAULT_DEMO_DIR, *, rows: int = DEFAULT_DEMO_ROWS,
               drop_after: int | None = None, fmt: str = "pkl", seed: int = 0) -> Iterator[DemoSite]:
     """Generate a run, serve it from two clusters, yield the config to use.
 
-    ``root`` is emptied first: each demo starts from nothing, so that the
-    sync really transfers and the result is reproducible.
+    What an earlier demo made in ``root`` is removed first, so that the
+    sync really transfers and the result is reproducible; nothing else in
+    ``root`` is touched (see :func:`_claim`).
     """
     root = Path(root).resolve()
-    if root.exists():
-        shutil.rmtree(root)
+    _claim(root)
     remote = root / "remote"
     # 10 questions at the end of the run, as in the original corpus.
     generate_run(remote, rows=rows, clusters=DEMO_CLUSTERS, gpus_per_cluster=4, fmt=fmt,

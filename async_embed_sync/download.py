@@ -22,7 +22,7 @@ from pathlib import Path
 
 import anyio
 
-from .errors import LocalFileError, RemoteFileChangedError, VerificationError
+from .errors import AFTER_SYNC, RemoteFileChangedError, VerificationError, translating_local_errors
 from .journal import DownloadLayout, FileState, fsync_directory
 from .progress import Progress
 from .remote import ClusterRemote, RemoteFile
@@ -74,12 +74,15 @@ async def download_file(remote: ClusterRemote, layout: DownloadLayout, remote_fi
     state, hasher = await anyio.to_thread.run_sync(_resume_point, layout, cluster, remote_file)
     resumed_from = state.verified_offset
     fd = _open_partial(partial_path)
+    # The partial's own writes; the journal and the folders translate theirs.
+    writing_partial = translating_local_errors(partial_path, "write", AFTER_SYNC)
     remote_hash = asyncio.ensure_future(remote.sha256(name))
     progress.file_started(cluster, name, remote_file.size, resumed_from)
     try:
         position = state.verified_offset
         after = remote_file
-        os.ftruncate(fd, position)
+        with writing_partial:
+            os.ftruncate(fd, position)
         try:
             async with contextlib.aclosing(remote.read_in_order(name, position, remote_file.size)) as chunks:
                 async for chunk in chunks:
@@ -158,21 +161,17 @@ def _resume_point(layout: DownloadLayout, cluster: str, remote_file: RemoteFile)
 def _open_partial(path: Path) -> int:
     # O_NOFOLLOW: a symlink planted at the partial path must not redirect
     # our writes outside the download directory.
-    try:
+    with translating_local_errors(path, "write", AFTER_SYNC):
         return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-    except OSError as exc:
-        raise LocalFileError(str(path), exc.strerror or str(exc)) from exc
 
 
 def _write_and_hash(path: Path, fd: int, data: bytes, offset: int, hasher) -> None:
     view = memoryview(data)
-    try:
+    with translating_local_errors(path, "write", AFTER_SYNC):
         while view:
             written = os.pwrite(fd, view, offset)
             view = view[written:]
             offset += written
-    except OSError as exc:
-        raise LocalFileError(str(path), exc.strerror or str(exc)) from exc
     hasher.update(data)
 
 
@@ -185,24 +184,23 @@ async def _checkpoint(layout: DownloadLayout, cluster: str, name: str, fd: int,
     # here must not leave memory believing in a checkpoint the disk lacks
     # (the closing checkpoint would then skip it as already made).
     with anyio.CancelScope(shield=True):
-        try:
-            await anyio.to_thread.run_sync(_fsync_and_save, layout, cluster, name, fd, advanced)
-        except OSError as exc:
-            raise LocalFileError(str(layout.state_path(cluster, name)), exc.strerror or str(exc)) from exc
+        await anyio.to_thread.run_sync(_fsync_and_save, layout, cluster, name, fd, advanced)
     state.verified_offset, state.prefix_sha256 = advanced.verified_offset, advanced.prefix_sha256
 
 
 def _fsync_and_save(layout: DownloadLayout, cluster: str, name: str, fd: int, state: FileState) -> None:
     # The order is the invariant: bytes durable first, then the state that
     # vouches for them.
-    os.fsync(fd)
+    with translating_local_errors(layout.partial_path(cluster, name), "write", AFTER_SYNC):
+        os.fsync(fd)
     layout.save_state(cluster, name, state)
 
 
 def _move_into_place(layout: DownloadLayout, cluster: str, name: str, fd: int,
                      state: FileState, digest: str, verified_by: str) -> None:
-    os.fsync(fd)
     final = layout.final_path(cluster, name)
-    os.replace(layout.partial_path(cluster, name), final)
-    fsync_directory(final.parent)
-    layout.record_complete(cluster, name, state, digest, verified_by)
+    with translating_local_errors(final, "write", AFTER_SYNC):
+        os.fsync(fd)
+        os.replace(layout.partial_path(cluster, name), final)
+        fsync_directory(final.parent)
+        layout.record_complete(cluster, name, state, digest, verified_by)

@@ -11,7 +11,9 @@ secret (no class here takes a password or key material as a field).
     │   ├── UnknownClusterError          --clusters names a cluster not configured
     │   └── KeyPermissionError           private key readable by group/others
     ├── DownloadDirLockedError           another run holds the download directory
-    ├── LocalFileError                   a local file cannot be written (disk full...)
+    ├── LocalFileError                   a local path cannot be used: in the way, denied,
+    │                                    read-only, disk full, name too long...
+    │                                    (built from the OSError by ``local_file_error``)
     ├── RemoteError                      one cluster; carries ``cluster``
     │   ├── ConnectError                 host unreachable, refused, timed out
     │   ├── AuthenticationError          server refused every credential
@@ -28,7 +30,7 @@ secret (no class here takes a password or key material as a field).
     ├── MergeValidationError             shards disagree: gap, overlap, dim, model
     │   ├── ClustersLeftOutError         a run would merge fewer clusters than configured
     │   └── RowsMissingError             the checkpoints stop short of the run's declared rows
-    └── OutputError                      the merged result cannot be written/read
+    └── OutputError                      the output path is refused, or a result is unreadable
 
 ``TransferError`` and ``RemoteFileChangedError`` are the retryable ones: the
 sync scheduler reconnects and resumes on them; everything else is final.
@@ -36,7 +38,11 @@ sync scheduler reconnects and resumes on them; everything else is final.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+import errno
+import os
+import stat
+from collections.abc import Iterable, Iterator
 
 from .known_hosts import host_pattern
 
@@ -92,14 +98,91 @@ class DownloadDirLockedError(AsyncEmbedSyncError):
 
 
 class LocalFileError(AsyncEmbedSyncError):
-    def __init__(self, path: str, problem: str):
+    """A local file or folder cannot be used; ``problem`` is the cause and what to do.
+
+    Built from the ``OSError`` by :func:`local_file_error` (or, at a seam,
+    :func:`translating_local_errors`), so that every local failure reads the
+    same way whichever module met it.
+    """
+
+    def __init__(self, path: str, problem: str, action: str = "write"):
         self.path = path
         self.problem = problem
-        super().__init__(
-            f"Cannot write {path}: {problem}. What was already verified is "
-            f"kept; free the space or fix the permissions and run the same "
-            f"command again to resume."
-        )
+        self.action = action
+        super().__init__(f"Cannot {action} {path}: {problem}")
+
+
+# What the user can still count on after a failure, per phase: said at the
+# end of the paragraph, after the fix.
+AFTER_SYNC = "What was already verified is kept: run the same command again to resume."
+AFTER_MERGE = "Nothing was left at the output path: run the merge again once this is fixed."
+NOTHING_CHANGED = "Nothing was changed."
+
+_FULL = "free some space (or raise the quota or size limit, see ulimit -f) or choose a path on another file system"
+_FIXES = {
+    errno.EACCES: "this user lacks the permission; fix it (see ls -ld) or choose another path",
+    errno.EPERM: "fix the permissions or choose another path",
+    errno.EROFS: "the file system is mounted read-only; choose a path on a writable one",
+    errno.ENOSPC: _FULL,
+    errno.EDQUOT: _FULL,
+    errno.EFBIG: _FULL,
+    errno.ENAMETOOLONG: "a name in it is longer than the file system allows; choose a shorter path",
+    errno.ELOOP: "a symbolic link is in the way, and links are not followed so that nothing is written "
+                 "outside where it belongs; remove it",
+    errno.EISDIR: "a folder is in the way where a file belongs; move it away or choose another path",
+}
+
+
+def _file_in_the_way(path: str) -> str | None:
+    """The nearest of ``path`` and its parents that exists and is not a folder."""
+    current = os.path.abspath(path)
+    while True:
+        try:
+            mode = os.lstat(current).st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            mode = None
+        except OSError:
+            return None
+        if mode is not None:
+            return None if stat.S_ISDIR(mode) else current
+        parent = os.path.dirname(current)
+        if parent == current:
+            return None
+        current = parent
+
+
+def os_error_problem(exc: OSError, path: str | os.PathLike) -> str:
+    """What went wrong at ``path``, in plain words, and the fix: "Read-only file system; choose ..."."""
+    reason = exc.strerror or str(exc)
+    fix = _FIXES.get(exc.errno or 0, "")
+    if exc.errno in (errno.EEXIST, errno.ENOTDIR):
+        # mkdir says "File exists" and open "Not a directory" when a plain
+        # file sits where a folder must be: name that file, it is the fix.
+        blocker = _file_in_the_way(os.fspath(path))
+        if blocker is not None:
+            which = "it" if blocker == os.path.abspath(path) else blocker
+            reason, fix = f"{which} is a file where a folder is needed", "move it away or choose another path"
+    return f"{reason}; {fix}." if fix else f"{reason}."
+
+
+def local_file_error(exc: OSError, path: str | os.PathLike, action: str = "write",
+                     after: str = "") -> LocalFileError:
+    """The one translation of a local ``OSError``: the path, the cause in plain words, the fix.
+
+    ``action`` is what was being done to ``path`` ("write", "create the
+    folder"...); ``after`` says what still holds (see ``AFTER_SYNC``).
+    """
+    return LocalFileError(os.fspath(path), f"{os_error_problem(exc, path)} {after}".strip(), action)
+
+
+@contextlib.contextmanager
+def translating_local_errors(path: str | os.PathLike, action: str = "write",
+                             after: str = "") -> Iterator[None]:
+    """At a local-I/O seam: an ``OSError`` inside becomes :func:`local_file_error`'s ``LocalFileError``."""
+    try:
+        yield
+    except OSError as exc:
+        raise local_file_error(exc, path, action, after) from exc
 
 
 # --------------------------------------------------------------------- remote

@@ -16,11 +16,15 @@ treated as absent: the partial it describes is then not trusted.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from .errors import AFTER_SYNC, translating_local_errors
 
 STATE_DIR_NAME = ".async_embed_sync"
 _FORMAT_VERSION = 1
@@ -68,9 +72,29 @@ class DownloadLayout:
     def state_path(self, cluster: str, name: str) -> Path:
         return self.state_root / cluster / f"{name}.json"
 
+    def cluster_folders(self, cluster: str) -> tuple[Path, Path]:
+        """Where ``cluster``'s complete files and its partials and state live."""
+        return self.root / cluster, self.state_root / cluster
+
     def prepare(self, cluster: str) -> None:
-        (self.root / cluster).mkdir(parents=True, exist_ok=True)
-        (self.state_root / cluster).mkdir(parents=True, exist_ok=True)
+        for folder in self.cluster_folders(cluster):
+            with translating_local_errors(folder, "create the folder", AFTER_SYNC):
+                folder.mkdir(parents=True, exist_ok=True)
+
+    def check_readable(self, cluster: str, after: str) -> None:
+        """Raise ``LocalFileError`` if a file sits where ``cluster``'s folders belong.
+
+        Absent folders are fine (nothing downloaded yet); a file in their
+        place would otherwise read as "nothing downloaded" too.
+        """
+        for folder in self.cluster_folders(cluster):
+            with translating_local_errors(folder, "read the folder", after):
+                try:
+                    mode = os.stat(folder).st_mode
+                except FileNotFoundError:
+                    continue
+                if not stat.S_ISDIR(mode):
+                    raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(folder))
 
     def load_state(self, cluster: str, name: str) -> FileState | None:
         path = self.state_path(cluster, name)
@@ -88,8 +112,9 @@ class DownloadLayout:
 
     def save_state(self, cluster: str, name: str, state: FileState) -> None:
         document = {"version": _FORMAT_VERSION, **asdict(state)}
-        write_atomically(self.state_path(cluster, name),
-                         json.dumps(document, sort_keys=True).encode("utf-8"))
+        path = self.state_path(cluster, name)
+        with translating_local_errors(path, "write", AFTER_SYNC):
+            write_atomically(path, json.dumps(document, sort_keys=True).encode("utf-8"))
 
     def record_complete(self, cluster: str, name: str, state: FileState, sha256: str, verified_by: str) -> None:
         """Record that the file now in place at ``final_path(cluster, name)`` is complete and hashes to ``sha256``."""
@@ -126,7 +151,8 @@ class DownloadLayout:
     def save_listing(self, cluster: str, names: Iterable[str]) -> None:
         """Record the names a complete listing of ``cluster`` found: what it holds now."""
         document = {"version": _FORMAT_VERSION, "names": sorted(names)}
-        write_atomically(self.listing_path(cluster), json.dumps(document).encode("utf-8"))
+        with translating_local_errors(self.listing_path(cluster), "write", AFTER_SYNC):
+            write_atomically(self.listing_path(cluster), json.dumps(document).encode("utf-8"))
 
     def load_listing(self, cluster: str) -> frozenset[str] | None:
         """The names ``cluster`` held at its last complete listing; None if never recorded (or unreadable)."""
@@ -153,10 +179,8 @@ class DownloadLayout:
     def forget(self, cluster: str, name: str) -> None:
         """Drop the partial and its state: the next attempt starts at 0."""
         for path in (self.partial_path(cluster, name), self.state_path(cluster, name)):
-            try:
-                path.unlink()
-            except FileNotFoundError:
-                pass
+            with translating_local_errors(path, "remove", AFTER_SYNC):
+                path.unlink(missing_ok=True)
 
 
 def file_identity(path: Path) -> list[int]:

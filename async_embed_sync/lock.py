@@ -17,7 +17,7 @@ import socket
 import time
 from pathlib import Path
 
-from .errors import DownloadDirLockedError
+from .errors import AFTER_SYNC, DownloadDirLockedError, translating_local_errors
 from .journal import STATE_DIR_NAME, write_atomically
 
 # A record from another host older than this is taken as left by a crash.
@@ -31,8 +31,10 @@ class DownloadDirLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        with translating_local_errors(self.path.parent, "create the folder", AFTER_SYNC):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        with translating_local_errors(self.path, "write", AFTER_SYNC):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as exc:
@@ -43,7 +45,12 @@ class DownloadDirLock:
             os.close(fd)
             raise DownloadDirLockedError(str(self.directory), _describe(owner))
         self._fd = fd
-        write_atomically(self.path.with_name("owner"), json.dumps(_me()).encode())
+        try:
+            with translating_local_errors(self.path.with_name("owner"), "write", AFTER_SYNC):
+                write_atomically(self.path.with_name("owner"), json.dumps(_me()).encode())
+        except BaseException:
+            self.release()
+            raise
 
     def release(self) -> None:
         if self._fd is None:

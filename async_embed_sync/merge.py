@@ -62,7 +62,7 @@ from .checkpoints import (
     file_sha256,
     find_checkpoints,
 )
-from .errors import CheckpointError, MergeValidationError, OutputError, RowsMissingError
+from .errors import AFTER_MERGE, CheckpointError, MergeValidationError, RowsMissingError, translating_local_errors
 from .journal import DownloadLayout
 from .metrics import QualityMetrics
 from .output import (
@@ -173,11 +173,10 @@ def _write_article_rows(
         )
 
 
-def _cannot_write(output: Path, exc: OSError) -> OutputError:
-    # The disk filled up (ENOSPC), a size limit was hit (EFBIG), the folder is
-    # read-only...: the staging area goes with the exception.
-    return OutputError(str(output), f"cannot be written ({exc.strerror or exc}); nothing was "
-                                    f"left at this path. Free the space and run the merge again.")
+def _writing(output: Path):
+    """The merge's writes, named by the output path (the staging area beside it is
+    hidden, and goes with the exception)."""
+    return translating_local_errors(output, "write", AFTER_MERGE)
 
 
 @dataclass(frozen=True)
@@ -221,11 +220,12 @@ class _Spill:
         self.rows_offset = rows_offset(self.output)
         self._hasher = ThreadPoolExecutor(max_workers=1)
         try:
-            self.embeddings = ScratchFile(staging.path / "embeddings.scratch", self.rows_offset or 0)
-            self.articles = ScratchFile(staging.path / "articles.scratch")
-        except OSError as exc:
+            with _writing(self.output):
+                self.embeddings = ScratchFile(staging.path / "embeddings.scratch", self.rows_offset or 0)
+                self.articles = ScratchFile(staging.path / "articles.scratch")
+        except BaseException:
             self._hasher.shutdown()
-            raise _cannot_write(self.output, exc) from exc
+            raise
 
     def read(self, path: Path) -> _SpilledCheckpoint:
         sha256 = _sha256_of(path, self.recorded_sha256) or self._hasher.submit(file_sha256, path).result
@@ -233,12 +233,10 @@ class _Spill:
         info = checkpoint.info
         metrics = QualityMetrics(row_bytes=info.dim * self.dtype.itemsize)
         embeddings_offset, articles_offset = self.embeddings.size, self.articles.size
-        try:
+        with _writing(self.output):
             for block in checkpoint.blocks(_block_rows(info.dim, self.dtype, info.dtype)):
                 _write_article_rows(block, self.dtype, self._append_rows, metrics, self.strict, path)
                 self.articles.append(self.encode_articles(block))
-        except OSError as exc:
-            raise _cannot_write(self.output, exc) from exc
         return _SpilledCheckpoint(
             info, metrics, sha256, embeddings_offset, articles_offset, self.articles.size - articles_offset
         )
@@ -554,11 +552,11 @@ def merge_checkpoints(
     must cover the whole run (see :func:`validate_plan`: ``expect_rows``,
     ``partial``).
 
-    ``output`` ending in ``.pkl`` gets the legacy pickle, anything else the
+    ``output`` ending in ``.pkl`` or ``.pickle`` (any case) gets the legacy pickle, anything else the
     bundle directory, whose articles are ``articles_format`` (default:
     jsonl, on every install). Raises
     :class:`MergeValidationError`, :class:`CheckpointError` or
-    :class:`OutputError`; on any failure, Ctrl-C included, nothing is left
+    :class:`OutputError` or :class:`LocalFileError`; on any failure, Ctrl-C included, nothing is left
     at ``output`` and the staging area is removed.
     """
     started = time.perf_counter()
@@ -568,16 +566,17 @@ def merge_checkpoints(
     check_output_path(output)
     articles_format = bundle_articles_format(output, articles_format)
     with ExitStack() as cleanup:
+        # Legacy checkpoints leave what the output needs in the staging area
+        # as they are read; the output itself is created only once they are
+        # all read and validated. Made first: an output folder that cannot
+        # be written then fails before any worker process is forked.
+        staging = cleanup.enter_context(StagingArea(output))
         # A bundle's articles are parsed in a worker process (forked now,
         # while this one is small), and written there if they are parquet;
         # lines copied verbatim into articles.jsonl are parsed by no one
         # else, so the worker checks every line of every checkpoint.
         worker = None if is_pickle_output(output) else cleanup.enter_context(ArticleWorker())
         line_check = worker if copies_checkpoint_lines(output, articles_format) else None
-        # Legacy checkpoints leave what the output needs in the staging area
-        # as they are read; the output itself is created only once they are
-        # all read and validated.
-        staging = cleanup.enter_context(StagingArea(output))
         # A checkpoint that the sync downloaded and verified, untouched since,
         # has its sha256 (for chunk_info) in the sync's journal.
         recorded_sha256 = DownloadLayout(download_dir).verified_sha256
@@ -590,7 +589,7 @@ def merge_checkpoints(
         missing_ranges = validate_plan(infos, expect_articles, expect_rows=expect_rows, partial=partial)
         total_articles = sum(info.article_rows for info in infos)
         timestamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        try:
+        with _writing(output):
             writer = open_output(
                 staging, (total_articles, infos[0].dim), np.dtype(dtype), articles_format,
                 _rows_in_place(parts, spill), worker,
@@ -616,8 +615,6 @@ def merge_checkpoints(
             # Before the publish: a bundle's staging directory becomes the output.
             spill.remove()
             publish(staging)
-        except OSError as exc:
-            raise _cannot_write(output, exc) from exc
     return MergeReport(
         output=output,
         checkpoints=len(infos),

@@ -4,7 +4,8 @@ The merge writes into a :class:`StagingArea` (a hidden directory beside the
 output, named after this host and process) through one of two writers, one
 per form of ``/work/shared/checkpoint-format.md``:
 
-- :class:`LegacyPickleWriter` for a path ending in ``.pkl``: the legacy dict
+- :class:`LegacyPickleWriter` for a path ending in ``.pkl`` or ``.pickle``
+  (any case, see :func:`is_pickle_output`): the legacy dict
   as one pickle stream, assembled opcode by opcode so that the embeddings'
   bytes have a known place in the file, filled as the rows arrive, while the
   article rows are appended after them; no staged copy of anything;
@@ -30,9 +31,9 @@ import json
 import os
 import pickle
 import shutil
+import secrets
 import socket
 import struct
-import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
@@ -50,9 +51,10 @@ from .checkpoints import (
     python_values,
     restricted_load_mapped,
 )
-from .errors import CheckpointError, OutputError
+from .errors import AFTER_MERGE, CheckpointError, OutputError, local_file_error, translating_local_errors
 
-PICKLE_SUFFIX = ".pkl"
+# Compared without case: "X.PKL" and "x.pickle" are pickles too, not bundle folders.
+PICKLE_SUFFIXES = (".pkl", ".pickle")
 EMBEDDINGS_FILE = "embeddings.npy"
 ARTICLES_JSONL = "articles.jsonl"
 ARTICLES_PARQUET = "articles.parquet"
@@ -80,7 +82,7 @@ _COPY_BUFFER_BYTES = 16 << 20
 
 def is_pickle_output(path: Path) -> bool:
     """True when ``path`` names the legacy pickle form, else it names a bundle directory."""
-    return Path(path).suffix == PICKLE_SUFFIX
+    return Path(path).suffix.lower() in PICKLE_SUFFIXES
 
 
 def parquet_available() -> bool:
@@ -146,14 +148,32 @@ def remove_stale_staging(output: Path) -> list[Path]:
 
 def check_output_path(output: Path) -> None:
     """Refuse, before any work, an output path that the merge could not or must not replace."""
-    if is_pickle_output(output):
-        if output.is_dir():
-            raise OutputError(str(output), "is a directory; a .pkl output must be a file.")
-    elif output.exists() or output.is_symlink():
-        if not output.is_dir():
-            raise OutputError(str(output), "exists and is not a directory; refusing to replace it.")
-        if any(output.iterdir()) and not (output / MANIFEST_FILE).is_file():
-            raise OutputError(str(output), "is a directory that is not a merged bundle; refusing to replace it.")
+    with translating_local_errors(output, "write", AFTER_MERGE):
+        if is_pickle_output(output):
+            if output.is_dir():
+                raise OutputError(str(output), "is a directory; a .pkl or .pickle output must be a file.")
+        elif output.exists() or output.is_symlink():
+            if not output.is_dir():
+                raise OutputError(str(output), "exists and is not a directory; refusing to replace it.")
+            if any(output.iterdir()) and not (output / MANIFEST_FILE).is_file():
+                raise OutputError(str(output), "is a directory that is not a merged bundle; refusing to replace it.")
+
+
+def _make_staging_directory(output: Path) -> Path:
+    """A new hidden directory beside ``output``, named as :func:`remove_stale_staging` expects.
+
+    Not ``tempfile.mkdtemp``: its 0700 would become the published bundle's
+    mode, whatever the umask; ``mkdir(0o777)`` lets the umask decide, as
+    for any directory the user makes (a group-readable bundle on a shared
+    file system under umask 002).
+    """
+    while True:
+        path = output.parent / f".{output.name}.{_owner_tag()}.{secrets.token_hex(4)}{_STAGING_SUFFIX}"
+        try:
+            path.mkdir(0o777)
+            return path
+        except FileExistsError:
+            continue
 
 
 class StagingArea:
@@ -165,16 +185,10 @@ class StagingArea:
 
     def __enter__(self) -> StagingArea:
         check_output_path(self.output)
-        try:
+        with translating_local_errors(self.output, "write", AFTER_MERGE):
             self.output.parent.mkdir(parents=True, exist_ok=True)
             remove_stale_staging(self.output)
-            self.path = Path(
-                tempfile.mkdtemp(
-                    prefix=f".{self.output.name}.{_owner_tag()}.", suffix=_STAGING_SUFFIX, dir=self.output.parent
-                )
-            )
-        except OSError as exc:
-            raise OutputError(str(self.output), f"cannot create a staging directory ({exc}).") from exc
+            self.path = _make_staging_directory(self.output)
         return self
 
     def __exit__(
@@ -215,7 +229,9 @@ class _PreallocatedFile:
 
     def __init__(self, path: Path, size: int, keep_contents: bool = False):
         self.path = path
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | (0 if keep_contents else os.O_TRUNC), 0o644)
+        # 0o666: the umask decides, as for any file the user makes (group
+        # members on a shared file system read it under umask 002).
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | (0 if keep_contents else os.O_TRUNC), 0o666)
         try:
             os.ftruncate(self.fd, size)
         except BaseException:
@@ -243,8 +259,8 @@ class ScratchFile:
 
     def __init__(self, path: Path, start: int = 0):
         self.path = path
-        # The mode of an output file: this one may become the output.
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        # The mode of an output file (see _PreallocatedFile): this one may become the output.
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
         self.size = start
 
     def append(self, data: Any) -> int:
@@ -511,20 +527,18 @@ class ParquetRowWriter:
                 f"them ({exc}); --articles-format jsonl keeps rows of any shape.",
             ) from exc
         except OSError as exc:
-            raise OutputError(str(self.path), f"cannot be written ({exc.strerror or exc}).") from exc
+            raise local_file_error(exc, self.path, "write", AFTER_MERGE) from exc
 
     def close(self) -> None:
         if self._pending:
             self._write(self._pending)
             self._pending = []
-        try:
+        with translating_local_errors(self.path, "write", AFTER_MERGE):
             if self._writer is None:
                 # No article at all: still a readable, empty file.
                 self._pq.write_table(self._pa.table({}), self.path)
             else:
                 self._writer.close()
-        except OSError as exc:
-            raise OutputError(str(self.path), f"cannot be written ({exc.strerror or exc}).") from exc
 
 
 class _NumpyScalarFound(Exception):
@@ -800,14 +814,12 @@ def _replace_directory(source: Path, target: Path) -> None:
 def publish(staging: StagingArea) -> None:
     """Rename the finished result in ``staging`` into place, atomically."""
     output = staging.output
-    try:
-        check_output_path(output)  # the path may have changed while the merge ran
+    check_output_path(output)  # the path may have changed while the merge ran
+    with translating_local_errors(output, "write", AFTER_MERGE):
         if is_pickle_output(output):
             os.replace(staging.path / output.name, output)
         else:
             _replace_directory(staging.path, output)
-    except OSError as exc:
-        raise OutputError(str(output), f"cannot be written ({exc}).") from exc
 
 
 # ------------------------------------------------------------------------- load

@@ -8,7 +8,7 @@ import anyio
 
 from .config import ClusterConfig
 from .download import is_up_to_date
-from .errors import AsyncEmbedSyncError
+from .errors import NOTHING_CHANGED, AsyncEmbedSyncError
 from .journal import DownloadLayout
 from .progress import format_bytes
 from .prompts import Prompter
@@ -63,6 +63,9 @@ async def _collect(clusters: list[ClusterConfig], download_dir: str, timeout: fl
 async def _cluster_status(cluster: ClusterConfig, layout: DownloadLayout, timeout: float,
                           prompter: Prompter | None, status: ClusterStatus) -> None:
     try:
+        # Before connecting: a file where the cluster's folder belongs would
+        # otherwise read as "nothing downloaded".
+        layout.check_readable(cluster.name, NOTHING_CHANGED)
         async with await ClusterRemote.connect(cluster, timeout=timeout, prompter=prompter) as remote:
             listing = await remote.list_checkpoints()
     except AsyncEmbedSyncError as exc:

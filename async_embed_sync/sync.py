@@ -265,6 +265,9 @@ def _verified_offset(layout: DownloadLayout, cluster: str, name: str) -> int:
 
 
 def _fail(report: ClusterReport, progress: Progress, exc: AsyncEmbedSyncError) -> None:
+    # Said once: a blocked cluster folder fails each of its files alike.
+    if str(exc) in report.errors:
+        return
     report.errors.append(str(exc))
     progress.error(str(exc))
 

@@ -77,6 +77,17 @@ def test_merge_paths_including_legacy_flags(tmp_path, argv_head):
     assert load(output)["embeddings"].shape == (590, 16)
 
 
+@pytest.mark.parametrize("name", ["x.pickle", "X.PKL", "y.Pickle"])
+def test_pickle_suffixes_in_any_case_write_the_legacy_pickle(tmp_path, name):
+    download_dir = _local_run(tmp_path)
+    output = tmp_path / name
+    assert main(["merge", "--download-dir", str(download_dir), "--output", str(output), "--quiet"]) == 0
+    assert output.is_file()
+    with open(output, "rb") as f:
+        assert pickle.load(f)["embeddings"].shape == (590, 16)
+    assert load(output)["total_articles"] == 590
+
+
 def test_bundle_output_and_float16(tmp_path):
     download_dir = _local_run(tmp_path, fmt="mixed")
     output = tmp_path / "bundle"

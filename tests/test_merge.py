@@ -553,19 +553,19 @@ def test_strict_fails_on_a_legacy_checkpoint_before_the_output_is_created(
 
 _MERGE_WITH_A_FILE_SIZE_LIMIT = """
 import resource, signal, sys
-from async_embed_sync.errors import OutputError
+from async_embed_sync.errors import LocalFileError
 from async_embed_sync.merge import merge_checkpoints
 
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG, as a full disk gives ENOSPC
 resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
 try:
     merge_checkpoints(sys.argv[1], sys.argv[2])
-except OutputError as exc:
+except LocalFileError as exc:
     sys.exit(str(exc))
 """
 
 
-def test_a_full_disk_while_legacy_checkpoints_are_read_is_an_output_error(tmp_path: Path) -> None:
+def test_a_full_disk_while_legacy_checkpoints_are_read_is_a_local_file_error(tmp_path: Path) -> None:
     generate_run(tmp_path / "downloads", rows=2000, dim=256, fmt="pkl")  # 2 MB of rows: over the limit
     output = tmp_path / "out" / "merged.pkl"
 
@@ -575,7 +575,7 @@ def test_a_full_disk_while_legacy_checkpoints_are_read_is_an_output_error(tmp_pa
     )
 
     assert finished.returncode == 1
-    assert f"Output {output}: cannot be written (File too large)" in finished.stderr, finished.stderr
+    assert f"Cannot write {output}: File too large; free some space" in finished.stderr, finished.stderr
     assert entries(tmp_path / "out") == []
 
 
