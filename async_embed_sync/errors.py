@@ -48,13 +48,24 @@ from .known_hosts import host_pattern
 
 
 class AsyncEmbedSyncError(Exception):
-    """Base class: ``str(exc)`` is a complete message for the user."""
+    """Base class: ``str(exc)`` is a complete message for the user.
+
+    ``cause`` is the same in a few plain words, and ``rerun_fixes`` whether
+    running the same command again can get past it (a drop, a stall, a
+    server that went away) or something must change first; the closing
+    line of a failed sync says both.
+    """
+
+    cause = "an error"
+    rerun_fixes = False
 
 
 # --------------------------------------------------------------------- config
 
 
 class ConfigError(AsyncEmbedSyncError):
+    cause = "the configuration is wrong"
+
     def __init__(self, source: str, problem: str):
         self.source = source
         self.problem = problem
@@ -104,6 +115,8 @@ class LocalFileError(AsyncEmbedSyncError):
     :func:`translating_local_errors`), so that every local failure reads the
     same way whichever module met it.
     """
+
+    cause = "a local file or folder cannot be used"
 
     def __init__(self, path: str, problem: str, action: str = "write"):
         self.path = path
@@ -200,9 +213,14 @@ class RemoteError(AsyncEmbedSyncError):
 
 
 class ConnectError(RemoteError):
-    def __init__(self, cluster: str, host: str, port: int, reason: str):
+    """``transient``: refused, unreachable, timed out, which may pass; a host name
+    that does not resolve will not."""
+
+    def __init__(self, cluster: str, host: str, port: int, reason: str, *, transient: bool = True):
         self.host = host
         self.port = port
+        self.rerun_fixes = transient
+        self.cause = f"{host}:{port} cannot be reached" if transient else f"the host name {host} is not found"
         super().__init__(
             cluster,
             f"cannot connect to {host}:{port} ({reason}). Check the host name "
@@ -213,6 +231,8 @@ class ConnectError(RemoteError):
 
 class AuthenticationError(RemoteError):
     """The server refused the login: says as whom, what was tried, what the server accepts."""
+
+    cause = "the server refused the login"
 
     def __init__(self, cluster: str, username: str, host: str, port: int, *,
                  tried: Iterable[str] = (), accepted: Iterable[str] = (), unanswered: str | None = None):
@@ -238,6 +258,7 @@ class HostKeyError(RemoteError):
         self.port = port
         self.known_hosts = known_hosts
         self.changed = changed
+        self.cause = "its host key changed" if changed else "its host key is not trusted yet"
         target = host_pattern(host, port)
         if changed:
             detail = (
@@ -261,6 +282,8 @@ class HostKeyError(RemoteError):
 
 
 class RemoteDirectoryError(RemoteError):
+    cause = "remote_dir cannot be listed"
+
     def __init__(self, cluster: str, remote_dir: str, reason: str):
         self.remote_dir = remote_dir
         super().__init__(
@@ -271,6 +294,8 @@ class RemoteDirectoryError(RemoteError):
 
 
 class NoCheckpointsError(RemoteError):
+    cause = "no file in remote_dir matches its pattern"
+
     def __init__(self, cluster: str, remote_dir: str, patterns: Iterable[str]):
         self.remote_dir = remote_dir
         self.patterns = list(patterns)
@@ -282,6 +307,8 @@ class NoCheckpointsError(RemoteError):
 
 
 class UnsafeRemoteNameError(RemoteError):
+    cause = "the server listed names that are not plain file names"
+
     def __init__(self, cluster: str, name: str, why: str):
         self.name = name
         super().__init__(
@@ -293,6 +320,8 @@ class UnsafeRemoteNameError(RemoteError):
 
 class TransferError(RemoteError):
     retryable = True
+    rerun_fixes = True
+    cause = "the link dropped or the server failed a read"
 
     def __init__(self, cluster: str, name: str, reason: str):
         self.name = name
@@ -302,6 +331,8 @@ class TransferError(RemoteError):
 
 class RemoteFileChangedError(RemoteError):
     retryable = True
+    rerun_fixes = True
+    cause = "a file kept changing on the server (still being written?)"
 
     def __init__(self, cluster: str, name: str, what: str):
         self.name = name
@@ -313,6 +344,9 @@ class RemoteFileChangedError(RemoteError):
 
 
 class VerificationError(AsyncEmbedSyncError):
+    rerun_fixes = True
+    cause = "a download did not match the server's sha256"
+
     def __init__(self, cluster: str, name: str, detail: str):
         self.cluster = cluster
         self.name = name
@@ -323,16 +357,22 @@ class VerificationError(AsyncEmbedSyncError):
 
 
 class SyncFailedError(AsyncEmbedSyncError):
-    """Raised after the per-cluster errors were shown: it sums up, it does
-    not repeat them."""
+    """Raised after the per-cluster errors were shown: it sums them up, it does
+    not repeat them. ``failures``: per cluster, its first error and what it lacks."""
 
-    def __init__(self, missing: dict[str, str]):
-        self.missing = missing
-        parts = "; ".join(f"{cluster}: {what}" for cluster, what in sorted(missing.items()))
-        super().__init__(
-            f"The sync did not finish ({parts}; the errors are above). What was "
-            f"verified is kept: running the same command again resumes where it stopped."
-        )
+    def __init__(self, failures: dict[str, tuple[AsyncEmbedSyncError, str]]):
+        self.failures = failures
+        self.rerun_fixes = all(error.rerun_fixes for error, _ in failures.values())
+        parts = []
+        for cluster, (error, lacking) in sorted(failures.items()):
+            advice = "a rerun resumes" if error.rerun_fixes else "fix this first: a rerun alone will not"
+            parts.append(f"{cluster}: {error.cause}{f', {lacking}' if lacking else ''} ({advice})")
+        if self.rerun_fixes:
+            closing = "What was verified is kept: running the same command again resumes where it stopped."
+        else:
+            closing = ("What was verified is kept; once the errors above are fixed as they say, the same "
+                       "command resumes where it stopped.")
+        super().__init__(f"The sync did not finish. {'; '.join(parts)}. {closing}")
 
 
 # ---------------------------------------------------------------------- merge

@@ -864,7 +864,7 @@ def _translate_errors(target: SSHTarget, *, connecting: bool = False,
         if not connecting:
             raise TransferError(cluster.name, name or cluster.remote_dir, "name lookup failed") from exc
         raise ConnectError(cluster.name, target.hostname, target.port,
-                           f"host name not found: {exc.strerror}") from exc
+                           f"host name not found: {exc.strerror}", transient=False) from exc
     except OSError as exc:
         if connecting:
             raise ConnectError(cluster.name, target.hostname, target.port,

@@ -73,20 +73,22 @@ class ClusterReport:
     seconds: float = 0.0
     method: str = ""  # "sftp", or "exec" where the server has no SFTP
     verified_by: set[str] = field(default_factory=set)
-    errors: list[str] = field(default_factory=list)
+    failures: list[AsyncEmbedSyncError] = field(default_factory=list)
     # Files here that the cluster no longer holds: kept, but never merged.
     local_only: list[str] = field(default_factory=list)
 
     @property
-    def ok(self) -> bool:
-        return not self.errors
+    def errors(self) -> list[str]:
+        return [str(failure) for failure in self.failures]
 
-    def missing(self) -> str:
-        """What a failed cluster lacks, in a few words."""
-        if not self.files:
-            return "not listed"
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def lacking(self) -> str:
+        """What a failed cluster lacks, in a few words ("" before its listing)."""
         absent = self.files - self.downloaded - self.skipped
-        return f"{absent} of {self.files} files missing" if absent else "names refused"
+        return f"{absent} of {self.files} files missing" if self.files and absent else ""
 
     def record(self, outcome: FileOutcome) -> None:
         if outcome.status == "skipped":
@@ -111,9 +113,9 @@ class SyncReport:
         return sum(c.transferred for c in self.clusters.values())
 
     def raise_for_failures(self) -> None:
-        missing = {name: c.missing() for name, c in self.clusters.items() if c.errors}
-        if missing:
-            raise SyncFailedError(missing)
+        failures = {name: (c.failures[0], c.lacking()) for name, c in self.clusters.items() if c.failures}
+        if failures:
+            raise SyncFailedError(failures)
 
     def summary(self) -> str:
         header = f"{'cluster':<12} {'files':>5} {'size':>10} {'fetched':>10} {'time':>7} {'rate':>11} " \
@@ -268,7 +270,7 @@ def _fail(report: ClusterReport, progress: Progress, exc: AsyncEmbedSyncError) -
     # Said once: a blocked cluster folder fails each of its files alike.
     if str(exc) in report.errors:
         return
-    report.errors.append(str(exc))
+    report.failures.append(exc)
     progress.error(str(exc))
 
 

@@ -144,7 +144,8 @@ def test_failed_sync_does_not_merge(openssh, tmp_path, write_config, capsys):
     assert main(["run", "--config", str(config), "--download-dir", str(tmp_path / "dl"),
                  "--output", str(output), "--quiet"]) == 1
     err = capsys.readouterr().err
-    assert "did not finish (tensor02: not listed;" in err and "again resumes" in err
+    assert "did not finish. tensor02: remote_dir cannot be listed (fix this first" in err
+    assert "once the errors above are fixed as they say, the same command resumes" in err
     assert not output.exists()
     # With the missing cluster fixed, the same command finishes (resuming tensor01).
     (remote / "tensor02").rename(remote / "missing")

@@ -79,7 +79,8 @@ async def test_a_blocked_cluster_folder_fails_that_cluster_only(tmp_path, embedd
     assert_mirrored(remote / "tensor02", download_dir / "tensor02")
     summary = {line.split()[0]: line for line in stderr.splitlines() if line.startswith(CLUSTERS)}
     assert summary["tensor01"].endswith("FAILED") and not summary["tensor02"].endswith("FAILED"), stderr
-    assert "did not finish (tensor01: 2 of 2 files missing;" in stderr
+    assert ("did not finish. tensor01: a local file or folder cannot be used, 2 of 2 files missing "
+            "(fix this first: a rerun alone will not)") in stderr
     assert folder.read_text() == "a file where tensor01's folder belongs"
 
 

@@ -161,7 +161,8 @@ def test_unreachable_host_fails_alone(openssh, tmp_path, write_config, capsys):
     err = _run_failing(capsys, config, tmp_path / "dl")
     assert f"cannot connect to 127.0.0.1:{closed_port}" in err
     summary = err[err.index("The sync did not finish"):]
-    assert "tensor01: not listed" in summary and "tensor02" not in summary
+    assert f"tensor01: 127.0.0.1:{closed_port} cannot be reached (a rerun resumes)" in summary
+    assert "tensor02" not in summary and "not listed" not in summary
     # Each error is shown once, not again in the closing summary.
     assert err.count(f"cannot connect to 127.0.0.1:{closed_port}") == 1
     # The failing cluster did not stop the other one.
@@ -188,3 +189,18 @@ def test_a_passphrase_protected_key_from_ssh_keygen_logs_in(openssh, tmp_path, w
 
     assert main(["sync", "--config", str(config), "--download-dir", str(tmp_path / "dl"), "--quiet"]) == 0
     _assert_mirrored(dirs["tensor01"], tmp_path / "dl" / "tensor01")
+
+
+def test_the_closing_line_tells_what_a_rerun_fixes_from_what_it_cannot(openssh, tmp_path, write_config, capsys):
+    dirs = _remote_tree(tmp_path)
+    config = write_config(tmp_path, {
+        "tensor01": openssh.cluster_entry(str(tmp_path / "no-such-dir")),
+        "tensor02": openssh.cluster_entry(str(dirs["tensor02"]), known_hosts=str(tmp_path / "empty_known_hosts")),
+    })
+    (tmp_path / "empty_known_hosts").write_text("")
+    err = _run_failing(capsys, config, tmp_path / "dl")
+    closing = err.strip().splitlines()[-1]
+    assert closing.startswith("error: The sync did not finish.")
+    assert "tensor01: remote_dir cannot be listed (fix this first: a rerun alone will not)" in closing
+    assert "tensor02: its host key is not trusted yet (fix this first: a rerun alone will not)" in closing
+    assert "once the errors above are fixed as they say" in closing and "not listed" not in closing
