@@ -1,25 +1,25 @@
 """Command line: ``main(argv) -> int``, and the one place errors become exits.
 
 Exit codes: 0 done, 1 failed (one clear paragraph on stderr, no traceback),
-2 usage error (argparse's convention), 130 interrupted (Ctrl-C).
+2 usage error (argparse's convention), 130 interrupted (Ctrl-C), 143
+terminated (SIGTERM; 128 + 15, the shell's convention).
 """
 
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
-import threading
 from collections.abc import Sequence
 
 from . import __version__
 from .config import load_config
-from .errors import AsyncEmbedSyncError
+from .errors import AsyncEmbedSyncError, Terminated
 from .progress import Progress, choose_progress
 from .prompts import TerminalPrompter
 from .sync import DEFAULT_DOWNLOAD_DIR, SyncOptions, sync
+from .termination import stop_on_sigterm
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
 DEFAULT_OUTPUT = "embeddings/wikipedia_merged.pkl"
 
 _EXAMPLES = """\
@@ -32,7 +32,7 @@ examples:
   python -m async_embed_sync status                    # what is remote, what is here
   python -m async_embed_sync --sync-only               # legacy flags mean `run`
 
-exit codes: 0 done, 1 failed, 2 usage error, 130 interrupted.
+exit codes: 0 done, 1 failed, 2 usage error, 130 interrupted, 143 terminated.
 """
 
 
@@ -43,7 +43,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(_with_default_command(argv))
     except SystemExit as exc:  # -h, --version (0) or a usage error (2): argparse printed it
         return int(exc.code or 0)
-    _interrupt_on_sigterm()
+    # A scheduler's or a kill's SIGTERM cleans up like Ctrl-C: partials stay
+    # resumable, no half-written output is left at the final path.
+    restore_sigterm = stop_on_sigterm()
     try:
         return args.handler(args)
     except AsyncEmbedSyncError as exc:
@@ -53,16 +55,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("Interrupted. What was verified is kept; run the same command again to resume.",
               file=sys.stderr)
         return EXIT_INTERRUPTED
-
-
-def _interrupt_on_sigterm() -> None:
-    """A scheduler's or a kill's SIGTERM cleans up like Ctrl-C: partials
-    stay resumable, no half-written output is left at the final path."""
-    if threading.current_thread() is threading.main_thread():
-        # Delivered as SIGINT, so that asyncio's own Ctrl-C handling (cancel
-        # the main task, let every cleanup run, then raise KeyboardInterrupt)
-        # applies, instead of an exception raised wherever the loop happens to be.
-        signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
+    except Terminated:
+        print("Terminated. What was verified is kept; run the same command again to resume.",
+              file=sys.stderr)
+        return EXIT_TERMINATED
+    finally:
+        restore_sigterm()
 
 
 def _with_default_command(argv: list[str]) -> list[str]:
