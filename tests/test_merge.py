@@ -6,6 +6,7 @@ import pickle
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -386,16 +387,34 @@ def test_successful_merge_replaces_a_previous_bundle(tmp_path: Path) -> None:
     assert entries(tmp_path) == ["bundle", "downloads"]
 
 
+# Prints the pids of its child processes (the article worker, for a bundle) before it dies.
 _KILLED_MERGE = """
 import os, signal, sys
 from async_embed_sync.merge import merge_checkpoints
 
 def kill_after_third_block(progress):
     if progress.rows_done > 3 * 25:
+        with open(f"/proc/self/task/{os.getpid()}/children") as children:
+            print(children.read(), flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
 
 merge_checkpoints(sys.argv[1], sys.argv[2], on_progress=kill_after_third_block)
 """
+
+
+def _killed_merge(downloads: Path, output: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", _KILLED_MERGE, str(downloads), str(output)],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=60,
+    )
+
+
+def _running(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")  # an unreaped zombie has ended
 
 
 @pytest.mark.parametrize("output_name", ["merged.pkl", "merged"])
@@ -403,16 +422,51 @@ def test_killed_merge_leaves_nothing_at_the_output_path(tmp_path: Path, output_n
     _run(tmp_path / "downloads")
     output = tmp_path / "out" / output_name
 
-    finished = subprocess.run(
-        [sys.executable, "-c", _KILLED_MERGE, str(tmp_path / "downloads"), str(output)],
-        cwd=Path(__file__).resolve().parents[1],
-        timeout=60,
-    )
+    finished = _killed_merge(tmp_path / "downloads", output)
 
-    assert finished.returncode == -signal.SIGKILL
+    assert finished.returncode == -signal.SIGKILL, finished.stderr
     assert not output.exists()
     # Only the hidden staging directory is left, which is never the output.
     assert all(name.startswith(f".{output_name}.") for name in entries(tmp_path / "out"))
+
+
+def test_a_killed_merge_takes_its_article_worker_down(tmp_path: Path) -> None:
+    _run(tmp_path / "downloads")
+
+    finished = _killed_merge(tmp_path / "downloads", tmp_path / "out" / "merged")
+
+    assert finished.returncode == -signal.SIGKILL, finished.stderr
+    workers = [int(pid) for pid in finished.stdout.split()]
+    assert len(workers) == 1
+    deadline = time.monotonic() + 30  # a bounded wait: the worker ends when it reads the end of its pipe
+    while any(map(_running, workers)):
+        assert time.monotonic() < deadline, f"the article worker {workers} outlived the killed merge"
+        time.sleep(0.02)
+
+
+_MERGE_THEN_PRINT_IF_PYARROW_IS_IMPORTED = """
+import sys
+from async_embed_sync.merge import merge_checkpoints
+
+merge_checkpoints(sys.argv[1], sys.argv[2], articles_format="parquet")
+print("pyarrow" in sys.modules)
+"""
+
+
+@pytest.mark.skipif(not parquet_available(), reason="needs pyarrow")
+def test_a_parquet_merge_leaves_pyarrow_to_the_worker(tmp_path: Path) -> None:
+    """pyarrow and its memory pool stay out of the merge process."""
+    _run(tmp_path / "downloads")
+
+    finished = subprocess.run(
+        [sys.executable, "-c", _MERGE_THEN_PRINT_IF_PYARROW_IS_IMPORTED, str(tmp_path / "downloads"),
+         str(tmp_path / "merged")],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=60,
+    )
+
+    assert finished.returncode == 0, finished.stderr
+    assert finished.stdout == "False\n"
+    assert (tmp_path / "merged" / "articles.parquet").is_file()
 
 
 def test_legacy_output_loads_with_plain_pickle(tmp_path: Path) -> None:
@@ -433,11 +487,7 @@ def test_legacy_output_loads_with_plain_pickle(tmp_path: Path) -> None:
 def test_a_merge_after_a_killed_one_removes_its_staging(tmp_path: Path) -> None:
     _run(tmp_path / "downloads")
     output = tmp_path / "out" / "merged.pkl"
-    subprocess.run(
-        [sys.executable, "-c", _KILLED_MERGE, str(tmp_path / "downloads"), str(output)],
-        cwd=Path(__file__).resolve().parents[1],
-        timeout=60,
-    )
+    _killed_merge(tmp_path / "downloads", output)
     assert len(entries(tmp_path / "out")) == 1
 
     merge_checkpoints(tmp_path / "downloads", output)
