@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import pickle
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -13,7 +15,7 @@ import numpy as np
 import pytest
 from merge_fixtures import DIM, entries, expected_merge
 
-from async_embed_sync.errors import AsyncEmbedSyncError, CheckpointError, MergeValidationError
+from async_embed_sync.errors import AsyncEmbedSyncError, CheckpointError, MergeValidationError, OutputError
 from async_embed_sync.merge import MergeProgress, merge_checkpoints
 from async_embed_sync.output import load, parquet_available
 from async_embed_sync.synthetic import generate_run, make_rows, make_vectors, write_legacy_checkpoint, write_npy_checkpoint
@@ -659,3 +661,117 @@ def test_rows_read_in_index_order_stay_where_they_were_written(
     merged = load(tmp_path / "merged.pkl")
     expected = make_vectors(0, 120, dim=DIM, seed=3)
     assert len(merged["articles"]) == 118 and np.array_equal(merged["embeddings"][:2], expected[:2])
+
+
+# ------------------------------------------------- threads and processes owned
+
+
+def _child_pids() -> set[int]:
+    return {int(pid) for children in Path("/proc/self/task").glob("*/children") for pid in children.read_text().split()}
+
+
+def _last_npy(paths: list[Path]) -> Path:
+    return max((path for path in paths if path.suffix == ".npy"), key=lambda path: int(path.stem.split("_")[-1]))
+
+
+def _nan_in_the_last_npy(downloads: Path, output: Path) -> dict:
+    rows = np.lib.format.open_memmap(_last_npy(_run(downloads, "mixed")), mode="r+")
+    rows[2, 5] = np.nan
+    rows.flush()
+    return dict(strict=True)
+
+
+def _broken_line_in_the_last_npy(downloads: Path, output: Path) -> dict:
+    _replace_jsonl_line(_last_npy(_run(downloads, "mixed")), 3, '{"id": "x", "title": "y", "text": "unterminated}')
+    return {}
+
+
+def _a_gap(downloads: Path, output: Path) -> dict:
+    sorted(_run(downloads, "mixed"), key=lambda path: int(path.stem.split("_")[-1]))[1].unlink()
+    return {}
+
+
+def _output_path_taken_mid_copy(downloads: Path, output: Path) -> dict:
+    _run(downloads, "mixed")
+
+    def take_the_output_path(progress: MergeProgress) -> None:
+        if progress.rows_done > 3 * 25 and not output.exists():
+            # A .pkl output must be a file, a bundle a directory: the publish fails.
+            output.mkdir() if output.suffix == ".pkl" else output.touch()
+    return dict(on_progress=take_the_output_path)
+
+
+def _ctrl_c_mid_copy(downloads: Path, output: Path) -> dict:
+    _run(downloads, "mixed")
+
+    def interrupt(progress: MergeProgress) -> None:
+        if progress.rows_done > 3 * 25:
+            raise KeyboardInterrupt
+    return dict(on_progress=interrupt)
+
+
+def _completes(downloads: Path, output: Path) -> dict:
+    _run(downloads, "mixed")
+    return {}
+
+
+_ENDINGS = {
+    "success": (_completes, None),
+    "validation-error-before-the-copy": (_a_gap, MergeValidationError),
+    "validation-error-mid-copy": (_nan_in_the_last_npy, MergeValidationError),
+    "broken-jsonl-line": (_broken_line_in_the_last_npy, CheckpointError),
+    "output-error-at-the-publish": (_output_path_taken_mid_copy, OutputError),
+    "ctrl-c": (_ctrl_c_mid_copy, KeyboardInterrupt),
+}
+
+
+@pytest.mark.parametrize("ending", list(_ENDINGS))
+@pytest.mark.parametrize(("output_name", "articles_format"), _OUTPUT_FORMS)
+def test_a_merge_leaves_no_thread_and_no_process_behind(
+    tmp_path: Path, ending: str, output_name: str, articles_format: str | None
+) -> None:
+    """Every hashing thread and the article worker end with the merge, however it ends."""
+    prepare, raises = _ENDINGS[ending]
+    output = tmp_path / "out" / output_name
+    options = prepare(tmp_path / "downloads", output)
+    threads, children = set(threading.enumerate()), _child_pids()
+
+    # The error is kept, as a caller that reports it does: no lifetime may
+    # hang on the garbage collector's taking the traceback's frames.
+    with pytest.raises(raises) if raises else contextlib.nullcontext() as caught:
+        merge_checkpoints(tmp_path / "downloads", output, articles_format=articles_format, **options)
+
+    # New ones only: a thread that some earlier test left may end meanwhile.
+    assert set(threading.enumerate()) - threads == set()
+    assert _child_pids() - children == set() and multiprocessing.active_children() == []
+    del caught
+
+
+_FULL_DISK_MERGE_COUNTING_THREADS = """
+import resource, signal, sys, threading
+from async_embed_sync.errors import OutputError
+from async_embed_sync.merge import merge_checkpoints
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG, as a full disk gives ENOSPC
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+threads = set(threading.enumerate())
+try:
+    merge_checkpoints(sys.argv[1], sys.argv[2], articles_format="jsonl")
+except OutputError as exc:
+    print(exc, file=sys.stderr)
+    print(len(set(threading.enumerate()) - threads))
+"""
+
+
+def test_a_full_disk_when_the_output_is_preallocated_leaves_no_thread_behind(tmp_path: Path) -> None:
+    generate_run(tmp_path / "downloads", rows=2000, dim=256, fmt="npy")  # 2 MB of rows: over the limit
+    output = tmp_path / "out" / "merged"
+
+    finished = subprocess.run(
+        [sys.executable, "-c", _FULL_DISK_MERGE_COUNTING_THREADS, str(tmp_path / "downloads"), str(output)],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=60,
+    )
+
+    assert "cannot be written (File too large)" in finished.stderr, finished.stderr
+    assert finished.stdout == "0\n"  # new threads left
+    assert entries(tmp_path / "out") == []
