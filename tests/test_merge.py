@@ -404,11 +404,16 @@ merge_checkpoints(sys.argv[1], sys.argv[2], on_progress=kill_after_third_block)
 """
 
 
-def _killed_merge(downloads: Path, output: Path) -> subprocess.CompletedProcess[str]:
+def _merge_in_a_child(script: str, downloads: Path, output: Path) -> subprocess.CompletedProcess[str]:
+    """``script`` in a fresh interpreter, given ``downloads`` and ``output`` as its arguments."""
     return subprocess.run(
-        [sys.executable, "-c", _KILLED_MERGE, str(downloads), str(output)],
+        [sys.executable, "-c", script, str(downloads), str(output)],
         cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=60,
     )
+
+
+def _killed_merge(downloads: Path, output: Path) -> subprocess.CompletedProcess[str]:
+    return _merge_in_a_child(_KILLED_MERGE, downloads, output)
 
 
 def _running(pid: int) -> bool:
@@ -460,11 +465,7 @@ def test_a_parquet_merge_leaves_pyarrow_to_the_worker(tmp_path: Path) -> None:
     """pyarrow and its memory pool stay out of the merge process."""
     _run(tmp_path / "downloads")
 
-    finished = subprocess.run(
-        [sys.executable, "-c", _MERGE_THEN_PRINT_IF_PYARROW_IS_IMPORTED, str(tmp_path / "downloads"),
-         str(tmp_path / "merged")],
-        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=60,
-    )
+    finished = _merge_in_a_child(_MERGE_THEN_PRINT_IF_PYARROW_IS_IMPORTED, tmp_path / "downloads", tmp_path / "merged")
 
     assert finished.returncode == 0, finished.stderr
     assert finished.stdout == "False\n"
@@ -621,10 +622,7 @@ def test_a_full_disk_while_legacy_checkpoints_are_read_is_an_output_error(tmp_pa
     generate_run(tmp_path / "downloads", rows=2000, dim=256, fmt="pkl")  # 2 MB of rows: over the limit
     output = tmp_path / "out" / "merged.pkl"
 
-    finished = subprocess.run(
-        [sys.executable, "-c", _MERGE_WITH_A_FILE_SIZE_LIMIT, str(tmp_path / "downloads"), str(output)],
-        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=60,
-    )
+    finished = _merge_in_a_child(_MERGE_WITH_A_FILE_SIZE_LIMIT, tmp_path / "downloads", output)
 
     assert finished.returncode == 1
     assert f"Output {output}: cannot be written (File too large)" in finished.stderr, finished.stderr
@@ -767,10 +765,7 @@ def test_a_full_disk_when_the_output_is_preallocated_leaves_no_thread_behind(tmp
     generate_run(tmp_path / "downloads", rows=2000, dim=256, fmt="npy")  # 2 MB of rows: over the limit
     output = tmp_path / "out" / "merged"
 
-    finished = subprocess.run(
-        [sys.executable, "-c", _FULL_DISK_MERGE_COUNTING_THREADS, str(tmp_path / "downloads"), str(output)],
-        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=60,
-    )
+    finished = _merge_in_a_child(_FULL_DISK_MERGE_COUNTING_THREADS, tmp_path / "downloads", output)
 
     assert "cannot be written (File too large)" in finished.stderr, finished.stderr
     assert finished.stdout == "0\n"  # new threads left
