@@ -19,6 +19,7 @@ own loop on a thread of its own; ``await sync_async(...)`` and
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import sys
 from collections.abc import Sequence
@@ -27,11 +28,12 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from .config import Config, load_config
+from .config import ClusterConfig, Config, load_config
 from .lock import DownloadDirLock
 from .progress import Progress, QuietProgress, TqdmProgress
 from .prompts import Prompter, TerminalPrompter
 from .sync import DEFAULT_DOWNLOAD_DIR, SyncOptions, SyncReport, sync_clusters
+from .sync import sync as sync_download_dir
 
 if TYPE_CHECKING:
     from .merge import MergeReport
@@ -51,14 +53,15 @@ def sync(config: PathLike | Config | None = None, *, clusters: Sequence[str] | N
     sync completely is in it (``report.ok``, ``report.raise_for_failures()``),
     not raised, so that the others' results are there to see.
     """
-    arguments = (config, clusters, download_dir, max_parallel, timeout, retries, progress, prompter)
+    run = functools.partial(sync_download_dir, *_prepare(config, clusters, max_parallel, timeout, retries,
+                                                         progress, prompter, download_dir))
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return anyio.run(_sync_async, *arguments, backend="asyncio")
-    # A loop runs in this thread (a notebook): anyio.run cannot nest in it.
+        return run()
+    # A loop runs in this thread (a notebook): another cannot nest in it.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="async_embed_sync") as thread:
-        return thread.submit(anyio.run, _sync_async, *arguments, backend="asyncio").result()
+        return thread.submit(run).result()
 
 
 async def sync_async(config: PathLike | Config | None = None, *, clusters: Sequence[str] | None = None,
@@ -66,19 +69,21 @@ async def sync_async(config: PathLike | Config | None = None, *, clusters: Seque
                      timeout: float = SyncOptions.timeout, retries: int = SyncOptions.retries,
                      progress: Progress | None = None, prompter: Prompter | None = None) -> SyncReport:
     """:func:`sync`, awaited in the caller's event loop."""
-    return await _sync_async(config, clusters, download_dir, max_parallel, timeout, retries, progress, prompter)
+    selected, directory, chosen_progress, options = _prepare(
+        config, clusters, max_parallel, timeout, retries, progress, prompter, download_dir)
+    with DownloadDirLock(directory):
+        return await sync_clusters(selected, directory, chosen_progress, options)
 
 
-async def _sync_async(config: PathLike | Config | None, clusters: Sequence[str] | None, download_dir: PathLike,
-                      max_parallel: int, timeout: float, retries: int, progress: Progress | None,
-                      prompter: Prompter | None) -> SyncReport:
+def _prepare(config: PathLike | Config | None, clusters: Sequence[str] | None, max_parallel: int, timeout: float,
+             retries: int, progress: Progress | None, prompter: Prompter | None, download_dir: PathLike
+             ) -> tuple[list[ClusterConfig], str, Progress, SyncOptions]:
     if not isinstance(config, Config):
         config = load_config(config)
     options = SyncOptions(max_parallel=max_parallel, timeout=timeout, retries=retries,
                           prompter=prompter if prompter is not None else TerminalPrompter())
-    with DownloadDirLock(download_dir):
-        return await sync_clusters(config.select(list(clusters) if clusters else None), str(download_dir),
-                                   progress if progress is not None else _default_progress(), options)
+    return (config.select(list(clusters) if clusters else None), str(download_dir),
+            progress if progress is not None else _default_progress(), options)
 
 
 def merge(download_dir: PathLike = DEFAULT_DOWNLOAD_DIR, output: PathLike = DEFAULT_OUTPUT, *,

@@ -3,7 +3,7 @@
 A bundle's articles are never parsed by the merge process itself: its
 ``articles.jsonl`` takes the lines of ``.jsonl`` checkpoints verbatim, and
 its ``articles.parquet`` needs them parsed and converted. Both are done
-here, in one forked process, for two reasons:
+here, in one worker process, for two reasons:
 
 - parsing JSON and building Arrow tables hold the GIL: on a thread they
   would take turns with the merge's copy; in a process they run on the
@@ -16,18 +16,47 @@ The worker is given file paths and byte spans, never the bytes: the
 messages stay small, and it reads the files itself. It reports the first
 problem when asked to :meth:`~ArticleWorker.finish`, and keeps reading (and
 ignoring) the tasks sent after it, so the parent never blocks on a full pipe.
+
+The worker is a fresh interpreter (spawned), not a fork: a fork of a
+process that runs threads (the merge's hashers, a host's event loops, a test
+runner's) copies every lock that some other thread held at that instant, and
+the child could wait on one forever; it would inherit the parent's signal
+handlers and buffers too. It inherits only its end of the pipe, and imports
+only this module and what it needs (numpy and orjson; pyarrow once it writes
+parquet). It is started as ``python -c``, not by multiprocessing's "spawn",
+which runs the caller's main script again in the child: a script that merges
+without an ``if __name__ == "__main__"`` guard would then fail.
 """
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
-import signal
+import subprocess
+import sys
 from collections.abc import Iterable
 from multiprocessing.connection import Connection
 from pathlib import Path
 
 from .checkpoints import parse_jsonl_span
 from .errors import CheckpointError, LocalFileError, OutputError
+
+# How long a worker is given to end, after its pipe is closed or after SIGTERM.
+_STOP_SECONDS = 5.0
+
+# The worker's main: argv is (where this package is found, its pipe's descriptor).
+# Ctrl-C reaches the whole process group: the parent decides what stops, and
+# stops the worker with SIGTERM, whatever handler it inherited. Set first,
+# before the imports, so that a Ctrl-C while they run leaves no traceback.
+_WORKER_MAIN = f"""
+import signal, sys
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+signal.signal(signal.SIGTERM, signal.SIG_DFL)
+sys.path.insert(0, sys.argv[1])
+from {__name__} import _serve
+from multiprocessing.connection import Connection
+_serve(Connection(int(sys.argv[2])))
+"""
 
 # A problem crosses the process boundary as (error class name, path, problem).
 _ERRORS = {cls.__name__: cls for cls in (CheckpointError, LocalFileError, OutputError)}
@@ -44,20 +73,25 @@ def _problem(exc: Exception) -> tuple[str, str, str]:
 class ArticleWorker:
     """One worker process that parses the JSON lines of byte spans, and writes them to parquet if asked.
 
-    The process is forked when this object is made: make it before large
-    buffers exist (the fork shares them, and they would count in the
-    worker's resident size too). Use as a context manager: leaving it stops
-    the worker at once.
+    The process starts when this object is made, and imports its modules
+    while the caller goes on. Use as a context manager: leaving it stops the
+    worker at once, and never waits on it for long.
     """
 
     def __init__(self) -> None:
-        context = multiprocessing.get_context("fork")
-        self._connection, child = context.Pipe()
-        self._process = context.Process(
-            target=_serve, args=(child, self._connection), name="async_embed_sync articles", daemon=True
-        )
-        self._process.start()
-        child.close()
+        self._connection, child = multiprocessing.Pipe()
+        with child:
+            try:
+                self._process = subprocess.Popen(
+                    [sys.executable, "-c", _WORKER_MAIN, str(Path(__file__).resolve().parents[1]), str(child.fileno())],
+                    pass_fds=[child.fileno()], stdin=subprocess.DEVNULL,
+                    # Signals ignored here stay ignored there, as across a fork
+                    # (a merge under RLIMIT_FSIZE with SIGXFSZ ignored gets EFBIG).
+                    restore_signals=False,
+                )
+            except OSError as exc:  # out of processes or memory
+                self._connection.close()
+                raise OutputError("articles", f"the worker process that writes them cannot start ({exc}).") from exc
         self._finished = False
 
     def write_parquet(self, path: Path, group_rows: int) -> None:
@@ -91,11 +125,20 @@ class ArticleWorker:
             raise _ERRORS[error](path, text)
 
     def close(self) -> None:
-        # Reaped, not only killed: its resource usage then counts as the parent's child's.
-        if self._process.is_alive():
-            self._process.terminate()
-        self._process.join()
+        """Stop the worker and reap it (its resource usage then counts as this process's child's)."""
+        if not self._finished:
+            self._process.terminate()  # its work is wanted no more, not even the end of a span
+        # A worker waiting for its next task ends at the end of its pipe.
         self._connection.close()
+        try:
+            self._process.wait(_STOP_SECONDS)
+        except subprocess.TimeoutExpired:
+            # A SIGTERM ignored (inherited so until the worker sets its own
+            # handlers), or a worker that hangs.
+            self._process.kill()
+            # Past this, it is stuck in the kernel: nothing more can be done.
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._process.wait(_STOP_SECONDS)
 
     def __enter__(self) -> ArticleWorker:
         return self
@@ -104,18 +147,9 @@ class ArticleWorker:
         self.close()
 
 
-def _leave_signals_to_the_parent() -> None:
-    # Ctrl-C reaches the whole process group: the parent decides what stops,
-    # and stops the worker with SIGTERM, whatever handler it had inherited.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
-def _serve(connection: Connection, parent_end: Connection) -> None:
-    # The fork copied the parent's end too: closed here, so that the
-    # parent's death (even by SIGKILL) ends the pipe, and this process with it.
-    parent_end.close()
-    _leave_signals_to_the_parent()
+def _serve(connection: Connection) -> None:
+    # Only the parent holds the other end: its death (even by SIGKILL) ends
+    # the pipe, and this process with it.
     try:
         _serve_until_finished(connection)
     except (EOFError, BrokenPipeError):

@@ -113,10 +113,16 @@ class BackgroundDigest:
         return self._digest.hexdigest()
 
     def close(self) -> None:
-        """Give up: drop what is not hashed yet and stop the worker."""
+        """Give up: drop what is not hashed yet and stop the worker (its thread is joined)."""
         for update in self._pending:
             update.cancel()
         self._worker.shutdown(wait=True)
+
+    def __enter__(self) -> BackgroundDigest:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 def find_checkpoints(download_dir: Path) -> list[Path]:

@@ -1,27 +1,27 @@
 """Command line: ``main(argv) -> int``, and the one place errors become exits.
 
 Exit codes: 0 done, 1 failed (one clear paragraph on stderr, no traceback),
-2 usage error (argparse's convention), 130 interrupted (Ctrl-C).
+2 usage error (argparse's convention), 130 interrupted (Ctrl-C), 143
+terminated (SIGTERM; 128 + 15, the shell's convention).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
-import threading
 from collections.abc import Sequence
 
 from . import __version__
 from .api import DEFAULT_OUTPUT
 from .config import DEFAULT_CONFIG_FILE, ClusterConfig, Config, load_config, write_example_config
-from .errors import AsyncEmbedSyncError, ClustersLeftOutError
+from .errors import AsyncEmbedSyncError, ClustersLeftOutError, Terminated
 from .progress import Progress, choose_progress
 from .prompts import TerminalPrompter
 from .sync import DEFAULT_DOWNLOAD_DIR, SyncOptions, sync
+from .termination import stop_on_sigterm
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
 
 # Each command's --help shows its own; the top-level --help shows them all.
 _EXAMPLES = {
@@ -55,7 +55,9 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         args = parser.parse_args(_with_default_command(argv))
     except SystemExit as exc:  # -h, --version (0) or a usage error (2): argparse printed it
         return int(exc.code or 0)
-    _interrupt_on_sigterm()
+    # A scheduler's or a kill's SIGTERM cleans up like Ctrl-C: partials stay
+    # resumable, no half-written output is left at the final path.
+    restore_sigterm = stop_on_sigterm()
     try:
         return args.handler(args)
     except AsyncEmbedSyncError as exc:
@@ -65,16 +67,12 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         print("Interrupted. What was verified is kept; run the same command again to resume.",
               file=sys.stderr)
         return EXIT_INTERRUPTED
-
-
-def _interrupt_on_sigterm() -> None:
-    """A scheduler's or a kill's SIGTERM cleans up like Ctrl-C: partials
-    stay resumable, no half-written output is left at the final path."""
-    if threading.current_thread() is threading.main_thread():
-        # Delivered as SIGINT, so that asyncio's own Ctrl-C handling (cancel
-        # the main task, let every cleanup run, then raise KeyboardInterrupt)
-        # applies, instead of an exception raised wherever the loop happens to be.
-        signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
+    except Terminated:
+        print("Terminated. What was verified is kept; run the same command again to resume.",
+              file=sys.stderr)
+        return EXIT_TERMINATED
+    finally:
+        restore_sigterm()
 
 
 def _with_default_command(argv: list[str]) -> list[str]:

@@ -34,6 +34,9 @@ secret (no class here takes a password or key material as a field).
 
 ``TransferError`` and ``RemoteFileChangedError`` are the retryable ones: the
 sync scheduler reconnects and resumes on them; everything else is final.
+
+``Terminated`` stands outside the tree: SIGTERM's stop, a ``BaseException``
+as ``KeyboardInterrupt`` is (see ``termination.py``).
 """
 
 from __future__ import annotations
@@ -441,3 +444,14 @@ class OutputError(AsyncEmbedSyncError):
         self.path = path
         self.problem = problem
         super().__init__(f"Output {path}: {problem}")
+
+
+# ------------------------------------------------------------------- stopping
+
+
+class Terminated(BaseException):
+    """SIGTERM asked the command to stop; the CLI exits 143.
+
+    A ``BaseException``, as ``KeyboardInterrupt`` is: no ``except Exception``
+    on its way out takes it for a failure, and every cleanup runs.
+    """

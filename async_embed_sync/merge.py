@@ -253,11 +253,17 @@ class _Spill:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        self.remove()
-        self._hasher.shutdown(cancel_futures=True)
+        try:
+            self.remove()
+        finally:
+            self._hasher.shutdown(cancel_futures=True)
 
 
 _ReadCheckpoint = NpyCheckpoint | _SpilledCheckpoint
+
+
+def _known(sha256: str) -> Callable[[], str]:
+    return lambda: sha256
 
 
 def _sha256_of(path: Path, recorded_sha256: Callable[[Path], str | None]) -> Callable[[], str] | None:
@@ -466,14 +472,11 @@ class _CopyPass:
                 metrics = self._copy(part, None)
                 digests.append(functools.partial(file_sha256, part.path))
             elif isinstance(part, NpyCheckpoint):
-                digest = BackgroundDigest()
-                try:
+                # Its thread lives as long as its copy, whatever ends it.
+                with BackgroundDigest() as digest:
                     digest.update(part.header_bytes())
                     metrics = self._copy(part, digest)
-                except BaseException:
-                    digest.close()
-                    raise
-                digests.append(digest.hexdigest)
+                    digests.append(_known(digest.hexdigest()))
             else:
                 self._copy_spilled(part)
                 digests.append(part.sha256)
@@ -569,12 +572,13 @@ def merge_checkpoints(
         # Legacy checkpoints leave what the output needs in the staging area
         # as they are read; the output itself is created only once they are
         # all read and validated. Made first: an output folder that cannot
-        # be written then fails before any worker process is forked.
+        # be written then fails before any worker process is started.
         staging = cleanup.enter_context(StagingArea(output))
-        # A bundle's articles are parsed in a worker process (forked now,
-        # while this one is small), and written there if they are parquet;
-        # lines copied verbatim into articles.jsonl are parsed by no one
-        # else, so the worker checks every line of every checkpoint.
+        # A bundle's articles are parsed in a worker process (started now:
+        # it starts up while the checkpoints are read), and written there
+        # if they are parquet; lines copied verbatim into articles.jsonl are
+        # parsed by no one else, so the worker checks every line of every
+        # checkpoint.
         worker = None if is_pickle_output(output) else cleanup.enter_context(ArticleWorker())
         line_check = worker if copies_checkpoint_lines(output, articles_format) else None
         # A checkpoint that the sync downloaded and verified, untouched since,

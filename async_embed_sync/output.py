@@ -35,6 +35,7 @@ import secrets
 import socket
 import struct
 from collections.abc import Callable, Iterable, Mapping
+from contextlib import ExitStack
 from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO, Literal, Protocol
@@ -719,17 +720,21 @@ class BundleWriter:
         npy_format.write_array_header_1_0(
             header, {"descr": npy_format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
         )
-        self._digest = BackgroundDigest()
-        self._digest.update(header.getvalue())
-        self._file = _PreallocatedFile(directory / EMBEDDINGS_FILE, len(header.getvalue()) + shape[0] * shape[1] * dtype.itemsize)
-        self._file.write_at(header.getvalue(), 0)
-        self.embeddings = EmbeddingsRegion(self._file, len(header.getvalue()), shape, dtype, self._digest)
-        self.articles_file = ARTICLES_PARQUET if articles_format == "parquet" else ARTICLES_JSONL
-        self.articles: JsonlArticles | ParquetArticles = (
-            ParquetArticles(directory / self.articles_file, worker)
-            if articles_format == "parquet"
-            else JsonlArticles(directory / self.articles_file)
-        )
+        # If the disk is full already, the digest's thread and the file go with the error.
+        with ExitStack() as undo:
+            self._digest = undo.enter_context(BackgroundDigest())
+            self._digest.update(header.getvalue())
+            self._file = _PreallocatedFile(directory / EMBEDDINGS_FILE, len(header.getvalue()) + shape[0] * shape[1] * dtype.itemsize)
+            undo.callback(self._file.close)
+            self._file.write_at(header.getvalue(), 0)
+            self.embeddings = EmbeddingsRegion(self._file, len(header.getvalue()), shape, dtype, self._digest)
+            self.articles_file = ARTICLES_PARQUET if articles_format == "parquet" else ARTICLES_JSONL
+            self.articles: JsonlArticles | ParquetArticles = (
+                ParquetArticles(directory / self.articles_file, worker)
+                if articles_format == "parquet"
+                else JsonlArticles(directory / self.articles_file)
+            )
+            undo.pop_all()
 
     def finish(self, metadata: Mapping[str, Any]) -> None:
         """Write ``manifest.json`` (every legacy key but the first two) and close."""

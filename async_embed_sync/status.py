@@ -14,6 +14,7 @@ from .progress import format_bytes
 from .prompts import Prompter
 from .remote import ClusterRemote
 from .sync import local_only_notice
+from .termination import run_stoppable
 
 
 @dataclass
@@ -47,7 +48,7 @@ HEADER = (f"{'cluster':<12} {'remote':>6} {'size':>10} {'complete':>8} {'partial
 
 def collect_status(clusters: list[ClusterConfig], download_dir: str, timeout: float = 30.0,
                    prompter: Prompter | None = None) -> list[ClusterStatus]:
-    return anyio.run(_collect, clusters, download_dir, timeout, prompter, backend="asyncio")
+    return run_stoppable(_collect, clusters, download_dir, timeout, prompter)
 
 
 async def _collect(clusters: list[ClusterConfig], download_dir: str, timeout: float,

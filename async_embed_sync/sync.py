@@ -38,6 +38,7 @@ from .lock import DownloadDirLock
 from .progress import Progress, format_bytes
 from .prompts import Prompter
 from .remote import DEFAULT_SFTP_CHANNELS, DEFAULT_WINDOW, ClusterRemote, RemoteFile
+from .termination import run_stoppable
 
 DEFAULT_DOWNLOAD_DIR = "embeddings/checkpoints"
 
@@ -143,8 +144,7 @@ def sync(clusters: list[ClusterConfig], download_dir: str, progress: Progress,
          options: SyncOptions = SyncOptions()) -> SyncReport:
     """Sync every cluster into ``download_dir``; holds the directory's lock."""
     with DownloadDirLock(download_dir):
-        return anyio.run(sync_clusters, clusters, download_dir, progress, options,
-                         backend="asyncio")
+        return run_stoppable(sync_clusters, clusters, download_dir, progress, options)
 
 
 async def sync_clusters(clusters: list[ClusterConfig], download_dir: str, progress: Progress,

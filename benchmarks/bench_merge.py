@@ -27,10 +27,10 @@ to other load on the machine). RSS is what ``time -v`` reports as "Maximum
 resident set size": it counts mapped file pages too, and it is the largest
 peak of any *one* process of the tree (the process it ran and the
 descendants reaped by then: the kernel keeps the largest), not their sum.
-The merge forks a worker process to check ``.jsonl`` lines when it writes a
-bundle with ``articles.jsonl``, so the merge also reports its own peak and
-its worker's (``getrusage``), and the table shows their sum: an upper bound
-of what the two held at once (pages shared since the fork count twice).
+The merge starts a worker process (a fresh interpreter) that parses the
+articles of a bundle, so the merge also reports its own peak and its
+worker's (``getrusage``), and the table shows their sum: an upper bound of
+what the two held at once (pages of shared libraries count twice).
 CPU time, by contrast, includes the reaped worker's.
 
 Needs ``/usr/bin/time`` (Debian: ``apt-get install -y time``).

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -74,6 +75,14 @@ def sync_argv(config: Path, download_dir: Path, *extra: str) -> list[str]:
     return ["sync", "--config", str(config), "--download-dir", str(download_dir), "--quiet", *extra]
 
 
+def _cli_child_command(argv: Sequence[str], prelude: str) -> list[str]:
+    code = (f"{prelude}\n"
+            "import sys\n"
+            "from async_embed_sync.cli import main\n"
+            "sys.exit(main(sys.argv[1:]))\n")
+    return [sys.executable, "-c", code, *argv]
+
+
 def run_cli_child(argv: Sequence[str], prelude: str = "",
                   timeout: float = CHILD_TIMEOUT) -> subprocess.CompletedProcess[str]:
     """``main(argv)`` in a fresh interpreter, after ``prelude`` (hooks, limits).
@@ -81,12 +90,31 @@ def run_cli_child(argv: Sequence[str], prelude: str = "",
     The child exits with main's return code; a SIGKILL from a hook shows as
     ``returncode == -9``.
     """
-    code = (f"{prelude}\n"
-            "import sys\n"
-            "from async_embed_sync.cli import main\n"
-            "sys.exit(main(sys.argv[1:]))\n")
-    return subprocess.run([sys.executable, "-c", code, *argv], cwd=REPO_ROOT, capture_output=True,
+    return subprocess.run(_cli_child_command(argv, prelude), cwd=REPO_ROOT, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def start_cli_child(argv: Sequence[str], prelude: str = "", *,
+                    sigint_ignored: bool = False) -> subprocess.Popen[str]:
+    """:func:`run_cli_child`, not waited for: stdout and stderr are pipes."""
+    return subprocess.Popen(with_sigint(_cli_child_command(argv, prelude), ignored=sigint_ignored),
+                            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def with_sigint(command: Sequence[str], ignored: bool) -> list[str]:
+    """``command`` exec'd with SIGINT ignored, as a non-interactive shell starts
+    ``command &`` (POSIX), or with SIGINT at its default whatever this process
+    has (it may itself run in the background). Same pid as ``command``'s."""
+    disposition = "SIG_IGN" if ignored else "SIG_DFL"
+    return [sys.executable, "-c", f"import os, signal, sys; signal.signal(signal.SIGINT, signal.{disposition}); "
+            "os.execv(sys.argv[1], sys.argv[1:])", *command]
+
+
+def ignores_sigint(pid: int) -> bool:
+    """Whether the process ``pid`` has SIGINT ignored, as the kernel sees it."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    ignored = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigIgn:")), 16)
+    return bool(ignored & (1 << (signal.SIGINT - 1)))
 
 
 async def sync_in_process(config: Path, download_dir: Path, **options) -> SyncReport:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from pathlib import Path
@@ -81,7 +82,7 @@ def test_rows_that_do_not_fit_the_parquet_columns_are_refused_by_name(tmp_path: 
 def test_a_worker_that_died_is_an_error_not_a_hang(tmp_path: Path) -> None:
     with ArticleWorker() as worker:
         os.kill(worker._process.pid, signal.SIGKILL)
-        worker._process.join()
+        worker._process.wait()
         with pytest.raises(OutputError, match="articles: the worker process that writes them ended unexpectedly"):
             worker.finish()
 
@@ -90,4 +91,19 @@ def test_leaving_early_stops_the_worker(tmp_path: Path) -> None:
     with ArticleWorker() as worker:
         process = worker._process
     # Stopped and reaped, not left running or as a zombie.
-    assert process.exitcode == -signal.SIGTERM
+    assert process.returncode == -signal.SIGTERM
+
+
+def test_the_worker_inherits_no_descriptor_but_its_pipe(tmp_path: Path) -> None:
+    """Started afresh, not forked: a file, socket or pipe open here stays here."""
+    held = tmp_path / "held-open"
+    with open(held, "wb"), ArticleWorker() as worker:
+        pid = worker._process.pid
+        targets = []
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            if int(fd) > 2:  # past stdin, stdout and stderr
+                with contextlib.suppress(FileNotFoundError):  # one closed meanwhile, while it imports
+                    targets.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        worker.finish()
+    assert str(held) not in targets
+    assert sum(target.startswith("socket:") for target in targets) == 1, targets  # its pipe

@@ -6,6 +6,7 @@ import os
 import pickle
 import re
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -277,3 +278,31 @@ def test_status_warns_about_a_readable_password_as_sync_does(openssh, tmp_path, 
     assert main(["status", "--config", str(config), "--download-dir", str(tmp_path / "dl")]) == 0
     err = capsys.readouterr().err
     assert "readable" in err and str(config) in err and "not-used" not in err
+
+
+def _custom_sigterm_handler(signum, frame):
+    raise AssertionError("a SIGTERM reached the test's own handler")
+
+
+@pytest.mark.parametrize("sigterm_handler", [signal.SIG_DFL, _custom_sigterm_handler], ids=["default", "custom"])
+def test_main_leaves_the_signal_handlers_as_it_found_them(openssh, tmp_path, write_config, sigterm_handler):
+    """A library caller or a test calling main(argv) is not left with the CLI's
+    handlers: after a sync (an event loop), a merge, a failed merge, a usage error."""
+    remote = tmp_path / "remote"
+    generate_run(remote, rows=400, dim=8, gpus_per_cluster=2)
+    config = write_config(tmp_path, {"tensor01": openssh.cluster_entry(str(remote / "tensor01"))})
+    download_dir = tmp_path / "dl"
+    commands = [
+        (["sync", "--config", str(config), "--download-dir", str(download_dir), "--quiet"], 0),
+        (["merge", "--download-dir", str(download_dir), "--output", str(tmp_path / "m.pkl"), "--quiet"], 0),
+        (["merge", "--download-dir", str(download_dir), "--output", str(tmp_path / "m"), "--expect-articles", "1"], 1),
+        (["merge", "--dtype", "int8"], 2),
+    ]
+    previous = signal.signal(signal.SIGTERM, sigterm_handler)
+    try:
+        for argv, code in commands:
+            found = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+            assert main(argv) == code
+            assert {signum: signal.getsignal(signum) for signum in found} == found, argv
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -1,18 +1,21 @@
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import pickle
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from merge_fixtures import DIM, entries, expected_merge
 
-from async_embed_sync.errors import AsyncEmbedSyncError, CheckpointError, MergeValidationError
+from async_embed_sync.errors import AsyncEmbedSyncError, CheckpointError, MergeValidationError, OutputError
 from async_embed_sync.merge import MergeProgress, merge_checkpoints
 from async_embed_sync.output import load, parquet_available
 from async_embed_sync.synthetic import generate_run, make_rows, make_vectors, write_legacy_checkpoint, write_npy_checkpoint
@@ -386,16 +389,39 @@ def test_successful_merge_replaces_a_previous_bundle(tmp_path: Path) -> None:
     assert entries(tmp_path) == ["bundle", "downloads"]
 
 
+# Prints the pids of its child processes (the article worker, for a bundle) before it dies.
 _KILLED_MERGE = """
 import os, signal, sys
 from async_embed_sync.merge import merge_checkpoints
 
 def kill_after_third_block(progress):
     if progress.rows_done > 3 * 25:
+        with open(f"/proc/self/task/{os.getpid()}/children") as children:
+            print(children.read(), flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
 
 merge_checkpoints(sys.argv[1], sys.argv[2], on_progress=kill_after_third_block)
 """
+
+
+def _merge_in_a_child(script: str, downloads: Path, output: Path) -> subprocess.CompletedProcess[str]:
+    """``script`` in a fresh interpreter, given ``downloads`` and ``output`` as its arguments."""
+    return subprocess.run(
+        [sys.executable, "-c", script, str(downloads), str(output)],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=60,
+    )
+
+
+def _killed_merge(downloads: Path, output: Path) -> subprocess.CompletedProcess[str]:
+    return _merge_in_a_child(_KILLED_MERGE, downloads, output)
+
+
+def _running(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")  # an unreaped zombie has ended
 
 
 @pytest.mark.parametrize("output_name", ["merged.pkl", "merged"])
@@ -403,16 +429,47 @@ def test_killed_merge_leaves_nothing_at_the_output_path(tmp_path: Path, output_n
     _run(tmp_path / "downloads")
     output = tmp_path / "out" / output_name
 
-    finished = subprocess.run(
-        [sys.executable, "-c", _KILLED_MERGE, str(tmp_path / "downloads"), str(output)],
-        cwd=Path(__file__).resolve().parents[1],
-        timeout=60,
-    )
+    finished = _killed_merge(tmp_path / "downloads", output)
 
-    assert finished.returncode == -signal.SIGKILL
+    assert finished.returncode == -signal.SIGKILL, finished.stderr
     assert not output.exists()
     # Only the hidden staging directory is left, which is never the output.
     assert all(name.startswith(f".{output_name}.") for name in entries(tmp_path / "out"))
+
+
+def test_a_killed_merge_takes_its_article_worker_down(tmp_path: Path) -> None:
+    _run(tmp_path / "downloads")
+
+    finished = _killed_merge(tmp_path / "downloads", tmp_path / "out" / "merged")
+
+    assert finished.returncode == -signal.SIGKILL, finished.stderr
+    workers = [int(pid) for pid in finished.stdout.split()]
+    assert len(workers) == 1
+    deadline = time.monotonic() + 30  # a bounded wait: the worker ends when it reads the end of its pipe
+    while any(map(_running, workers)):
+        assert time.monotonic() < deadline, f"the article worker {workers} outlived the killed merge"
+        time.sleep(0.02)
+
+
+_MERGE_THEN_PRINT_IF_PYARROW_IS_IMPORTED = """
+import sys
+from async_embed_sync.merge import merge_checkpoints
+
+merge_checkpoints(sys.argv[1], sys.argv[2], articles_format="parquet")
+print("pyarrow" in sys.modules)
+"""
+
+
+@pytest.mark.skipif(not parquet_available(), reason="needs pyarrow")
+def test_a_parquet_merge_leaves_pyarrow_to_the_worker(tmp_path: Path) -> None:
+    """pyarrow and its memory pool stay out of the merge process."""
+    _run(tmp_path / "downloads")
+
+    finished = _merge_in_a_child(_MERGE_THEN_PRINT_IF_PYARROW_IS_IMPORTED, tmp_path / "downloads", tmp_path / "merged")
+
+    assert finished.returncode == 0, finished.stderr
+    assert finished.stdout == "False\n"
+    assert (tmp_path / "merged" / "articles.parquet").is_file()
 
 
 def test_legacy_output_loads_with_plain_pickle(tmp_path: Path) -> None:
@@ -433,11 +490,7 @@ def test_legacy_output_loads_with_plain_pickle(tmp_path: Path) -> None:
 def test_a_merge_after_a_killed_one_removes_its_staging(tmp_path: Path) -> None:
     _run(tmp_path / "downloads")
     output = tmp_path / "out" / "merged.pkl"
-    subprocess.run(
-        [sys.executable, "-c", _KILLED_MERGE, str(tmp_path / "downloads"), str(output)],
-        cwd=Path(__file__).resolve().parents[1],
-        timeout=60,
-    )
+    _killed_merge(tmp_path / "downloads", output)
     assert len(entries(tmp_path / "out")) == 1
 
     merge_checkpoints(tmp_path / "downloads", output)
@@ -569,10 +622,7 @@ def test_a_full_disk_while_legacy_checkpoints_are_read_is_a_local_file_error(tmp
     generate_run(tmp_path / "downloads", rows=2000, dim=256, fmt="pkl")  # 2 MB of rows: over the limit
     output = tmp_path / "out" / "merged.pkl"
 
-    finished = subprocess.run(
-        [sys.executable, "-c", _MERGE_WITH_A_FILE_SIZE_LIMIT, str(tmp_path / "downloads"), str(output)],
-        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=60,
-    )
+    finished = _merge_in_a_child(_MERGE_WITH_A_FILE_SIZE_LIMIT, tmp_path / "downloads", output)
 
     assert finished.returncode == 1
     assert f"Cannot write {output}: File too large; free some space" in finished.stderr, finished.stderr
@@ -609,3 +659,114 @@ def test_rows_read_in_index_order_stay_where_they_were_written(
     merged = load(tmp_path / "merged.pkl")
     expected = make_vectors(0, 120, dim=DIM, seed=3)
     assert len(merged["articles"]) == 118 and np.array_equal(merged["embeddings"][:2], expected[:2])
+
+
+# ------------------------------------------------- threads and processes owned
+
+
+def _child_pids() -> set[int]:
+    return {int(pid) for children in Path("/proc/self/task").glob("*/children") for pid in children.read_text().split()}
+
+
+def _last_npy(paths: list[Path]) -> Path:
+    return max((path for path in paths if path.suffix == ".npy"), key=lambda path: int(path.stem.split("_")[-1]))
+
+
+def _nan_in_the_last_npy(downloads: Path, output: Path) -> dict:
+    rows = np.lib.format.open_memmap(_last_npy(_run(downloads, "mixed")), mode="r+")
+    rows[2, 5] = np.nan
+    rows.flush()
+    return dict(strict=True)
+
+
+def _broken_line_in_the_last_npy(downloads: Path, output: Path) -> dict:
+    _replace_jsonl_line(_last_npy(_run(downloads, "mixed")), 3, '{"id": "x", "title": "y", "text": "unterminated}')
+    return {}
+
+
+def _a_gap(downloads: Path, output: Path) -> dict:
+    sorted(_run(downloads, "mixed"), key=lambda path: int(path.stem.split("_")[-1]))[1].unlink()
+    return {}
+
+
+def _output_path_taken_mid_copy(downloads: Path, output: Path) -> dict:
+    _run(downloads, "mixed")
+
+    def take_the_output_path(progress: MergeProgress) -> None:
+        if progress.rows_done > 3 * 25 and not output.exists():
+            # A .pkl output must be a file, a bundle a directory: the publish fails.
+            output.mkdir() if output.suffix == ".pkl" else output.touch()
+    return dict(on_progress=take_the_output_path)
+
+
+def _ctrl_c_mid_copy(downloads: Path, output: Path) -> dict:
+    _run(downloads, "mixed")
+
+    def interrupt(progress: MergeProgress) -> None:
+        if progress.rows_done > 3 * 25:
+            raise KeyboardInterrupt
+    return dict(on_progress=interrupt)
+
+
+def _completes(downloads: Path, output: Path) -> dict:
+    _run(downloads, "mixed")
+    return {}
+
+
+_ENDINGS = {
+    "success": (_completes, None),
+    "validation-error-before-the-copy": (_a_gap, MergeValidationError),
+    "validation-error-mid-copy": (_nan_in_the_last_npy, MergeValidationError),
+    "broken-jsonl-line": (_broken_line_in_the_last_npy, CheckpointError),
+    "output-error-at-the-publish": (_output_path_taken_mid_copy, OutputError),
+    "ctrl-c": (_ctrl_c_mid_copy, KeyboardInterrupt),
+}
+
+
+@pytest.mark.parametrize("ending", list(_ENDINGS))
+@pytest.mark.parametrize(("output_name", "articles_format"), _OUTPUT_FORMS)
+def test_a_merge_leaves_no_thread_and_no_process_behind(
+    tmp_path: Path, ending: str, output_name: str, articles_format: str | None
+) -> None:
+    """Every hashing thread and the article worker end with the merge, however it ends."""
+    prepare, raises = _ENDINGS[ending]
+    output = tmp_path / "out" / output_name
+    options = prepare(tmp_path / "downloads", output)
+    threads, children = set(threading.enumerate()), _child_pids()
+
+    # The error is kept, as a caller that reports it does: no lifetime may
+    # hang on the garbage collector's taking the traceback's frames.
+    with pytest.raises(raises) if raises else contextlib.nullcontext() as caught:
+        merge_checkpoints(tmp_path / "downloads", output, articles_format=articles_format, **options)
+
+    # New ones only: a thread that some earlier test left may end meanwhile.
+    assert set(threading.enumerate()) - threads == set()
+    assert _child_pids() - children == set() and multiprocessing.active_children() == []
+    del caught
+
+
+_FULL_DISK_MERGE_COUNTING_THREADS = """
+import resource, signal, sys, threading
+from async_embed_sync.errors import LocalFileError
+from async_embed_sync.merge import merge_checkpoints
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG, as a full disk gives ENOSPC
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+threads = set(threading.enumerate())
+try:
+    merge_checkpoints(sys.argv[1], sys.argv[2], articles_format="jsonl")
+except LocalFileError as exc:
+    print(exc, file=sys.stderr)
+    print(len(set(threading.enumerate()) - threads))
+"""
+
+
+def test_a_full_disk_when_the_output_is_preallocated_leaves_no_thread_behind(tmp_path: Path) -> None:
+    generate_run(tmp_path / "downloads", rows=2000, dim=256, fmt="npy")  # 2 MB of rows: over the limit
+    output = tmp_path / "out" / "merged"
+
+    finished = _merge_in_a_child(_FULL_DISK_MERGE_COUNTING_THREADS, tmp_path / "downloads", output)
+
+    assert f"Cannot write {output}: File too large" in finished.stderr, finished.stderr
+    assert finished.stdout == "0\n"  # new threads left
+    assert entries(tmp_path / "out") == []

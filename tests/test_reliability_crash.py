@@ -18,12 +18,14 @@ from reliability_helpers import (
     assert_journal_readable,
     assert_mirrored,
     assert_no_wrong_file_in_place,
+    ignores_sigint,
     make_files,
     run_cli_child,
+    start_cli_child,
     sync_argv,
 )
 
-from async_embed_sync.cli import main
+from async_embed_sync.cli import EXIT_TERMINATED, main
 from async_embed_sync.config import load_config
 from async_embed_sync.download import CHECKPOINT_BYTES
 from async_embed_sync.journal import DownloadLayout
@@ -149,6 +151,19 @@ def test_a_verified_prefix_survives_the_kill_and_is_not_fetched_again(openssh, t
     assert_mirrored(remote, download_dir / "tensor01")
 
 
+def _merge_argv(download_dir, output):
+    return ["merge", "--download-dir", str(download_dir), "--output", str(output), "--quiet"]
+
+
+def _assert_merged_as_if_uninterrupted(download_dir, output):
+    reference = output.parent.parent / "reference" / output.name
+    assert main(_merge_argv(download_dir, reference)) == 0
+    merged, expected = load(output), load(reference)
+    assert np.array_equal(merged["embeddings"], expected["embeddings"])
+    assert merged["articles"] == expected["articles"]
+    assert merged["total_articles"] == expected["total_articles"] == 1200 - 10
+
+
 @pytest.mark.parametrize("output_name", ["merged.pkl", "merged"])
 def test_sigkill_mid_merge_then_the_next_merge_is_complete_and_equal(tmp_path, output_name):
     """Killed at the third row write into the staged output: nothing at the
@@ -156,18 +171,58 @@ def test_sigkill_mid_merge_then_the_next_merge_is_complete_and_equal(tmp_path, o
     download_dir = tmp_path / "dl"
     generate_run(download_dir, rows=1200, dim=64, files_per_gpu=2, fmt="mixed")
     output = tmp_path / "out" / output_name
-    def merge_argv(to):
-        return ["merge", "--download-dir", str(download_dir), "--output", str(to), "--quiet"]
-    argv = merge_argv(output)
+    argv = _merge_argv(download_dir, output)
 
     killed = run_cli_child(argv, _KILL_HOOK.format(kind="pwrite", match=f"{output_name}.", nth=3))
 
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert not output.exists()
     assert main(argv) == 0
-    reference = tmp_path / "reference" / output_name
-    assert main(merge_argv(reference)) == 0
-    merged, expected = load(output), load(reference)
-    assert np.array_equal(merged["embeddings"], expected["embeddings"])
-    assert merged["articles"] == expected["articles"]
-    assert merged["total_articles"] == expected["total_articles"] == 1200 - 10
+    _assert_merged_as_if_uninterrupted(download_dir, output)
+
+
+# At the 3rd row write into the staged output, the child says so and waits
+# for a signal, which the test sends from outside.
+_PAUSE_HOOK = """
+import os, signal, sys
+_MATCH = {match!r}
+_calls = 0
+_original = os.pwrite
+
+def _hooked(fd, data, offset):
+    global _calls
+    if _MATCH in os.readlink(f"/proc/self/fd/{{fd}}"):
+        _calls += 1
+        if _calls == 3:
+            print("paused", flush=True)
+            signal.pause()
+    return _original(fd, data, offset)
+os.pwrite = _hooked
+"""
+
+
+@pytest.mark.parametrize("output_name", ["merged.pkl", "merged"])
+def test_sigterm_mid_merge_with_sigint_ignored_exits_143_and_leaves_nothing(tmp_path, output_name):
+    """A merge started as `cmd &` starts it (SIGINT ignored), stopped by SIGTERM
+    mid-copy: one line, exit 143, nothing at the output path and no staging
+    left; the same command then merges what an uninterrupted merge does."""
+    download_dir = tmp_path / "dl"
+    generate_run(download_dir, rows=1200, dim=64, files_per_gpu=2, fmt="mixed")
+    output = tmp_path / "out" / output_name
+    argv = _merge_argv(download_dir, output)
+
+    child = start_cli_child(argv, _PAUSE_HOOK.format(match=f"{output_name}."), sigint_ignored=True)
+    try:
+        assert child.stdout.readline() == "paused\n", child.communicate()[1]
+        assert ignores_sigint(child.pid)
+        child.send_signal(signal.SIGTERM)
+        _, stderr = child.communicate(timeout=60)
+    finally:
+        child.kill()
+        child.wait()
+
+    assert child.returncode == EXIT_TERMINATED, stderr
+    assert stderr.startswith("Terminated.") and stderr.count("\n") == 1, stderr
+    assert list(output.parent.iterdir()) == []  # no output, no staging
+    assert main(argv) == 0
+    _assert_merged_as_if_uninterrupted(download_dir, output)

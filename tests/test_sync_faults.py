@@ -13,6 +13,8 @@ from pathlib import Path
 import asyncssh
 import pytest
 
+from reliability_helpers import ignores_sigint, with_sigint
+
 from async_embed_sync.config import load_config
 from async_embed_sync.download import CHECKPOINT_BYTES
 from async_embed_sync.journal import DownloadLayout
@@ -40,11 +42,12 @@ async def _sync(config: Path, download_dir: Path, **options):
                                SyncOptions(**{**FAST_RETRY, **options}))
 
 
-async def _cli_sync_child(config: Path, download_dir: Path, stderr):
+async def _cli_sync_child(config: Path, download_dir: Path, stderr, sigint_ignored: bool = False):
     """The real CLI in a process of its own, to be killed or signalled."""
+    command = [sys.executable, "-m", "async_embed_sync", "sync", "--config", str(config),
+               "--download-dir", str(download_dir), "--quiet"]
     return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "async_embed_sync", "sync", "--config", str(config),
-        "--download-dir", str(download_dir), "--quiet",
+        *with_sigint(command, ignored=sigint_ignored),
         stdout=asyncio.subprocess.DEVNULL, stderr=stderr)
 
 
@@ -270,18 +273,26 @@ async def test_stalled_link_is_noticed_and_the_sync_finishes(tmp_path, embedded_
     _same(remote, tmp_path / "dl" / "tensor01", ["a.pkl"])
 
 
-async def test_sigterm_exits_130_and_keeps_what_arrived(tmp_path, embedded_server, link_proxy,
-                                                         write_config):
+@pytest.mark.parametrize(("stop", "sigint_ignored", "code", "line"), [
+    (signal.SIGTERM, False, 143, "Terminated."),
+    # As a non-interactive script's `cmd &` starts it: SIGTERM still stops it.
+    (signal.SIGTERM, True, 143, "Terminated."),
+    (signal.SIGINT, False, 130, "Interrupted."),  # Ctrl-C
+], ids=["sigterm", "sigterm-with-sigint-ignored", "ctrl-c"])
+async def test_sigterm_or_ctrl_c_stops_the_sync_and_keeps_what_arrived(
+        tmp_path, embedded_server, link_proxy, write_config, stop, sigint_ignored, code, line):
     remote = _make_remote(tmp_path / "srv", {"big.pkl": 24 * MiB})
     async with embedded_server(tmp_path / "srv") as server, \
             link_proxy(server, stall_after=13 * MiB) as proxy:
         config = write_config(tmp_path, {"tensor01": server.cluster_entry("/ckpt", port=proxy.port)})
-        child = await _cli_sync_child(config, tmp_path / "dl", stderr=asyncio.subprocess.PIPE)
+        child = await _cli_sync_child(config, tmp_path / "dl", stderr=asyncio.subprocess.PIPE,
+                                      sigint_ignored=sigint_ignored)
         await _until_stalled(proxy, child)
-        child.send_signal(signal.SIGTERM)
+        assert ignores_sigint(child.pid) == sigint_ignored
+        child.send_signal(stop)
         stderr = (await asyncio.wait_for(child.communicate(), 30))[1].decode()
-        assert child.returncode == 130, stderr
-        assert "Interrupted" in stderr and "Traceback" not in stderr
+        assert child.returncode == code, stderr
+        assert stderr.startswith(line) and stderr.count("\n") == 1, stderr  # one line, no traceback
         # What arrived in order before the signal was kept, and vouched for.
         state = DownloadLayout(tmp_path / "dl").load_state("tensor01", "big.pkl")
         kept = state.verified_offset if state is not None else 0
