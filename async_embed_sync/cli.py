@@ -16,6 +16,7 @@ from . import __version__
 from .api import DEFAULT_OUTPUT
 from .config import DEFAULT_CONFIG_FILE, ClusterConfig, Config, load_config, write_example_config
 from .errors import AsyncEmbedSyncError, ClustersLeftOutError, Terminated
+from .logs import configure_logging
 from .progress import Progress, choose_progress
 from .prompts import TerminalPrompter
 from .sync import DEFAULT_DOWNLOAD_DIR, SyncOptions, sync
@@ -58,7 +59,9 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     # A scheduler's or a kill's SIGTERM cleans up like Ctrl-C: partials stay
     # resumable, no half-written output is left at the final path.
     restore_sigterm = stop_on_sigterm()
+    restore_logging = lambda: None  # noqa: E731
     try:
+        restore_logging = configure_logging(2 if args.debug else args.verbose, args.log_file)
         return args.handler(args)
     except AsyncEmbedSyncError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -72,6 +75,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
               file=sys.stderr)
         return EXIT_TERMINATED
     finally:
+        restore_logging()
         restore_sigterm()
 
 
@@ -96,7 +100,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     def command(name: str, help: str, handler, *groups) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".",
                                   epilog=_epilog(prog, [name]), formatter_class=argparse.RawDescriptionHelpFormatter)
-        for add_group in groups:
+        for add_group in (*groups, _add_log_arguments):
             add_group(sub)
         sub.set_defaults(handler=handler)
         return sub
@@ -172,6 +176,15 @@ def _add_merge_arguments_without_output(parser: argparse.ArgumentParser) -> None
     parser.add_argument("--expect-articles", type=_whole_number, default=None, metavar="N",
                         help="fail unless the merge keeps exactly N articles")
     parser.add_argument("--strict", action="store_true", help="treat NaN and Inf values as errors")
+
+
+def _add_log_arguments(parser: argparse.ArgumentParser) -> None:
+    logs = parser.add_argument_group("logs")
+    logs.add_argument("-v", "--verbose", action="count", default=0,
+                      help="log what the tool decides: connections, methods, retries, how each file "
+                           "was verified (timestamped, to stderr)")
+    logs.add_argument("--debug", action="store_true", help="as -v, and asyncssh's own debug log")
+    logs.add_argument("--log-file", metavar="FILE", help="write the log to FILE as well (timestamped)")
 
 
 def _add_common_arguments(parser: argparse.ArgumentParser) -> None:

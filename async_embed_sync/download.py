@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import dataclasses
 import hashlib
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,8 @@ from .errors import AFTER_SYNC, RemoteFileChangedError, VerificationError, trans
 from .journal import DownloadLayout, FileState, fsync_directory
 from .progress import Progress
 from .remote import ClusterRemote, RemoteFile
+
+logger = logging.getLogger(__name__)
 
 # The journal is advanced (fsync + atomic state write) every this many bytes:
 # at most this much is fetched again after a crash.
@@ -66,6 +69,7 @@ async def download_file(remote: ClusterRemote, layout: DownloadLayout, remote_fi
     """
     cluster, name = remote.cluster.name, remote_file.name
     if is_up_to_date(layout, cluster, remote_file):
+        logger.info("cluster %r: %s is up to date here (same size and mtime): skipped", cluster, name)
         progress.file_finished(cluster, name, "skipped")
         return FileOutcome(name, "skipped", remote_file.size)
 
@@ -111,6 +115,7 @@ async def download_file(remote: ClusterRemote, layout: DownloadLayout, remote_fi
         digest = hasher.hexdigest()
         expected = await remote_hash
         if expected is not None and expected != digest:
+            logger.info("cluster %r: %s does not match the server's sha256: discarded", cluster, name)
             await anyio.to_thread.run_sync(layout.forget, cluster, name)
             raise VerificationError(cluster, name, f"sha256 {digest[:16]}... locally, "
                                                    f"{expected[:16]}... on the server")
@@ -126,6 +131,9 @@ async def download_file(remote: ClusterRemote, layout: DownloadLayout, remote_fi
         with contextlib.suppress(BaseException):
             await remote_hash
     progress.file_finished(cluster, name, "downloaded")
+    logger.info("cluster %r: %s complete (%d bytes%s), verified by %s%s", cluster, name, remote_file.size,
+                f", resumed at byte {resumed_from}" if resumed_from else "", verified_by,
+                " against the server's sha256sum" if verified_by == "sha256" else " (the server has no shell)")
     return FileOutcome(name, "downloaded", remote_file.size, remote_file.size - resumed_from,
                        resumed_from > 0, verified_by)
 

@@ -63,7 +63,8 @@ class PlainProgress(Progress):
         self._last_line = 0.0
 
     def _line(self, text: str) -> None:
-        print(text, file=self.stream, flush=True)
+        # Timestamped: these lines end up in logs (CI, batch jobs, | tee).
+        print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}", file=self.stream, flush=True)
 
     def add_total(self, nbytes: int) -> None:
         self.total += nbytes

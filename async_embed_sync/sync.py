@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections import deque
 from contextlib import asynccontextmanager
@@ -39,6 +40,8 @@ from .progress import Progress, format_bytes
 from .prompts import Prompter
 from .remote import DEFAULT_SFTP_CHANNELS, DEFAULT_WINDOW, ClusterRemote, RemoteFile
 from .termination import run_stoppable
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_DOWNLOAD_DIR = "embeddings/checkpoints"
 
@@ -197,6 +200,8 @@ async def _sync_cluster(cluster: ClusterConfig, layout: DownloadLayout, slots: F
             raise listing_error
         # What the cluster holds now, so that the merge takes exactly that.
         layout.save_listing(cluster.name, listed)
+        logger.info("cluster %r: %d file(s) listed in %s, %d to fetch", cluster.name, len(listed),
+                    cluster.remote_dir, pending)
         report.local_only = layout.local_only(cluster.name, listed)
         if not report.files and report.ok:
             raise NoCheckpointsError(cluster.name, cluster.remote_dir, cluster.patterns)
@@ -253,6 +258,8 @@ async def _download_with_retries(link: ClusterLink, layout: DownloadLayout, remo
             if stalled_attempts > options.retries or changed_in_a_row > options.retries:
                 raise
             progress.note(f"{exc} (retrying)")
+            logger.info("cluster %r: %s: attempt failed (%s); %d byte(s) verified so far; retrying in %.1f s",
+                        cluster, name, exc.cause, after, options.delay(stalled_attempts))
             await anyio.sleep(options.delay(stalled_attempts))
             changed_on_server = isinstance(exc, RemoteFileChangedError)
             continue
@@ -302,6 +309,8 @@ class ClusterLink:
             for attempt in range(self._options.retries + 1):
                 self._report.reconnects += 1
                 self._progress.note(f"{self.cluster.name}: connection lost; reconnecting.")
+                logger.info("cluster %r: reconnecting (attempt %d of %d)", self.cluster.name, attempt + 1,
+                            self._options.retries + 1)
                 try:
                     self._remote = await self._connect()
                     return self._remote
@@ -317,6 +326,9 @@ class ClusterLink:
                                              sftp_channels=self._options.sftp_channels,
                                              prompter=self._options.prompter)
         self._report.method = remote.method
+        logger.info("cluster %r: connected to %s:%d as %r; files over %s", self.cluster.name,
+                    remote.target.hostname, remote.target.port, remote.target.username,
+                    "SFTP" if remote.method == "sftp" else "exec channels (the server has no SFTP)")
         return remote
 
     async def close(self) -> None:

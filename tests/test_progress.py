@@ -1,6 +1,7 @@
 """Bars on a terminal, plain lines elsewhere, errors only when quiet."""
 
 import io
+import re
 
 from async_embed_sync.progress import (
     PlainProgress,
@@ -43,6 +44,9 @@ def test_plain_lines():
     assert "tensor02: b.pkl failed" in text
     assert "total: 3.0 MiB of 3.0 MiB" in text
     assert "a note" in text and "an error" in text
+    # Lines end up in logs: each but the error (said as it is) carries a timestamp.
+    lines = [line for line in text.splitlines() if line != "an error"]
+    assert lines and all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ", line) for line in lines), text
 
 
 def test_tqdm_bars_show_total_and_files():

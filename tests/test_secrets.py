@@ -5,10 +5,13 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 
+import anyio
 import asyncssh
 import pytest
 
+from async_embed_sync.cli import main
 from async_embed_sync.config import load_config
 from async_embed_sync.progress import PlainProgress
 from async_embed_sync.sync import SyncOptions, sync_clusters
@@ -67,3 +70,34 @@ async def test_secrets_never_appear(tmp_path, embedded_server, write_config, cap
     for where, text in seen.items():
         for secret in SECRETS:
             assert secret not in text, f"a secret appeared in {where}"
+
+
+@pytest.mark.parametrize("log_flags", [["-v"], ["--debug"], ["--log-file", "LOG"], ["--debug", "--log-file", "LOG"]])
+async def test_logs_at_every_level_say_what_was_decided_and_no_secret(
+        tmp_path, embedded_server, write_config, capfd, log_flags):
+    root = tmp_path / "srv"
+    (root / "ckpt").mkdir(parents=True)
+    (root / "ckpt" / "a.pkl").write_bytes(os.urandom(50_000))
+    log_file = tmp_path / "sync.log"
+    flags = [str(log_file) if flag == "LOG" else flag for flag in log_flags]
+    async with embedded_server(root, password=PASSWORD) as server:
+        good = server.cluster_entry("/ckpt", password=PASSWORD)
+        del good["key_file"]
+        config = write_config(tmp_path, {"tensor01": good, "tensor02": {**good, "password": WRONG}})
+        argv = ["sync", "--config", str(config), "--download-dir", str(tmp_path / "dl"), "--quiet", *flags]
+        code = await anyio.to_thread.run_sync(main, argv)  # the server runs on this loop
+    assert code == 1  # tensor02's password is wrong
+    err = capfd.readouterr().err
+    logged = log_file.read_text() if log_file.exists() else ""
+    for text in (err, logged):
+        for secret in SECRETS:
+            assert secret not in text
+    verbose_on_stderr = "-v" in flags or "--debug" in flags
+    decisions = err if verbose_on_stderr else logged
+    assert "cluster 'tensor01': connected to 127.0.0.1" in decisions
+    assert "a.pkl complete (50000 bytes), verified by sha256 against the server's sha256sum" in decisions
+    assert re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO async_embed_sync", decisions, re.M)
+    if not verbose_on_stderr:
+        assert "INFO" not in err  # a log file alone leaves stderr as it was
+    assert ("DEBUG asyncssh" in decisions) == ("--debug" in flags)
+    assert logging.getLogger("async_embed_sync").handlers == []  # main() put the loggers back
