@@ -99,7 +99,8 @@ def merge(download_dir: PathLike = DEFAULT_DOWNLOAD_DIR, output: PathLike = DEFA
     progress = progress if progress is not None else _default_progress()
     try:
         return merge_checkpoints(download_dir, output, **options,
-                                 on_progress=lambda p: progress.rows_merged(p.rows_done, p.rows_total))
+                                 on_progress=lambda p: progress.rows_merged(p.rows_done, p.rows_total),
+                                 on_read=lambda done, total: progress.step("merge: checkpoints read", done, total))
     finally:
         progress.close()
 

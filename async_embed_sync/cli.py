@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from . import __version__
 from .api import DEFAULT_OUTPUT
+from .api import merge as api_merge
 from .config import DEFAULT_CONFIG_FILE, ClusterConfig, Config, load_config, write_example_config
 from .errors import AsyncEmbedSyncError, ClustersLeftOutError, Terminated
 from .logs import configure_logging
@@ -279,16 +280,10 @@ def _sync_phase(args: argparse.Namespace, progress: Progress, config: Config | N
 
 def _merge_phase(args: argparse.Namespace, progress: Progress, clusters: list[str] | None = None,
                  expect_rows: int | None = None) -> None:
-    from .merge import merge_checkpoints
-
-    try:
-        report = merge_checkpoints(
-            args.download_dir, args.output, dtype=args.dtype, expect_articles=args.expect_articles,
-            strict=args.strict, on_progress=lambda p: progress.rows_merged(p.rows_done, p.rows_total),
-            articles_format=args.articles_format, clusters=clusters, expect_rows=expect_rows,
-            partial=args.partial)
-    finally:
-        progress.close()
+    report = api_merge(args.download_dir, args.output, progress=progress, dtype=args.dtype,
+                       expect_articles=args.expect_articles, strict=args.strict,
+                       articles_format=args.articles_format, clusters=clusters, expect_rows=expect_rows,
+                       partial=args.partial)
     if not args.quiet:
         print(report.summary(), file=sys.stderr)
 
@@ -316,7 +311,7 @@ def _demo(args: argparse.Namespace) -> int:
     from .demo import DEFAULT_DEMO_DIR, DEFAULT_DEMO_ROWS, demo_site
 
     with demo_site(args.dir or DEFAULT_DEMO_DIR, rows=args.rows or DEFAULT_DEMO_ROWS,
-                   drop_after=args.drop_after) as site:
+                   drop_after=args.drop_after, progress=choose_progress(args.quiet)) as site:
         # The real `run` command, pointed at the simulated clusters.
         run_argv = ["run", "--config", str(site.config), "--download-dir", str(site.download_dir),
                     "--output", str(site.output), "--max-parallel", str(args.max_parallel),

@@ -24,6 +24,7 @@ from .background import background_loop
 from .embedded_server import EmbeddedSFTPServer
 from .errors import NOTHING_CHANGED, LocalFileError, translating_local_errors
 from .netproxy import LinkProxy
+from .progress import Progress
 from .synthetic import generate_run
 
 DEMO_CLUSTERS = ("tensor01", "tensor02")
@@ -101,7 +102,8 @@ def _remove(path: Path) -> None:
 
 @contextlib.contextmanager
 def demo_site(root: str | os.PathLike = DEFAULT_DEMO_DIR, *, rows: int = DEFAULT_DEMO_ROWS,
-              drop_after: int | None = None, fmt: str = "pkl", seed: int = 0) -> Iterator[DemoSite]:
+              drop_after: int | None = None, fmt: str = "pkl", seed: int = 0,
+              progress: Progress | None = None) -> Iterator[DemoSite]:
     """Generate a run, serve it from two clusters, yield the config to use.
 
     What an earlier demo made in ``root`` is removed first, so that the
@@ -112,8 +114,10 @@ def demo_site(root: str | os.PathLike = DEFAULT_DEMO_DIR, *, rows: int = DEFAULT
     _claim(root)
     remote = root / "remote"
     # 10 questions at the end of the run, as in the original corpus.
+    progress = progress or Progress()
     generate_run(remote, rows=rows, clusters=DEMO_CLUSTERS, gpus_per_cluster=4, fmt=fmt,
-                 text_bytes=400, questions=min(10, rows // 10), seed=seed)
+                 text_bytes=400, questions=min(10, rows // 10), seed=seed,
+                 on_file=lambda done, total: progress.step("demo: writing the clusters' checkpoints", done, total))
     chatter = _ServerThreadChatter()
     logging.getLogger("asyncio").addFilter(chatter)
     with contextlib.ExitStack() as cleanup:

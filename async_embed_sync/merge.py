@@ -331,7 +331,8 @@ def select_checkpoints(download_dir: Path, clusters: Collection[str] | None = No
     return sorted(selected, key=_natural_order), sorted(left_out, key=_natural_order)
 
 
-def _read_all(paths: Sequence[Path], spill: _Spill, line_check: ArticleWorker | None = None) -> list[_ReadCheckpoint]:
+def _read_all(paths: Sequence[Path], spill: _Spill, line_check: ArticleWorker | None = None,
+              on_read: Callable[[int, int], None] | None = None) -> list[_ReadCheckpoint]:
     """Read the checkpoints at ``paths``, one at a time; by start index.
 
     A legacy checkpoint is read through ``spill`` and dropped at once, so
@@ -339,7 +340,11 @@ def _read_all(paths: Sequence[Path], spill: _Spill, line_check: ArticleWorker | 
     of each ``.npy`` checkpoint is given to it to parse as soon as the file
     is indexed, so that the check runs beside the rest of the merge.
     """
-    parts = [_read_one(path, spill, line_check) for path in paths]
+    parts = []
+    for path in paths:
+        parts.append(_read_one(path, spill, line_check))
+        if on_read is not None:
+            on_read(len(parts), len(paths))
     return sorted(parts, key=lambda part: part.info.start_index)
 
 
@@ -547,6 +552,7 @@ def merge_checkpoints(
     clusters: Collection[str] | None = None,
     expect_rows: int | None = None,
     partial: bool = False,
+    on_read: Callable[[int, int], None] | None = None,
 ) -> MergeReport:
     """Merge every checkpoint under ``<download_dir>/*/`` into ``output``.
 
@@ -588,7 +594,7 @@ def merge_checkpoints(
             _Spill(staging, np.dtype(dtype), articles_encoder(output, articles_format), strict, recorded_sha256)
         )
         paths, left_out = select_checkpoints(Path(download_dir), clusters)
-        parts = _read_all(paths, spill, line_check)
+        parts = _read_all(paths, spill, line_check, on_read)
         infos = [part.info for part in parts]
         missing_ranges = validate_plan(infos, expect_articles, expect_rows=expect_rows, partial=partial)
         total_articles = sum(info.article_rows for info in infos)

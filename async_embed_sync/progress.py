@@ -37,6 +37,10 @@ class Progress:
     def rows_merged(self, done: int, total: int) -> None:
         """The merge has copied ``done`` of ``total`` rows."""
 
+    def step(self, what: str, done: int, total: int) -> None:
+        """``done`` of ``total`` steps of a phase before the bytes or rows flow
+        (checkpoints read by the merge, files written by the demo)."""
+
     def note(self, text: str) -> None:
         """A line worth showing when not quiet (reconnects, summaries)."""
 
@@ -59,6 +63,7 @@ class PlainProgress(Progress):
         self.interval = interval
         self.total = 0
         self.done = 0
+        self.resumed = 0  # done before this run: counted as done, not in the rate
         self.started = time.monotonic()
         self._last_line = 0.0
 
@@ -71,6 +76,7 @@ class PlainProgress(Progress):
 
     def file_started(self, cluster: str, name: str, size: int, offset: int) -> None:
         resumed = f" (resuming at {format_bytes(offset)})" if offset else ""
+        self.resumed += offset
         self._line(f"{cluster}: {name} {format_bytes(size)}{resumed}")
 
     def advance(self, cluster: str, name: str, nbytes: int) -> None:
@@ -79,17 +85,24 @@ class PlainProgress(Progress):
         if now - self._last_line >= self.interval:
             self._last_line = now
             rate = self.done / max(now - self.started, 1e-9)
-            self._line(f"total: {format_bytes(self.done)} of {format_bytes(self.total)}"
+            self._line(f"total: {format_bytes(self.resumed + self.done)} of {format_bytes(self.total)}"
                        f" at {format_bytes(rate)}/s")
 
     def file_finished(self, cluster: str, name: str, outcome: str) -> None:
-        self._line(f"{cluster}: {name} {outcome}")
+        if outcome != "failed":  # a failure is said once, by its error or the cluster's note
+            self._line(f"{cluster}: {name} {outcome}")
 
     def rows_merged(self, done: int, total: int) -> None:
         now = time.monotonic()
         if done == total or now - self._last_line >= self.interval:
             self._last_line = now
             self._line(f"merge: {done:,} of {total:,} rows")
+
+    def step(self, what: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if done == total or now - self._last_line >= self.interval:
+            self._last_line = now
+            self._line(f"{what}: {done:,} of {total:,}")
 
     def note(self, text: str) -> None:
         self._line(text)
@@ -104,6 +117,7 @@ class TqdmProgress(Progress):
         self._total_bar: tqdm | None = None
         self._file_bars: dict[tuple[str, str], tqdm] = {}
         self._merge_bar: tqdm | None = None
+        self._step_bars: dict[str, tqdm] = {}
         self._free_positions: list[int] = []
         self._next_position = 1
 
@@ -114,7 +128,7 @@ class TqdmProgress(Progress):
 
     def add_total(self, nbytes: int) -> None:
         if self._total_bar is None:
-            self._total_bar = self._bar(total=0, unit="B", unit_scale=True, unit_divisor=1024,
+            self._total_bar = self._bar(total=0, unit="iB", unit_scale=True, unit_divisor=1024,
                                         desc="total", position=0)
         self._total_bar.total += nbytes
         self._total_bar.refresh()
@@ -125,8 +139,15 @@ class TqdmProgress(Progress):
         else:
             position, self._next_position = self._next_position, self._next_position + 1
         self._file_bars[(cluster, name)] = self._bar(
-            total=size, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
-            desc=f"{cluster}/{name}", position=position, leave=False)
+            total=size, initial=offset, unit="iB", unit_scale=True, unit_divisor=1024,
+            desc=_short(f"{cluster}/{name}"), position=position, leave=False)
+        if offset and self._total_bar is not None:
+            # Resumed bytes are done, but not part of this run's rate or ETA:
+            # moved past as if they had been there from the start.
+            self._total_bar.n += offset
+            self._total_bar.initial += offset
+            self._total_bar.last_print_n += offset
+            self._total_bar.refresh()
 
     def advance(self, cluster: str, name: str, nbytes: int) -> None:
         if self._total_bar is not None:
@@ -141,13 +162,20 @@ class TqdmProgress(Progress):
             self._free_positions.append(abs(bar.pos))
             self._free_positions.sort()
             bar.close()
-        if outcome == "failed":
-            self.note(f"{cluster}: {name} failed")
 
     def rows_merged(self, done: int, total: int) -> None:
         if self._merge_bar is None:
             self._merge_bar = self._bar(total=total, unit="rows", unit_scale=True, desc="merge")
         self._merge_bar.update(done - self._merge_bar.n)
+
+    def step(self, what: str, done: int, total: int) -> None:
+        bar = self._step_bars.get(what)
+        if bar is None:
+            bar = self._step_bars[what] = self._bar(total=total, desc=what, leave=False)
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+            del self._step_bars[what]
 
     def note(self, text: str) -> None:
         from tqdm import tqdm
@@ -155,12 +183,24 @@ class TqdmProgress(Progress):
         tqdm.write(text, file=self.stream)
 
     def close(self) -> None:
-        bars = [*self._file_bars.values(), self._total_bar, self._merge_bar]
+        bars = [*self._file_bars.values(), *self._step_bars.values(), self._total_bar, self._merge_bar]
         for bar in bars:
             if bar is not None:
                 bar.close()
         self._file_bars.clear()
+        self._step_bars.clear()
         self._total_bar = self._merge_bar = None
+
+
+# A file bar's label, so that an 80-column terminal keeps the counts and the ETA.
+_LABEL_CHARS = 28
+
+
+def _short(label: str) -> str:
+    if len(label) <= _LABEL_CHARS:
+        return label
+    keep = _LABEL_CHARS - 1
+    return f"{label[:keep // 2]}…{label[-(keep - keep // 2):]}"
 
 
 def choose_progress(quiet: bool, stream: TextIO | None = None) -> Progress:

@@ -257,7 +257,9 @@ async def _download_with_retries(link: ClusterLink, layout: DownloadLayout, remo
             changed_in_a_row = changed_in_a_row + 1 if isinstance(exc, RemoteFileChangedError) else 0
             if stalled_attempts > options.retries or changed_in_a_row > options.retries:
                 raise
-            progress.note(f"{exc} (retrying)")
+            if not link.lost:
+                # A drop fails every file in flight at once: the link says it, once.
+                progress.note(f"{exc} (retrying)")
             logger.info("cluster %r: %s: attempt failed (%s); %d byte(s) verified so far; retrying in %.1f s",
                         cluster, name, exc.cause, after, options.delay(stalled_attempts))
             await anyio.sleep(options.delay(stalled_attempts))
@@ -313,12 +315,19 @@ class ClusterLink:
                             self._options.retries + 1)
                 try:
                     self._remote = await self._connect()
+                    self._progress.note(f"{self.cluster.name}: reconnected; the files in flight resume "
+                                        f"at their verified offsets.")
                     return self._remote
                 except (ConnectError, TransferError):
                     if attempt == self._options.retries:
                         raise
                     await anyio.sleep(self._options.delay(attempt))
             raise AssertionError("unreachable")
+
+    @property
+    def lost(self) -> bool:
+        """The connection dropped (it is re-established by the next ``get``)."""
+        return self._remote is not None and self._remote.is_closed
 
     async def _connect(self) -> ClusterRemote:
         remote = await ClusterRemote.connect(self.cluster, timeout=self._options.timeout,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import pickle
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -178,11 +178,13 @@ def generate_run(
     seed: int = 0,
     model: str = DEFAULT_MODEL,
     declare_total: bool = False,
+    on_file: Callable[[int, int], None] | None = None,
 ) -> list[Path]:
     """Write a whole run under ``root/<cluster>/``; return the checkpoint paths in index order.
 
     ``declare_total``: every checkpoint carries ``total_rows``, as embedding
-    jobs that know their corpus write it.
+    jobs that know their corpus write it. ``on_file(written, of)`` after
+    each file, for a progress display.
 
     Questions sit at the last ``questions`` indices, as in the original run,
     unless ``question_indices`` places them elsewhere. With ``fmt="mixed"``
@@ -214,4 +216,6 @@ def generate_run(
             else:
                 path = stem.with_name(stem.name + ".pkl")
                 written.append(write_legacy_checkpoint(path, embeddings, articles, **metadata))
+            if on_file is not None:
+                on_file(len(written), (len(pieces) - 1) * files_per_gpu)
     return written

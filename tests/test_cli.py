@@ -118,8 +118,10 @@ def test_merge_error_is_one_paragraph_and_leaves_nothing(tmp_path, capsys):
     output = tmp_path / "merged.pkl"
     assert main(["merge", "--download-dir", str(download_dir), "--output", str(output)]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "150..299 are missing" in err and "Traceback" not in err
-    assert err.count("\n") == 1
+    # Progress lines (timestamped, stderr not a terminal), then one paragraph.
+    *progress_lines, error = err.splitlines()
+    assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d merge", line) for line in progress_lines), err
+    assert error.startswith("error: ") and "150..299 are missing" in error and "Traceback" not in err
     assert not output.exists()
     assert main(["merge", "--download-dir", str(download_dir), "--expect-articles", "7",
                  "--output", str(output)]) == 1

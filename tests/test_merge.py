@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import importlib
 import contextlib
 import json
 import multiprocessing
@@ -580,7 +581,7 @@ def _no_output_expected(*arguments: object, **keywords: object) -> None:
 def test_validation_fails_before_the_output_is_created(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, damage
 ) -> None:
-    import async_embed_sync.merge as merge
+    merge = importlib.import_module("async_embed_sync.merge")  # the module, not the package's merge()
 
     paths = _run(tmp_path / "downloads", "pkl")
     damage(tmp_path / "downloads", paths)
@@ -594,7 +595,7 @@ def test_validation_fails_before_the_output_is_created(
 def test_strict_fails_on_a_legacy_checkpoint_before_the_output_is_created(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import async_embed_sync.merge as merge
+    merge = importlib.import_module("async_embed_sync.merge")  # the module, not the package's merge()
 
     _write_run_with_nan(tmp_path / "downloads")
     monkeypatch.setattr(merge, "open_output", _no_output_expected)

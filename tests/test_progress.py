@@ -18,7 +18,8 @@ class FakeTerminal(io.StringIO):
 
 
 def _feed(progress):
-    progress.add_total(3 * 1024 * 1024)
+    # As the sync reports them: every file's full size is planned, a.pkl resumes at 1 MiB.
+    progress.add_total(4 * 1024 * 1024)
     progress.file_started("tensor01", "a.pkl", 2 * 1024 * 1024, 1024 * 1024)
     progress.file_started("tensor02", "b.pkl", 2 * 1024 * 1024, 0)
     progress.advance("tensor01", "a.pkl", 1024 * 1024)
@@ -41,8 +42,8 @@ def test_plain_lines():
     _feed(PlainProgress(stream, interval=0))
     text = stream.getvalue()
     assert "tensor01: a.pkl 2.0 MiB (resuming at 1.0 MiB)" in text
-    assert "tensor02: b.pkl failed" in text
-    assert "total: 3.0 MiB of 3.0 MiB" in text
+    assert "failed" not in text  # said once, by the error, not again per file
+    assert "total: 4.0 MiB of 4.0 MiB" in text  # the resumed MiB counts as done
     assert "a note" in text and "an error" in text
     # Lines end up in logs: each but the error (said as it is) carries a timestamp.
     lines = [line for line in text.splitlines() if line != "an error"]
@@ -54,8 +55,39 @@ def test_tqdm_bars_show_total_and_files():
     _feed(TqdmProgress(stream))
     text = stream.getvalue()
     assert "total" in text and "tensor01/a.pkl" in text
-    assert "3.00M/3.00M" in text
-    assert "a note" in text and "an error" in text
+    # The resumed MiB counts as done: the total bar reaches 100 %, in MiB as the summary says.
+    assert "100%" in text and "4.00M/4.00M" in text and "iB/s" in text
+    assert "a note" in text and "an error" in text and "failed" not in text
+
+
+def test_the_rate_is_about_what_this_run_fetched():
+    stream = FakeTerminal()
+    progress = TqdmProgress(stream)
+    progress.add_total(100 * 1024 * 1024)
+    progress.file_started("tensor01", "a.pkl", 100 * 1024 * 1024, 99 * 1024 * 1024)
+    bar = progress._total_bar
+    assert bar.n == 99 * 1024 * 1024 and bar.n - bar.initial == 0  # nothing fetched yet: no rate
+    progress.close()
+
+
+def test_labels_fit_an_80_column_terminal():
+    stream = FakeTerminal()
+    stream.columns = 80
+    progress = TqdmProgress(stream)
+    progress.add_total(10)
+    progress.file_started("tensor01", "embeddings_gpu3_00187507_00250010.pkl", 10, 0)
+    progress.advance("tensor01", "embeddings_gpu3_00187507_00250010.pkl", 5)
+    label = next(iter(progress._file_bars.values())).desc
+    assert len(label) <= 28 and label.startswith("tensor01/emb") and label.endswith("250010.pkl")
+    progress.close()
+
+
+def test_steps_before_the_bytes_flow_are_shown():
+    stream = io.StringIO()
+    plain = PlainProgress(stream, interval=0)
+    for done in range(1, 4):
+        plain.step("merge: checkpoints read", done, 3)
+    assert "merge: checkpoints read: 3 of 3" in stream.getvalue()
 
 
 def test_quiet_shows_errors_only():
