@@ -1,7 +1,7 @@
 from __future__ import annotations
 
-import importlib
 import contextlib
+import importlib
 import json
 import multiprocessing
 import pickle
