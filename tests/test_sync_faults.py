@@ -5,6 +5,7 @@ given number of bytes (deterministic triggers, no sleeps)."""
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import signal
 import sys
@@ -18,7 +19,7 @@ from reliability_helpers import ignores_sigint, with_sigint
 from async_embed_sync.config import load_config
 from async_embed_sync.download import CHECKPOINT_BYTES
 from async_embed_sync.journal import DownloadLayout
-from async_embed_sync.progress import QuietProgress
+from async_embed_sync.progress import PlainProgress, QuietProgress
 from async_embed_sync.remote import READ_AHEAD_BYTES
 from async_embed_sync.sync import SyncOptions, sync_clusters
 
@@ -90,6 +91,23 @@ async def test_drops_mid_file_resume_from_the_verified_offset(tmp_path, embedded
     # most the read-ahead lost in flight at each drop (plus SSH framing).
     resent = proxy.bytes_to_client - size
     assert resent < 2 * (READ_AHEAD_BYTES + MiB), resent
+
+
+async def test_a_drop_is_said_once_per_cluster_not_per_file_in_flight(tmp_path, embedded_server, link_proxy,
+                                                                      write_config):
+    remote = _make_remote(tmp_path / "srv", {f"part{i}.pkl": 6 * MiB for i in range(4)})
+    lines = io.StringIO()
+    async with embedded_server(tmp_path / "srv") as server, link_proxy(server, cut_after=9 * MiB) as proxy:
+        config = write_config(tmp_path, {"tensor01": server.cluster_entry("/ckpt", port=proxy.port)})
+        report = await sync_clusters(load_config(config).select(None), str(tmp_path / "dl"),
+                                     PlainProgress(lines, interval=3600),
+                                     SyncOptions(**{**FAST_RETRY, "max_parallel": 4}))
+    assert report.ok and proxy.cuts == 1
+    _same(remote, tmp_path / "dl" / "tensor01", [f"part{i}.pkl" for i in range(4)])
+    text = lines.getvalue()
+    assert text.count("tensor01: connection lost; reconnecting.") == 1, text
+    assert text.count("tensor01: reconnected; the files in flight resume at their verified offsets.") == 1, text
+    assert "(retrying)" not in text and "failed" not in text, text
 
 
 async def test_killed_process_resumes(tmp_path, embedded_server, link_proxy, write_config):
