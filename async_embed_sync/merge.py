@@ -61,6 +61,7 @@ from .checkpoints import (
     RowBlock,
     file_sha256,
     find_checkpoints,
+    open_checkpoint,
 )
 from .errors import AFTER_MERGE, CheckpointError, MergeValidationError, RowsMissingError, translating_local_errors
 from .journal import DownloadLayout
@@ -416,6 +417,31 @@ def validate_plan(
     return missing
 
 
+def _rows_only_left_out(left_out: Sequence[Path], infos: Sequence[CheckpointInfo], partial: bool
+                        ) -> list[tuple[int, int]]:
+    """Rows that only checkpoints the cluster no longer holds carry: a GPU's file deleted
+    there (not re-split) would otherwise leave a result short with nothing to tell. Raises
+    unless ``partial``, which gets their ranges ``[start, end)``."""
+    missing: list[tuple[int, int]] = []
+    for path in left_out:
+        try:
+            info = open_checkpoint(path).info
+        except CheckpointError:
+            continue  # left out anyway; whatever it held cannot be told
+        uncovered = [(info.start_index, info.end_index)]
+        for merged in infos:
+            uncovered = [piece for start, end in uncovered for piece in (
+                (start, min(end, merged.start_index)), (max(start, merged.end_index), end)) if piece[0] < piece[1]]
+        for start, end in uncovered:
+            if not partial:
+                raise MergeValidationError(
+                    f"indices {start}..{end - 1} are only in {path}, which {path.parent.name} no longer held "
+                    f"at the last sync: was it deleted there? Run `sync` again if it is back on the cluster, "
+                    f"or add --partial to merge without those rows.")
+            missing.append((start, end))
+    return missing
+
+
 def _declared_rows(infos: Sequence[CheckpointInfo], expect_rows: int | None) -> tuple[int, str] | None:
     """The run's total rows and who declared it, where anyone did; declarations must agree."""
     carriers = [info for info in infos if info.total_rows is not None]
@@ -597,6 +623,7 @@ def merge_checkpoints(
         parts = _read_all(paths, spill, line_check, on_read)
         infos = [part.info for part in parts]
         missing_ranges = validate_plan(infos, expect_articles, expect_rows=expect_rows, partial=partial)
+        missing_ranges = sorted(missing_ranges + _rows_only_left_out(left_out, infos, partial))
         total_articles = sum(info.article_rows for info in infos)
         timestamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
         with _writing(output):

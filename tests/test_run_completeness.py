@@ -137,3 +137,23 @@ def test_the_configs_total_rows_must_be_a_positive_whole_number(tmp_path, write_
     config.write_text(json.dumps({**json.loads(config.read_text()), "total_rows": bad}))
     assert main(["run", "--config", str(config), "--download-dir", str(tmp_path / "dl")]) == 1
     assert '"total_rows" must be a positive whole number' in capsys.readouterr().err
+
+
+def test_a_file_deleted_on_the_cluster_that_held_rows_no_other_holds_fails_the_run(
+        openssh, tmp_path, write_config, capsys):
+    remote, config = _two_clusters(tmp_path, openssh, write_config)
+    assert _run(config, tmp_path) == 0
+    last = sorted((remote / "tensor02").glob("embeddings_gpu1_*.pkl"))[0]
+    last.rename(tmp_path / last.name)  # gone from the cluster; its rows are in no other file
+    capsys.readouterr()
+
+    assert _run(config, tmp_path, output="again.pkl") == 1
+    err = capsys.readouterr().err
+    assert f"indices 300..399 are only in {tmp_path / 'dl' / 'tensor02' / last.name}" in err
+    assert "no longer held at the last sync" in err and "--partial" in err
+    assert not (tmp_path / "again.pkl").exists()
+
+    assert main(["run", "--config", str(config), "--download-dir", str(tmp_path / "dl"),
+                 "--output", str(tmp_path / "again.pkl"), "--partial"]) == 0
+    assert "this result lacks the rows at indices 300..399" in capsys.readouterr().err
+    assert load(tmp_path / "again.pkl")["total_articles"] == 300
