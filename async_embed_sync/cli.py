@@ -68,16 +68,19 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
-        print("Interrupted. What was verified is kept; run the same command again to resume.",
+        print(f"Interrupted. {args.after_stop}",
               file=sys.stderr)
         return EXIT_INTERRUPTED
     except Terminated:
-        print("Terminated. What was verified is kept; run the same command again to resume.",
+        print(f"Terminated. {args.after_stop}",
               file=sys.stderr)
         return EXIT_TERMINATED
     finally:
         restore_logging()
         restore_sigterm()
+
+
+_AFTER_STOP = "What was verified is kept; run the same command again to resume."
 
 
 def _with_default_command(argv: list[str]) -> list[str]:
@@ -103,7 +106,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                                   epilog=_epilog(prog, [name]), formatter_class=argparse.RawDescriptionHelpFormatter)
         for add_group in (*groups, _add_log_arguments):
             add_group(sub)
-        sub.set_defaults(handler=handler)
+        sub.set_defaults(handler=handler, after_stop=_AFTER_STOP)
         return sub
 
     run = command("run", "sync every selected cluster, then merge (the whole job)", _run,
@@ -124,6 +127,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                            "~/.config/async_embed_sync/credentials.json)")
     demo = command("demo", "run the whole job against two simulated clusters, no setup needed",
                    _demo, _add_merge_arguments_without_output)
+    # The demo makes its clusters anew each time: there is nothing to resume.
+    demo.set_defaults(after_stop="The demo starts over when run again; nothing of yours was touched.")
     demo.add_argument("--rows", type=_positive_int, default=None, metavar="N",
                       help="rows to generate (default: 20,010: 20,000 articles and 10 questions)")
     demo.add_argument("--drop-after", type=_positive_int, default=None, metavar="BYTES",

@@ -26,7 +26,7 @@ from importlib import resources
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ConfigError, KeyPermissionError, UnknownClusterError, os_error_problem
+from .errors import ConfigError, KeyPermissionError, LocalFileError, NoConfigError, UnknownClusterError, os_error_problem
 
 DEFAULT_CONFIG_FILE = "credentials.json"
 DEFAULT_CREDENTIALS_DIR = ".credentials"
@@ -138,9 +138,8 @@ def load_config(config_file: str | os.PathLike | None = None,
         return _load_json_file(user_config_file())
     if not required:
         return None
-    raise ConfigError(
-        DEFAULT_CONFIG_FILE,
-        f"no configuration found. Looked for --config, ${CONFIG_ENV} (not set), "
+    raise NoConfigError(
+        f"Looked for --config, ${CONFIG_ENV} (not set), "
         f"{DEFAULT_CONFIG_FILE} and {DEFAULT_CREDENTIALS_DIR}/ in {Path.cwd()}, and "
         f"{user_config_file()}. Run `python -m async_embed_sync init` to write one to fill in "
         f"(mode 600), or pass --config FILE. A minimal working one: {MINIMAL_ENTRY}",
@@ -155,8 +154,8 @@ def write_example_config(path: str | os.PathLike) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     except FileExistsError as exc:
-        raise ConfigError(str(path), "already exists; it was left as it is. Edit it, or pass "
-                                     "--config with another path.") from exc
+        raise LocalFileError(str(path), "it already exists, and was left as it is. Edit it, or pass "
+                                        "--config with another path.", action="write the example to") from exc
     except OSError as exc:
         raise ConfigError(str(path), f"cannot be written ({exc.strerror or exc}).") from exc
     with os.fdopen(fd, "wb") as stream:
@@ -281,6 +280,7 @@ def _secret_permission_warnings(path: Path, cluster: ClusterConfig) -> list[str]
     except OSError:
         return []
     if mode & 0o077:
-        return [f"Warning: {path} holds a password and is readable by group or "
+        secret = "a password" if cluster.password is not None else "a key's passphrase"
+        return [f"Warning: {path} holds {secret} and is readable by group or "
                 f"others (mode {mode:04o}); fix it with: chmod 600 {path}"]
     return []

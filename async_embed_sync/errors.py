@@ -8,6 +8,7 @@ secret (no class here takes a password or key material as a field).
 
     AsyncEmbedSyncError                  anything the CLI turns into exit code 1
     ├── ConfigError                      credentials file / cluster settings
+    │   ├── NoConfigError                no configuration where it was looked for
     │   ├── UnknownClusterError          --clusters names a cluster not configured
     │   └── KeyPermissionError           private key readable by group/others
     ├── DownloadDirLockedError           another run holds the download directory
@@ -75,6 +76,15 @@ class ConfigError(AsyncEmbedSyncError):
         super().__init__(f"Configuration error in {source}: {problem}")
 
 
+class NoConfigError(ConfigError):
+    """No configuration in any of the places looked at; ``problem`` says where, and how to make one."""
+
+    def __init__(self, problem: str):
+        self.source = ""
+        self.problem = problem
+        AsyncEmbedSyncError.__init__(self, f"No configuration found. {problem}")
+
+
 class UnknownClusterError(ConfigError):
     def __init__(self, source: str, unknown: Iterable[str], known: Iterable[str]):
         self.unknown = sorted(unknown)
@@ -130,7 +140,7 @@ class LocalFileError(AsyncEmbedSyncError):
 
 # What the user can still count on after a failure, per phase: said at the
 # end of the paragraph, after the fix.
-AFTER_SYNC = "What was already verified is kept: run the same command again to resume."
+AFTER_SYNC = "What was already verified is kept: once this is fixed, run the same command again to resume."
 AFTER_MERGE = "Nothing was left at the output path: run the merge again once this is fixed."
 NOTHING_CHANGED = "Nothing was changed."
 
@@ -238,7 +248,8 @@ class AuthenticationError(RemoteError):
     cause = "the server refused the login"
 
     def __init__(self, cluster: str, username: str, host: str, port: int, *,
-                 tried: Iterable[str] = (), accepted: Iterable[str] = (), unanswered: str | None = None):
+                 tried: Iterable[str] = (), accepted: Iterable[str] = (), unanswered: str | None = None,
+                 key_files: Iterable[str] = ()):
         self.username = username
         self.host = host
         self.tried = list(tried)
@@ -249,9 +260,10 @@ class AuthenticationError(RemoteError):
             fix = (f"The server asked for {unanswered}, and there is no terminal to ask: set it in "
                    f"the configuration, use a key, or run the command in a terminal.")
         else:
+            keys = "".join(f"-i {key} " for key in key_files)
+            agent = "" if any("ssh-add" in attempt for attempt in self.tried) else "; or load the key into ssh-agent"
             fix = (f"Check `username` and `key_file` (or `password`) for this cluster; "
-                   f"`ssh -p {port} {username}@{host}` with the same key should log in; or load "
-                   f"the key into ssh-agent.")
+                   f"`ssh -p {port} {keys}{username}@{host}` should log in{agent}.")
         super().__init__(cluster, f"the server {host} refused the login as {username!r}.{what}{accepts} {fix}")
 
 

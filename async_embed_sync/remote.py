@@ -794,7 +794,7 @@ def _authentication_error(target: SSHTarget, auth: _AuthClient | None) -> Authen
     return AuthenticationError(
         target.cluster.name, target.username, target.hostname, target.port,
         tried=auth.attempts() if auth else [], accepted=auth.server_methods() if auth else [],
-        unanswered=auth.unanswered if auth else None)
+        unanswered=auth.unanswered if auth else None, key_files=target.identity_files)
 
 
 def _host_is_known(target: SSHTarget) -> bool:

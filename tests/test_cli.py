@@ -130,7 +130,7 @@ def test_merge_error_is_one_paragraph_and_leaves_nothing(tmp_path, capsys):
 def test_config_errors_exit_1(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(["sync"]) == 1
-    assert "no configuration found" in capsys.readouterr().err
+    assert "No configuration found" in capsys.readouterr().err
     (tmp_path / "credentials.json").write_text('{"clusters": {"tensor01": {"host": "h", "remote_dir": "/d"}}}')
     assert main(["status", "--clusters", "tensor09"]) == 1
     assert "tensor09" in capsys.readouterr().err
@@ -262,7 +262,7 @@ def test_status_never_shows_a_partial_at_100_percent(openssh, tmp_path, write_co
 def test_no_arguments_mean_run_and_the_name_typed_is_shown(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main([]) == 1  # `run`, as the legacy script: here it finds no configuration
-    assert "no configuration found" in capsys.readouterr().err
+    assert "No configuration found" in capsys.readouterr().err
     console_script = subprocess.run([str(Path(sys.executable).parent / "async-embed-sync"), "--version"],
                                     capture_output=True, text=True, timeout=60)
     assert console_script.stdout.startswith("async-embed-sync ")

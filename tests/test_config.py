@@ -53,7 +53,7 @@ def test_legacy_credentials_dir(tmp_path):
 
 def test_default_lookup_order(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ConfigError, match="no configuration found"):
+    with pytest.raises(ConfigError, match="No configuration found"):
         load_config()
     (tmp_path / ".credentials").mkdir()
     _write(tmp_path / ".credentials" / "old.credentials", {"host": "h", "remote_dir": "/d"})
@@ -153,5 +153,5 @@ def test_init_writes_the_example_privately_and_never_over_a_file(tmp_path, monke
     assert "Fill in host" in capsys.readouterr().err
     written.write_text("{}  # edited by hand")
     assert main(["init"]) == 1
-    assert "already exists; it was left as it is" in capsys.readouterr().err
+    assert "Cannot write the example to" in capsys.readouterr().err
     assert written.read_text() == "{}  # edited by hand"

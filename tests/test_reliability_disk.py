@@ -61,7 +61,7 @@ def test_disk_full_during_the_download_is_a_clear_error_and_the_rerun_resumes(
     assert full.returncode == 1, full.stderr
     partial = DownloadLayout(download_dir).partial_path("tensor01", "big.pkl")
     _assert_one_clear_paragraph(full.stderr, f"Cannot write {partial}", "File too large",
-                                "run the same command again to resume")
+                                "once this is fixed, run the same command again to resume")
     assert_journal_readable(download_dir)
     assert_no_wrong_file_in_place(remote, download_dir / "tensor01")
     assert not (download_dir / "tensor01" / "big.pkl").exists()
