@@ -22,11 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
+import anyio.lowlevel
 
 from .errors import AFTER_SYNC, RemoteFileChangedError, VerificationError, translating_local_errors
 from .journal import DownloadLayout, FileState, fsync_directory
 from .progress import Progress
-from .remote import ClusterRemote, RemoteFile
+from .remote import ClusterRemote, RemoteFile, observe_outcome
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +104,13 @@ async def download_file(remote: ClusterRemote, layout: DownloadLayout, remote_fi
                     progress.advance(cluster, name, len(chunk))
                     if position - state.verified_offset >= CHECKPOINT_BYTES:
                         await _checkpoint(layout, cluster, name, fd, state, position, hasher)
+                    # A stop (Ctrl-C, SIGTERM) is taken here, between blocks, where
+                    # the bytes, the hash and the position agree. Needed: while the
+                    # blocks arrive faster than they are written, the loop's only
+                    # suspensions are the shielded ones above (the next block is
+                    # already there), and anyio delivers a cancel at an unshielded
+                    # suspension only: the file would be fetched to its end first.
+                    await anyio.lowlevel.checkpoint_if_cancelled()
         finally:
             # Also after a drop: what arrived is kept, so that the retry asks
             # only for the rest.
@@ -126,16 +134,25 @@ async def download_file(remote: ClusterRemote, layout: DownloadLayout, remote_fi
         raise
     finally:
         os.close(fd)
-        if not remote_hash.done():
-            remote_hash.cancel()
-        with contextlib.suppress(BaseException):
-            await remote_hash
+        await _discard(remote_hash)
     progress.file_finished(cluster, name, "downloaded")
     logger.info("cluster %r: %s complete (%d bytes%s), verified by %s%s", cluster, name, remote_file.size,
                 f", resumed at byte {resumed_from}" if resumed_from else "", verified_by,
                 " against the server's sha256sum" if verified_by == "sha256" else " (the server has no shell)")
     return FileOutcome(name, "downloaded", remote_file.size, remote_file.size - resumed_from,
                        resumed_from > 0, verified_by)
+
+
+async def _discard(request: asyncio.Future) -> None:
+    """Cancel ``request`` if it is still running, and observe how it ended.
+
+    Only the request's own outcome is ignored: a cancel aimed at this task
+    while it waits here still propagates (``contextlib.suppress(BaseException)``
+    around the ``await`` would swallow it, and the task would carry on)."""
+    request.add_done_callback(observe_outcome)
+    if not request.done():
+        request.cancel()
+        await asyncio.wait([request])
 
 
 def _resume_point(layout: DownloadLayout, cluster: str, remote_file: RemoteFile):

@@ -76,8 +76,10 @@ PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com",
                      "chacha20-poly1305@openssh.com", "aes256-ctr", "aes192-ctr", "aes128-ctr")
 MAX_NAME_BYTES = 255
 DEFAULT_SSH_CONFIG = Path("~/.ssh/config")
-# How long abandoned reads may take to come back: on a live link, about one
-# RTT; at close, after the connection is aborted, no time at all.
+# How long the reads still in flight when a file ends early or the link drops
+# may take to come back: on a live link, about one RTT; at close, after the
+# connection is aborted, no time at all. Reads abandoned by a stop (Ctrl-C,
+# SIGTERM) are not waited for: a slow link would keep delivering their bytes.
 READ_SETTLE_TIMEOUT = 1.0
 SETTLE_TIMEOUT = 5.0
 
@@ -199,7 +201,7 @@ class ClusterRemote:
         self._hash_queue: list[tuple[str, asyncio.Future]] = []
         self._hash_workers: set[asyncio.Future] = set()
         self._has_shell: bool | None = None
-        # Reads abandoned mid-flight (drop, cancel); observed again at close.
+        # Reads abandoned mid-flight (drop, stop): observed as they end, or at close.
         self._unsettled_reads: set[asyncio.Future] = set()
 
     @property
@@ -367,6 +369,7 @@ class ClusterRemote:
                     in_flight: dict[int, asyncio.Future[bytes]] = {}
                     closing_stat: asyncio.Future | None = None
                     next_request = position = offset
+                    abandoned = False
                     try:
                         while True:
                             while next_request < end and len(in_flight) < max_requests:
@@ -393,10 +396,37 @@ class ClusterRemote:
                                     remote_file.read(gap_end - position, position))
                         attrs = await asyncio.shield(closing_stat)
                         yield RemoteFile(name, attrs.size or 0, int(attrs.mtime or 0))
+                    except (asyncio.CancelledError, GeneratorExit):
+                        # A stop, or the caller gave up on the file: nobody
+                        # waits for these bytes any more.
+                        abandoned = True
+                        raise
                     finally:
                         requests = [*in_flight.values(), *filter(None, [closing_stat])]
-                        await _settle(requests, timeout=READ_SETTLE_TIMEOUT)
-                        self._unsettled_reads.update(r for r in requests if not r.done())
+                        if abandoned:
+                            # Not waited for: on a slow link the read-ahead
+                            # takes far longer than a round trip to arrive,
+                            # and the transfer would go on that long after a
+                            # Ctrl-C. They end on their own, or at close().
+                            self._abandon(requests)
+                        else:
+                            await _settle(requests, timeout=READ_SETTLE_TIMEOUT)
+                            self._unsettled_reads.update(r for r in requests if not r.done())
+
+    def _abandon(self, requests: list[asyncio.Future]) -> None:
+        """Let ``requests`` end without anyone waiting for them; each is
+        observed when it ends (its error is not news), and until then it is
+        unsettled: ``close()`` aborts the connection rather than wait on it."""
+        for request in requests:
+            if request.done():
+                observe_outcome(request)
+                continue
+            self._unsettled_reads.add(request)
+            request.add_done_callback(self._settled)
+
+    def _settled(self, request: asyncio.Future) -> None:
+        self._unsettled_reads.discard(request)
+        observe_outcome(request)
 
     async def sha256(self, name: str) -> str | None:
         """The remote's ``sha256sum`` of the file, or None without a shell.
@@ -515,8 +545,14 @@ async def _settle(requests, timeout: float = SETTLE_TIMEOUT) -> None:
         with anyio.move_on_after(timeout):
             await asyncio.wait(requests)
     for request in requests:
-        if request.done() and not request.cancelled():
-            request.exception()  # observed: the caller already has the error that matters
+        if request.done():
+            observe_outcome(request)
+
+
+def observe_outcome(request: asyncio.Future) -> None:
+    """Mark how a finished request ended as seen, so that asyncio does not report it as never retrieved."""
+    if not request.cancelled():
+        request.exception()  # observed: the caller already has the error that matters
 
 
 def _expand(path: str) -> Path:

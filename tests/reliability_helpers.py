@@ -75,7 +75,8 @@ def sync_argv(config: Path, download_dir: Path, *extra: str) -> list[str]:
     return ["sync", "--config", str(config), "--download-dir", str(download_dir), "--quiet", *extra]
 
 
-def _cli_child_command(argv: Sequence[str], prelude: str) -> list[str]:
+def cli_child_command(argv: Sequence[str], prelude: str = "") -> list[str]:
+    """``main(argv)`` in a fresh interpreter, after ``prelude`` (hooks, limits)."""
     code = (f"{prelude}\n"
             "import sys\n"
             "from async_embed_sync.cli import main\n"
@@ -90,14 +91,14 @@ def run_cli_child(argv: Sequence[str], prelude: str = "",
     The child exits with main's return code; a SIGKILL from a hook shows as
     ``returncode == -9``.
     """
-    return subprocess.run(_cli_child_command(argv, prelude), cwd=REPO_ROOT, capture_output=True,
+    return subprocess.run(cli_child_command(argv, prelude), cwd=REPO_ROOT, capture_output=True,
                           text=True, timeout=timeout)
 
 
 def start_cli_child(argv: Sequence[str], prelude: str = "", *,
                     sigint_ignored: bool = False) -> subprocess.Popen[str]:
     """:func:`run_cli_child`, not waited for: stdout and stderr are pipes."""
-    return subprocess.Popen(with_sigint(_cli_child_command(argv, prelude), ignored=sigint_ignored),
+    return subprocess.Popen(with_sigint(cli_child_command(argv, prelude), ignored=sigint_ignored),
                             cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
