@@ -32,18 +32,20 @@ class ClusterStatus:
     error: str | None = None
     notes: list[str] = field(default_factory=list)  # refused names, local-only files
 
-    def line(self) -> str:
+    def line(self, width: int = 8) -> str:
         if self.error:
-            return f"{self.name:<12} error: {self.error}"
+            return f"{self.name:<{width}} error: {self.error}"
         # Rounded down, and below 100 %: a partial is not complete until it is verified.
         percent = f" ({min(99, 100 * self.partial_bytes // self.partial_of)} %)" if self.partial_of else ""
-        return (f"{self.name:<12} {self.remote_files:>6} {format_bytes(self.remote_bytes):>10} "
-                f"{self.complete:>8} {self.partial:>4} {format_bytes(self.partial_bytes) + percent:>16} "
-                f"{self.changed:>7} {self.missing:>7} {self.local_only:>10}")
+        return (f"{self.name:<{width}} {self.remote_files:>6} {format_bytes(self.remote_bytes):>9} "
+                f"{self.complete:>8} {self.partial:>7} {format_bytes(self.partial_bytes) + percent:>15} "
+                f"{self.changed:>7} {self.missing:>7} {self.local_only:>5}")
 
 
-HEADER = (f"{'cluster':<12} {'remote':>6} {'size':>10} {'complete':>8} {'partial':>4} "
-          f"{'partial bytes':>16} {'changed':>7} {'missing':>7} {'local only':>10}")
+def header(width: int = 8) -> str:
+    """The columns, within 80 for names up to 8 characters; "local": here, no longer on the cluster."""
+    return (f"{'cluster':<{width}} {'remote':>6} {'size':>9} {'complete':>8} {'partial':>7} "
+            f"{'partial bytes':>15} {'changed':>7} {'missing':>7} {'local':>5}")
 
 
 def collect_status(clusters: list[ClusterConfig], download_dir: str, timeout: float = 30.0,
@@ -95,7 +97,8 @@ async def _cluster_status(cluster: ClusterConfig, layout: DownloadLayout, timeou
 
 
 def format_status(statuses: list[ClusterStatus]) -> str:
-    lines = [HEADER] + [s.line() for s in statuses]
+    width = max([7, *(len(s.name) for s in statuses)])
+    lines = [header(width)] + [s.line(width) for s in statuses]
     for status in statuses:
         lines += status.notes
     return "\n".join(lines)

@@ -122,16 +122,18 @@ class SyncReport:
             raise SyncFailedError(failures)
 
     def summary(self) -> str:
-        header = f"{'cluster':<12} {'files':>5} {'size':>10} {'fetched':>10} {'time':>7} {'rate':>11} " \
-                 f"{'resumed':>7} {'skipped':>7}  {'method':<6}  verified"
+        """One row per cluster, within 80 columns for names up to 8 characters."""
+        width = max([7, *(len(name) for name in self.clusters)])
+        header = f"{'cluster':<{width}} {'files':>5} {'size':>9} {'fetched':>9} {'time':>6} {'rate':>10} " \
+                 f"{'resumed':>7} {'skipped':>7} how"
         lines = [header]
         for c in self.clusters.values():
             rate = f"{format_bytes(c.transferred / c.seconds)}/s" if c.seconds > 0 and c.transferred else "-"
             verified = "+".join(sorted(v for v in c.verified_by if v)) or "-"
-            status = "" if c.ok else "  FAILED"
-            lines.append(f"{c.name:<12} {c.files:>5} {format_bytes(c.total_bytes):>10} "
-                         f"{format_bytes(c.transferred):>10} {c.seconds:>6.1f}s {rate:>11} "
-                         f"{c.resumed:>7} {c.skipped:>7}  {c.method or '-':<6}  {verified}{status}")
+            how = f"{c.method or '-'}/{verified}" if c.ok else "FAILED"
+            lines.append(f"{c.name:<{width}} {c.files:>5} {format_bytes(c.total_bytes):>9} "
+                         f"{format_bytes(c.transferred):>9} {c.seconds:>5.1f}s {rate:>10} "
+                         f"{c.resumed:>7} {c.skipped:>7} {how}")
         lines += [local_only_notice(c.name, c.local_only) for c in self.clusters.values() if c.local_only]
         return "\n".join(lines)
 

@@ -89,8 +89,8 @@ def test_clusters_option_limits_the_sync_and_progress_is_shown(openssh, tmp_path
     # Not a terminal: plain lines, then the summary table.
     err = capsys.readouterr().err
     assert "tensor02: emb_gpu0.pkl downloaded" in err
-    summary = err[err.index("cluster      files"):].splitlines()
-    assert summary[1].split()[:2] == ["tensor02", "5"] and summary[1].split()[-2:] == ["sftp", "sha256"]
+    summary = err[err.index("\ncluster ") + 1:].splitlines()
+    assert summary[1].split()[:2] == ["tensor02", "5"] and summary[1].split()[-1] == "sftp/sha256"
 
 
 def _run_failing(capsys, config: Path, download_dir: Path) -> str:
