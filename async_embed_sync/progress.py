@@ -51,6 +51,25 @@ class Progress:
         """Remove bars; called once at the end."""
 
 
+class _Positions:
+    """Where each file stands, so that the total is the sum of the positions:
+    a resumed file starts at its verified offset (done before this run, or
+    before a drop in this run: counted once), and bytes fetched again after a
+    drop are not counted twice."""
+
+    def __init__(self) -> None:
+        self._at: dict[tuple[str, str], int] = {}
+
+    def start(self, cluster: str, name: str, offset: int) -> int:
+        """The file (re)starts at ``offset``: how far the total moves (negative: bytes to fetch again)."""
+        moved = offset - self._at.get((cluster, name), 0)
+        self._at[(cluster, name)] = offset
+        return moved
+
+    def advance(self, cluster: str, name: str, nbytes: int) -> None:
+        self._at[(cluster, name)] = self._at.get((cluster, name), 0) + nbytes
+
+
 class QuietProgress(Progress):
     pass
 
@@ -63,7 +82,8 @@ class PlainProgress(Progress):
         self.interval = interval
         self.total = 0
         self.done = 0
-        self.resumed = 0  # done before this run: counted as done, not in the rate
+        self.resumed = 0  # where files started, not fetched now: done, but not in the rate
+        self._positions = _Positions()
         self.started = time.monotonic()
         self._last_line = 0.0
 
@@ -76,11 +96,12 @@ class PlainProgress(Progress):
 
     def file_started(self, cluster: str, name: str, size: int, offset: int) -> None:
         resumed = f" (resuming at {format_bytes(offset)})" if offset else ""
-        self.resumed += offset
+        self.resumed += self._positions.start(cluster, name, offset)
         self._line(f"{cluster}: {name} {format_bytes(size)}{resumed}")
 
     def advance(self, cluster: str, name: str, nbytes: int) -> None:
         self.done += nbytes
+        self._positions.advance(cluster, name, nbytes)
         now = time.monotonic()
         if now - self._last_line >= self.interval:
             self._last_line = now
@@ -118,6 +139,7 @@ class TqdmProgress(Progress):
         self._file_bars: dict[tuple[str, str], tqdm] = {}
         self._merge_bar: tqdm | None = None
         self._step_bars: dict[str, tqdm] = {}
+        self._positions = _Positions()
         self._free_positions: list[int] = []
         self._next_position = 1
 
@@ -141,15 +163,17 @@ class TqdmProgress(Progress):
         self._file_bars[(cluster, name)] = self._bar(
             total=size, initial=offset, unit="iB", unit_scale=True, unit_divisor=1024,
             desc=_short(f"{cluster}/{name}"), position=position, leave=False)
-        if offset and self._total_bar is not None:
+        moved = self._positions.start(cluster, name, offset)
+        if moved and self._total_bar is not None:
             # Resumed bytes are done, but not part of this run's rate or ETA:
             # moved past as if they had been there from the start.
-            self._total_bar.n += offset
-            self._total_bar.initial += offset
-            self._total_bar.last_print_n += offset
+            self._total_bar.n += moved
+            self._total_bar.initial += moved
+            self._total_bar.last_print_n += moved
             self._total_bar.refresh()
 
     def advance(self, cluster: str, name: str, nbytes: int) -> None:
+        self._positions.advance(cluster, name, nbytes)
         if self._total_bar is not None:
             self._total_bar.update(nbytes)
         bar = self._file_bars.get((cluster, name))

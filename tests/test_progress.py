@@ -100,3 +100,20 @@ def test_format_bytes():
     assert format_bytes(512) == "512 B"
     assert format_bytes(1536) == "1.5 KiB"
     assert format_bytes(3 * 1024 ** 3) == "3.0 GiB"
+
+
+def test_a_drop_mid_run_neither_counts_bytes_twice_nor_loses_them():
+    # 10 MiB file: 6 MiB arrive, the link drops, the verified offset was 4 MiB: 2 MiB come again.
+    MiB = 1024 * 1024
+    for progress in (TqdmProgress(FakeTerminal()), PlainProgress(io.StringIO(), interval=0)):
+        progress.add_total(10 * MiB)
+        progress.file_started("tensor01", "a.pkl", 10 * MiB, 0)
+        progress.advance("tensor01", "a.pkl", 6 * MiB)
+        progress.file_finished("tensor01", "a.pkl", "failed")
+        progress.file_started("tensor01", "a.pkl", 10 * MiB, 4 * MiB)
+        progress.advance("tensor01", "a.pkl", 6 * MiB)
+        if isinstance(progress, TqdmProgress):
+            assert progress._total_bar.n == progress._total_bar.total == 10 * MiB
+        else:
+            assert progress.resumed + progress.done == 10 * MiB
+        progress.close()
