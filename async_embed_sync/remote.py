@@ -586,6 +586,8 @@ class _Identities:
     ``problems()``, for the error that explains a refused login.
     """
 
+    MAX_PASSPHRASE_PROMPTS = 3
+
     def __init__(self, target: SSHTarget, prompter: Prompter):
         self._target = target
         self._prompter = prompter
@@ -612,11 +614,23 @@ class _Identities:
         """The configured passphrase, else (for an encrypted key only) the person at the terminal."""
         answer = self._target.cluster.passphrase
         if answer is None and _is_encrypted(filename):
-            try:
-                answer = self._prompter.ask(f"[{self._target.cluster.name}] Passphrase for key {filename}: ")
-            except NoTerminal:
-                answer = None
+            answer = self._ask_passphrase(filename)
         self._passphrases[filename] = answer
+        return answer
+
+    def _ask_passphrase(self, filename: str) -> str | None:
+        """Asked again after a typo, up to ``MAX_PASSPHRASE_PROMPTS`` times, as
+        ssh does; an empty answer gives up at once, as in ssh."""
+        prompt = f"[{self._target.cluster.name}] Passphrase for key {filename}: "
+        answer = None
+        for _ in range(self.MAX_PASSPHRASE_PROMPTS):
+            try:
+                answer = self._prompter.ask(prompt)
+            except NoTerminal:
+                return None
+            if not answer or _decrypts(filename, answer):
+                break
+            prompt = f"[{self._target.cluster.name}] Bad passphrase, try again for {filename}: "
         return answer
 
     def problems(self) -> list[str]:
@@ -636,15 +650,22 @@ class _Identities:
             return (f"encrypted, and no passphrase to be had: none in the configuration, no "
                     f"terminal to ask; set `passphrase` for this cluster, load the key into "
                     f"ssh-agent with `ssh-add {path}`, or run in a terminal")
-        try:
-            asyncssh.read_private_key(path, given)  # only after a failure: the KDF is slow on purpose
-        except (asyncssh.KeyImportError, asyncssh.KeyEncryptionError):
+        if _decrypts(path, given) is False:  # only after a failure: the KDF is slow on purpose
             source = "the configured `passphrase`" if self._target.cluster.passphrase is not None \
                 else "the passphrase typed"
             return f"encrypted, and {source} does not decrypt it"
-        except OSError:
-            return None
         return None
+
+
+def _decrypts(filename: str, passphrase: str) -> bool | None:
+    """Whether ``passphrase`` opens the key; None where the file cannot be read."""
+    try:
+        asyncssh.read_private_key(filename, passphrase)
+    except (asyncssh.KeyImportError, asyncssh.KeyEncryptionError):
+        return False
+    except OSError:
+        return None
+    return True
 
 
 def _is_encrypted(filename: str) -> bool:

@@ -9,10 +9,12 @@ connection problem.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 from openssh import OpenSSHServer, keygen, sshd_available
+from terminal import Terminal
 
 from async_embed_sync.cli import main
 
@@ -81,6 +83,46 @@ def test_a_wrong_passphrase_says_so(kbdint_sshd, tmp_path, write_config, capsys)
 
     assert f"the key {key} (encrypted, and the configured `passphrase` does not decrypt it)" in message
     assert "not it" not in err and PASSPHRASE not in err
+
+
+def _sync_at_a_terminal(tmp_path: Path, write_config, entry: dict) -> Terminal:
+    config = write_config(tmp_path, {"tensor01": entry})
+    return Terminal([sys.executable, "-m", "async_embed_sync", "sync", "--config", str(config),
+                     "--download-dir", str(tmp_path / "dl")])
+
+
+def test_a_passphrase_mistyped_at_the_terminal_is_asked_again(kbdint_sshd, tmp_path, write_config):
+    key = tmp_path / "encrypted_key"
+    keygen(key, passphrase=PASSPHRASE)
+    kbdint_sshd.authorize(key.with_suffix(".pub"))
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    (remote / "a.pkl").write_bytes(b"x" * 5000)
+    with _sync_at_a_terminal(tmp_path, write_config, kbdint_sshd.cluster_entry(str(remote), key_file=str(key))) \
+            as terminal:
+        assert f"[tensor01] Passphrase for key {key}: ".encode() in terminal.read_until(b"Passphrase for key")
+        terminal.type("typo")
+        assert f"[tensor01] Bad passphrase, try again for {key}: ".encode() in terminal.read_until(b"try again")
+        terminal.type(PASSPHRASE)
+        assert terminal.wait() == 0, terminal.text()
+    assert (tmp_path / "dl" / "tensor01" / "a.pkl").read_bytes() == b"x" * 5000
+    assert b"typo" not in terminal.screen and PASSPHRASE.encode() not in terminal.screen
+
+
+def test_three_wrong_passphrases_at_the_terminal_end_in_the_reason(kbdint_sshd, tmp_path, write_config):
+    key = tmp_path / "encrypted_key"
+    keygen(key, passphrase=PASSPHRASE)
+    kbdint_sshd.authorize(key.with_suffix(".pub"))
+    with _sync_at_a_terminal(tmp_path, write_config, kbdint_sshd.cluster_entry(str(tmp_path), key_file=str(key))) \
+            as terminal:
+        for attempt in range(3):
+            terminal.read_until(b"Passphrase for key" if attempt == 0 else b"try again")
+            terminal.type(f"wrong {attempt}")
+        assert terminal.wait() == 1, terminal.text()
+    screen = terminal.text()
+    assert screen.count("Bad passphrase, try again") == 2, screen
+    assert f"the key {key} (encrypted, and the passphrase typed does not decrypt it)" in screen
+    assert "Traceback" not in screen and "wrong 0" not in screen
 
 
 def test_a_missing_identity_file_in_the_ssh_config_is_skipped_with_a_warning(

@@ -3,18 +3,14 @@ prompted passwords, passphrases and 2FA codes, and no SFTP subsystem."""
 
 from __future__ import annotations
 
-import fcntl
 import os
-import select
-import subprocess
 import sys
-import termios
-import time
 
 import anyio
 import asyncssh
 import pytest
 from openssh import OpenSSHServer
+from terminal import Terminal
 
 from async_embed_sync.background import background_loop
 from async_embed_sync.embedded_server import EmbeddedSFTPServer
@@ -200,37 +196,16 @@ def test_password_typed_at_a_real_terminal_is_not_echoed(tmp_path, write_config)
             entry = server.cluster_entry("/ckpt")
             del entry["key_file"]
             config = write_config(tmp_path, {"tensor01": entry})
-            master, slave = os.openpty()
-            child = subprocess.Popen(
-                [sys.executable, "-m", "async_embed_sync", "sync", "--config", str(config),
-                 "--download-dir", str(tmp_path / "dl")],
-                stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
-                preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
-            os.close(slave)
-            screen = _read_until(master, b"Password for", child)
-            assert b"Password for tester@127.0.0.1: " in screen, screen
-            os.write(master, PASSWORD.encode() + b"\n")
-            screen += _read_until(master, b"verified", child, until_exit=True)
-            assert child.wait(30) == 0, screen.decode(errors="replace")
+            with Terminal([sys.executable, "-m", "async_embed_sync", "sync", "--config", str(config),
+                           "--download-dir", str(tmp_path / "dl")]) as terminal:
+                assert b"Password for tester@127.0.0.1: " in terminal.read_until(b"Password for"), terminal.text()
+                terminal.type(PASSWORD)
+                assert terminal.wait() == 0, terminal.text()
+                screen = terminal.screen
         finally:
             loop.run(server.close())
     assert PASSWORD.encode() not in screen  # getpass turned the echo off
     _same(remote, tmp_path / "dl" / "tensor01")
-
-
-def _read_until(fd, marker: bytes, child, until_exit: bool = False, timeout: float = 30.0) -> bytes:
-    seen = b""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([fd], [], [], 0.2)
-        if ready:
-            try:
-                seen += os.read(fd, 4096)
-            except OSError:  # the child closed the terminal
-                break
-        if (marker in seen and not until_exit) or (until_exit and child.poll() is not None):
-            break
-    return seen
 
 
 # ------------------------------------------------------------- without SFTP

@@ -1,0 +1,70 @@
+"""A command on a pseudo-terminal of its own, typed at as a person would."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import select
+import subprocess
+import termios
+import time
+
+
+def _take_the_terminal() -> None:
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)  # so that /dev/tty is this pty, as in a login shell
+
+
+class Terminal:
+    """``screen`` is everything the command wrote so far, as bytes."""
+
+    def __init__(self, argv: list[str], **popen) -> None:
+        master, slave = os.openpty()
+        self._fd = master
+        self.screen = b""
+        self.child = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
+                                      preexec_fn=_take_the_terminal, **popen)
+        os.close(slave)
+
+    def __enter__(self) -> Terminal:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self.child.poll() is None:
+            self.child.kill()
+            self.child.wait()
+        os.close(self._fd)
+
+    def read_until(self, marker: bytes, timeout: float = 30.0) -> bytes:
+        """What appeared from now until ``marker`` did (or the command ended)."""
+        start = len(self.screen)
+        self._read(lambda: marker in self.screen[start:], timeout)
+        return self.screen[start:]
+
+    def type(self, line: str) -> None:
+        os.write(self._fd, line.encode() + b"\n")
+
+    def wait(self, timeout: float = 30.0) -> int:
+        """The exit status, once the command has ended and its last words are read."""
+        self._read(lambda: self.child.poll() is not None, timeout)
+        return self.child.wait(timeout)
+
+    def text(self) -> str:
+        return self.screen.decode(errors="replace")
+
+    def _read(self, done, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not done() and time.monotonic() < deadline:
+            ready, _, _ = select.select([self._fd], [], [], 0.2)
+            if ready:
+                try:
+                    self.screen += os.read(self._fd, 4096)
+                except OSError:  # the command closed the terminal
+                    return
+        while select.select([self._fd], [], [], 0)[0]:  # what it wrote last
+            try:
+                chunk = os.read(self._fd, 4096)
+            except OSError:
+                return
+            if not chunk:
+                return
+            self.screen += chunk
