@@ -273,8 +273,6 @@ def _sync_phase(args: argparse.Namespace, progress: Progress, config: Config | N
         config = load_config(args.config, args.credentials_dir)
     if clusters is None:
         clusters = config.select(args.clusters)
-    for warning in config.warnings:
-        print(warning, file=sys.stderr)
     options = SyncOptions(max_parallel=args.max_parallel, timeout=args.timeout, retries=args.retries,
                           prompter=TerminalPrompter())
     report = sync(clusters, args.download_dir, progress, options)
@@ -304,8 +302,6 @@ def _status(args: argparse.Namespace) -> int:
     from .status import collect_status, format_status
 
     config = load_config(args.config, args.credentials_dir)
-    for warning in config.warnings:
-        print(warning, file=sys.stderr)
     statuses = collect_status(config.select(args.clusters), args.download_dir, args.timeout,
                               TerminalPrompter())
     print(format_status(statuses))

@@ -20,6 +20,7 @@ Two layouts are read:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import stat
 from importlib import resources
@@ -27,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError, KeyPermissionError, LocalFileError, NoConfigError, UnknownClusterError, os_error_problem
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_CONFIG_FILE = "credentials.json"
 DEFAULT_CREDENTIALS_DIR = ".credentials"
@@ -120,7 +123,18 @@ def load_config(config_file: str | os.PathLike | None = None,
     must exist too); else ``./credentials.json``, ``./.credentials/``, then
     the user's ``~/.config/async_embed_sync/credentials.json``. When none is
     there: an error saying where it looked, or None if not ``required``.
+
+    Its warnings (a secret in a file others can read) are logged here, so
+    that every command and every library call shows them.
     """
+    config = _find_config(config_file, credentials_dir, required=required)
+    for warning in config.warnings if config is not None else ():
+        logger.warning("%s", warning)
+    return config
+
+
+def _find_config(config_file: str | os.PathLike | None, credentials_dir: str | os.PathLike | None, *,
+                 required: bool) -> Config | None:
     if config_file is not None:
         return _load_json_file(Path(config_file))
     if credentials_dir is not None:
@@ -281,6 +295,6 @@ def _secret_permission_warnings(path: Path, cluster: ClusterConfig) -> list[str]
         return []
     if mode & 0o077:
         secret = "a password" if cluster.password is not None else "a key's passphrase"
-        return [f"Warning: {path} holds {secret} and is readable by group or "
+        return [f"{path} holds {secret} and is readable by group or "
                 f"others (mode {mode:04o}); fix it with: chmod 600 {path}"]
     return []

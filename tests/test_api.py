@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -60,3 +62,21 @@ def test_inside_a_running_event_loop_as_in_a_notebook(openssh, tmp_path, write_c
     assert second.ok and second.clusters["tensor01"].skipped == 1  # already here
     assert merged.total_articles == 110
     assert os.path.getsize(tmp_path / "merged.pkl") > 0
+
+
+def test_a_library_sync_shows_the_configuration_warnings_as_the_cli_does(openssh, tmp_path, write_config):
+    """In a plain interpreter (a script, a notebook), with no logging set up by the caller."""
+    remote = tmp_path / "remote"
+    generate_run(remote, rows=40, dim=8, gpus_per_cluster=1)
+    config = write_config(tmp_path, {"tensor01": openssh.cluster_entry(str(remote / "tensor01"),
+                                                                        password="not-used")})
+    config.chmod(0o640)
+    script = ("import sys, async_embed_sync\n"
+              "report = async_embed_sync.sync(sys.argv[1], download_dir=sys.argv[2])\n"
+              "assert report.ok, report.clusters\n")
+    done = subprocess.run([sys.executable, "-c", script, str(config), str(tmp_path / "dl")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert (f"{config} holds a password and is readable by group or others (mode 0640); "
+            f"fix it with: chmod 600 {config}") in done.stderr
+    assert "not-used" not in done.stderr

@@ -280,7 +280,8 @@ def test_status_warns_about_a_readable_password_as_sync_does(openssh, tmp_path, 
     config.chmod(0o644)
     assert main(["status", "--config", str(config), "--download-dir", str(tmp_path / "dl")]) == 0
     err = capsys.readouterr().err
-    assert "readable" in err and str(config) in err and "not-used" not in err
+    assert f"warning: {config} holds a password and is readable by group or others (mode 0644)" in err
+    assert "not-used" not in err
 
 
 def _custom_sigterm_handler(signum, frame):
