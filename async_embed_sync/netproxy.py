@@ -324,6 +324,10 @@ class LinkProxy:
             # did (aborting the client now would drop the bytes it is owed).
             if not connection.is_cut:
                 connection.abort()
+        except* asyncio.CancelledError:
+            # close() ends this handler. Ended quietly: Python 3.11's stream
+            # server logs a cancelled handler as an "Exception in callback".
+            pass
         finally:
             self._tasks.discard(task)
             self._open.discard(connection)

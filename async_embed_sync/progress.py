@@ -148,10 +148,12 @@ class TqdmProgress(Progress):
 
         return tqdm(file=self.stream, dynamic_ncols=True, **options)
 
+    def _bytes_bar(self, **options) -> tqdm:
+        return self._bar(unit="MiB", unit_scale=1 / _MiB, bar_format=_BYTES_BAR_FORMAT, **options)
+
     def add_total(self, nbytes: int) -> None:
         if self._total_bar is None:
-            self._total_bar = self._bar(total=0, unit="iB", unit_scale=True, unit_divisor=1024,
-                                        desc="total", position=0)
+            self._total_bar = self._bytes_bar(total=0, desc="total", position=0)
         self._total_bar.total += nbytes
         self._total_bar.refresh()
 
@@ -160,9 +162,8 @@ class TqdmProgress(Progress):
             position = self._free_positions.pop(0)
         else:
             position, self._next_position = self._next_position, self._next_position + 1
-        self._file_bars[(cluster, name)] = self._bar(
-            total=size, initial=offset, unit="iB", unit_scale=True, unit_divisor=1024,
-            desc=_short(f"{cluster}/{name}"), position=position, leave=False)
+        self._file_bars[(cluster, name)] = self._bytes_bar(
+            total=size, initial=offset, desc=_short(f"{cluster}/{name}"), position=position, leave=False)
         moved = self._positions.start(cluster, name, offset)
         if moved and self._total_bar is not None:
             # Resumed bytes are done, but not part of this run's rate or ETA:
@@ -218,6 +219,10 @@ class TqdmProgress(Progress):
 
 # A file bar's label, so that an 80-column terminal keeps the counts and the ETA.
 _LABEL_CHARS = 28
+_MiB = 1024 * 1024
+# Amounts and rates in MiB, as the summary says them ("12.3/135.0 MiB",
+# "2.85MiB/s"): tqdm's own scaling mixes k and M, and turns a slow rate into s/MiB.
+_BYTES_BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} MiB [{elapsed}<{remaining}, {rate_noinv_fmt}]"
 
 
 def _short(label: str) -> str:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import select
+import struct
 import subprocess
 import termios
 import time
@@ -17,8 +19,9 @@ def _take_the_terminal() -> None:
 class Terminal:
     """``screen`` is everything the command wrote so far, as bytes."""
 
-    def __init__(self, argv: list[str], **popen) -> None:
+    def __init__(self, argv: list[str], *, columns: int = 80, lines: int = 24, **popen) -> None:
         master, slave = os.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", lines, columns, 0, 0))
         self._fd = master
         self.screen = b""
         self.child = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
@@ -34,14 +37,18 @@ class Terminal:
             self.child.wait()
         os.close(self._fd)
 
-    def read_until(self, marker: bytes, timeout: float = 30.0) -> bytes:
-        """What appeared from now until ``marker`` did (or the command ended)."""
+    def read_until(self, marker: bytes | re.Pattern[bytes], timeout: float = 30.0) -> bytes:
+        """What appeared from now until ``marker`` (bytes, or a pattern) did, or the command ended."""
         start = len(self.screen)
-        self._read(lambda: marker in self.screen[start:], timeout)
+        pattern = marker if isinstance(marker, re.Pattern) else re.compile(re.escape(marker))
+        self._read(lambda: pattern.search(self.screen, start) is not None, timeout)
         return self.screen[start:]
 
     def type(self, line: str) -> None:
         os.write(self._fd, line.encode() + b"\n")
+
+    def press_ctrl_c(self) -> None:
+        os.write(self._fd, b"\x03")  # the terminal turns it into SIGINT for the foreground job
 
     def wait(self, timeout: float = 30.0) -> int:
         """The exit status, once the command has ended and its last words are read."""
@@ -50,6 +57,11 @@ class Terminal:
 
     def text(self) -> str:
         return self.screen.decode(errors="replace")
+
+    def rows_drawn(self) -> list[str]:
+        """Each text the terminal drew from the start of a row (cursor moves and colours removed)."""
+        plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "\n", self.text())
+        return [row for row in re.split(r"[\r\n]", plain) if row]
 
     def _read(self, done, timeout: float) -> None:
         deadline = time.monotonic() + timeout

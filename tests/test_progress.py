@@ -56,7 +56,7 @@ def test_tqdm_bars_show_total_and_files():
     text = stream.getvalue()
     assert "total" in text and "tensor01/a.pkl" in text
     # The resumed MiB counts as done: the total bar reaches 100 %, in MiB as the summary says.
-    assert "100%" in text and "4.00M/4.00M" in text and "iB/s" in text
+    assert "100%" in text and "4.0/4.0 MiB" in text and "MiB/s" in text
     assert "a note" in text and "an error" in text and "failed" not in text
 
 

@@ -1,0 +1,51 @@
+"""What a person sees in a real 80-column terminal: whole bars in MiB, and Ctrl-C said once.
+
+The CLI runs on a pseudo-terminal of its own against the real sshd, behind a
+slow emulated link so that the bars are seen moving; Ctrl-C is typed, so the
+terminal itself sends the SIGINT, as it does for a person.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+from terminal import Terminal
+
+from async_embed_sync.netproxy import run_in_thread
+
+MiB = 1024 * 1024
+# Long names, as GPUs write them, so that the labels must be shortened to fit.
+NAMES = [f"wikipedia_embeddinggemma-300m_gpu{gpu}_rows_{gpu * 62500:07d}-{(gpu + 1) * 62500:07d}.pkl"
+         for gpu in range(3)]
+
+
+def test_an_80_column_terminal_shows_whole_bars_and_ctrl_c_says_one_line(openssh, tmp_path, write_config):
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    for name in NAMES:
+        (remote / name).write_bytes(os.urandom(6 * MiB))
+    with run_in_thread(openssh.host, openssh.port, rate=3 * MiB) as proxy:
+        config = write_config(tmp_path, {"tensor01-a100-partition": openssh.cluster_entry(
+            str(remote), port=proxy.port)})
+        with Terminal([sys.executable, "-m", "async_embed_sync", "sync", "--config", str(config),
+                       "--download-dir", str(tmp_path / "dl")], columns=80) as terminal:
+            for _ in range(2):  # a refresh or two, with a rate and an ETA
+                terminal.read_until(re.compile(rb"\d\.\d\dMiB/s"))
+            terminal.press_ctrl_c()
+            assert terminal.wait() == 130, terminal.text()
+    rows = [row.replace("^C", "") for row in terminal.rows_drawn()]  # the terminal's echo of the key
+    too_wide = [row for row in rows if len(row) > 80]
+    assert not too_wide, too_wide  # a longer row wraps, and the bars pile up
+    bars = [row for row in rows if "MiB/s" in row]
+    assert bars, rows
+    moving = [bar for bar in bars if re.search(r"\d\.\d\dMiB/s", bar)]
+    assert moving and all(re.search(r"\d\d:\d\d<\d\d:\d\d", bar) for bar in moving), bars  # elapsed<ETA kept
+    assert not [row for row in rows if re.search(r"\d(k|M|G)B/s|\dB/s|\?iB|s/MiB", row)], rows  # MiB/s only
+    assert all(re.search(r"\| \d+\.\d/\d+\.\d MiB \[", bar) for bar in bars), bars  # amounts in MiB too
+    labels = {bar.split(":")[0] for bar in bars if not bar.startswith("total")}
+    assert len(labels) >= 1 and all(label.endswith(".pkl") for label in labels), labels  # the tail tells files apart
+    said = [row for row in rows if "MiB/s" not in row and "%|" not in row]
+    assert [row for row in said if row.startswith("Interrupted.")] == [said[-1]], said  # one line, last
+    assert "failed" not in terminal.text().lower() and "Traceback" not in terminal.text()
