@@ -115,21 +115,23 @@ class MergeReport:
     left_out: tuple[Path, ...] = ()
 
     def summary(self) -> str:
+        """A few lines that fit an 80-column terminal (the output's path on a line of its own)."""
         metrics = self.quality_metrics
         norms = (
-            "L2 norm min/mean/max/std "
-            + "/".join(f"{metrics[key]:.4g}" for key in ("norm_min", "norm_mean", "norm_max", "norm_std"))
+            ", ".join(f"{name} {metrics[f'norm_{name}']:.4g}" for name in ("min", "mean", "max", "std"))
             if metrics["norm_mean"] is not None
             else "no finite row"
         )
         return "\n".join(
             [
-                f"Merged {self.total_articles:,} articles ({self.embedding_dim}-dim {self.dtype}, "
-                f"{self.model}) from {self.checkpoints} checkpoints into {self.output}",
-                f"  rows read {self.total_rows:,}; dropped {self.dropped_rows:,} non-article rows",
-                f"  quality: {metrics['nan_values']:,} NaN and {metrics['inf_values']:,} Inf values, "
-                f"{metrics['zero_norm_rows']:,} zero-norm rows, {metrics['duplicate_rows']:,} duplicate rows; {norms}",
-                f"  time {self.elapsed_seconds:.1f} s; peak memory {self.peak_rss_bytes / 2**20:,.0f} MiB",
+                f"Merged {self.total_articles:,} articles from {self.checkpoints} checkpoints into",
+                f"  {self.output}",
+                f"  vectors  {self.embedding_dim}-dim {self.dtype}, {self.model}",
+                f"  rows     {self.total_rows:,} read; dropped {self.dropped_rows:,} non-article rows",
+                f"  quality  {metrics['nan_values']:,} NaN, {metrics['inf_values']:,} Inf, "
+                f"{metrics['zero_norm_rows']:,} zero-norm rows, {metrics['duplicate_rows']:,} duplicate rows",
+                f"  L2 norm  {norms}",
+                f"  took     {self.elapsed_seconds:.1f} s; peak memory {self.peak_rss_bytes / 2**20:,.0f} MiB",
                 *self._warnings(),
             ]
         )

@@ -196,7 +196,8 @@ class TqdmProgress(Progress):
     def step(self, what: str, done: int, total: int) -> None:
         bar = self._step_bars.get(what)
         if bar is None:
-            bar = self._step_bars[what] = self._bar(total=total, desc=what, leave=False)
+            bar = self._step_bars[what] = self._bar(total=total, desc=what, leave=False,
+                                                    bar_format=_STEP_BAR_FORMAT)
         bar.update(done - bar.n)
         if done >= total:
             bar.close()
@@ -222,6 +223,8 @@ _LABEL_CHARS = 28
 _MiB = 1024 * 1024
 # Amounts and rates in MiB, as the summary says them ("12.3/135.0 MiB",
 # "2.85MiB/s"): tqdm's own scaling mixes k and M, and turns a slow rate into s/MiB.
+# A step counts things of its own kind (checkpoints written, read): no "it/s".
+_STEP_BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}]"
 _BYTES_BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} MiB [{elapsed}<{remaining}, {rate_noinv_fmt}]"
 
 

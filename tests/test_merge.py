@@ -130,7 +130,10 @@ def test_summary_states_rows_drops_metrics_time_and_memory(tmp_path: Path) -> No
     assert f"{ROWS - len(QUESTIONS)} articles" in summary
     assert f"dropped {len(QUESTIONS)} non-article rows" in summary
     assert "0 NaN" in summary and "duplicate rows" in summary
-    assert "time " in summary and "MiB" in summary
+    assert "took " in summary and "MiB" in summary
+    lines = summary.splitlines()
+    assert lines[1] == f"  {tmp_path / 'merged.pkl'}"  # the path on a line of its own
+    assert all(len(line) <= 80 for line in lines[:1] + lines[2:]), summary  # an 80-column terminal
 
 
 def test_progress_reaches_every_row(tmp_path: Path) -> None:

@@ -88,6 +88,12 @@ def test_steps_before_the_bytes_flow_are_shown():
     for done in range(1, 4):
         plain.step("merge: checkpoints read", done, 3)
     assert "merge: checkpoints read: 3 of 3" in stream.getvalue()
+    terminal = FakeTerminal()
+    bars = TqdmProgress(terminal)
+    for done in range(1, 4):
+        bars.step("merge: checkpoints read", done, 3)
+    assert "merge: checkpoints read:   0%|" in terminal.getvalue() and "0/3 [00:00<?]" in terminal.getvalue()
+    assert "it/s" not in terminal.getvalue()  # a count of checkpoints, not of tqdm's "it"
 
 
 def test_quiet_shows_errors_only():
