@@ -164,6 +164,9 @@ class EmbeddedSFTPServer(LoopbackSSHAccess):
         self.exec_commands: list[str | None] = []
         self.connections = 0
         self._open: set[asyncssh.SSHServerConnection] = set()
+        # The commands being answered (asyncssh runs each as a task of its own
+        # and does not end them when the connection closes).
+        self._commands: set[asyncio.Task] = set()
         self._acceptor: asyncssh.SSHAcceptor | None = None
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.host_key = asyncssh.generate_private_key("ssh-ed25519")
@@ -206,6 +209,13 @@ class EmbeddedSFTPServer(LoopbackSSHAccess):
             await asyncio.wait_for(self._acceptor.wait_closed(), CLOSE_TIMEOUT)
             await asyncio.wait_for(
                 asyncio.gather(*(conn.wait_closed() for conn in list(self._open))), CLOSE_TIMEOUT)
+        # A command still running (a sha256sum whose client hung up, at a
+        # Ctrl-C) would otherwise outlive the server, and asyncio would report
+        # it as "Task was destroyed but it is pending!" once its loop is gone.
+        for task in list(self._commands):
+            task.cancel()
+        if self._commands:
+            await asyncio.wait(list(self._commands), timeout=CLOSE_TIMEOUT)
         self._acceptor = None
 
     def local_path(self, remote_path: str) -> Path | None:
@@ -218,10 +228,13 @@ class EmbeddedSFTPServer(LoopbackSSHAccess):
 
     async def _run_command(self, process: asyncssh.SSHServerProcess) -> None:
         self.exec_commands.append(process.command)
+        task = asyncio.current_task()
+        self._commands.add(task)
         status = COMMAND_NOT_FOUND
         try:
             status = await self._answer(process.command, process.stdout, process.stderr)
         finally:
+            self._commands.discard(task)
             process.exit(status)
 
     async def _answer(self, command: str | None, stdout: asyncssh.SSHWriter,

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import stat
 from collections.abc import Callable
 from pathlib import Path
 
+import anyio
 import asyncssh
 import pytest
 
@@ -140,3 +142,26 @@ async def test_cluster_entry_is_a_valid_config_for_the_tool(
         assert proxied.patterns == ("*.pkl",)
         assert Path(proxied.known_hosts).read_text().startswith(f"[127.0.0.1]:{server.port + 1} ssh-ed25519 ")
         assert Path(direct.known_hosts) == server.known_hosts_path
+
+
+async def test_closing_the_server_ends_the_commands_it_is_still_answering(
+        embedded_server: Callable[..., EmbeddedSFTPServer], served_root: Path) -> None:
+    """A sha256sum still running when the server closes (the demo's Ctrl-C) is
+    cancelled and awaited by ``close()``: left pending, asyncio reports it as
+    "Task was destroyed but it is pending!" once its loop is gone."""
+    fifo = served_root / "run1" / "still_being_written.pkl"
+    os.mkfifo(fifo)  # hashing it blocks until someone writes: a hash that takes as long as the test wants
+    try:
+        async with embedded_server(served_root) as server, connect(server) as conn:
+            await conn.create_process(f"sha256sum -- /run1/{fifo.name}")
+            for _ in range(200):
+                if server.exec_commands:
+                    break
+                await anyio.sleep(0.01)
+            assert server.exec_commands == [f"sha256sum -- /run1/{fifo.name}"]
+            await server.close()
+            answering = [task for task in asyncio.all_tasks() if "_run_command" in repr(task.get_coro())]
+            assert answering == [], answering
+    finally:
+        # Lets the hashing thread finish: it reads the end of the pipe.
+        await anyio.to_thread.run_sync(lambda: open(fifo, "wb").close())
