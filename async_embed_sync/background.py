@@ -22,6 +22,26 @@ class BackgroundLoop:
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
 
 
+async def _end_what_is_left() -> None:
+    """What ``asyncio.run`` does before it closes its loop: every task still
+    pending is cancelled and awaited, async generators are finalised, and the
+    default executor's threads are joined. A task left pending is reported by
+    asyncio ("Task was destroyed but it is pending!") when it is collected."""
+    current = asyncio.current_task()
+    tasks = [task for task in asyncio.all_tasks() if task is not current]
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        await asyncio.wait(tasks, timeout=STOP_TIMEOUT)
+    for task in tasks:
+        if task.done() and not task.cancelled():
+            task.exception()  # observed: nobody waits for it any more
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(loop.shutdown_asyncgens(), STOP_TIMEOUT)
+        await asyncio.wait_for(loop.shutdown_default_executor(), STOP_TIMEOUT)
+
+
 @contextlib.contextmanager
 def background_loop(name: str = "background-loop") -> Iterator[BackgroundLoop]:
     loop = asyncio.new_event_loop()
@@ -30,6 +50,8 @@ def background_loop(name: str = "background-loop") -> Iterator[BackgroundLoop]:
     try:
         yield BackgroundLoop(loop)
     finally:
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(_end_what_is_left(), loop).result(2 * STOP_TIMEOUT + 1)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(STOP_TIMEOUT)
         if not thread.is_alive():
