@@ -47,6 +47,7 @@ import errno
 import os
 import stat
 from collections.abc import Iterable, Iterator
+from typing import NamedTuple
 
 from .known_hosts import host_pattern
 
@@ -242,29 +243,56 @@ class ConnectError(RemoteError):
         )
 
 
+class KeyProblem(NamedTuple):
+    """Why a configured key was not offered to the server, and what fixes it."""
+
+    path: str
+    why: str
+    fix: str
+
+
 class AuthenticationError(RemoteError):
-    """The server refused the login: says as whom, what was tried, what the server accepts."""
+    """The server refused the login: says as whom, what was tried, what the server accepts.
+
+    Where the configured keys could not even be offered (an encrypted key
+    without its passphrase), that is the cause, and it is said first.
+    """
 
     cause = "the server refused the login"
 
     def __init__(self, cluster: str, username: str, host: str, port: int, *,
                  tried: Iterable[str] = (), accepted: Iterable[str] = (), unanswered: str | None = None,
-                 key_files: Iterable[str] = ()):
+                 key_files: Iterable[str] = (), key_problems: Iterable[KeyProblem] = (),
+                 unsent_password: bool = False):
         self.username = username
         self.host = host
         self.tried = list(tried)
         self.accepted = list(accepted)
+        self.key_problems = list(key_problems)
+        key_files = list(key_files)
         what = f" Tried: {'; '.join(self.tried)}." if self.tried else ""
         accepts = f" The server accepts: {', '.join(self.accepted)}." if self.accepted else ""
+        refused = f"the server {host} refused the login as {username!r}."
+        unusable = {problem.path for problem in self.key_problems}
+        if self.key_problems and not unanswered and not [key for key in key_files if key not in unusable]:
+            self.cause = "its key cannot be used" if len(self.key_problems) == 1 else "its keys cannot be used"
+            keys = " ".join(f"the key {problem.path} cannot be used: {problem.why}; {problem.fix}."
+                            for problem in self.key_problems)
+            super().__init__(cluster, f"{keys} With nothing else to offer, {refused}{what}{accepts}")
+            return
         if unanswered:
             fix = (f"The server asked for {unanswered}, and there is no terminal to ask: set it in "
                    f"the configuration, use a key, or run the command in a terminal.")
+        elif unsent_password and not key_files:
+            fix = ("The server takes no password here: set `key_file` for this cluster to a key it "
+                   "accepts, or load that key into ssh-agent.")
         else:
             keys = "".join(f"-i {key} " for key in key_files)
-            agent = "" if any("ssh-add" in attempt for attempt in self.tried) else "; or load the key into ssh-agent"
-            fix = (f"Check `username` and `key_file` (or `password`) for this cluster; "
+            fields = "`key_file`" if key_files else "`key_file` (or `password`)"
+            agent = "" if key_files else "; or load a key into ssh-agent"
+            fix = (f"Check `username` and {fields} for this cluster; "
                    f"`ssh -p {port} {keys}{username}@{host}` should log in{agent}.")
-        super().__init__(cluster, f"the server {host} refused the login as {username!r}.{what}{accepts} {fix}")
+        super().__init__(cluster, f"{refused}{what}{accepts} {fix}")
 
 
 class HostKeyError(RemoteError):

@@ -41,6 +41,7 @@ from asyncssh.config import SSHClientConfig
 from .config import DEFAULT_KNOWN_HOSTS, ClusterConfig
 from .errors import (
     AuthenticationError,
+    KeyProblem,
     ConfigError,
     ConnectError,
     HostKeyError,
@@ -591,7 +592,7 @@ class _Identities:
     def __init__(self, target: SSHTarget, prompter: Prompter):
         self._target = target
         self._prompter = prompter
-        self._unloadable: list[str] = []
+        self._unloadable: dict[str, KeyProblem] = {}
         self._passphrases: dict[str, str | None] = {}  # key file -> passphrase given for it
 
     def load(self) -> list[asyncssh.SSHKeyPair] | tuple[()]:
@@ -605,9 +606,12 @@ class _Identities:
                 logger.warning("cluster %r: no such identity: %s (skipped, as ssh does)",
                                self._target.cluster.name, path)
             except (asyncssh.KeyImportError, asyncssh.KeyEncryptionError) as exc:
-                self._unloadable.append(f"the key {path} ({self._why_unusable(path) or exc})")
+                self._unloadable[path] = self._why_unusable(path) or KeyProblem(
+                    path, f"it is not a private key asyncssh can read ({exc})",
+                    "point `key_file` at the private key (not the .pub)")
             except OSError as exc:
-                self._unloadable.append(f"the key {path} (cannot be read: {exc.strerror or exc})")
+                self._unloadable[path] = KeyProblem(path, f"it cannot be read ({exc.strerror or exc})",
+                                                    "check the path and that you may read it")
         return keys or ()
 
     def passphrase(self, filename: str) -> str | None:
@@ -633,27 +637,29 @@ class _Identities:
             prompt = f"[{self._target.cluster.name}] Bad passphrase, try again for {filename}: "
         return answer
 
-    def problems(self) -> list[str]:
-        """Each configured key that could not be used, and why; empty if every key was offered."""
-        problems = list(self._unloadable)
+    def problems(self) -> list[KeyProblem]:
+        """Each configured key that could not be offered, and why; empty if every key was."""
+        problems = dict(self._unloadable)
         for path in self._passphrases:
-            why = self._why_unusable(path)
-            if why and not any(p.startswith(f"the key {path} ") for p in problems):
-                problems.append(f"the key {path} ({why})")
-        return problems
+            if path not in problems and (problem := self._why_unusable(path)) is not None:
+                problems[path] = problem
+        return list(problems.values())
 
-    def _why_unusable(self, path: str) -> str | None:
+    def _why_unusable(self, path: str) -> KeyProblem | None:
         if path not in self._passphrases:
             return None
         given = self._passphrases[path]
+        agent = f"load the key into ssh-agent (`ssh-add {path}`)"
         if given is None:
-            return (f"encrypted, and no passphrase to be had: none in the configuration, no "
-                    f"terminal to ask; set `passphrase` for this cluster, load the key into "
-                    f"ssh-agent with `ssh-add {path}`, or run in a terminal")
+            return KeyProblem(path, "it is encrypted, and there is no passphrase for it: none in the "
+                                    "configuration, and no terminal to ask for one",
+                              f"set `passphrase` for this cluster, {agent}, or run the command in a terminal")
         if _decrypts(path, given) is False:  # only after a failure: the KDF is slow on purpose
-            source = "the configured `passphrase`" if self._target.cluster.passphrase is not None \
-                else "the passphrase typed"
-            return f"encrypted, and {source} does not decrypt it"
+            if self._target.cluster.passphrase is not None:
+                return KeyProblem(path, "it is encrypted, and the configured `passphrase` does not decrypt it",
+                                  f"correct `passphrase` for this cluster, or {agent}")
+            return KeyProblem(path, "it is encrypted, and the passphrase typed does not decrypt it",
+                              f"run the command again and type the key's passphrase, or {agent}")
         return None
 
 
@@ -698,6 +704,7 @@ class _AuthClient(asyncssh.SSHClient):
         self.started = False  # the server asked for authentication
         self._accepted: dict[str, None] = {}  # ordered set
         self.unanswered: str | None = None
+        self.password_sent = False
         self.tried: dict[str, str] = {}  # method -> what happened, in the order tried
 
     def connection_made(self, connection: asyncssh.SSHClientConnection) -> None:
@@ -730,6 +737,7 @@ class _AuthClient(asyncssh.SSHClient):
         configured = self._target.cluster.password
         if configured is not None:
             self.tried["password"] = "the password in the configuration, refused"
+            self.password_sent = True
             return configured if self._passwords_given == 1 else None
         if self._passwords_given > self.MAX_PROMPTED_ATTEMPTS:
             return None
@@ -750,7 +758,7 @@ class _AuthClient(asyncssh.SSHClient):
         if self._kbdint_rounds >= self.MAX_PROMPTED_ATTEMPTS:
             return None
         self._kbdint_rounds += 1
-        self.tried["keyboard-interactive"] = "the server asked nothing it accepts"
+        self.tried["keyboard-interactive"] = "the server ended it without asking anything"
         return ""  # let the server choose its challenge
 
     async def kbdint_challenge_received(self, name: str, instructions: str, lang: str,
@@ -763,6 +771,7 @@ class _AuthClient(asyncssh.SSHClient):
             # A server that takes its password through keyboard-interactive.
             self._passwords_given += 1
             self.tried["keyboard-interactive"] = "the password in the configuration, refused"
+            self.password_sent = True
             return [configured] if self._passwords_given == 1 else None
         header = "\n".join(part for part in (name, instructions) if part)
         answers = []
@@ -783,17 +792,14 @@ class _AuthClient(asyncssh.SSHClient):
         keys = self._target.identity_files or tuple(
             str(path) for path in sorted(Path("~/.ssh").expanduser().glob("id_*")) if path.suffix != ".pub")
         agent = ["ssh-agent"] if os.environ.get("SSH_AUTH_SOCK") else []
-        offered = [*(f"the key {path}" for path in keys), *agent]
-        unusable = self.identities.problems()
-        usable = [k for k in offered if not any(p.startswith(k + " ") for p in unusable)]
-        described = [*unusable]
-        if usable:
-            described.append(f"{' and '.join(usable)} (refused)")
+        unusable = {problem.path for problem in self.identities.problems()}
+        offered = [*(f"the key {path}" for path in keys if path not in unusable), *agent]
+        described = [f"the key {path} (not offered: it cannot be used)" for path in keys if path in unusable]
+        if offered:
+            described.append(f"{' and '.join(offered)} (refused)")
         described += [f"{method} ({outcome})" for method, outcome in self.tried.items()]
-        if self._target.cluster.password is not None and "password" not in self.tried \
-                and "keyboard-interactive" not in self.tried:
-            described.append("the password in the configuration (not attempted: the server does "
-                             "not accept passwords)")
+        if self._target.cluster.password is not None and not self.password_sent:
+            described.append("the password in the configuration (not sent: the server asked for no password)")
         return described or ["no key, agent or password to offer"]
 
 
@@ -851,7 +857,9 @@ def _authentication_error(target: SSHTarget, auth: _AuthClient | None) -> Authen
     return AuthenticationError(
         target.cluster.name, target.username, target.hostname, target.port,
         tried=auth.attempts() if auth else [], accepted=auth.server_methods() if auth else [],
-        unanswered=auth.unanswered if auth else None, key_files=target.identity_files)
+        unanswered=auth.unanswered if auth else None, key_files=target.identity_files,
+        key_problems=auth.identities.problems() if auth else [],
+        unsent_password=auth is not None and target.cluster.password is not None and not auth.password_sent)
 
 
 def _host_is_known(target: SSHTarget) -> bool:

@@ -66,9 +66,12 @@ def test_an_encrypted_key_without_a_passphrase_or_terminal_names_the_fix(kbdint_
     assert _sync(tmp_path, write_config, kbdint_sshd.cluster_entry(str(tmp_path), key_file=str(key))) == 1
     message = _one_paragraph(capsys.readouterr().err)
 
-    assert f"the key {key} (encrypted, and no passphrase to be had" in message
-    assert "set `passphrase` for this cluster" in message and f"ssh-add {key}" in message
-    assert "run in a terminal" in message
+    # The key is the cause, said first; not the generic advice about username and key_file.
+    assert message.startswith(f"Cluster 'tensor01': the key {key} cannot be used: it is encrypted, and there "
+                              f"is no passphrase for it: none in the configuration, and no terminal to ask "
+                              f"for one; set `passphrase` for this cluster, load the key into ssh-agent "
+                              f"(`ssh-add {key}`), or run the command in a terminal."), message
+    assert "Check `username`" not in message
     assert "Too many authentication failures" not in message
 
 
@@ -81,7 +84,10 @@ def test_a_wrong_passphrase_says_so(kbdint_sshd, tmp_path, write_config, capsys)
     err = capsys.readouterr().err
     message = _one_paragraph(err)
 
-    assert f"the key {key} (encrypted, and the configured `passphrase` does not decrypt it)" in message
+    assert (f"the key {key} cannot be used: it is encrypted, and the configured `passphrase` does not "
+            f"decrypt it; correct `passphrase` for this cluster, or load the key") in message
+    assert "Check `username`" not in message
+    assert "tensor01: its key cannot be used (fix this first" in err  # the closing line
     assert "not it" not in err and PASSPHRASE not in err
 
 
@@ -121,7 +127,8 @@ def test_three_wrong_passphrases_at_the_terminal_end_in_the_reason(kbdint_sshd, 
         assert terminal.wait() == 1, terminal.text()
     screen = terminal.text()
     assert screen.count("Bad passphrase, try again") == 2, screen
-    assert f"the key {key} (encrypted, and the passphrase typed does not decrypt it)" in screen
+    assert f"the key {key} cannot be used: it is encrypted, and the passphrase typed does not decrypt it" \
+        in screen
     assert "Traceback" not in screen and "wrong 0" not in screen
 
 
