@@ -263,7 +263,7 @@ class AuthenticationError(RemoteError):
     def __init__(self, cluster: str, username: str, host: str, port: int, *,
                  tried: Iterable[str] = (), accepted: Iterable[str] = (), unanswered: str | None = None,
                  key_files: Iterable[str] = (), key_problems: Iterable[KeyProblem] = (),
-                 unsent_password: bool = False):
+                 unsent_password: bool = False, cut_off: bool = False):
         self.username = username
         self.host = host
         self.tried = list(tried)
@@ -280,7 +280,11 @@ class AuthenticationError(RemoteError):
                             for problem in self.key_problems)
             super().__init__(cluster, f"{keys} With nothing else to offer, {refused}{what}{accepts}")
             return
-        if unanswered:
+        if cut_off:
+            fix = ("The server cut the login off after too many attempts (its MaxAuthTries): ssh-agent "
+                   "offered its keys first. Set `key_file` for this cluster (then the agent offers only "
+                   "that key), or add `IdentitiesOnly yes` for this host in your ssh config.")
+        elif unanswered:
             fix = (f"The server asked for {unanswered}, and there is no terminal to ask: set it in "
                    f"the configuration, use a key, or run the command in a terminal.")
         elif unsent_password and not key_files:

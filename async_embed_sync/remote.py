@@ -593,6 +593,7 @@ class _Identities:
         self._target = target
         self._prompter = prompter
         self._unloadable: dict[str, KeyProblem] = {}
+        self._loaded: dict[str, list[asyncssh.SSHKeyPair]] = {}
         self._passphrases: dict[str, str | None] = {}  # key file -> passphrase given for it
 
     def load(self) -> list[asyncssh.SSHKeyPair] | tuple[()]:
@@ -601,7 +602,8 @@ class _Identities:
         keys: list[asyncssh.SSHKeyPair] = []
         for path in self._target.identity_files:
             try:
-                keys += asyncssh.load_keypairs([path], passphrase=self.passphrase)
+                self._loaded[path] = asyncssh.load_keypairs([path], passphrase=self.passphrase)
+                keys += self._loaded[path]
             except FileNotFoundError:
                 logger.warning("cluster %r: no such identity: %s (skipped, as ssh does)",
                                self._target.cluster.name, path)
@@ -613,6 +615,22 @@ class _Identities:
                 self._unloadable[path] = KeyProblem(path, f"it cannot be read ({exc.strerror or exc})",
                                                     "check the path and that you may read it")
         return keys or ()
+
+    def public_keys(self) -> list[bytes]:
+        """The configured keys' public halves: ssh-agent offers only those, as
+        with ``IdentitiesOnly``. Its other keys would be offered first, and
+        six of them use up OpenSSH's ``MaxAuthTries``."""
+        found = []
+        for path in self._target.identity_files:
+            for source in (f"{path}.pub", path):
+                try:
+                    found.append(asyncssh.read_public_key(source).public_data)
+                    break
+                except (OSError, asyncssh.KeyImportError):
+                    continue
+            else:
+                found += [pair.public_data for pair in self._loaded.get(path, [])]
+        return found
 
     def passphrase(self, filename: str) -> str | None:
         """The configured passphrase, else (for an encrypted key only) the person at the terminal."""
@@ -846,6 +864,7 @@ async def _connect(target: SSHTarget, options: dict, prompter: Prompter, trusted
             target.host, target.port, username=target.username, tunnel=tunnel,
             config=list(target.ssh_config) or None,
             client_keys=client_keys,
+            agent_identities=identities.public_keys() or (),
             # For the default keys (~/.ssh/id_*), which asyncssh loads itself.
             passphrase=identities.passphrase,
             # Empty lists of trusted keys, never None: None turns checking off.
@@ -853,13 +872,14 @@ async def _connect(target: SSHTarget, options: dict, prompter: Prompter, trusted
             client_factory=lambda: client, **options)
 
 
-def _authentication_error(target: SSHTarget, auth: _AuthClient | None) -> AuthenticationError:
+def _authentication_error(target: SSHTarget, auth: _AuthClient | None, cut_off: bool = False) -> AuthenticationError:
     return AuthenticationError(
         target.cluster.name, target.username, target.hostname, target.port,
         tried=auth.attempts() if auth else [], accepted=auth.server_methods() if auth else [],
         unanswered=auth.unanswered if auth else None, key_files=target.identity_files,
         key_problems=auth.identities.problems() if auth else [],
-        unsent_password=auth is not None and target.cluster.password is not None and not auth.password_sent)
+        unsent_password=auth is not None and target.cluster.password is not None and not auth.password_sent,
+        cut_off=cut_off)
 
 
 def _host_is_known(target: SSHTarget) -> bool:
@@ -911,11 +931,10 @@ def _translate_errors(target: SSHTarget, *, connecting: bool = False,
         raise TransferError(cluster.name, name or cluster.remote_dir,
                             f"the server reported: {exc.reason or exc}") from exc
     except (asyncssh.DisconnectError, asyncssh.ChannelOpenError) as exc:
-        if connecting and auth is not None and auth.started and \
-                "authentication" in (getattr(exc, "reason", "") or "").lower():
+        if connecting and auth is not None and "authentication" in (getattr(exc, "reason", "") or "").lower():
             # "Too many authentication failures": the server's MaxAuthTries
             # ran out (many agent keys, say). A login problem, not a network one.
-            raise _authentication_error(target, auth) from exc
+            raise _authentication_error(target, auth, cut_off=True) from exc
         if connecting:
             raise ConnectError(cluster.name, target.hostname, target.port,
                                f"the server closed the connection: {getattr(exc, 'reason', '') or exc}") from exc
