@@ -150,7 +150,7 @@ def test_a_missing_identity_file_in_the_ssh_config_is_skipped_with_a_warning(
     assert _sync(tmp_path, write_config, entry) == 0
     assert (tmp_path / "dl" / "tensor01" / "a.pkl").read_bytes() == b"x" * 1000
     # Shown even with --quiet, as ssh shows it.
-    assert (f"warning: cluster 'tensor01': no such identity: {tmp_path}/id_long_gone (skipped, as ssh does)"
+    assert (f"Warning: cluster 'tensor01': no such identity: {tmp_path}/id_long_gone (skipped, as ssh does)"
             in capsys.readouterr().err)
 
 

@@ -31,7 +31,7 @@ def test_help_and_usage_errors(capsys):
                     if line.startswith("  python -m")]
         assert examples and set(examples) <= {command, "--sync-only"}, help_text
     for nonsense in (["sync", "--max-parallel", "0"], ["sync", "--retries", "-1"], ["sync", "--timeout", "0"],
-                     ["sync", "--timeout", "nan"], ["merge", "--expect-articles", "-5"], ["sync", "--retries", "x"]):
+                     ["sync", "--timeout", "nan"], ["sync", "--timeout", "inf"], ["merge", "--expect-articles", "-5"], ["sync", "--retries", "x"]):
         assert main(nonsense) == 2, nonsense
         assert "error: argument" in capsys.readouterr().err
     assert main(["run", "--sync-only", "--merge-only"]) == 2
@@ -253,7 +253,7 @@ def test_status_warns_about_a_readable_password_as_sync_does(openssh, tmp_path, 
     config.chmod(0o644)
     assert main(["status", "--config", str(config), "--download-dir", str(tmp_path / "dl")]) == 0
     err = capsys.readouterr().err
-    assert f"warning: {config} holds a password and is readable by group or others (mode 0644)" in err
+    assert f"Warning: {config} holds a password and is readable by group or others (mode 0644)" in err
     assert "not-used" not in err
 
 
