@@ -300,30 +300,36 @@ class AuthenticationError(RemoteError):
 
 
 class HostKeyError(RemoteError):
-    def __init__(self, cluster: str, host: str, port: int, known_hosts: str, changed: bool):
+    """``offered``: the key the server showed (algorithm and fingerprint), to check with the admins."""
+
+    def __init__(self, cluster: str, host: str, port: int, known_hosts: str, changed: bool,
+                 offered: str | None = None):
         self.host = host
         self.port = port
         self.known_hosts = known_hosts
         self.changed = changed
+        self.offered = offered
         self.cause = "its host key changed" if changed else "its host key is not trusted yet"
         target = host_pattern(host, port)
         if changed:
+            offers = f" The server now offers the {offered}." if offered else ""
             detail = (
                 f"WARNING: the host key of {target} does not match the one "
                 f"recorded in {known_hosts}. Someone may be intercepting the "
                 f"connection, or the host was reinstalled. Nothing was "
-                f"downloaded. If the change is expected, remove the old entry "
+                f"downloaded.{offers} If the change is expected, remove the old entry "
                 f"with: ssh-keygen -R '{target}' -f {known_hosts}, then add "
                 f"the new key."
             )
         else:
+            offers = f"the server offers the {offered}; after" if offered else "after"
             detail = (
                 f"the host key of {target} is not in {known_hosts}, so the "
-                f"server cannot be verified and nothing was downloaded. After "
-                f"checking the fingerprint with the cluster's admins, add it "
+                f"server cannot be verified and nothing was downloaded. "
+                f"{offers[0].upper()}{offers[1:]} checking it with the cluster's admins, add it "
                 f"with: ssh-keyscan -p {port} {host} >> {known_hosts} (or, to "
                 f"trust a cluster's key on first use, set \"host_key_policy\": "
-                f"\"accept-new\" for it)"
+                f"\"accept-new\" for it)."
             )
         super().__init__(cluster, detail)
 

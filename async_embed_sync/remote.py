@@ -829,17 +829,13 @@ async def _connect_verified(target: SSHTarget, options: dict, prompter: Prompter
     cluster = target.cluster
     trusted = target.trusted_files()
     if not trusted and cluster.host_key_policy != "accept-new":
-        raise HostKeyError(cluster.name, target.hostname, target.port, str(target.known_hosts[0]),
-                           changed=False)
+        raise await _host_key_error(target, tunnel, timeout, changed=False)
     try:
         return await _connect(target, options, prompter, trusted, tunnel)
     except HostKeyError as exc:
         if exc.changed or cluster.host_key_policy != "accept-new":
-            raise
-    with _translate_errors(target, connecting=True):
-        key = await asyncio.wait_for(
-            asyncssh.get_server_host_key(target.host, target.port, tunnel=tunnel,
-                                         config=list(target.ssh_config) or None), timeout)
+            raise await _host_key_error(target, tunnel, timeout, changed=exc.changed) from exc
+    key = await _server_host_key(target, tunnel, timeout)
     if key is None:
         raise HostKeyError(cluster.name, target.hostname, target.port,
                            str(cluster.project_known_hosts_path), changed=False)
@@ -850,6 +846,25 @@ async def _connect_verified(target: SSHTarget, options: dict, prompter: Prompter
                    cluster.name, host_pattern(target.hostname, target.port), key.get_algorithm(),
                    key.get_fingerprint(), cluster.project_known_hosts_path)
     return await _connect(target, options, prompter, target.trusted_files(), tunnel)
+
+
+async def _server_host_key(target: SSHTarget, tunnel: asyncssh.SSHClientConnection | None,
+                           timeout: float) -> asyncssh.SSHKey | None:
+    with _translate_errors(target, connecting=True):
+        return await asyncio.wait_for(
+            asyncssh.get_server_host_key(target.host, target.port, tunnel=tunnel,
+                                         config=list(target.ssh_config) or None), timeout)
+
+
+async def _host_key_error(target: SSHTarget, tunnel: asyncssh.SSHClientConnection | None, timeout: float, *,
+                          changed: bool) -> HostKeyError:
+    """The refusal, with the key the server offers, as ssh shows it: what to compare with the admins' list."""
+    try:
+        key = await _server_host_key(target, tunnel, timeout)
+    except RemoteError:
+        key = None
+    return HostKeyError(target.cluster.name, target.hostname, target.port, str(target.known_hosts[0]),
+                        changed=changed, offered=f"{key.get_algorithm()} key {key.get_fingerprint()}" if key else None)
 
 
 async def _connect(target: SSHTarget, options: dict, prompter: Prompter, trusted: list[Path],
