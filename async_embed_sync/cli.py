@@ -244,27 +244,31 @@ def _run(args: argparse.Namespace) -> int:
     # what is downloaded, as `merge` does.
     config = load_config(args.config, args.credentials_dir, required=not args.merge_only)
     clusters = config.select(args.clusters) if config else None
-    if config and not args.sync_only:
-        _refuse_left_out_clusters(config, clusters, args.partial)
+    partial_notice = _refuse_left_out_clusters(config, clusters, args.partial) \
+        if config and not args.sync_only else None
+    if partial_notice:
+        print(partial_notice, file=sys.stderr)
     if not args.merge_only:
         _sync_phase(args, progress, config, clusters)
     if not args.sync_only:
         # Exactly the clusters of this run, as they were at their sync.
         _merge_phase(args, progress, clusters=[c.name for c in clusters] if clusters else None,
                      expect_rows=config.total_rows if config else None)
+        if partial_notice:
+            print(f"  {partial_notice}", file=sys.stderr)  # again under the summary: the start scrolled away
     return EXIT_OK
 
 
-def _refuse_left_out_clusters(config: Config, clusters: list[ClusterConfig], partial: bool) -> None:
+def _refuse_left_out_clusters(config: Config, clusters: list[ClusterConfig], partial: bool) -> str | None:
     """A run that merges fewer clusters than are configured would make a result that looks complete;
-    with ``partial`` it is asked for, and said."""
+    with ``partial`` it is asked for, and the line that says so is returned."""
     selected = {c.name for c in clusters}
     left_out = [name for name in config.clusters if name not in selected]
     if left_out and not partial:
         raise ClustersLeftOutError(config.source, selected, left_out)
     if left_out:
-        print(f"PARTIAL (--partial): the merge leaves out {', '.join(left_out)}, configured in "
-              f"{config.source}.", file=sys.stderr)
+        return f"PARTIAL (--partial): the merge leaves out {', '.join(left_out)}, configured in {config.source}."
+    return None
 
 
 def _sync_phase(args: argparse.Namespace, progress: Progress, config: Config | None = None,

@@ -11,6 +11,7 @@ secret (no class here takes a password or key material as a field).
     │   ├── NoConfigError                no configuration where it was looked for
     │   ├── UnknownClusterError          --clusters names a cluster not configured
     │   └── KeyPermissionError           private key readable by group/others
+    ├── ClustersLeftOutError             run --clusters would merge fewer clusters than configured
     ├── DownloadDirLockedError           another run holds the download directory
     ├── LocalFileError                   a local path cannot be used: in the way, denied,
     │                                    read-only, disk full, name too long...
@@ -29,7 +30,6 @@ secret (no class here takes a password or key material as a field).
     ├── CheckpointError                  one checkpoint file is unreadable or unsafe
     │   └── UnsafePickleError            pickle asks for a global we do not allow
     ├── MergeValidationError             shards disagree: gap, overlap, dim, model
-    │   ├── ClustersLeftOutError         a run would merge fewer clusters than configured
     │   └── RowsMissingError             the checkpoints stop short of the run's declared rows
     └── OutputError                      the output path is refused, or a result is unreadable
 
@@ -458,8 +458,8 @@ class MergeValidationError(AsyncEmbedSyncError):
 _PARTIAL_HINT = "add --partial to merge only what is there, on purpose"
 
 
-class ClustersLeftOutError(MergeValidationError):
-    """A result without a configured cluster's rows would look complete."""
+class ClustersLeftOutError(AsyncEmbedSyncError):
+    """A result without a configured cluster's rows would look complete: refused before anything runs."""
 
     def __init__(self, source: str, merged: Iterable[str], left_out: Iterable[str]):
         self.source = source
@@ -467,7 +467,7 @@ class ClustersLeftOutError(MergeValidationError):
         self.left_out = sorted(left_out)
         names = ", ".join(self.left_out)
         super().__init__(
-            f"--clusters {' '.join(self.merged)} leaves out {names}, which {source} also "
+            f"Nothing was run: --clusters {' '.join(self.merged)} leaves out {names}, which {source} also "
             f"configures: the result would lack {'its' if len(self.left_out) == 1 else 'their'} "
             f"rows and still look complete. Run without --clusters to sync and merge every "
             f"cluster, use `sync --clusters ...` to only download, or {_PARTIAL_HINT}."
