@@ -106,7 +106,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                                   epilog=_epilog(prog, [name]), formatter_class=argparse.RawDescriptionHelpFormatter)
         for add_group in (*groups, _add_log_arguments):
             add_group(sub)
-        sub.set_defaults(handler=handler, after_stop=_AFTER_STOP)
+        sub.set_defaults(handler=handler, after_stop=_AFTER_STOP, prog=prog)
         return sub
 
     run = command("run", "sync every selected cluster, then merge (the whole job)", _run,
@@ -125,6 +125,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     init.add_argument("--config", default=DEFAULT_CONFIG_FILE, metavar="FILE",
                       help="where to write it (default: ./%(default)s; the user's is "
                            "~/.config/async_embed_sync/credentials.json)")
+    init.add_argument("--quiet", action="store_true", help="print errors only")
     demo = command("demo", "run the whole job against two simulated clusters, no setup needed",
                    _demo, _add_merge_arguments_without_output)
     # The demo makes its clusters anew each time: there is nothing to resume.
@@ -144,7 +145,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 def _add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE",
-                        help="cluster settings (default: ./credentials.json, else ./.credentials/)")
+                        help="cluster settings (default: $ASYNC_EMBED_SYNC_CONFIG, else ./credentials.json, "
+                             "./.credentials/, ~/.config/async_embed_sync/credentials.json)")
     parser.add_argument("--credentials-dir", metavar="DIR",
                         help="legacy folder of <cluster>.credentials files")
     parser.add_argument("--clusters", nargs="+", metavar="NAME",
@@ -219,7 +221,7 @@ def _positive_seconds(text: str) -> float:
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
     if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, not {text}")
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds above 0, not {text}")
     return value
 
 
@@ -242,27 +244,31 @@ def _run(args: argparse.Namespace) -> int:
     # what is downloaded, as `merge` does.
     config = load_config(args.config, args.credentials_dir, required=not args.merge_only)
     clusters = config.select(args.clusters) if config else None
-    if config and not args.sync_only:
-        _refuse_left_out_clusters(config, clusters, args.partial)
+    partial_notice = _refuse_left_out_clusters(config, clusters, args.partial) \
+        if config and not args.sync_only else None
+    if partial_notice:
+        print(partial_notice, file=sys.stderr)
     if not args.merge_only:
         _sync_phase(args, progress, config, clusters)
     if not args.sync_only:
         # Exactly the clusters of this run, as they were at their sync.
         _merge_phase(args, progress, clusters=[c.name for c in clusters] if clusters else None,
                      expect_rows=config.total_rows if config else None)
+        if partial_notice:
+            print(f"  {partial_notice}", file=sys.stderr)  # again under the summary: the start scrolled away
     return EXIT_OK
 
 
-def _refuse_left_out_clusters(config: Config, clusters: list[ClusterConfig], partial: bool) -> None:
+def _refuse_left_out_clusters(config: Config, clusters: list[ClusterConfig], partial: bool) -> str | None:
     """A run that merges fewer clusters than are configured would make a result that looks complete;
-    with ``partial`` it is asked for, and said."""
+    with ``partial`` it is asked for, and the line that says so is returned."""
     selected = {c.name for c in clusters}
     left_out = [name for name in config.clusters if name not in selected]
     if left_out and not partial:
         raise ClustersLeftOutError(config.source, selected, left_out)
     if left_out:
-        print(f"PARTIAL (--partial): the merge leaves out {', '.join(left_out)}, configured in "
-              f"{config.source}.", file=sys.stderr)
+        return f"PARTIAL (--partial): the merge leaves out {', '.join(left_out)}, configured in {config.source}."
+    return None
 
 
 def _sync_phase(args: argparse.Namespace, progress: Progress, config: Config | None = None,
@@ -293,8 +299,9 @@ def _merge_phase(args: argparse.Namespace, progress: Progress, clusters: list[st
 
 def _init(args: argparse.Namespace) -> int:
     path = write_example_config(args.config)
-    print(f"Wrote {path} (mode 600). Fill in host, username, key_file (or password) and remote_dir "
-          f"for each cluster, then check with: python -m async_embed_sync status", file=sys.stderr)
+    if not args.quiet:
+        print(f"Wrote {path} (mode 600). Fill in host, username, key_file (or password) and remote_dir "
+              f"for each cluster, then check with: {args.prog} status", file=sys.stderr)
     return EXIT_OK
 
 

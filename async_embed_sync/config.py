@@ -153,9 +153,9 @@ def _find_config(config_file: str | os.PathLike | None, credentials_dir: str | o
     if not required:
         return None
     raise NoConfigError(
-        f"Looked for --config, ${CONFIG_ENV} (not set), "
-        f"{DEFAULT_CONFIG_FILE} and {DEFAULT_CREDENTIALS_DIR}/ in {Path.cwd()}, and "
-        f"{user_config_file()}. Run `python -m async_embed_sync init` to write one to fill in "
+        f"No --config given, ${CONFIG_ENV} is not set, and there is no {DEFAULT_CONFIG_FILE} "
+        f"or {DEFAULT_CREDENTIALS_DIR}/ in {Path.cwd()}, nor {user_config_file()}. "
+        f"Run `python -m async_embed_sync init` to write one to fill in "
         f"(mode 600), or pass --config FILE. A minimal working one: {MINIMAL_ENTRY}",
     )
 

@@ -11,6 +11,7 @@ secret (no class here takes a password or key material as a field).
     │   ├── NoConfigError                no configuration where it was looked for
     │   ├── UnknownClusterError          --clusters names a cluster not configured
     │   └── KeyPermissionError           private key readable by group/others
+    ├── ClustersLeftOutError             run --clusters would merge fewer clusters than configured
     ├── DownloadDirLockedError           another run holds the download directory
     ├── LocalFileError                   a local path cannot be used: in the way, denied,
     │                                    read-only, disk full, name too long...
@@ -29,7 +30,6 @@ secret (no class here takes a password or key material as a field).
     ├── CheckpointError                  one checkpoint file is unreadable or unsafe
     │   └── UnsafePickleError            pickle asks for a global we do not allow
     ├── MergeValidationError             shards disagree: gap, overlap, dim, model
-    │   ├── ClustersLeftOutError         a run would merge fewer clusters than configured
     │   └── RowsMissingError             the checkpoints stop short of the run's declared rows
     └── OutputError                      the output path is refused, or a result is unreadable
 
@@ -47,6 +47,7 @@ import errno
 import os
 import stat
 from collections.abc import Iterable, Iterator
+from typing import NamedTuple
 
 from .known_hosts import host_pattern
 
@@ -242,56 +243,93 @@ class ConnectError(RemoteError):
         )
 
 
+class KeyProblem(NamedTuple):
+    """Why a configured key was not offered to the server, and what fixes it."""
+
+    path: str
+    why: str
+    fix: str
+
+
 class AuthenticationError(RemoteError):
-    """The server refused the login: says as whom, what was tried, what the server accepts."""
+    """The server refused the login: says as whom, what was tried, what the server accepts.
+
+    Where the configured keys could not even be offered (an encrypted key
+    without its passphrase), that is the cause, and it is said first.
+    """
 
     cause = "the server refused the login"
 
     def __init__(self, cluster: str, username: str, host: str, port: int, *,
                  tried: Iterable[str] = (), accepted: Iterable[str] = (), unanswered: str | None = None,
-                 key_files: Iterable[str] = ()):
+                 key_files: Iterable[str] = (), key_problems: Iterable[KeyProblem] = (),
+                 unsent_password: bool = False, cut_off: bool = False):
         self.username = username
         self.host = host
         self.tried = list(tried)
         self.accepted = list(accepted)
+        self.key_problems = list(key_problems)
+        key_files = list(key_files)
         what = f" Tried: {'; '.join(self.tried)}." if self.tried else ""
         accepts = f" The server accepts: {', '.join(self.accepted)}." if self.accepted else ""
-        if unanswered:
+        refused = f"the server {host} refused the login as {username!r}."
+        unusable = {problem.path for problem in self.key_problems}
+        if self.key_problems and not unanswered and not [key for key in key_files if key not in unusable]:
+            self.cause = "its key cannot be used" if len(self.key_problems) == 1 else "its keys cannot be used"
+            keys = " ".join(f"the key {problem.path} cannot be used: {problem.why}; {problem.fix}."
+                            for problem in self.key_problems)
+            super().__init__(cluster, f"{keys} With nothing else to offer, {refused}{what}{accepts}")
+            return
+        if cut_off:
+            fix = ("The server cut the login off after too many attempts (its MaxAuthTries): ssh-agent "
+                   "offered its keys first. Set `key_file` for this cluster (then the agent offers only "
+                   "that key), or add `IdentitiesOnly yes` for this host in your ssh config.")
+        elif unanswered:
             fix = (f"The server asked for {unanswered}, and there is no terminal to ask: set it in "
                    f"the configuration, use a key, or run the command in a terminal.")
+        elif unsent_password and not key_files:
+            fix = ("The server takes no password here: set `key_file` for this cluster to a key it "
+                   "accepts, or load that key into ssh-agent.")
         else:
             keys = "".join(f"-i {key} " for key in key_files)
-            agent = "" if any("ssh-add" in attempt for attempt in self.tried) else "; or load the key into ssh-agent"
-            fix = (f"Check `username` and `key_file` (or `password`) for this cluster; "
+            fields = "`key_file`" if key_files else "`key_file` (or `password`)"
+            agent = "" if key_files else "; or load a key into ssh-agent"
+            fix = (f"Check `username` and {fields} for this cluster; "
                    f"`ssh -p {port} {keys}{username}@{host}` should log in{agent}.")
-        super().__init__(cluster, f"the server {host} refused the login as {username!r}.{what}{accepts} {fix}")
+        super().__init__(cluster, f"{refused}{what}{accepts} {fix}")
 
 
 class HostKeyError(RemoteError):
-    def __init__(self, cluster: str, host: str, port: int, known_hosts: str, changed: bool):
+    """``offered``: the key the server showed (algorithm and fingerprint), to check with the admins."""
+
+    def __init__(self, cluster: str, host: str, port: int, known_hosts: str, changed: bool,
+                 offered: str | None = None):
         self.host = host
         self.port = port
         self.known_hosts = known_hosts
         self.changed = changed
+        self.offered = offered
         self.cause = "its host key changed" if changed else "its host key is not trusted yet"
         target = host_pattern(host, port)
         if changed:
+            offers = f" The server now offers the {offered}." if offered else ""
             detail = (
                 f"WARNING: the host key of {target} does not match the one "
                 f"recorded in {known_hosts}. Someone may be intercepting the "
                 f"connection, or the host was reinstalled. Nothing was "
-                f"downloaded. If the change is expected, remove the old entry "
+                f"downloaded.{offers} If the change is expected, remove the old entry "
                 f"with: ssh-keygen -R '{target}' -f {known_hosts}, then add "
                 f"the new key."
             )
         else:
+            offers = f"the server offers the {offered}; after" if offered else "after"
             detail = (
                 f"the host key of {target} is not in {known_hosts}, so the "
-                f"server cannot be verified and nothing was downloaded. After "
-                f"checking the fingerprint with the cluster's admins, add it "
+                f"server cannot be verified and nothing was downloaded. "
+                f"{offers[0].upper()}{offers[1:]} checking it with the cluster's admins, add it "
                 f"with: ssh-keyscan -p {port} {host} >> {known_hosts} (or, to "
                 f"trust a cluster's key on first use, set \"host_key_policy\": "
-                f"\"accept-new\" for it)"
+                f"\"accept-new\" for it)."
             )
         super().__init__(cluster, detail)
 
@@ -420,8 +458,8 @@ class MergeValidationError(AsyncEmbedSyncError):
 _PARTIAL_HINT = "add --partial to merge only what is there, on purpose"
 
 
-class ClustersLeftOutError(MergeValidationError):
-    """A result without a configured cluster's rows would look complete."""
+class ClustersLeftOutError(AsyncEmbedSyncError):
+    """A result without a configured cluster's rows would look complete: refused before anything runs."""
 
     def __init__(self, source: str, merged: Iterable[str], left_out: Iterable[str]):
         self.source = source
@@ -429,7 +467,7 @@ class ClustersLeftOutError(MergeValidationError):
         self.left_out = sorted(left_out)
         names = ", ".join(self.left_out)
         super().__init__(
-            f"--clusters {' '.join(self.merged)} leaves out {names}, which {source} also "
+            f"Nothing was run: --clusters {' '.join(self.merged)} leaves out {names}, which {source} also "
             f"configures: the result would lack {'its' if len(self.left_out) == 1 else 'their'} "
             f"rows and still look complete. Run without --clusters to sync and merge every "
             f"cluster, use `sync --clusters ...` to only download, or {_PARTIAL_HINT}."

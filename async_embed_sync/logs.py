@@ -22,8 +22,8 @@ from .errors import NOTHING_CHANGED, translating_local_errors
 
 PACKAGE_LOGGER = "async_embed_sync"
 TIMESTAMPED = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-# Without -v, only warnings, said as the other messages are.
-PLAIN = "warning: %(message)s"
+# Without -v, only warnings, said as OpenSSH says them ("Warning: Permanently added ...").
+PLAIN = "Warning: %(message)s"
 
 
 def configure_logging(verbosity: int = 0, log_file: str | None = None) -> Callable[[], None]:

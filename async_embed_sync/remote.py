@@ -41,6 +41,7 @@ from asyncssh.config import SSHClientConfig
 from .config import DEFAULT_KNOWN_HOSTS, ClusterConfig
 from .errors import (
     AuthenticationError,
+    KeyProblem,
     ConfigError,
     ConnectError,
     HostKeyError,
@@ -591,7 +592,8 @@ class _Identities:
     def __init__(self, target: SSHTarget, prompter: Prompter):
         self._target = target
         self._prompter = prompter
-        self._unloadable: list[str] = []
+        self._unloadable: dict[str, KeyProblem] = {}
+        self._loaded: dict[str, list[asyncssh.SSHKeyPair]] = {}
         self._passphrases: dict[str, str | None] = {}  # key file -> passphrase given for it
 
     def load(self) -> list[asyncssh.SSHKeyPair] | tuple[()]:
@@ -600,15 +602,35 @@ class _Identities:
         keys: list[asyncssh.SSHKeyPair] = []
         for path in self._target.identity_files:
             try:
-                keys += asyncssh.load_keypairs([path], passphrase=self.passphrase)
+                self._loaded[path] = asyncssh.load_keypairs([path], passphrase=self.passphrase)
+                keys += self._loaded[path]
             except FileNotFoundError:
                 logger.warning("cluster %r: no such identity: %s (skipped, as ssh does)",
                                self._target.cluster.name, path)
             except (asyncssh.KeyImportError, asyncssh.KeyEncryptionError) as exc:
-                self._unloadable.append(f"the key {path} ({self._why_unusable(path) or exc})")
+                self._unloadable[path] = self._why_unusable(path) or KeyProblem(
+                    path, f"it is not a private key asyncssh can read ({exc})",
+                    "point `key_file` at the private key (not the .pub)")
             except OSError as exc:
-                self._unloadable.append(f"the key {path} (cannot be read: {exc.strerror or exc})")
+                self._unloadable[path] = KeyProblem(path, f"it cannot be read ({exc.strerror or exc})",
+                                                    "check the path and that you may read it")
         return keys or ()
+
+    def public_keys(self) -> list[bytes]:
+        """The configured keys' public halves: ssh-agent offers only those, as
+        with ``IdentitiesOnly``. Its other keys would be offered first, and
+        six of them use up OpenSSH's ``MaxAuthTries``."""
+        found = []
+        for path in self._target.identity_files:
+            for source in (f"{path}.pub", path):
+                try:
+                    found.append(asyncssh.read_public_key(source).public_data)
+                    break
+                except (OSError, asyncssh.KeyImportError):
+                    continue
+            else:
+                found += [pair.public_data for pair in self._loaded.get(path, [])]
+        return found
 
     def passphrase(self, filename: str) -> str | None:
         """The configured passphrase, else (for an encrypted key only) the person at the terminal."""
@@ -633,27 +655,29 @@ class _Identities:
             prompt = f"[{self._target.cluster.name}] Bad passphrase, try again for {filename}: "
         return answer
 
-    def problems(self) -> list[str]:
-        """Each configured key that could not be used, and why; empty if every key was offered."""
-        problems = list(self._unloadable)
+    def problems(self) -> list[KeyProblem]:
+        """Each configured key that could not be offered, and why; empty if every key was."""
+        problems = dict(self._unloadable)
         for path in self._passphrases:
-            why = self._why_unusable(path)
-            if why and not any(p.startswith(f"the key {path} ") for p in problems):
-                problems.append(f"the key {path} ({why})")
-        return problems
+            if path not in problems and (problem := self._why_unusable(path)) is not None:
+                problems[path] = problem
+        return list(problems.values())
 
-    def _why_unusable(self, path: str) -> str | None:
+    def _why_unusable(self, path: str) -> KeyProblem | None:
         if path not in self._passphrases:
             return None
         given = self._passphrases[path]
+        agent = f"load the key into ssh-agent (`ssh-add {path}`)"
         if given is None:
-            return (f"encrypted, and no passphrase to be had: none in the configuration, no "
-                    f"terminal to ask; set `passphrase` for this cluster, load the key into "
-                    f"ssh-agent with `ssh-add {path}`, or run in a terminal")
+            return KeyProblem(path, "it is encrypted, and there is no passphrase for it: none in the "
+                                    "configuration, and no terminal to ask for one",
+                              f"set `passphrase` for this cluster, {agent}, or run the command in a terminal")
         if _decrypts(path, given) is False:  # only after a failure: the KDF is slow on purpose
-            source = "the configured `passphrase`" if self._target.cluster.passphrase is not None \
-                else "the passphrase typed"
-            return f"encrypted, and {source} does not decrypt it"
+            if self._target.cluster.passphrase is not None:
+                return KeyProblem(path, "it is encrypted, and the configured `passphrase` does not decrypt it",
+                                  f"correct `passphrase` for this cluster, or {agent}")
+            return KeyProblem(path, "it is encrypted, and the passphrase typed does not decrypt it",
+                              f"run the command again and type the key's passphrase, or {agent}")
         return None
 
 
@@ -698,6 +722,7 @@ class _AuthClient(asyncssh.SSHClient):
         self.started = False  # the server asked for authentication
         self._accepted: dict[str, None] = {}  # ordered set
         self.unanswered: str | None = None
+        self.password_sent = False
         self.tried: dict[str, str] = {}  # method -> what happened, in the order tried
 
     def connection_made(self, connection: asyncssh.SSHClientConnection) -> None:
@@ -730,6 +755,7 @@ class _AuthClient(asyncssh.SSHClient):
         configured = self._target.cluster.password
         if configured is not None:
             self.tried["password"] = "the password in the configuration, refused"
+            self.password_sent = True
             return configured if self._passwords_given == 1 else None
         if self._passwords_given > self.MAX_PROMPTED_ATTEMPTS:
             return None
@@ -750,7 +776,7 @@ class _AuthClient(asyncssh.SSHClient):
         if self._kbdint_rounds >= self.MAX_PROMPTED_ATTEMPTS:
             return None
         self._kbdint_rounds += 1
-        self.tried["keyboard-interactive"] = "the server asked nothing it accepts"
+        self.tried["keyboard-interactive"] = "the server ended it without asking anything"
         return ""  # let the server choose its challenge
 
     async def kbdint_challenge_received(self, name: str, instructions: str, lang: str,
@@ -763,6 +789,7 @@ class _AuthClient(asyncssh.SSHClient):
             # A server that takes its password through keyboard-interactive.
             self._passwords_given += 1
             self.tried["keyboard-interactive"] = "the password in the configuration, refused"
+            self.password_sent = True
             return [configured] if self._passwords_given == 1 else None
         header = "\n".join(part for part in (name, instructions) if part)
         answers = []
@@ -783,17 +810,14 @@ class _AuthClient(asyncssh.SSHClient):
         keys = self._target.identity_files or tuple(
             str(path) for path in sorted(Path("~/.ssh").expanduser().glob("id_*")) if path.suffix != ".pub")
         agent = ["ssh-agent"] if os.environ.get("SSH_AUTH_SOCK") else []
-        offered = [*(f"the key {path}" for path in keys), *agent]
-        unusable = self.identities.problems()
-        usable = [k for k in offered if not any(p.startswith(k + " ") for p in unusable)]
-        described = [*unusable]
-        if usable:
-            described.append(f"{' and '.join(usable)} (refused)")
+        unusable = {problem.path for problem in self.identities.problems()}
+        offered = [*(f"the key {path}" for path in keys if path not in unusable), *agent]
+        described = [f"the key {path} (not offered: it cannot be used)" for path in keys if path in unusable]
+        if offered:
+            described.append(f"{' and '.join(offered)} (refused)")
         described += [f"{method} ({outcome})" for method, outcome in self.tried.items()]
-        if self._target.cluster.password is not None and "password" not in self.tried \
-                and "keyboard-interactive" not in self.tried:
-            described.append("the password in the configuration (not attempted: the server does "
-                             "not accept passwords)")
+        if self._target.cluster.password is not None and not self.password_sent:
+            described.append("the password in the configuration (not sent: the server asked for no password)")
         return described or ["no key, agent or password to offer"]
 
 
@@ -805,17 +829,13 @@ async def _connect_verified(target: SSHTarget, options: dict, prompter: Prompter
     cluster = target.cluster
     trusted = target.trusted_files()
     if not trusted and cluster.host_key_policy != "accept-new":
-        raise HostKeyError(cluster.name, target.hostname, target.port, str(target.known_hosts[0]),
-                           changed=False)
+        raise await _host_key_error(target, tunnel, timeout, changed=False)
     try:
         return await _connect(target, options, prompter, trusted, tunnel)
     except HostKeyError as exc:
         if exc.changed or cluster.host_key_policy != "accept-new":
-            raise
-    with _translate_errors(target, connecting=True):
-        key = await asyncio.wait_for(
-            asyncssh.get_server_host_key(target.host, target.port, tunnel=tunnel,
-                                         config=list(target.ssh_config) or None), timeout)
+            raise await _host_key_error(target, tunnel, timeout, changed=exc.changed) from exc
+    key = await _server_host_key(target, tunnel, timeout)
     if key is None:
         raise HostKeyError(cluster.name, target.hostname, target.port,
                            str(cluster.project_known_hosts_path), changed=False)
@@ -826,6 +846,25 @@ async def _connect_verified(target: SSHTarget, options: dict, prompter: Prompter
                    cluster.name, host_pattern(target.hostname, target.port), key.get_algorithm(),
                    key.get_fingerprint(), cluster.project_known_hosts_path)
     return await _connect(target, options, prompter, target.trusted_files(), tunnel)
+
+
+async def _server_host_key(target: SSHTarget, tunnel: asyncssh.SSHClientConnection | None,
+                           timeout: float) -> asyncssh.SSHKey | None:
+    with _translate_errors(target, connecting=True):
+        return await asyncio.wait_for(
+            asyncssh.get_server_host_key(target.host, target.port, tunnel=tunnel,
+                                         config=list(target.ssh_config) or None), timeout)
+
+
+async def _host_key_error(target: SSHTarget, tunnel: asyncssh.SSHClientConnection | None, timeout: float, *,
+                          changed: bool) -> HostKeyError:
+    """The refusal, with the key the server offers, as ssh shows it: what to compare with the admins' list."""
+    try:
+        key = await _server_host_key(target, tunnel, timeout)
+    except RemoteError:
+        key = None
+    return HostKeyError(target.cluster.name, target.hostname, target.port, str(target.known_hosts[0]),
+                        changed=changed, offered=f"{key.get_algorithm()} key {key.get_fingerprint()}" if key else None)
 
 
 async def _connect(target: SSHTarget, options: dict, prompter: Prompter, trusted: list[Path],
@@ -840,6 +879,7 @@ async def _connect(target: SSHTarget, options: dict, prompter: Prompter, trusted
             target.host, target.port, username=target.username, tunnel=tunnel,
             config=list(target.ssh_config) or None,
             client_keys=client_keys,
+            agent_identities=identities.public_keys() or (),
             # For the default keys (~/.ssh/id_*), which asyncssh loads itself.
             passphrase=identities.passphrase,
             # Empty lists of trusted keys, never None: None turns checking off.
@@ -847,11 +887,14 @@ async def _connect(target: SSHTarget, options: dict, prompter: Prompter, trusted
             client_factory=lambda: client, **options)
 
 
-def _authentication_error(target: SSHTarget, auth: _AuthClient | None) -> AuthenticationError:
+def _authentication_error(target: SSHTarget, auth: _AuthClient | None, cut_off: bool = False) -> AuthenticationError:
     return AuthenticationError(
         target.cluster.name, target.username, target.hostname, target.port,
         tried=auth.attempts() if auth else [], accepted=auth.server_methods() if auth else [],
-        unanswered=auth.unanswered if auth else None, key_files=target.identity_files)
+        unanswered=auth.unanswered if auth else None, key_files=target.identity_files,
+        key_problems=auth.identities.problems() if auth else [],
+        unsent_password=auth is not None and target.cluster.password is not None and not auth.password_sent,
+        cut_off=cut_off)
 
 
 def _host_is_known(target: SSHTarget) -> bool:
@@ -903,11 +946,10 @@ def _translate_errors(target: SSHTarget, *, connecting: bool = False,
         raise TransferError(cluster.name, name or cluster.remote_dir,
                             f"the server reported: {exc.reason or exc}") from exc
     except (asyncssh.DisconnectError, asyncssh.ChannelOpenError) as exc:
-        if connecting and auth is not None and auth.started and \
-                "authentication" in (getattr(exc, "reason", "") or "").lower():
+        if connecting and auth is not None and "authentication" in (getattr(exc, "reason", "") or "").lower():
             # "Too many authentication failures": the server's MaxAuthTries
             # ran out (many agent keys, say). A login problem, not a network one.
-            raise _authentication_error(target, auth) from exc
+            raise _authentication_error(target, auth, cut_off=True) from exc
         if connecting:
             raise ConnectError(cluster.name, target.hostname, target.port,
                                f"the server closed the connection: {getattr(exc, 'reason', '') or exc}") from exc

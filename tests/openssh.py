@@ -13,11 +13,13 @@ stop. Its log goes to ``workdir/sshd.log``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Self
 
@@ -46,6 +48,25 @@ def keygen(path: Path, passphrase: str = "") -> None:
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", passphrase, "-C", path.name, "-f", str(path)],
                        check=True, timeout=30, stdin=subprocess.DEVNULL)
     os.chmod(path, 0o600)
+
+
+@contextlib.contextmanager
+def ssh_agent(directory: Path, keys: list[Path]) -> Iterator[str]:
+    """A real ssh-agent holding ``keys``; yields its socket, for ``SSH_AUTH_SOCK``."""
+    socket_path = directory / "agent.sock"
+    agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(socket_path)], stdout=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            if socket_path.exists():
+                break
+            time.sleep(0.05)
+        for key in keys:
+            subprocess.run(["ssh-add", "-q", str(key)], env={**os.environ, "SSH_AUTH_SOCK": str(socket_path)},
+                           check=True, stdin=subprocess.DEVNULL, capture_output=True)
+        yield str(socket_path)
+    finally:
+        agent.terminate()
+        agent.wait(10)
 
 
 class OpenSSHServer(LoopbackSSHAccess):

@@ -12,8 +12,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import asyncssh
 import pytest
-from openssh import OpenSSHServer, keygen, sshd_available
+from openssh import OpenSSHServer, keygen, ssh_agent, sshd_available
 from terminal import Terminal
 
 from async_embed_sync.cli import main
@@ -66,9 +67,12 @@ def test_an_encrypted_key_without_a_passphrase_or_terminal_names_the_fix(kbdint_
     assert _sync(tmp_path, write_config, kbdint_sshd.cluster_entry(str(tmp_path), key_file=str(key))) == 1
     message = _one_paragraph(capsys.readouterr().err)
 
-    assert f"the key {key} (encrypted, and no passphrase to be had" in message
-    assert "set `passphrase` for this cluster" in message and f"ssh-add {key}" in message
-    assert "run in a terminal" in message
+    # The key is the cause, said first; not the generic advice about username and key_file.
+    assert message.startswith(f"Cluster 'tensor01': the key {key} cannot be used: it is encrypted, and there "
+                              f"is no passphrase for it: none in the configuration, and no terminal to ask "
+                              f"for one; set `passphrase` for this cluster, load the key into ssh-agent "
+                              f"(`ssh-add {key}`), or run the command in a terminal."), message
+    assert "Check `username`" not in message
     assert "Too many authentication failures" not in message
 
 
@@ -81,7 +85,10 @@ def test_a_wrong_passphrase_says_so(kbdint_sshd, tmp_path, write_config, capsys)
     err = capsys.readouterr().err
     message = _one_paragraph(err)
 
-    assert f"the key {key} (encrypted, and the configured `passphrase` does not decrypt it)" in message
+    assert (f"the key {key} cannot be used: it is encrypted, and the configured `passphrase` does not "
+            f"decrypt it; correct `passphrase` for this cluster, or load the key") in message
+    assert "Check `username`" not in message
+    assert "tensor01: its key cannot be used (fix this first" in err  # the closing line
     assert "not it" not in err and PASSPHRASE not in err
 
 
@@ -121,7 +128,8 @@ def test_three_wrong_passphrases_at_the_terminal_end_in_the_reason(kbdint_sshd, 
         assert terminal.wait() == 1, terminal.text()
     screen = terminal.text()
     assert screen.count("Bad passphrase, try again") == 2, screen
-    assert f"the key {key} (encrypted, and the passphrase typed does not decrypt it)" in screen
+    assert f"the key {key} cannot be used: it is encrypted, and the passphrase typed does not decrypt it" \
+        in screen
     assert "Traceback" not in screen and "wrong 0" not in screen
 
 
@@ -142,5 +150,56 @@ def test_a_missing_identity_file_in_the_ssh_config_is_skipped_with_a_warning(
     assert _sync(tmp_path, write_config, entry) == 0
     assert (tmp_path / "dl" / "tensor01" / "a.pkl").read_bytes() == b"x" * 1000
     # Shown even with --quiet, as ssh shows it.
-    assert (f"warning: cluster 'tensor01': no such identity: {tmp_path}/id_long_gone (skipped, as ssh does)"
+    assert (f"Warning: cluster 'tensor01': no such identity: {tmp_path}/id_long_gone (skipped, as ssh does)"
             in capsys.readouterr().err)
+
+
+def _agent_with_strangers(tmp_path: Path, count: int = 8) -> list[Path]:
+    """More keys than OpenSSH's MaxAuthTries (6), none of them authorized."""
+    strangers = [tmp_path / f"agent_key_{index}" for index in range(count)]
+    for key in strangers:
+        keygen(key)
+    return strangers
+
+
+def test_an_agent_full_of_other_keys_does_not_lock_out_the_configured_key(
+        kbdint_sshd, tmp_path, write_config, monkeypatch):
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    (remote / "a.pkl").write_bytes(b"x" * 1000)
+    with ssh_agent(tmp_path, _agent_with_strangers(tmp_path)) as agent:
+        monkeypatch.setenv("SSH_AUTH_SOCK", agent)
+        assert _sync(tmp_path, write_config, kbdint_sshd.cluster_entry(str(remote))) == 0
+    assert (tmp_path / "dl" / "tensor01" / "a.pkl").read_bytes() == b"x" * 1000
+
+
+def test_an_encrypted_key_held_by_the_agent_needs_no_passphrase(kbdint_sshd, tmp_path, write_config, monkeypatch):
+    key = tmp_path / "encrypted_key"
+    keygen(key, passphrase=PASSPHRASE)
+    kbdint_sshd.authorize(key.with_suffix(".pub"))
+    decrypted = tmp_path / "decrypted_for_the_agent"  # the same key, as ssh-add holds it once unlocked
+    asyncssh.read_private_key(str(key), PASSPHRASE).write_private_key(str(decrypted))
+    decrypted.chmod(0o600)
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    (remote / "a.pkl").write_bytes(b"y" * 1000)
+    with ssh_agent(tmp_path, [*_agent_with_strangers(tmp_path), decrypted]) as agent:
+        monkeypatch.setenv("SSH_AUTH_SOCK", agent)
+        assert _sync(tmp_path, write_config, kbdint_sshd.cluster_entry(str(remote), key_file=str(key))) == 0
+    assert (tmp_path / "dl" / "tensor01" / "a.pkl").read_bytes() == b"y" * 1000
+
+
+def test_too_many_agent_keys_without_a_key_file_says_max_auth_tries(
+        kbdint_sshd, tmp_path, write_config, monkeypatch, capsys):
+    entry = kbdint_sshd.cluster_entry(str(tmp_path))
+    del entry["key_file"]
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.ssh/id_* of the machine's
+    with ssh_agent(tmp_path, _agent_with_strangers(tmp_path)) as agent:
+        monkeypatch.setenv("SSH_AUTH_SOCK", agent)
+        assert _sync(tmp_path, write_config, entry) == 1
+    err = capsys.readouterr().err
+    message = _one_paragraph(err)
+    assert "the server 127.0.0.1 refused the login as 'root'" in message
+    assert "too many attempts (its MaxAuthTries)" in message and "IdentitiesOnly yes" in message
+    assert "cannot connect" not in message and "host name and port" not in message
+    assert "tensor01: the server refused the login (fix this first" in err

@@ -12,14 +12,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from readme_blocks import commands as readme_commands
 
 from async_embed_sync import load
 from async_embed_sync.cli import build_parser, main
 from async_embed_sync.journal import DownloadLayout, FileState
 from async_embed_sync.synthetic import generate_run
-
-README = Path(__file__).resolve().parent.parent / "README.md"
-
 
 def test_help_and_usage_errors(capsys):
     assert main(["--help"], prog="python -m async_embed_sync") == 0
@@ -33,7 +31,7 @@ def test_help_and_usage_errors(capsys):
                     if line.startswith("  python -m")]
         assert examples and set(examples) <= {command, "--sync-only"}, help_text
     for nonsense in (["sync", "--max-parallel", "0"], ["sync", "--retries", "-1"], ["sync", "--timeout", "0"],
-                     ["sync", "--timeout", "nan"], ["merge", "--expect-articles", "-5"], ["sync", "--retries", "x"]):
+                     ["sync", "--timeout", "nan"], ["sync", "--timeout", "inf"], ["merge", "--expect-articles", "-5"], ["sync", "--retries", "x"]):
         assert main(nonsense) == 2, nonsense
         assert "error: argument" in capsys.readouterr().err
     assert main(["run", "--sync-only", "--merge-only"]) == 2
@@ -202,20 +200,8 @@ def test_status_and_sync_name_files_the_cluster_no_longer_holds(openssh, tmp_pat
     assert (download_dir / "tensor01" / "b.pkl").is_file()  # kept: never deleted
 
 
-def _readme_commands() -> list[str]:
-    blocks = re.findall(r"```\w*\n(.*?)```", README.read_text(), re.S)
-    commands = []
-    for block in blocks:
-        for line in block.splitlines():
-            line = line.split("#")[0].strip()
-            for part in line.split("&&"):
-                if part.strip().startswith("python -m async_embed_sync"):
-                    commands.append(part.strip())
-    return commands
-
-
 def test_readme_command_lines_are_valid_and_the_demo_runs(tmp_path, monkeypatch):
-    commands = _readme_commands()
+    commands = readme_commands()
     assert any(c.endswith("async_embed_sync demo") for c in commands)
     parser = build_parser()
     for command in commands:
@@ -228,19 +214,6 @@ def test_readme_command_lines_are_valid_and_the_demo_runs(tmp_path, monkeypatch)
     demo = next(c for c in commands if c.endswith("async_embed_sync demo"))
     assert main([*shlex.split(demo)[3:], "--rows", "1010", "--quiet"]) == 0
     assert load(tmp_path / "async_embed_sync_demo" / "wikipedia_merged.pkl")["total_articles"] == 1000
-
-
-def test_readme_nearest_neighbour_example_runs(tmp_path, capsys):
-    assert main(["demo", "--dir", str(tmp_path / "demo"), "--rows", "1010", "--quiet"]) == 0
-    code = next(block for block in re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
-                if "argsort" in block)
-    code = code.replace('"embeddings/wikipedia_merged.pkl"',
-                        repr(str(tmp_path / "demo" / "wikipedia_merged.pkl")))
-    capsys.readouterr()
-    exec(compile(code, "README.md", "exec"), {})
-    lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 5
-    assert lines[0].startswith("1.000")  # the first article is its own nearest neighbour
 
 
 def test_status_never_shows_a_partial_at_100_percent(openssh, tmp_path, write_config, capsys):
@@ -280,7 +253,7 @@ def test_status_warns_about_a_readable_password_as_sync_does(openssh, tmp_path, 
     config.chmod(0o644)
     assert main(["status", "--config", str(config), "--download-dir", str(tmp_path / "dl")]) == 0
     err = capsys.readouterr().err
-    assert f"warning: {config} holds a password and is readable by group or others (mode 0644)" in err
+    assert f"Warning: {config} holds a password and is readable by group or others (mode 0644)" in err
     assert "not-used" not in err
 
 

@@ -125,7 +125,7 @@ def test_the_configuration_is_found_where_people_look(tmp_path, monkeypatch):
     with pytest.raises(ConfigError) as refused:
         load_config()
     message = str(refused.value)
-    for place in ("$ASYNC_EMBED_SYNC_CONFIG (not set)", "credentials.json and .credentials/",
+    for place in ("No --config given", "$ASYNC_EMBED_SYNC_CONFIG is not set", "no credentials.json or .credentials/",
                   str(user_file), "python -m async_embed_sync init", '"remote_dir"'):
         assert place in message
     user_file.parent.mkdir(parents=True)
@@ -144,13 +144,16 @@ def test_the_configuration_is_found_where_people_look(tmp_path, monkeypatch):
 
 def test_init_writes_the_example_privately_and_never_over_a_file(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    assert main(["init"]) == 0
+    assert main(["init"], prog="async-embed-sync") == 0
     written = tmp_path / "credentials.json"
     assert oct(written.stat().st_mode & 0o777) == "0o600"
     # The example the installed package carries, as the repository's top-level copy shows it.
     assert written.read_text() == (Path(__file__).parent.parent / "credentials.example.json").read_text()
     assert sorted(json.loads(written.read_text())["clusters"]) == ["tensor01", "tensor02"]
-    assert "Fill in host" in capsys.readouterr().err
+    said = capsys.readouterr().err
+    assert "Fill in host" in said and "then check with: async-embed-sync status" in said  # the name typed
+    assert main(["init", "--config", str(tmp_path / "quiet.json"), "--quiet"]) == 0
+    assert capsys.readouterr().err == ""
     written.write_text("{}  # edited by hand")
     assert main(["init"]) == 1
     assert "Cannot write the example to" in capsys.readouterr().err

@@ -33,7 +33,11 @@ async def test_unknown_host_is_refused_by_default(tmp_path, embedded_server, wri
             "/ckpt", known_hosts=str(tmp_path / "absent_known_hosts"))})
         report = await _sync(config, tmp_path / "dl")
     error = report.clusters["tensor01"].errors[0]
-    assert "ssh-keyscan" in error and "accept-new" in error
+    fingerprint = asyncssh.import_public_key(server.host_public_key).get_fingerprint()
+    # The key offered, as ssh shows it, to compare with what the admins publish.
+    assert f"The server offers the ssh-ed25519 key {fingerprint}; after checking it with the cluster's admins" \
+        in error, error
+    assert "ssh-keyscan" in error and error.endswith('"accept-new" for it).')
     assert not (tmp_path / "dl" / "tensor01").exists()
     assert not (tmp_path / PROJECT_KNOWN_HOSTS).exists()
 
@@ -68,6 +72,8 @@ async def test_accept_new_still_refuses_a_changed_key(tmp_path, embedded_server,
         config = write_config(tmp_path, {"tensor01": server.cluster_entry(
             "/ckpt", known_hosts=str(tmp_path / "absent_known_hosts"), host_key_policy="accept-new")})
         report = await _sync(config, tmp_path / "dl")
-    assert "does not match" in report.clusters["tensor01"].errors[0]
+    error = report.clusters["tensor01"].errors[0]
+    fingerprint = asyncssh.import_public_key(server.host_public_key).get_fingerprint()
+    assert "does not match" in error and f"The server now offers the ssh-ed25519 key {fingerprint}." in error
     assert (tmp_path / PROJECT_KNOWN_HOSTS).read_text() == f"[127.0.0.1]:{server.port} {impostor}"
     assert not (tmp_path / "dl" / "tensor01").exists()

@@ -162,7 +162,7 @@ async def test_a_file_that_shrinks_mid_copy_ends_as_its_final_content(tmp_path, 
     """Truncated on the server when the copy reaches its middle: the reads
     past the new end come back empty, the copy is recognised as short, and
     the file is fetched again at its new size. (A file that grows mid-copy:
-    see tests/pending_reliability_bugs.py.)"""
+    see test_a_change_mid_copy_is_noticed below.)"""
     size = 6 * MiB
     shrunk_size = size * 6 // 10
     remote = make_files(tmp_path / "srv" / "ckpt", {"a.pkl": size, "b.npy": MiB})

@@ -34,7 +34,8 @@ def test_a_cluster_left_out_of_run_is_refused_before_anything_is_done(openssh, t
 
     assert _run(config, tmp_path, "--clusters", "tensor01") == 1
     err = capsys.readouterr().err
-    assert "leaves out tensor02" in err and "--partial" in err and str(config) in err
+    assert err.startswith("error: Nothing was run: --clusters tensor01 leaves out tensor02")
+    assert "--partial" in err and str(config) in err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert not (tmp_path / "dl").exists() and not (tmp_path / "merged.pkl").exists()
 
@@ -50,7 +51,9 @@ def test_partial_merges_the_clusters_named_and_says_so(openssh, tmp_path, write_
     assert main(["run", "--config", str(config), "--download-dir", str(tmp_path / "dl"),
                  "--output", str(tmp_path / "half.pkl"), "--clusters", "tensor01", "--partial"]) == 0
     err = capsys.readouterr().err
-    assert "PARTIAL (--partial): the merge leaves out tensor02" in err
+    notice = f"PARTIAL (--partial): the merge leaves out tensor02, configured in {config}."
+    assert err.startswith(notice)
+    assert err.rstrip().endswith(f"  {notice}")  # and again under the merge's summary
     half = load(tmp_path / "half.pkl")
     # Exactly tensor01's rows (0..199, all articles), although tensor02's files are downloaded.
     assert [c["cluster"] for c in half["chunk_info"]] == ["tensor01", "tensor01"]

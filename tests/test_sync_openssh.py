@@ -133,7 +133,8 @@ def test_authentication_failure_never_shows_the_password(openssh, tmp_path, writ
     config = write_config(tmp_path, {"tensor01": entry})
     err = _run_failing(capsys, config, tmp_path / "dl")
     assert "refused the login as 'root'" in err and "tensor01" in err
-    assert "the password in the configuration (not attempted: the server does not accept passwords)" in err
+    assert "the password in the configuration (not sent: the server asked for no password)" in err
+    assert "The server takes no password here: set `key_file` for this cluster" in err
     assert PASSWORD not in err
     for path in (tmp_path / "dl").rglob("*"):
         assert not path.is_file() or PASSWORD.encode() not in path.read_bytes()

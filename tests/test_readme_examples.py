@@ -1,0 +1,149 @@
+"""README.md's examples, run as a user runs them: each ```python block as a script and the
+``sha256sum`` lines in a shell, in a folder laid out as ``run`` leaves it
+(``embeddings/checkpoints/<cluster>/``, ``embeddings/wikipedia_merged.pkl``) with the bundle
+the README's own merge command makes, and checked for what they print.
+
+pandas, pyarrow, faiss-cpu and umap-learn come with the test extra: CI runs every example.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from readme_blocks import blocks, commands
+
+from async_embed_sync.synthetic import generate_run
+
+ROWS, ARTICLES, DIM = 2010, 2000, 768  # generate_run makes 10 of the rows questions
+BUNDLE_COMMAND = "python -m async_embed_sync merge --output embeddings/merged"
+
+# One marker per ```python block: the test that runs it (a new block fails
+# test_every_python_block_is_run until it has one).
+MARKERS = {
+    "nearest neighbours": "np.argsort",
+    "pyarrow and pandas": "pq.read_table",
+    "faiss": "import faiss",
+    "umap": "import umap",
+    "api": "from async_embed_sync import sync, merge, load",
+    "chunk_info": "chunk_info",
+}
+
+
+def _needs(*modules: str) -> None:
+    if os.environ.get("CI") == "true":
+        return  # the test extra installs them: in CI a missing one fails the example
+    for module in modules:
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"{module} is not installed (pip install -e '.[test]')")
+
+
+def _block(marker: str) -> str:
+    found = [block for block in blocks("python") if MARKERS[marker] in block]
+    assert len(found) == 1, f"{len(found)} python blocks of README.md hold {MARKERS[marker]!r}"
+    return found[0]
+
+
+def _run(argv: list[str], cwd: Path, timeout: float = 100) -> list[str]:
+    """Run ``argv`` in ``cwd`` as a user would; its stdout, line by line."""
+    result = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                            stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, f"{argv} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
+    return result.stdout.splitlines()
+
+
+def _python(marker: str, cwd: Path, timeout: float = 100) -> list[str]:
+    return _run([sys.executable, "-c", _block(marker)], cwd, timeout)
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder as ``run`` leaves it, with the README's bundle beside the ``.pkl``."""
+    _needs("pyarrow")
+    root = tmp_path_factory.mktemp("readme_results")
+    generate_run(root / "embeddings" / "checkpoints", rows=ROWS, dim=DIM)
+    _run([sys.executable, "-m", "async_embed_sync", "merge", "--quiet"], root)  # `run`'s merge, defaults
+    bundle = [command for command in commands() if command.startswith(BUNDLE_COMMAND)]
+    assert len(bundle) == 1, bundle
+    _run([sys.executable, *shlex.split(bundle[0])[1:], "--quiet"], root)
+    assert (root / "embeddings" / "wikipedia_merged.pkl").is_file()
+    assert (root / "embeddings" / "merged" / "articles.parquet").is_file()
+    return root
+
+
+def test_every_python_block_is_run():
+    for block in blocks("python"):
+        assert [name for name, marker in MARKERS.items() if marker in block], f"no test runs:\n{block}"
+    for name in MARKERS:
+        _block(name)  # exactly one block each
+
+
+def test_nearest_neighbours_with_numpy(results):
+    lines = _python("nearest neighbours", results)
+    assert len(lines) == 5
+    assert lines[0] == "1.000  Synthetic article 0"  # the first article is its own nearest neighbour
+    scores = [float(line.split()[0]) for line in lines]
+    assert scores == sorted(scores, reverse=True) and scores[1] < 1.0
+
+
+def test_a_bundle_with_pyarrow_and_pandas(results):
+    _needs("pyarrow", "pandas")
+    assert _python("pyarrow and pandas", results) == [
+        f"({ARTICLES}, {DIM}) ({ARTICLES}, 4) ['id', 'title', 'url', 'text']"]
+
+
+def test_a_faiss_index(results):
+    _needs("faiss")
+    assert _python("faiss", results) == ["[0 1 2]"]
+
+
+@pytest.mark.timeout(300)
+def test_a_umap_map(results):
+    _needs("umap")
+    # numba compiles UMAP's functions on first use: tens of seconds on a fresh install.
+    assert _python("umap", results, timeout=280) == ["(500, 2)"]
+
+
+def test_the_python_api_as_shown(openssh, tmp_path, write_config):
+    remote = tmp_path / "remote"
+    generate_run(remote, rows=ROWS, dim=8)
+    write_config(tmp_path, {c: openssh.cluster_entry(str(remote / c)) for c in ("tensor01", "tensor02")})
+    # In the folder that holds credentials.json, as the README's comments say.
+    assert _python("api", tmp_path) == [f"{ARTICLES} ({ARTICLES}, 8)"]
+    assert (tmp_path / "embeddings" / "merged" / "manifest.json").is_file()
+    assert len(list((tmp_path / "embeddings" / "checkpoints").glob("tensor0?/*.pkl"))) == 8
+
+
+def test_verifying_with_sha256sum(results):
+    block = next(block for block in blocks() if "sha256sum" in block)
+    npy_line, manifest_line, check_line = _run(["bash", "-euo", "pipefail", "-c", block], results)
+    digest = _sha256(results / "embeddings" / "merged" / "embeddings.npy")
+    assert npy_line == f"{digest}  embeddings/merged/embeddings.npy"
+    assert manifest_line.strip() == f'"embeddings_sha256": "{digest}",'  # the same hash
+    assert check_line == "embeddings/wikipedia_merged.pkl: OK"
+
+
+def test_verifying_the_checkpoints_against_chunk_info(results, tmp_path):
+    lines = _python("chunk_info", results)
+    assert len(lines) == 8 and all(line.startswith("ok  embeddings/checkpoints/tensor0") for line in lines), lines
+
+    # A checkpoint changed since the merge is named.
+    shutil.copytree(results / "embeddings", tmp_path / "embeddings")
+    victim = sorted((tmp_path / "embeddings" / "checkpoints" / "tensor02").glob("*.pkl"))[1]
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(data)
+    bad = [line for line in _python("chunk_info", tmp_path) if not line.startswith("ok ")]
+    assert bad == [f"BAD {victim.relative_to(tmp_path)}"]
