@@ -233,6 +233,7 @@ class ConnectError(RemoteError):
     def __init__(self, cluster: str, host: str, port: int, reason: str, *, transient: bool = True):
         self.host = host
         self.port = port
+        self.reason = reason
         self.rerun_fixes = transient
         self.cause = f"{host}:{port} cannot be reached" if transient else f"the host name {host} is not found"
         super().__init__(

@@ -22,12 +22,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import fnmatch
 import functools
 import getpass
 import logging
 import os
 import posixpath
+import re
 import shlex
 import socket
 from collections.abc import AsyncIterator, Iterator
@@ -952,21 +954,68 @@ def _translate_errors(target: SSHTarget, *, connecting: bool = False,
             raise _authentication_error(target, auth, cut_off=True) from exc
         if connecting:
             raise ConnectError(cluster.name, target.hostname, target.port,
-                               f"the server closed the connection: {getattr(exc, 'reason', '') or exc}") from exc
+                               _disconnect_words(exc, connecting=True)) from exc
         raise TransferError(cluster.name, name or cluster.remote_dir,
-                            f"connection lost ({getattr(exc, 'reason', '') or exc})") from exc
+                            f"connection lost ({_disconnect_words(exc)})") from exc
     except (asyncio.TimeoutError, TimeoutError) as exc:
         if connecting:
-            raise ConnectError(cluster.name, target.hostname, target.port, "timed out") from exc
+            raise ConnectError(cluster.name, target.hostname, target.port,
+                               f"timed out: no answer from {target.hostname}:{target.port} in time") from exc
         raise TransferError(cluster.name, name or cluster.remote_dir, "timed out") from exc
     except socket.gaierror as exc:
         if not connecting:
             raise TransferError(cluster.name, name or cluster.remote_dir, "name lookup failed") from exc
-        raise ConnectError(cluster.name, target.hostname, target.port,
-                           f"host name not found: {exc.strerror}", transient=False) from exc
+        raise ConnectError(cluster.name, target.hostname, target.port, _lookup_words(exc, target.hostname),
+                           transient=exc.errno == socket.EAI_AGAIN) from exc
     except OSError as exc:
         if connecting:
             raise ConnectError(cluster.name, target.hostname, target.port,
-                               exc.strerror or str(exc)) from exc
+                               _os_error_words(exc, target.hostname, target.port)) from exc
         raise TransferError(cluster.name, name or cluster.remote_dir,
-                            f"connection lost ({exc.strerror or exc})") from exc
+                            f"connection lost ({_os_error_words(exc, target.hostname, target.port)})") from exc
+
+
+# A socket's OSError in plain words, instead of asyncio's "Connect call failed ('10.0.0.7', 22)"
+# or a bare "Broken pipe". {host} and {port} are filled in.
+_SOCKET_ERRORS = {
+    errno.ECONNREFUSED: "connection refused: nothing listens on {host}:{port}",
+    errno.ECONNRESET: "connection reset by the server",
+    errno.EPIPE: "broken pipe: the other end closed the connection while data was being sent",
+    errno.ECONNABORTED: "the connection was aborted",
+    errno.ETIMEDOUT: "timed out: no answer from {host}:{port}",
+    errno.EHOSTUNREACH: "no route to host {host}",
+    errno.ENETUNREACH: "network unreachable: no route to {host} from this machine",
+    errno.EHOSTDOWN: "the host {host} is down",
+    errno.ENETDOWN: "the network of this machine is down",
+    errno.EADDRNOTAVAIL: "the address {host} cannot be used from this machine",
+}
+
+
+def _os_error_words(exc: OSError, host: str, port: int) -> str:
+    number = exc.errno
+    if number is None:
+        # asyncio, having tried each address of the host: "Multiple exceptions:
+        # [Errno 111] Connect call failed ('::1', 22, 0, 0), [Errno 111] ...".
+        found = re.search(r"\[Errno (\d+)\]", str(exc))
+        number = int(found.group(1)) if found else None
+    if number in _SOCKET_ERRORS:
+        return _SOCKET_ERRORS[number].format(host=host, port=port)
+    if number:
+        text = os.strerror(number)
+        return text[:1].lower() + text[1:]
+    return str(exc) or type(exc).__name__
+
+
+def _lookup_words(exc: socket.gaierror, host: str) -> str:
+    if exc.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)):
+        return f"name not known: no address found for {host}"
+    if exc.errno == socket.EAI_AGAIN:
+        return f"the name {host} could not be looked up just now (temporary failure in name resolution)"
+    return f"the name {host} could not be looked up ({exc.strerror or exc})"
+
+
+def _disconnect_words(exc: asyncssh.Error, connecting: bool = False) -> str:
+    reason = getattr(exc, "reason", "") or str(exc)
+    if isinstance(exc, asyncssh.ConnectionLost) and reason == "Connection lost":  # an end of file, no message
+        return "the connection was closed from the other end" + (" during the SSH handshake" if connecting else "")
+    return f"the server closed the connection: {reason}" if connecting else reason
