@@ -34,7 +34,7 @@ class ClusterStatus:
 
     def line(self, width: int = 8) -> str:
         if self.error:
-            return f"{self.name:<{width}} error: {self.error}"
+            return f"{self.name:<{width}} error (see below)"  # the paragraph would wrap across the columns
         # Rounded down, and below 100 %: a partial is not complete until it is verified.
         percent = f" ({min(99, 100 * self.partial_bytes // self.partial_of)} %)" if self.partial_of else ""
         return (f"{self.name:<{width}} {self.remote_files:>6} {format_bytes(self.remote_bytes):>9} "
@@ -99,6 +99,8 @@ async def _cluster_status(cluster: ClusterConfig, layout: DownloadLayout, timeou
 def format_status(statuses: list[ClusterStatus]) -> str:
     width = max([7, *(len(s.name) for s in statuses)])
     lines = [header(width)] + [s.line(width) for s in statuses]
+    # Below the table, each cluster's error once, whole (it names the cluster or its folder).
+    lines += [s.error for s in statuses if s.error]
     for status in statuses:
         lines += status.notes
     return "\n".join(lines)

@@ -123,8 +123,10 @@ async def test_a_download_directory_under_a_plain_file_is_one_paragraph(
     out = capsys.readouterr().out
     assert status == 1
     for name in CLUSTERS:
-        line = next(line for line in out.splitlines() if line.startswith(name))
-        assert f"{blocker} is a file where a folder is needed" in line, out
+        row = next(line for line in out.splitlines() if line.startswith(name))
+        assert row.split()[1:] == ["error", "(see", "below)"], out  # the paragraph would wrap across the columns
+        _assert_one_paragraph(out, f"Cannot read the folder {download_dir / name}: {blocker} is a file where a "
+                                   f"folder is needed")
     assert blocker.read_text() == "not a folder"
 
 

@@ -173,6 +173,25 @@ def test_unreachable_host_fails_alone(openssh, tmp_path, write_config, capsys):
     _assert_mirrored(dirs["tensor02"], tmp_path / "dl" / "tensor02")
 
 
+def test_status_shows_the_table_then_each_error_once_below_it(openssh, tmp_path, write_config, capsys):
+    dirs = _remote_tree(tmp_path)
+    closed_port = _closed_port()
+    config = write_config(tmp_path, {
+        "tensor01": openssh.cluster_entry(str(dirs["tensor01"]), port=closed_port),
+        "tensor02": openssh.cluster_entry(str(dirs["tensor02"])),
+    })
+    assert main(["status", "--config", str(config), "--download-dir", str(tmp_path / "dl"), "--timeout", "5"]) == 1
+    out = capsys.readouterr().out
+    header, tensor01, tensor02, *below = out.splitlines()
+    assert header.startswith("cluster ") and tensor02.split()[0] == "tensor02" and tensor02.split()[1].isdigit(), out
+    # The row points below; a paragraph in the row would wrap across the 80 columns.
+    assert tensor01 == "tensor01 error (see below)", out
+    assert all(len(line) <= 80 for line in (header, tensor01, tensor02)), out
+    assert below == [f"Cluster 'tensor01': cannot connect to 127.0.0.1:{closed_port} (connection refused: nothing "
+                     f"listens on 127.0.0.1:{closed_port}). Check the host name and port in the configuration, "
+                     f"and that the machine is reachable (for example with: ssh -p {closed_port} 127.0.0.1)."], out
+
+
 def _closed_port() -> int:
     import socket
     with socket.socket() as s:
