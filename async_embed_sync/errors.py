@@ -24,6 +24,7 @@ secret (no class here takes a password or key material as a field).
     │   ├── NoCheckpointsError           remote_dir holds no matching files
     │   ├── UnsafeRemoteNameError        a listed name is not a plain file name
     │   ├── TransferError                link dropped or the server failed a read
+    │   ├── LinkLostError                reached in this run, then dropped and every reconnect failed
     │   └── RemoteFileChangedError       remote file changed size/mtime mid-copy
     ├── VerificationError                downloaded bytes do not match the remote
     ├── SyncFailedError                  summary: some clusters did not sync
@@ -381,6 +382,39 @@ class TransferError(RemoteError):
         self.name = name
         self.reason = reason
         super().__init__(cluster, f"transfer of {name} failed: {reason}")
+
+
+class LinkLostError(RemoteError):
+    """The cluster was reached in this run; then its connection dropped and
+    every reconnect failed. The configuration is right (it connected): the
+    link is what failed, and a rerun resumes. ``drops``: established
+    connections lost in this run; ``attempts``: reconnects tried after the
+    last; ``last_cause``: how the last one failed, in plain words; ``kept``:
+    what is kept and verified ("1.8 MiB of big.npy"), "" for nothing."""
+
+    retryable = False  # the reconnects already used up --retries
+    rerun_fixes = True
+
+    def __init__(self, cluster: str, host: str, port: int, *, drops: int, attempts: int,
+                 last_cause: str, kept: str):
+        self.host = host
+        self.port = port
+        self.drops = drops
+        self.attempts = attempts
+        self.last_cause = last_cause
+        self.kept = kept
+        lost = "was lost" if drops == 1 else f"was lost {drops} times in this run"
+        tries = "the attempt to reconnect" if attempts == 1 else f"{attempts} attempts in a row to reconnect"
+        self.cause = f"the connection dropped and reconnecting failed ({last_cause})"
+        rerun = "run the same command again to resume from there" if kept else "run the same command again"
+        kept_now = f"Kept, verified: {kept}; {rerun}" if kept else rerun[0].upper() + rerun[1:]
+        super().__init__(
+            cluster,
+            f"the connection to {host}:{port} {lost}, and {tries} failed (the last: {last_cause}). "
+            f"It had connected earlier in this run, so the host name, port and login are right: "
+            f"the link itself dropped (the network, or the server). {kept_now} once the link holds "
+            f"(on an unsteady link, raise --retries).",
+        )
 
 
 class RemoteFileChangedError(RemoteError):

@@ -16,6 +16,7 @@ import contextlib
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -26,6 +27,7 @@ from .download import FileOutcome, download_file, is_up_to_date
 from .errors import (
     AsyncEmbedSyncError,
     ConnectError,
+    LinkLostError,
     NoCheckpointsError,
     RemoteError,
     RemoteFileChangedError,
@@ -170,7 +172,9 @@ async def sync_clusters(clusters: list[ClusterConfig], download_dir: str, progre
 async def _sync_cluster(cluster: ClusterConfig, layout: DownloadLayout, slots: FairSlots,
                         progress: Progress, options: SyncOptions, report: ClusterReport) -> None:
     started = time.monotonic()
-    link = ClusterLink(cluster, options, progress, report)
+    fetching: list[str] = []
+    link = ClusterLink(cluster, options, progress, report,
+                       kept=lambda: _kept(layout, cluster.name, fetching, report))
     slots.register(cluster.name)
     try:
         remote = await link.get()
@@ -191,6 +195,7 @@ async def _sync_cluster(cluster: ClusterConfig, layout: DownloadLayout, slots: F
                             report.skipped += 1
                             continue
                         pending += 1
+                        fetching.append(entry.name)
                         progress.add_total(entry.size)
                         tasks.start_soon(_sync_file, link, layout, entry, slots, progress, options, report)
             except AsyncEmbedSyncError as exc:
@@ -198,12 +203,13 @@ async def _sync_cluster(cluster: ClusterConfig, layout: DownloadLayout, slots: F
                 # group's ExceptionGroup; files already started still finish.
                 listing_error = exc
             slots.set_need(cluster.name, pending)
+            if listing_error is None:  # said now, not once the files are done
+                logger.info("cluster %r: %d file(s) listed in %s, %d to fetch", cluster.name, len(listed),
+                            cluster.remote_dir, pending)
         if listing_error is not None:
             raise listing_error
         # What the cluster holds now, so that the merge takes exactly that.
         layout.save_listing(cluster.name, listed)
-        logger.info("cluster %r: %d file(s) listed in %s, %d to fetch", cluster.name, len(listed),
-                    cluster.remote_dir, pending)
         report.local_only = layout.local_only(cluster.name, listed)
         if not report.files and report.ok:
             raise NoCheckpointsError(cluster.name, cluster.remote_dir, cluster.patterns)
@@ -277,6 +283,22 @@ def _verified_offset(layout: DownloadLayout, cluster: str, name: str) -> int:
     return state.verified_offset if state else 0
 
 
+def _kept(layout: DownloadLayout, cluster: str, names: list[str], report: ClusterReport) -> str:
+    """What a cluster given up keeps, verified: "2 file(s) complete and 1.8 MiB of big.npy"; "" for nothing."""
+    partial = {}
+    for name in names:
+        state = layout.load_state(cluster, name)
+        if state is not None and not state.complete and state.verified_offset:
+            partial[name] = state.verified_offset
+    parts = [f"{report.downloaded} file(s) complete"] if report.downloaded else []
+    if len(partial) == 1:
+        [(name, kept)] = partial.items()
+        parts.append(f"{format_bytes(kept)} of {name}")
+    elif partial:
+        parts.append(f"{format_bytes(sum(partial.values()))} of {len(partial)} files in progress")
+    return " and ".join(parts)
+
+
 def _fail(report: ClusterReport, progress: Progress, exc: AsyncEmbedSyncError) -> None:
     # Said once: a blocked cluster folder fails each of its files alike.
     if str(exc) in report.errors:
@@ -294,37 +316,56 @@ class ClusterLink:
     """
 
     def __init__(self, cluster: ClusterConfig, options: SyncOptions, progress: Progress,
-                 report: ClusterReport):
+                 report: ClusterReport, kept: Callable[[], str] = lambda: ""):
         self.cluster = cluster
         self._options = options
         self._progress = progress
         self._report = report
+        self._kept = kept  # what is kept and verified, for the error that gives up
         self._remote: ClusterRemote | None = None
         self._lock = asyncio.Lock()
+        self._drops = 0
+        self._given_up: LinkLostError | None = None
 
     async def get(self) -> ClusterRemote:
         async with self._lock:
+            if self._given_up is not None:
+                raise self._given_up  # every file in flight learns it, and it is said once
             if self._remote is not None and not self._remote.is_closed:
                 return self._remote
             if self._remote is None:
                 self._remote = await self._connect()
                 return self._remote
-            await self._remote.close()
-            for attempt in range(self._options.retries + 1):
-                self._report.reconnects += 1
-                self._progress.note(f"{self.cluster.name}: connection lost; reconnecting.")
-                logger.info("cluster %r: reconnecting (attempt %d of %d)", self.cluster.name, attempt + 1,
-                            self._options.retries + 1)
-                try:
-                    self._remote = await self._connect()
-                    self._progress.note(f"{self.cluster.name}: reconnected; the files in flight resume "
-                                        f"at their verified offsets.")
-                    return self._remote
-                except (ConnectError, TransferError):
-                    if attempt == self._options.retries:
-                        raise
-                    await anyio.sleep(self._options.delay(attempt))
-            raise AssertionError("unreachable")
+            return await self._reconnect()
+
+    async def _reconnect(self) -> ClusterRemote:
+        """After a drop: one attempt, then up to ``retries`` more. The cluster
+        was reached in this run, so what fails now is the link: said so."""
+        name, retries = self.cluster.name, self._options.retries
+        await self._remote.close()
+        self._drops += 1
+        self._progress.note(f"{name}: connection lost; reconnecting.")
+        for attempt in range(retries + 1):
+            self._report.reconnects += 1
+            logger.info("cluster %r: reconnecting (attempt %d of %d: once, then up to --retries %d more)",
+                        name, attempt + 1, retries + 1, retries)
+            try:
+                self._remote = await self._connect()
+            except (ConnectError, TransferError) as exc:
+                if attempt == retries:
+                    target = self._remote.target
+                    self._given_up = LinkLostError(name, target.hostname, target.port, drops=self._drops,
+                                                   attempts=retries + 1, last_cause=exc.reason,
+                                                   kept=self._kept())
+                    raise self._given_up from exc
+                delay = self._options.delay(attempt)
+                self._progress.note(f"{name}: reconnecting failed ({exc.reason}); retry {attempt + 1} "
+                                    f"of {retries} in {delay:.1f} s.")
+                await anyio.sleep(delay)
+                continue
+            self._progress.note(f"{name}: reconnected; the files in flight resume at their verified offsets.")
+            return self._remote
+        raise AssertionError("unreachable")
 
     @property
     def lost(self) -> bool:

@@ -11,15 +11,17 @@ import signal
 import sys
 from pathlib import Path
 
+import anyio
 import asyncssh
 import pytest
 
 from reliability_helpers import cli_child_command, ignores_sigint, sync_argv, with_sigint
 
+from async_embed_sync.cli import main
 from async_embed_sync.config import load_config
 from async_embed_sync.download import CHECKPOINT_BYTES
 from async_embed_sync.journal import DownloadLayout
-from async_embed_sync.progress import PlainProgress, QuietProgress
+from async_embed_sync.progress import PlainProgress, QuietProgress, format_bytes
 from async_embed_sync.remote import READ_AHEAD_BYTES
 from async_embed_sync.sync import SyncOptions, sync_clusters
 
@@ -108,6 +110,51 @@ async def test_a_drop_is_said_once_per_cluster_not_per_file_in_flight(tmp_path, 
     assert text.count("tensor01: connection lost; reconnecting.") == 1, text
     assert text.count("tensor01: reconnected; the files in flight resume at their verified offsets.") == 1, text
     assert "(retrying)" not in text and "failed" not in text, text
+
+
+@pytest.mark.parametrize("retries", [0, 2])
+async def test_a_link_that_drops_on_every_reconnect_is_said_to_be_the_link_not_the_host(
+        tmp_path, embedded_server, link_proxy, write_config, capsys, retries):
+    """Connected, 2 MiB arrived, then the link is cut, and cut again within
+    every reconnect's handshake: the host was reached, so the paragraph and
+    the closing line say the link dropped (not "check the host name and
+    port"), and a rerun resumes."""
+    size = 8 * MiB
+    remote = _make_remote(tmp_path / "srv", {"big.npy": size})
+    cuts = [2 * MiB + 3000 * i for i in range(200)]  # after 2 MiB, then every 3,000 bytes
+    async with embedded_server(tmp_path / "srv") as server, link_proxy(server, cut_after=cuts) as proxy:
+        config = write_config(tmp_path, {"tensor01": server.cluster_entry("/ckpt", port=proxy.port)})
+        code = await anyio.to_thread.run_sync(main, [
+            "sync", "--config", str(config), "--download-dir", str(tmp_path / "dl"),
+            "--retries", str(retries), "--timeout", "5"])
+        err = capsys.readouterr().err
+        assert code == 1, err
+        assert proxy.cuts == 2 + retries, err  # the drop, then each reconnect
+        kept = DownloadLayout(tmp_path / "dl").load_state("tensor01", "big.npy").verified_offset
+        assert 0 < kept < size
+        assert "Traceback" not in err and "Errno" not in err, err
+        assert "host name and port in the configuration" not in err and "cannot be reached" not in err, err
+        assert "Broken pipe" not in err and "Connection reset by peer" not in err, err  # plain words only
+        attempts = "the attempt to reconnect" if retries == 0 else f"{retries + 1} attempts in a row to reconnect"
+        [paragraph] = [line for line in err.splitlines() if line.startswith("Cluster 'tensor01':")]
+        assert paragraph.startswith(f"Cluster 'tensor01': the connection to 127.0.0.1:{proxy.port} was lost, "
+                                    f"and {attempts} failed (the last: "), paragraph
+        assert "It had connected earlier in this run, so the host name, port and login are right" in paragraph
+        assert f"Kept, verified: {format_bytes(kept)} of big.npy; run the same command again" in paragraph
+        # Said once, and each retry with its count: --retries N is N more after the first reconnect.
+        assert err.count("tensor01: connection lost; reconnecting.") == 1, err
+        for retry in range(1, retries + 1):
+            assert err.count(f"; retry {retry} of {retries} in ") == 1, err
+        assert f"retry {retries + 1} " not in err, err
+        closing = err.strip().splitlines()[-1]
+        assert closing.startswith("error: The sync did not finish. tensor01: the connection dropped and "
+                                  "reconnecting failed ("), closing
+        assert closing.count("(a rerun resumes)") == 1, closing
+        # And so it does, fetching only the rest.
+        direct = write_config(tmp_path, {"tensor01": server.cluster_entry("/ckpt")})
+        report = await _sync(direct, tmp_path / "dl")
+    assert report.ok and report.transferred == size - kept
+    _same(remote, tmp_path / "dl" / "tensor01", ["big.npy"])
 
 
 async def test_killed_process_resumes(tmp_path, embedded_server, link_proxy, write_config):
