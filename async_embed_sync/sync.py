@@ -226,56 +226,65 @@ async def _sync_file(link: ClusterLink, layout: DownloadLayout, remote_file: Rem
                      report: ClusterReport) -> None:
     async with slots.slot(link.cluster.name):
         try:
-            report.record(await _download_with_retries(link, layout, remote_file, progress, options))
+            report.record(await _download_with_retries(link, layout, remote_file, progress, options, report))
         except AsyncEmbedSyncError as exc:
             _fail(report, progress, exc)
 
 
 async def _download_with_retries(link: ClusterLink, layout: DownloadLayout, remote_file: RemoteFile,
-                                 progress: Progress, options: SyncOptions) -> FileOutcome:
+                                 progress: Progress, options: SyncOptions, report: ClusterReport) -> FileOutcome:
     """Attempts continue while they make progress; ``retries`` in a row
     without a byte gained give the file up. A verification failure earns
-    one fresh download (the partial was discarded), not more."""
+    one fresh download (the partial was discarded), not more. A file given
+    up still adds what it fetched and kept in this run to the report's
+    bytes fetched."""
     cluster, name = link.cluster.name, remote_file.name
     stalled_attempts = changed_in_a_row = 0
     verification_failed = False
     fetched_by_failed_attempts = 0
     changed_on_server = False
-    while True:
-        before = _verified_offset(layout, cluster, name)
-        try:
-            remote = await link.get()
-            if changed_on_server:
-                remote_file = await remote.stat(name)  # copy the new version
-                changed_on_server = False
-            outcome = await download_file(remote, layout, remote_file, progress)
-        except VerificationError:
-            if verification_failed:
-                raise
-            verification_failed = True
-            continue
-        except RemoteError as exc:
-            if not exc.retryable:
-                raise
-            after = _verified_offset(layout, cluster, name)
-            fetched_by_failed_attempts += max(after - before, 0)
-            stalled_attempts = 0 if after > before else stalled_attempts + 1
-            # A file still being written changes under every copy; each copy
-            # "gains" bytes, so changes are counted on their own.
-            changed_in_a_row = changed_in_a_row + 1 if isinstance(exc, RemoteFileChangedError) else 0
-            if stalled_attempts > options.retries or changed_in_a_row > options.retries:
-                raise
-            if not link.lost:
-                # A drop fails every file in flight at once: the link says it, once.
-                progress.note(f"{exc} (retrying)")
-            logger.info("cluster %r: %s: attempt failed (%s); %d byte(s) verified so far; retrying in %.1f s",
-                        cluster, name, exc.cause, after, options.delay(stalled_attempts))
-            await anyio.sleep(options.delay(stalled_attempts))
-            changed_on_server = isinstance(exc, RemoteFileChangedError)
-            continue
-        outcome.transferred += fetched_by_failed_attempts
-        outcome.resumed = outcome.resumed or fetched_by_failed_attempts > 0
-        return outcome
+    before = _verified_offset(layout, cluster, name)
+    try:
+        while True:
+            before = _verified_offset(layout, cluster, name)
+            try:
+                remote = await link.get()
+                if changed_on_server:
+                    remote_file = await remote.stat(name)  # copy the new version
+                    changed_on_server = False
+                outcome = await download_file(remote, layout, remote_file, progress)
+            except VerificationError:
+                fetched_by_failed_attempts = 0  # discarded with the partial
+                if verification_failed:
+                    raise
+                verification_failed = True
+                continue
+            except RemoteError as exc:
+                if not exc.retryable:
+                    raise
+                after = _verified_offset(layout, cluster, name)
+                fetched_by_failed_attempts += max(after - before, 0)
+                stalled_attempts = 0 if after > before else stalled_attempts + 1
+                before = after  # counted
+                # A file still being written changes under every copy; each copy
+                # "gains" bytes, so changes are counted on their own.
+                changed_in_a_row = changed_in_a_row + 1 if isinstance(exc, RemoteFileChangedError) else 0
+                if stalled_attempts > options.retries or changed_in_a_row > options.retries:
+                    raise
+                if not link.lost:
+                    # A drop fails every file in flight at once: the link says it, once.
+                    progress.note(f"{exc} (retrying)")
+                logger.info("cluster %r: %s: attempt failed (%s); %d byte(s) verified so far; retrying in %.1f s",
+                            cluster, name, exc.cause, after, options.delay(stalled_attempts))
+                await anyio.sleep(options.delay(stalled_attempts))
+                changed_on_server = isinstance(exc, RemoteFileChangedError)
+                continue
+            outcome.transferred += fetched_by_failed_attempts
+            outcome.resumed = outcome.resumed or fetched_by_failed_attempts > 0
+            return outcome
+    except AsyncEmbedSyncError:
+        report.transferred += fetched_by_failed_attempts + max(_verified_offset(layout, cluster, name) - before, 0)
+        raise
 
 
 def _verified_offset(layout: DownloadLayout, cluster: str, name: str) -> int:

@@ -118,7 +118,7 @@ async def test_a_link_that_drops_on_every_reconnect_is_said_to_be_the_link_not_t
     """Connected, 2 MiB arrived, then the link is cut, and cut again within
     every reconnect's handshake: the host was reached, so the paragraph and
     the closing line say the link dropped (not "check the host name and
-    port"), and a rerun resumes."""
+    port"), a rerun resumes, and the fetched column counts what was kept."""
     size = 8 * MiB
     remote = _make_remote(tmp_path / "srv", {"big.npy": size})
     cuts = [2 * MiB + 3000 * i for i in range(200)]  # after 2 MiB, then every 3,000 bytes
@@ -146,6 +146,8 @@ async def test_a_link_that_drops_on_every_reconnect_is_said_to_be_the_link_not_t
         for retry in range(1, retries + 1):
             assert err.count(f"; retry {retry} of {retries} in ") == 1, err
         assert f"retry {retries + 1} " not in err, err
+        row = next(line for line in err.splitlines() if line.startswith("tensor01 "))
+        assert row.split()[4:6] == format_bytes(kept).split(), row  # fetched: received and kept this run
         closing = err.strip().splitlines()[-1]
         assert closing.startswith("error: The sync did not finish. tensor01: the connection dropped and "
                                   "reconnecting failed ("), closing
