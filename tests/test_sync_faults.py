@@ -112,15 +112,18 @@ async def test_a_drop_is_said_once_per_cluster_not_per_file_in_flight(tmp_path, 
     assert "(retrying)" not in text and "failed" not in text, text
 
 
-@pytest.mark.parametrize("retries", [0, 2])
+@pytest.mark.parametrize(("retries", "files"), [(0, 1), (2, 1), (2, 3)],
+                         ids=["retries-0", "retries-2", "retries-2-three-files-in-flight"])
 async def test_a_link_that_drops_on_every_reconnect_is_said_to_be_the_link_not_the_host(
-        tmp_path, embedded_server, link_proxy, write_config, capsys, retries):
+        tmp_path, embedded_server, link_proxy, write_config, capsys, retries, files):
     """Connected, 2 MiB arrived, then the link is cut, and cut again within
     every reconnect's handshake: the host was reached, so the paragraph and
     the closing line say the link dropped (not "check the host name and
-    port"), a rerun resumes, and the fetched column counts what was kept."""
+    port"), a rerun resumes, and the fetched column counts what was kept.
+    With several files in flight the link is given up once, for all."""
     size = 8 * MiB
-    remote = _make_remote(tmp_path / "srv", {"big.npy": size})
+    names = ["big.npy"] if files == 1 else [f"part{i}.npy" for i in range(files)]
+    remote = _make_remote(tmp_path / "srv", dict.fromkeys(names, size))
     cuts = [2 * MiB + 3000 * i for i in range(200)]  # after 2 MiB, then every 3,000 bytes
     async with embedded_server(tmp_path / "srv") as server, link_proxy(server, cut_after=cuts) as proxy:
         config = write_config(tmp_path, {"tensor01": server.cluster_entry("/ckpt", port=proxy.port)})
@@ -129,9 +132,11 @@ async def test_a_link_that_drops_on_every_reconnect_is_said_to_be_the_link_not_t
             "--retries", str(retries), "--timeout", "5"])
         err = capsys.readouterr().err
         assert code == 1, err
-        assert proxy.cuts == 2 + retries, err  # the drop, then each reconnect
-        kept = DownloadLayout(tmp_path / "dl").load_state("tensor01", "big.npy").verified_offset
-        assert 0 < kept < size
+        assert proxy.cuts == 2 + retries, err  # the drop, then each reconnect: no file reconnects again
+        layout = DownloadLayout(tmp_path / "dl")
+        kept = {name: state.verified_offset for name in names
+                if (state := layout.load_state("tensor01", name)) is not None and state.verified_offset}
+        assert kept and all(0 < offset < size for offset in kept.values()), kept
         assert "Traceback" not in err and "Errno" not in err, err
         assert "host name and port in the configuration" not in err and "cannot be reached" not in err, err
         assert "Broken pipe" not in err and "Connection reset by peer" not in err, err  # plain words only
@@ -140,14 +145,17 @@ async def test_a_link_that_drops_on_every_reconnect_is_said_to_be_the_link_not_t
         assert paragraph.startswith(f"Cluster 'tensor01': the connection to 127.0.0.1:{proxy.port} was lost, "
                                     f"and {attempts} failed (the last: "), paragraph
         assert "It had connected earlier in this run, so the host name, port and login are right" in paragraph
-        assert f"Kept, verified: {format_bytes(kept)} of big.npy; run the same command again" in paragraph
+        what = f"of {next(iter(kept))}" if len(kept) == 1 else f"of {len(kept)} files in progress"
+        assert f"Kept, verified: {format_bytes(sum(kept.values()))} {what}; run the same command again" \
+               in paragraph, paragraph
         # Said once, and each retry with its count: --retries N is N more after the first reconnect.
         assert err.count("tensor01: connection lost; reconnecting.") == 1, err
         for retry in range(1, retries + 1):
             assert err.count(f"; retry {retry} of {retries} in ") == 1, err
         assert f"retry {retries + 1} " not in err, err
         row = next(line for line in err.splitlines() if line.startswith("tensor01 "))
-        assert row.split()[4:6] == format_bytes(kept).split(), row  # fetched: received and kept this run
+        # fetched: received and kept this run
+        assert row.split()[4:6] == format_bytes(sum(kept.values())).split(), row
         closing = err.strip().splitlines()[-1]
         assert closing.startswith("error: The sync did not finish. tensor01: the connection dropped and "
                                   "reconnecting failed ("), closing
@@ -155,8 +163,8 @@ async def test_a_link_that_drops_on_every_reconnect_is_said_to_be_the_link_not_t
         # And so it does, fetching only the rest.
         direct = write_config(tmp_path, {"tensor01": server.cluster_entry("/ckpt")})
         report = await _sync(direct, tmp_path / "dl")
-    assert report.ok and report.transferred == size - kept
-    _same(remote, tmp_path / "dl" / "tensor01", ["big.npy"])
+    assert report.ok and report.transferred == files * size - sum(kept.values())
+    _same(remote, tmp_path / "dl" / "tensor01", names)
 
 
 async def test_killed_process_resumes(tmp_path, embedded_server, link_proxy, write_config):
