@@ -153,12 +153,7 @@ def test_missing_remote_dir_and_empty_dir_are_named(openssh, tmp_path, write_con
 
 
 def test_unreachable_host_fails_alone(openssh, tmp_path, write_config, capsys):
-    dirs = _remote_tree(tmp_path)
-    closed_port = _closed_port()
-    config = write_config(tmp_path, {
-        "tensor01": openssh.cluster_entry(str(dirs["tensor01"]), port=closed_port),
-        "tensor02": openssh.cluster_entry(str(dirs["tensor02"])),
-    })
+    dirs, closed_port, config = _tensor01_on_a_closed_port(openssh, tmp_path, write_config)
     err = _run_failing(capsys, config, tmp_path / "dl")
     # The cause in plain words, not asyncio's "Connect call failed ('127.0.0.1', PORT)".
     assert f"cannot connect to 127.0.0.1:{closed_port} (connection refused: nothing listens on " \
@@ -174,12 +169,7 @@ def test_unreachable_host_fails_alone(openssh, tmp_path, write_config, capsys):
 
 
 def test_status_shows_the_table_then_each_error_once_below_it(openssh, tmp_path, write_config, capsys):
-    dirs = _remote_tree(tmp_path)
-    closed_port = _closed_port()
-    config = write_config(tmp_path, {
-        "tensor01": openssh.cluster_entry(str(dirs["tensor01"]), port=closed_port),
-        "tensor02": openssh.cluster_entry(str(dirs["tensor02"])),
-    })
+    dirs, closed_port, config = _tensor01_on_a_closed_port(openssh, tmp_path, write_config)
     assert main(["status", "--config", str(config), "--download-dir", str(tmp_path / "dl"), "--timeout", "5"]) == 1
     out = capsys.readouterr().out
     header, tensor01, tensor02, *below = out.splitlines()
@@ -190,6 +180,17 @@ def test_status_shows_the_table_then_each_error_once_below_it(openssh, tmp_path,
     assert below == [f"Cluster 'tensor01': cannot connect to 127.0.0.1:{closed_port} (connection refused: nothing "
                      f"listens on 127.0.0.1:{closed_port}). Check the host name and port in the configuration, "
                      f"and that the machine is reachable (for example with: ssh -p {closed_port} 127.0.0.1)."], out
+
+
+def _tensor01_on_a_closed_port(openssh, tmp_path: Path, write_config) -> tuple[dict[str, Path], int, Path]:
+    """Two clusters: tensor01 at a port where nothing listens, tensor02 the real sshd."""
+    dirs = _remote_tree(tmp_path)
+    closed_port = _closed_port()
+    config = write_config(tmp_path, {
+        "tensor01": openssh.cluster_entry(str(dirs["tensor01"]), port=closed_port),
+        "tensor02": openssh.cluster_entry(str(dirs["tensor02"])),
+    })
+    return dirs, closed_port, config
 
 
 def _closed_port() -> int:
