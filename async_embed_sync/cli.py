@@ -159,8 +159,8 @@ def _add_sync_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-parallel", type=_positive_int, default=SyncOptions.max_parallel,
                         metavar="N", help="files in flight at once, over all clusters (default: %(default)s)")
     parser.add_argument("--retries", type=_whole_number, default=SyncOptions.retries, metavar="N",
-                        help="attempts per file in a row without progress before giving up "
-                             "(default: %(default)s)")
+                        help="retries in a row without progress before a file is given up; after a "
+                             "drop, reconnects: one, then up to N more (default: %(default)s)")
 
 
 def _add_merge_arguments(parser: argparse.ArgumentParser) -> None:
@@ -331,5 +331,8 @@ def _demo(args: argparse.Namespace) -> int:
         print(f"\nThe merged result is {site.output}. Load it with:\n\n"
               f"    from async_embed_sync import load\n"
               f"    result = load({str(site.output)!r})\n"
-              f"    result['embeddings'].shape, result['articles'][0]['title']\n")
+              f"    result['embeddings'].shape, result['articles'][0]['title']\n\n"
+              f"The demo's two clusters existed only while it ran: the credentials.json it left in "
+              f"{site.config.parent} points at servers that are gone now, so status or sync there "
+              f"cannot connect. Run the demo again to see them.")
     return EXIT_OK

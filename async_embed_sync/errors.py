@@ -448,7 +448,9 @@ class SyncFailedError(AsyncEmbedSyncError):
     """Raised after the per-cluster errors were shown: it sums them up, it does
     not repeat them. ``failures``: per cluster, its first error and what it lacks."""
 
-    def __init__(self, failures: dict[str, tuple[AsyncEmbedSyncError, str]]):
+    def __init__(self, failures: dict[str, tuple[AsyncEmbedSyncError, str]], *, anything_fetched: bool = True):
+        """``anything_fetched``: whether this run downloaded, resumed or found any file (a
+        login refused everywhere has nothing to keep, and saying so would be noise)."""
         self.failures = failures
         self.rerun_fixes = all(error.rerun_fixes for error, _ in failures.values())
         parts = []
@@ -456,10 +458,13 @@ class SyncFailedError(AsyncEmbedSyncError):
             advice = "a rerun resumes" if error.rerun_fixes else "fix this first: a rerun alone will not"
             parts.append(f"{cluster}: {error.cause}{f', {lacking}' if lacking else ''} ({advice})")
         if self.rerun_fixes:
-            closing = "What was verified is kept: running the same command again resumes where it stopped."
-        else:
+            closing = ("What was verified is kept: running the same command again resumes where it stopped."
+                       if anything_fetched else "Nothing was downloaded: run the same command again.")
+        elif anything_fetched:
             closing = ("What was verified is kept; once the errors above are fixed as they say, the same "
                        "command resumes where it stopped.")
+        else:
+            closing = "Nothing was downloaded; fix the errors above as they say, then run the same command again."
         super().__init__(f"The sync did not finish. {'; '.join(parts)}. {closing}")
 
 

@@ -107,7 +107,7 @@ class PlainProgress(Progress):
             self._last_line = now
             rate = self.done / max(now - self.started, 1e-9)
             self._line(f"total: {format_bytes(self.resumed + self.done)} of {format_bytes(self.total)}"
-                       f" at {format_bytes(rate)}/s")
+                       f" at {format_rate(rate)}")
 
     def file_finished(self, cluster: str, name: str, outcome: str) -> None:
         if outcome != "failed":  # a failure is said once, by its error or the cluster's note
@@ -252,3 +252,9 @@ def format_bytes(n: float) -> str:
         if abs(n) < 1024:
             break
     return f"{n:.1f} {unit}"
+
+
+def format_rate(bytes_per_second: float) -> str:
+    """Always in MiB/s, as the bars say it; at most 10 characters below 100 GiB/s."""
+    mib = bytes_per_second / _MiB
+    return f"{mib:.1f} MiB/s" if mib < 100 else f"{mib:.0f} MiB/s"

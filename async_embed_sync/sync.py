@@ -38,7 +38,7 @@ from .errors import (
 )
 from .journal import DownloadLayout
 from .lock import DownloadDirLock
-from .progress import Progress, format_bytes
+from .progress import Progress, format_bytes, format_rate
 from .prompts import Prompter
 from .remote import DEFAULT_SFTP_CHANNELS, DEFAULT_WINDOW, ClusterRemote, RemoteFile
 from .termination import run_stoppable
@@ -121,7 +121,8 @@ class SyncReport:
     def raise_for_failures(self) -> None:
         failures = {name: (c.failures[0], c.lacking()) for name, c in self.clusters.items() if c.failures}
         if failures:
-            raise SyncFailedError(failures)
+            fetched = any(c.transferred or c.downloaded or c.skipped or c.resumed for c in self.clusters.values())
+            raise SyncFailedError(failures, anything_fetched=fetched)
 
     def summary(self) -> str:
         """One row per cluster, within 80 columns for names up to 8 characters."""
@@ -130,7 +131,7 @@ class SyncReport:
                  f"{'resumed':>7} {'skipped':>7} how"
         lines = [header]
         for c in self.clusters.values():
-            rate = f"{format_bytes(c.transferred / c.seconds)}/s" if c.seconds > 0 and c.transferred else "-"
+            rate = format_rate(c.transferred / c.seconds) if c.seconds > 0 and c.transferred else "-"
             verified = "+".join(sorted(v for v in c.verified_by if v)) or "-"
             how = f"{c.method or '-'}/{verified}" if c.ok else "FAILED"
             lines.append(f"{c.name:<{width}} {c.files:>5} {format_bytes(c.total_bytes):>9} "

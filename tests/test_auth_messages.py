@@ -50,7 +50,12 @@ def test_a_rejected_key_says_authentication_not_connection(kbdint_sshd, tmp_path
     stranger = tmp_path / "stranger_key"
     keygen(stranger)
     assert _sync(tmp_path, write_config, kbdint_sshd.cluster_entry(str(tmp_path), key_file=str(stranger))) == 1
-    message = _one_paragraph(capsys.readouterr().err)
+    err = capsys.readouterr().err
+    message = _one_paragraph(err)
+    # Nothing arrived: no "what was verified is kept".
+    assert err.rstrip().endswith("tensor01: the server refused the login (fix this first: a rerun alone will "
+                                 "not). Nothing was downloaded; fix the errors above as they say, then run the "
+                                 "same command again."), err
 
     assert "the server 127.0.0.1 refused the login as 'root'" in message
     assert f"the key {stranger} (refused)" in message

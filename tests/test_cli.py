@@ -48,6 +48,7 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert all(a.get("kind", "article") == "article" for a in result["articles"])
     assert "tensor01" in err and "tensor02" in err and "Merged 2,000 articles" in err
     assert "from async_embed_sync import load" in out
+    assert f"the credentials.json it left in {tmp_path / 'demo'} points at servers that are gone now" in out.replace("\n", " ")
 
 
 def test_demo_resumes_after_drops(tmp_path, capsys):

@@ -1,5 +1,6 @@
 """Bars on a terminal, plain lines elsewhere, errors only when quiet."""
 
+import importlib
 import io
 import re
 
@@ -123,3 +124,18 @@ def test_a_drop_mid_run_neither_counts_bytes_twice_nor_loses_them():
         else:
             assert progress.resumed + progress.done == 10 * MiB
         progress.close()
+
+
+def test_the_sync_summary_says_rates_in_mib_per_second_within_80_columns():
+    sync_module = importlib.import_module("async_embed_sync.sync")
+    GiB = 1024 ** 3
+    clusters = {
+        "tensor01": sync_module.ClusterReport("tensor01", files=200, total_bytes=GiB, transferred=1190 * 1024 ** 2,
+                                              seconds=1.0, method="sftp", verified_by={"sha256"}),  # 10 Gbit/s
+        "tensor02": sync_module.ClusterReport("tensor02", files=1, total_bytes=1_835_008, transferred=859_000,
+                                              seconds=1.0, method="exec", verified_by={"sha256"}),
+    }
+    lines = sync_module.SyncReport(clusters).summary().splitlines()
+    assert all(len(line) <= 80 for line in lines), lines
+    assert " 1190 MiB/s " in lines[1] and " 0.8 MiB/s " in lines[2], lines
+    assert "KiB/s" not in "".join(lines)

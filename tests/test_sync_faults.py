@@ -160,6 +160,8 @@ async def test_a_link_that_drops_on_every_reconnect_is_said_to_be_the_link_not_t
         assert closing.startswith("error: The sync did not finish. tensor01: the connection dropped and "
                                   "reconnecting failed ("), closing
         assert closing.count("(a rerun resumes)") == 1, closing
+        assert closing.endswith("What was verified is kept: running the same command again resumes where it "
+                                "stopped."), closing  # bytes were kept: they are said to be
         # And so it does, fetching only the rest.
         direct = write_config(tmp_path, {"tensor01": server.cluster_entry("/ckpt")})
         report = await _sync(direct, tmp_path / "dl")
