@@ -257,4 +257,4 @@ def format_bytes(n: float) -> str:
 def format_rate(bytes_per_second: float) -> str:
     """Always in MiB/s, as the bars say it; at most 10 characters below 100 GiB/s."""
     mib = bytes_per_second / _MiB
-    return f"{mib:.1f} MiB/s" if mib < 100 else f"{mib:.0f} MiB/s"
+    return f"{mib:.{2 if mib < 10 else 1 if mib < 100 else 0}f} MiB/s"

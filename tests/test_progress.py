@@ -137,5 +137,5 @@ def test_the_sync_summary_says_rates_in_mib_per_second_within_80_columns():
     }
     lines = sync_module.SyncReport(clusters).summary().splitlines()
     assert all(len(line) <= 80 for line in lines), lines
-    assert " 1190 MiB/s " in lines[1] and " 0.8 MiB/s " in lines[2], lines
+    assert " 1190 MiB/s " in lines[1] and " 0.82 MiB/s " in lines[2], lines
     assert "KiB/s" not in "".join(lines)
