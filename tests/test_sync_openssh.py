@@ -227,4 +227,5 @@ def test_the_closing_line_tells_what_a_rerun_fixes_from_what_it_cannot(openssh, 
     assert closing.startswith("error: The sync did not finish.")
     assert "tensor01: remote_dir cannot be listed (fix this first: a rerun alone will not)" in closing
     assert "tensor02: its host key is not trusted yet (fix this first: a rerun alone will not)" in closing
-    assert "once the errors above are fixed as they say" in closing and "not listed" not in closing
+    assert closing.endswith("Nothing was downloaded; fix the errors above as they say, then run the same command "
+                            "again.") and "not listed" not in closing
