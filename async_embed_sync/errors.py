@@ -24,6 +24,7 @@ secret (no class here takes a password or key material as a field).
     │   ├── NoCheckpointsError           remote_dir holds no matching files
     │   ├── UnsafeRemoteNameError        a listed name is not a plain file name
     │   ├── TransferError                link dropped or the server failed a read
+    │   │   └── ConnectionDroppedError   the connection under a transfer went away
     │   ├── LinkLostError                reached in this run, then dropped and every reconnect failed
     │   └── RemoteFileChangedError       remote file changed size/mtime mid-copy
     ├── VerificationError                downloaded bytes do not match the remote
@@ -382,6 +383,12 @@ class TransferError(RemoteError):
         self.name = name
         self.reason = reason
         super().__init__(cluster, f"transfer of {name} failed: {reason}")
+
+
+class ConnectionDroppedError(TransferError):
+    """The connection a transfer used went away. The link notices the drop
+    and says it once for every file in flight; a file whose error comes
+    late, from the old connection after the reconnect, is part of it too."""
 
 
 class LinkLostError(RemoteError):

@@ -43,6 +43,7 @@ from asyncssh.config import SSHClientConfig
 from .config import DEFAULT_KNOWN_HOSTS, ClusterConfig
 from .errors import (
     AuthenticationError,
+    ConnectionDroppedError,
     KeyProblem,
     ConfigError,
     ConnectError,
@@ -942,6 +943,9 @@ def _translate_errors(target: SSHTarget, *, connecting: bool = False,
             raise RemoteDirectoryError(cluster.name, remote_dir or cluster.remote_dir,
                                        "permission denied") from exc
         raise TransferError(cluster.name, name, "permission denied") from exc
+    except (asyncssh.SFTPNoConnection, asyncssh.SFTPConnectionLost) as exc:
+        raise ConnectionDroppedError(cluster.name, name or cluster.remote_dir,
+                                     f"connection lost ({exc.reason or exc})") from exc
     except asyncssh.SFTPError as exc:
         if remote_dir is not None:
             raise RemoteDirectoryError(cluster.name, remote_dir, exc.reason or str(exc)) from exc
@@ -955,8 +959,8 @@ def _translate_errors(target: SSHTarget, *, connecting: bool = False,
         if connecting:
             raise ConnectError(cluster.name, target.hostname, target.port,
                                _disconnect_words(exc, connecting=True)) from exc
-        raise TransferError(cluster.name, name or cluster.remote_dir,
-                            f"connection lost ({_disconnect_words(exc)})") from exc
+        raise ConnectionDroppedError(cluster.name, name or cluster.remote_dir,
+                                     f"connection lost ({_disconnect_words(exc)})") from exc
     except (asyncio.TimeoutError, TimeoutError) as exc:
         if connecting:
             raise ConnectError(cluster.name, target.hostname, target.port,
@@ -971,8 +975,8 @@ def _translate_errors(target: SSHTarget, *, connecting: bool = False,
         if connecting:
             raise ConnectError(cluster.name, target.hostname, target.port,
                                _os_error_words(exc, target.hostname, target.port)) from exc
-        raise TransferError(cluster.name, name or cluster.remote_dir,
-                            f"connection lost ({_os_error_words(exc, target.hostname, target.port)})") from exc
+        raise ConnectionDroppedError(cluster.name, name or cluster.remote_dir,
+                                     f"connection lost ({_os_error_words(exc, target.hostname, target.port)})") from exc
 
 
 # A socket's OSError in plain words, instead of asyncio's "Connect call failed ('10.0.0.7', 22)"

@@ -27,6 +27,7 @@ from .download import FileOutcome, download_file, is_up_to_date
 from .errors import (
     AsyncEmbedSyncError,
     ConnectError,
+    ConnectionDroppedError,
     LinkLostError,
     NoCheckpointsError,
     RemoteError,
@@ -272,7 +273,7 @@ async def _download_with_retries(link: ClusterLink, layout: DownloadLayout, remo
                 changed_in_a_row = changed_in_a_row + 1 if isinstance(exc, RemoteFileChangedError) else 0
                 if stalled_attempts > options.retries or changed_in_a_row > options.retries:
                     raise
-                if not link.lost:
+                if not link.lost and not isinstance(exc, ConnectionDroppedError):
                     # A drop fails every file in flight at once: the link says it, once.
                     progress.note(f"{exc} (retrying)")
                 logger.info("cluster %r: %s: attempt failed (%s); %d byte(s) verified so far; retrying in %.1f s",

@@ -251,6 +251,33 @@ async def test_server_read_failure_is_retried(tmp_path, embedded_server, write_c
     _same(remote, tmp_path / "dl" / "tensor01", ["a.pkl", "b.npy"])
 
 
+class ConnectionLostOnce(asyncssh.SFTPServer):
+    """Answers one read with "connection lost", as a file still holding the old
+    connection after a reconnect is answered."""
+
+    lost = False
+
+    def read(self, file_obj, offset, size):
+        if not ConnectionLostOnce.lost and offset >= 1 * MiB:
+            ConnectionLostOnce.lost = True
+            raise asyncssh.SFTPConnectionLost("Connection not open")
+        return super().read(file_obj, offset, size)
+
+
+async def test_a_lost_connection_under_one_file_is_retried_without_a_per_file_line(
+        tmp_path, embedded_server, write_config):
+    """A drop is the link's to say, once; a file's late "connection lost" is part of it, not a failure."""
+    remote = _make_remote(tmp_path / "srv", {"a.pkl": 4 * MiB})
+    lines = io.StringIO()
+    async with embedded_server(tmp_path / "srv", sftp_factory=ConnectionLostOnce) as server:
+        config = write_config(tmp_path, {"tensor01": server.cluster_entry("/ckpt")})
+        report = await sync_clusters(load_config(config).select(None), str(tmp_path / "dl"),
+                                     PlainProgress(lines, interval=3600), SyncOptions(**FAST_RETRY))
+    assert ConnectionLostOnce.lost and report.ok
+    assert "(retrying)" not in lines.getvalue() and "failed" not in lines.getvalue(), lines.getvalue()
+    _same(remote, tmp_path / "dl" / "tensor01", ["a.pkl"])
+
+
 async def test_without_a_shell_files_are_verified_by_size(tmp_path, embedded_server, write_config):
     remote = _make_remote(tmp_path / "srv", {"a.pkl": 3 * MiB})
     async with embedded_server(tmp_path / "srv", allow_exec=False) as server:
