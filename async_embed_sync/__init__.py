@@ -15,12 +15,7 @@ Python API is the same job as functions::
 __version__ = "0.1.0"
 __all__ = ["load", "merge", "merge_async", "sync", "sync_async"]
 
-# The submodules ``sync`` and ``merge`` are imported first, so that the
-# functions bound after them are what ``from async_embed_sync import sync``
-# finds: importing a submodule later would rebind the package's attribute
-# to it. (It costs the numpy import that ``merge`` needs.)
-from . import merge as _merge_module, sync as _sync_module  # noqa: E402, F401
-from .api import merge, merge_async, sync, sync_async  # noqa: E402
+from .api import merge, merge_async, sync, sync_async
 
 
 def __getattr__(name: str):

@@ -29,14 +29,14 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from .config import ClusterConfig, Config, load_config
-from .lock import DownloadDirLock
 from .progress import Progress, QuietProgress, TqdmProgress
-from .prompts import Prompter, TerminalPrompter
-from .sync import DEFAULT_DOWNLOAD_DIR, SyncOptions, SyncReport, sync_clusters
-from .sync import sync as sync_download_dir
+from .transfer.lock import DownloadDirLock
+from .transfer.prompts import Prompter, TerminalPrompter
+from .transfer.sync import DEFAULT_DOWNLOAD_DIR, SyncOptions, SyncReport, sync_clusters
+from .transfer.sync import sync as sync_download_dir
 
 if TYPE_CHECKING:
-    from .merge import MergeReport
+    from .merging.merge import MergeReport
 
 DEFAULT_OUTPUT = "embeddings/wikipedia_merged.pkl"
 PathLike = str | os.PathLike[str]
@@ -94,7 +94,7 @@ def merge(download_dir: PathLike = DEFAULT_DOWNLOAD_DIR, output: PathLike = DEFA
     ``expect_articles``, ``strict``, ``articles_format``, ``clusters``,
     ``expect_rows``, ``partial``.
     """
-    from .merge import merge_checkpoints
+    from .merging.merge import merge_checkpoints
 
     progress = progress if progress is not None else _default_progress()
     try:

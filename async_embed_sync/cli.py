@@ -15,13 +15,19 @@ from collections.abc import Sequence
 from . import __version__
 from .api import DEFAULT_OUTPUT
 from .api import merge as api_merge
-from .config import DEFAULT_CONFIG_FILE, ClusterConfig, Config, load_config, write_example_config
+from .config import (
+    DEFAULT_CONFIG_FILE,
+    ClusterConfig,
+    Config,
+    load_config,
+    write_example_config,
+)
 from .errors import AsyncEmbedSyncError, ClustersLeftOutError, Terminated
 from .logs import configure_logging
 from .progress import Progress, choose_progress
-from .prompts import TerminalPrompter
-from .sync import DEFAULT_DOWNLOAD_DIR, SyncOptions, sync
 from .termination import stop_on_sigterm
+from .transfer.prompts import TerminalPrompter
+from .transfer.sync import DEFAULT_DOWNLOAD_DIR, SyncOptions, sync
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
 
@@ -306,7 +312,7 @@ def _init(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from .status import collect_status, format_status
+    from .transfer.status import collect_status, format_status
 
     config = load_config(args.config, args.credentials_dir)
     statuses = collect_status(config.select(args.clusters), args.download_dir, args.timeout,

@@ -23,11 +23,18 @@ import json
 import logging
 import os
 import stat
-from importlib import resources
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
-from .errors import ConfigError, KeyPermissionError, LocalFileError, NoConfigError, UnknownClusterError, os_error_problem
+from .errors import (
+    ConfigError,
+    KeyPermissionError,
+    LocalFileError,
+    NoConfigError,
+    UnknownClusterError,
+    os_error_problem,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -20,12 +20,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .background import background_loop
-from .embedded_server import EmbeddedSFTPServer
 from .errors import NOTHING_CHANGED, LocalFileError, translating_local_errors
-from .netproxy import LinkProxy
 from .progress import Progress
-from .synthetic import generate_run
+from .testing.background import background_loop
+from .testing.embedded_server import EmbeddedSFTPServer
+from .testing.netproxy import LinkProxy
+from .testing.synthetic import generate_run
 
 DEMO_CLUSTERS = ("tensor01", "tensor02")
 DEFAULT_DEMO_DIR = "async_embed_sync_demo"

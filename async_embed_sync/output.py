@@ -30,8 +30,8 @@ import io
 import json
 import os
 import pickle
-import shutil
 import secrets
+import shutil
 import socket
 import struct
 from collections.abc import Callable, Iterable, Mapping
@@ -44,7 +44,14 @@ import numpy as np
 import orjson
 from numpy.lib import format as npy_format
 
-from .checkpoints import (
+from .errors import (
+    AFTER_MERGE,
+    CheckpointError,
+    OutputError,
+    local_file_error,
+    translating_local_errors,
+)
+from .merging.checkpoints import (
     MAPPED_PAYLOAD_BYTES,
     BackgroundDigest,
     NpyCheckpoint,
@@ -52,7 +59,6 @@ from .checkpoints import (
     python_values,
     restricted_load_mapped,
 )
-from .errors import AFTER_MERGE, CheckpointError, OutputError, local_file_error, translating_local_errors
 
 # Compared without case: "X.PKL" and "x.pickle" are pickles too, not bundle folders.
 PICKLE_SUFFIXES = (".pkl", ".pickle")
@@ -402,7 +408,7 @@ class JsonlArticles(_AppendedArticles):
     """``articles.jsonl``: one article per line, lines of ``.jsonl`` checkpoints copied verbatim.
 
     Nothing here parses them: the merge has every checkpoint line checked
-    by the article worker (``article_worker.py``) before it publishes.
+    by the article worker (``merging/article_worker.py``) before it publishes.
     """
 
     takes_lines = True

@@ -144,7 +144,9 @@ class TqdmProgress(Progress):
         self._next_position = 1
 
     def _bar(self, **options) -> tqdm:
-        from tqdm import tqdm  # only a terminal needs it; the import costs start-up time
+        from tqdm import (
+            tqdm,  # only a terminal needs it; the import costs start-up time
+        )
 
         return tqdm(file=self.stream, dynamic_ncols=True, **options)
 

@@ -56,9 +56,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from async_embed_sync.checkpoints import file_sha256  # noqa: E402
-from async_embed_sync.journal import DownloadLayout, FileState  # noqa: E402
-from async_embed_sync.synthetic import generate_run  # noqa: E402
+from async_embed_sync.fileio import file_sha256  # noqa: E402
+from async_embed_sync.layout import DownloadLayout, FileState  # noqa: E402
+from async_embed_sync.testing.synthetic import generate_run  # noqa: E402
 
 LEGACY_MERGE = """
 import glob, pickle, sys
@@ -88,7 +88,7 @@ with open(output, "wb") as stream:
 
 TOOL_MERGE = """
 import resource, sys
-from async_embed_sync.merge import merge_checkpoints
+from async_embed_sync.merging.merge import merge_checkpoints
 articles_format = sys.argv[3] if len(sys.argv) > 3 else None
 print(merge_checkpoints(sys.argv[1], sys.argv[2], articles_format=articles_format).summary(), file=sys.stderr)
 # time -v reports the larger of these two, not their sum: see the module docstring.

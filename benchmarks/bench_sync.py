@@ -41,7 +41,7 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 from openssh import OpenSSHServer  # noqa: E402  (tests/ is put on the path just above)
 
-from async_embed_sync.checkpoints import file_sha256  # noqa: E402
+from async_embed_sync.fileio import file_sha256  # noqa: E402
 
 CLUSTERS = ("tensor01", "tensor02")
 MIB = 1024 * 1024
@@ -116,7 +116,7 @@ def _write_random(path: Path, size: int) -> None:
 def link_proxy_process(target_port: int, delay_ms: float, rate_mbit: float) -> Iterator[int]:
     """A LinkProxy in a process of its own (off this process's GIL); yields its port."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "async_embed_sync.netproxy", "--target", f"127.0.0.1:{target_port}",
+        [sys.executable, "-m", "async_embed_sync.testing.netproxy", "--target", f"127.0.0.1:{target_port}",
          "--delay-ms", str(delay_ms), "--rate-mbit", str(rate_mbit)],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:

@@ -12,8 +12,8 @@ on the test's own event loop, whichever way the test runs one::
     async with embedded_server(root) as server, link_proxy(server, cut_after=10**6) as proxy:
         config = write_config(tmp_path, {"tensor01": server.cluster_entry("/", port=proxy.port)})
 
-The logic lives in ``async_embed_sync.embedded_server``,
-``async_embed_sync.netproxy`` and ``tests/openssh.py``; this file only wires
+The logic lives in ``async_embed_sync.testing.embedded_server``,
+``async_embed_sync.testing.netproxy`` and ``tests/openssh.py``; this file only wires
 them to pytest.
 """
 
@@ -28,8 +28,11 @@ from typing import Any
 import pytest
 from openssh import OpenSSHServer, sshd_available
 
-from async_embed_sync.embedded_server import EmbeddedSFTPServer, LoopbackSSHAccess
-from async_embed_sync.netproxy import LinkProxy
+from async_embed_sync.testing.embedded_server import (
+    EmbeddedSFTPServer,
+    LoopbackSSHAccess,
+)
+from async_embed_sync.testing.netproxy import LinkProxy
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from async_embed_sync.synthetic import make_rows, make_vectors
+from async_embed_sync.testing.synthetic import make_rows, make_vectors
 
 DIM = 16
 

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Self
 
-from async_embed_sync.embedded_server import LoopbackSSHAccess
+from async_embed_sync.testing.embedded_server import LoopbackSSHAccess
 
 SSHD = Path("/usr/sbin/sshd")
 START_TIMEOUT = 10.0

@@ -19,9 +19,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from async_embed_sync.config import load_config
-from async_embed_sync.journal import STATE_DIR_NAME
+from async_embed_sync.layout import STATE_DIR_NAME
 from async_embed_sync.progress import QuietProgress
-from async_embed_sync.sync import SyncOptions, SyncReport, sync_clusters
+from async_embed_sync.transfer.sync import SyncOptions, SyncReport, sync_clusters
 
 MiB = 1024 * 1024
 REPO_ROOT = Path(__file__).resolve().parents[1]

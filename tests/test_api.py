@@ -12,8 +12,8 @@ import pytest
 import async_embed_sync
 from async_embed_sync import load, merge, merge_async, sync, sync_async
 from async_embed_sync.errors import DownloadDirLockedError
-from async_embed_sync.lock import DownloadDirLock
-from async_embed_sync.synthetic import generate_run
+from async_embed_sync.testing.synthetic import generate_run
+from async_embed_sync.transfer.lock import DownloadDirLock
 
 
 def _remote_run(tmp_path, openssh, write_config):

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from async_embed_sync.article_worker import ArticleWorker
 from async_embed_sync.errors import CheckpointError, OutputError
+from async_embed_sync.merging.article_worker import ArticleWorker
 
 
 def _lines(path: Path, *rows: str) -> tuple[Path, int]:

@@ -8,15 +8,20 @@ import numpy as np
 import pytest
 from merge_fixtures import DIM, write_evil_pickle
 
-from async_embed_sync.checkpoints import (
-    file_sha256,
+from async_embed_sync.errors import CheckpointError, UnsafePickleError
+from async_embed_sync.fileio import file_sha256
+from async_embed_sync.merging.checkpoints import (
     find_checkpoints,
     open_checkpoint,
     parse_jsonl_span,
     restricted_load,
 )
-from async_embed_sync.errors import CheckpointError, UnsafePickleError
-from async_embed_sync.synthetic import make_rows, make_vectors, write_legacy_checkpoint, write_npy_checkpoint
+from async_embed_sync.testing.synthetic import (
+    make_rows,
+    make_vectors,
+    write_legacy_checkpoint,
+    write_npy_checkpoint,
+)
 
 
 def _rows(start: int, end: int, questions: frozenset[int] = frozenset()) -> tuple[np.ndarray, list[dict]]:
@@ -322,7 +327,7 @@ _MAPPED_ROWS = 4000
 def test_legacy_embeddings_are_mapped_from_the_file_not_read(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, protocol: int
 ) -> None:
-    import async_embed_sync.checkpoints as checkpoints
+    import async_embed_sync.merging.checkpoints as checkpoints
 
     monkeypatch.setattr(checkpoints, "MAPPED_PAYLOAD_BYTES", 4096)
     path = _write(tmp_path / "c" / "ckpt", "pkl", end=10 + _MAPPED_ROWS, protocol=protocol)
@@ -340,7 +345,7 @@ def test_legacy_embeddings_are_mapped_from_the_file_not_read(
 def test_a_large_payload_that_is_not_the_embeddings_is_read_all_the_same(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rows: int
 ) -> None:
-    import async_embed_sync.checkpoints as checkpoints
+    import async_embed_sync.merging.checkpoints as checkpoints
 
     monkeypatch.setattr(checkpoints, "MAPPED_PAYLOAD_BYTES", 4096)
     embeddings, articles = _rows(10, 10 + rows)
@@ -358,7 +363,7 @@ def test_a_large_payload_that_is_not_the_embeddings_is_read_all_the_same(
 def test_a_pickle_truncated_inside_its_mapped_array_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, protocol: int
 ) -> None:
-    import async_embed_sync.checkpoints as checkpoints
+    import async_embed_sync.merging.checkpoints as checkpoints
 
     monkeypatch.setattr(checkpoints, "MAPPED_PAYLOAD_BYTES", 4096)
     path = _write(tmp_path / "c" / "ckpt", "pkl", end=10 + _MAPPED_ROWS, protocol=protocol)

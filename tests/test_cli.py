@@ -16,8 +16,9 @@ from readme_blocks import commands as readme_commands
 
 from async_embed_sync import load
 from async_embed_sync.cli import build_parser, main
-from async_embed_sync.journal import DownloadLayout, FileState
-from async_embed_sync.synthetic import generate_run
+from async_embed_sync.layout import DownloadLayout, FileState
+from async_embed_sync.testing.synthetic import generate_run
+
 
 def test_help_and_usage_errors(capsys):
     assert main(["--help"], prog="python -m async_embed_sync") == 0

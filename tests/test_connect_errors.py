@@ -18,7 +18,11 @@ import pytest
 
 from async_embed_sync.config import load_config
 from async_embed_sync.errors import ConnectError, TransferError
-from async_embed_sync.remote import ClusterRemote, _translate_errors, resolve_target
+from async_embed_sync.transfer.remote import (
+    ClusterRemote,
+    _translate_errors,
+    resolve_target,
+)
 
 pytestmark = pytest.mark.anyio
 

@@ -14,7 +14,7 @@ import asyncssh
 import pytest
 
 from async_embed_sync.config import load_config
-from async_embed_sync.embedded_server import EmbeddedSFTPServer
+from async_embed_sync.testing.embedded_server import EmbeddedSFTPServer
 
 pytestmark = pytest.mark.anyio
 

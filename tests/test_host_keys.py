@@ -10,7 +10,7 @@ import pytest
 
 from async_embed_sync.config import PROJECT_KNOWN_HOSTS, load_config
 from async_embed_sync.progress import QuietProgress
-from async_embed_sync.sync import SyncOptions, sync_clusters
+from async_embed_sync.transfer.sync import SyncOptions, sync_clusters
 
 pytestmark = pytest.mark.anyio
 

@@ -23,8 +23,11 @@ from hypothesis.extra import numpy as hnp
 
 from async_embed_sync import load
 from async_embed_sync.errors import CheckpointError
-from async_embed_sync.merge import OUTPUT_DTYPES, merge_checkpoints
-from async_embed_sync.synthetic import write_legacy_checkpoint, write_npy_checkpoint
+from async_embed_sync.merging.merge import OUTPUT_DTYPES, merge_checkpoints
+from async_embed_sync.testing.synthetic import (
+    write_legacy_checkpoint,
+    write_npy_checkpoint,
+)
 
 # Deterministic (derandomized, no example database) and small: CI runs the same examples each time.
 SETTINGS = settings(

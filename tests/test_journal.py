@@ -2,7 +2,12 @@
 
 import os
 
-from async_embed_sync.journal import STATE_DIR_NAME, DownloadLayout, FileState, file_identity
+from async_embed_sync.layout import (
+    STATE_DIR_NAME,
+    DownloadLayout,
+    FileState,
+    file_identity,
+)
 
 
 def test_round_trip_and_layout(tmp_path):

@@ -18,7 +18,7 @@ import sys
 import pytest
 from reliability_helpers import REPO_ROOT, MiB, assert_mirrored, make_files, sync_argv
 
-from async_embed_sync.remote import READ_AHEAD_BYTES
+from async_embed_sync.transfer.remote import READ_AHEAD_BYTES
 
 pytestmark = pytest.mark.anyio
 

@@ -24,9 +24,9 @@ import pytest
 from reliability_helpers import REPO_ROOT, MiB, assert_mirrored, make_files
 
 from async_embed_sync.cli import main
-from async_embed_sync.journal import STATE_DIR_NAME, DownloadLayout
+from async_embed_sync.layout import STATE_DIR_NAME, DownloadLayout
 from async_embed_sync.output import load
-from async_embed_sync.synthetic import generate_run
+from async_embed_sync.testing.synthetic import generate_run
 
 CLUSTERS = ("tensor01", "tensor02")
 

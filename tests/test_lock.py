@@ -10,13 +10,13 @@ import time
 import pytest
 
 from async_embed_sync.errors import DownloadDirLockedError
-from async_embed_sync.journal import STATE_DIR_NAME
-from async_embed_sync.lock import DownloadDirLock
+from async_embed_sync.layout import STATE_DIR_NAME
+from async_embed_sync.transfer.lock import DownloadDirLock
 
 
 def test_second_holder_in_another_process_is_refused(tmp_path):
     with DownloadDirLock(tmp_path):
-        code = ("import sys; from async_embed_sync.lock import DownloadDirLock\n"
+        code = ("import sys; from async_embed_sync.transfer.lock import DownloadDirLock\n"
                 "from async_embed_sync.errors import DownloadDirLockedError\n"
                 f"try:\n DownloadDirLock({str(tmp_path)!r}).acquire()\n"
                 "except DownloadDirLockedError as e:\n print(e); sys.exit(3)\n")

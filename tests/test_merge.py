@@ -16,10 +16,21 @@ import numpy as np
 import pytest
 from merge_fixtures import DIM, entries, expected_merge
 
-from async_embed_sync.errors import AsyncEmbedSyncError, CheckpointError, MergeValidationError, OutputError
-from async_embed_sync.merge import MergeProgress, merge_checkpoints
+from async_embed_sync.errors import (
+    AsyncEmbedSyncError,
+    CheckpointError,
+    MergeValidationError,
+    OutputError,
+)
+from async_embed_sync.merging.merge import MergeProgress, merge_checkpoints
 from async_embed_sync.output import load, parquet_available
-from async_embed_sync.synthetic import generate_run, make_rows, make_vectors, write_legacy_checkpoint, write_npy_checkpoint
+from async_embed_sync.testing.synthetic import (
+    generate_run,
+    make_rows,
+    make_vectors,
+    write_legacy_checkpoint,
+    write_npy_checkpoint,
+)
 
 ROWS = 400
 QUESTIONS = {0, 150, 151, 399}
@@ -73,7 +84,7 @@ def test_chunk_info_describes_each_checkpoint(tmp_path: Path) -> None:
 def test_chunk_info_takes_the_sha256_the_sync_recorded_while_the_file_is_untouched(tmp_path: Path) -> None:
     import hashlib
 
-    from async_embed_sync.journal import DownloadLayout, FileState, file_identity
+    from async_embed_sync.layout import DownloadLayout, FileState, file_identity
 
     paths = _run(tmp_path / "downloads", "mixed")
     layout = DownloadLayout(tmp_path / "downloads")
@@ -94,7 +105,7 @@ def test_chunk_info_takes_the_sha256_the_sync_recorded_while_the_file_is_untouch
 
 @pytest.mark.parametrize("fmt", ["npy", "pkl"])
 def test_a_synced_checkpoint_changed_during_the_merge_fails_it(tmp_path: Path, fmt: str) -> None:
-    from async_embed_sync.journal import DownloadLayout, FileState, file_identity
+    from async_embed_sync.layout import DownloadLayout, FileState, file_identity
 
     paths = _run(tmp_path / "downloads", fmt)
     layout = DownloadLayout(tmp_path / "downloads")
@@ -396,7 +407,7 @@ def test_successful_merge_replaces_a_previous_bundle(tmp_path: Path) -> None:
 # Prints the pids of its child processes (the article worker, for a bundle) before it dies.
 _KILLED_MERGE = """
 import os, signal, sys
-from async_embed_sync.merge import merge_checkpoints
+from async_embed_sync.merging.merge import merge_checkpoints
 
 def kill_after_third_block(progress):
     if progress.rows_done > 3 * 25:
@@ -457,7 +468,7 @@ def test_a_killed_merge_takes_its_article_worker_down(tmp_path: Path) -> None:
 
 _MERGE_THEN_PRINT_IF_PYARROW_IS_IMPORTED = """
 import sys
-from async_embed_sync.merge import merge_checkpoints
+from async_embed_sync.merging.merge import merge_checkpoints
 
 merge_checkpoints(sys.argv[1], sys.argv[2], articles_format="parquet")
 print("pyarrow" in sys.modules)
@@ -510,7 +521,7 @@ def test_a_merge_after_a_killed_one_removes_its_staging(tmp_path: Path) -> None:
 def test_each_legacy_checkpoint_is_unpickled_once_and_merged_exactly(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str, output_name: str, articles_format: str | None
 ) -> None:
-    from async_embed_sync.checkpoints import RestrictedUnpickler
+    from async_embed_sync.merging.checkpoints import RestrictedUnpickler
 
     paths = _run(tmp_path / "downloads", fmt)
     loads: list[Path] = []
@@ -584,7 +595,7 @@ def _no_output_expected(*arguments: object, **keywords: object) -> None:
 def test_validation_fails_before_the_output_is_created(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, damage
 ) -> None:
-    merge = importlib.import_module("async_embed_sync.merge")  # the module, not the package's merge()
+    merge = importlib.import_module("async_embed_sync.merging.merge")  # the module, not the package's merge()
 
     paths = _run(tmp_path / "downloads", "pkl")
     damage(tmp_path / "downloads", paths)
@@ -598,7 +609,7 @@ def test_validation_fails_before_the_output_is_created(
 def test_strict_fails_on_a_legacy_checkpoint_before_the_output_is_created(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    merge = importlib.import_module("async_embed_sync.merge")  # the module, not the package's merge()
+    merge = importlib.import_module("async_embed_sync.merging.merge")  # the module, not the package's merge()
 
     _write_run_with_nan(tmp_path / "downloads")
     monkeypatch.setattr(merge, "open_output", _no_output_expected)
@@ -611,7 +622,7 @@ def test_strict_fails_on_a_legacy_checkpoint_before_the_output_is_created(
 _MERGE_WITH_A_FILE_SIZE_LIMIT = """
 import resource, signal, sys
 from async_embed_sync.errors import LocalFileError
-from async_embed_sync.merge import merge_checkpoints
+from async_embed_sync.merging.merge import merge_checkpoints
 
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG, as a full disk gives ENOSPC
 resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
@@ -752,7 +763,7 @@ def test_a_merge_leaves_no_thread_and_no_process_behind(
 _FULL_DISK_MERGE_COUNTING_THREADS = """
 import resource, signal, sys, threading
 from async_embed_sync.errors import LocalFileError
-from async_embed_sync.merge import merge_checkpoints
+from async_embed_sync.merging.merge import merge_checkpoints
 
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG, as a full disk gives ENOSPC
 resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))

@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from async_embed_sync.metrics import QualityMetrics, RowHasher
+from async_embed_sync.merging.metrics import QualityMetrics, RowHasher
 
 
 def _sample() -> np.ndarray:

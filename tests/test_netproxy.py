@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from async_embed_sync.netproxy import LinkProxy, run_in_thread
+from async_embed_sync.testing.netproxy import LinkProxy, run_in_thread
 
 pytestmark = pytest.mark.anyio
 
@@ -183,7 +183,7 @@ def test_command_line_prints_its_port_and_forwards() -> None:
     listener = socket.create_server(("127.0.0.1", 0))
     target = f"127.0.0.1:{listener.getsockname()[1]}"
     process = subprocess.Popen(
-        [sys.executable, "-m", "async_embed_sync.netproxy", "--target", target, "--delay-ms", "1"],
+        [sys.executable, "-m", "async_embed_sync.testing.netproxy", "--target", target, "--delay-ms", "1"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert process.stdout is not None

@@ -30,8 +30,12 @@ import pytest
 from merge_fixtures import DIM, expected_merge
 
 from async_embed_sync import load
-from async_embed_sync.merge import merge_checkpoints
-from async_embed_sync.synthetic import generate_run, make_rows, write_legacy_checkpoint
+from async_embed_sync.merging.merge import merge_checkpoints
+from async_embed_sync.testing.synthetic import (
+    generate_run,
+    make_rows,
+    write_legacy_checkpoint,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NUMPY_1 = "numpy==1.26.*"
@@ -135,8 +139,8 @@ from pathlib import Path
 import numpy as np
 import async_embed_sync
 from async_embed_sync import load
-from async_embed_sync.merge import merge_checkpoints
-from async_embed_sync.synthetic import generate_run, make_rows, make_vectors, write_legacy_checkpoint
+from async_embed_sync.merging.merge import merge_checkpoints
+from async_embed_sync.testing.synthetic import generate_run, make_rows, make_vectors, write_legacy_checkpoint
 
 assert np.__version__.startswith("1.26."), np.__version__
 assert Path(async_embed_sync.__file__).is_relative_to(sys.prefix), async_embed_sync.__file__

@@ -12,7 +12,7 @@ import asyncssh
 import pytest
 from openssh import OpenSSHServer, sshd_available
 
-from async_embed_sync.netproxy import LinkProxy
+from async_embed_sync.testing.netproxy import LinkProxy
 
 pytestmark = pytest.mark.anyio
 

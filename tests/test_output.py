@@ -13,9 +13,9 @@ from merge_fixtures import DIM, entries, write_evil_pickle
 
 from async_embed_sync import load
 from async_embed_sync.errors import OutputError
-from async_embed_sync.merge import merge_checkpoints
+from async_embed_sync.merging.merge import merge_checkpoints
 from async_embed_sync.output import LEGACY_KEYS, parquet_available
-from async_embed_sync.synthetic import generate_run
+from async_embed_sync.testing.synthetic import generate_run
 
 
 @pytest.fixture(scope="module")

@@ -127,7 +127,7 @@ def test_a_drop_mid_run_neither_counts_bytes_twice_nor_loses_them():
 
 
 def test_the_sync_summary_says_rates_in_mib_per_second_within_80_columns():
-    sync_module = importlib.import_module("async_embed_sync.sync")
+    sync_module = importlib.import_module("async_embed_sync.transfer.sync")
     GiB = 1024 ** 3
     clusters = {
         "tensor01": sync_module.ClusterReport("tensor01", files=200, total_bytes=GiB, transferred=1190 * 1024 ** 2,

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from readme_blocks import blocks, commands
 
-from async_embed_sync.synthetic import generate_run
+from async_embed_sync.testing.synthetic import generate_run
 
 ROWS, ARTICLES, DIM = 2010, 2000, 768  # generate_run makes 10 of the rows questions
 BUNDLE_COMMAND = "python -m async_embed_sync merge --output embeddings/merged"

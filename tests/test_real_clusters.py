@@ -12,14 +12,13 @@ import pytest
 from openssh import OpenSSHServer
 from terminal import Terminal
 
-from async_embed_sync.background import background_loop
-from async_embed_sync.embedded_server import EmbeddedSFTPServer
-
 from async_embed_sync.config import load_config
 from async_embed_sync.progress import QuietProgress
-from async_embed_sync.prompts import NoPrompter, Prompter
-from async_embed_sync.remote import resolve_target
-from async_embed_sync.sync import SyncOptions, sync_clusters
+from async_embed_sync.testing.background import background_loop
+from async_embed_sync.testing.embedded_server import EmbeddedSFTPServer
+from async_embed_sync.transfer.prompts import NoPrompter, Prompter
+from async_embed_sync.transfer.remote import resolve_target
+from async_embed_sync.transfer.sync import SyncOptions, sync_clusters
 
 MiB = 1024 * 1024
 CODE = "492817"

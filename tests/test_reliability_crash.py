@@ -27,13 +27,13 @@ from reliability_helpers import (
 
 from async_embed_sync.cli import EXIT_TERMINATED, main
 from async_embed_sync.config import load_config
-from async_embed_sync.download import CHECKPOINT_BYTES
-from async_embed_sync.journal import DownloadLayout
+from async_embed_sync.layout import DownloadLayout
 from async_embed_sync.output import load
 from async_embed_sync.progress import QuietProgress
-from async_embed_sync.remote import MAX_BLOCK_SIZE
-from async_embed_sync.sync import SyncOptions, sync
-from async_embed_sync.synthetic import generate_run
+from async_embed_sync.testing.synthetic import generate_run
+from async_embed_sync.transfer.download import CHECKPOINT_BYTES
+from async_embed_sync.transfer.remote import MAX_BLOCK_SIZE
+from async_embed_sync.transfer.sync import SyncOptions, sync
 
 # 2.5 checkpoint intervals: journal saves at 8 and 16 MiB, at the end of the
 # transfer, and once more when the file is complete.

@@ -24,11 +24,11 @@ from reliability_helpers import (
 
 from async_embed_sync.cli import main
 from async_embed_sync.config import load_config
-from async_embed_sync.journal import DownloadLayout
+from async_embed_sync.layout import DownloadLayout
 from async_embed_sync.output import load
 from async_embed_sync.progress import QuietProgress
-from async_embed_sync.sync import SyncOptions, sync
-from async_embed_sync.synthetic import generate_run
+from async_embed_sync.testing.synthetic import generate_run
+from async_embed_sync.transfer.sync import SyncOptions, sync
 
 _FILE_SIZE_LIMIT = """
 import resource, signal

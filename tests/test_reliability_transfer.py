@@ -26,13 +26,13 @@ from reliability_helpers import (
     wait_until,
 )
 
-import async_embed_sync.remote as remote_module
+import async_embed_sync.transfer.remote as remote_module
 from async_embed_sync.cli import main
-from async_embed_sync.journal import DownloadLayout
-from async_embed_sync.remote import MAX_BLOCK_SIZE
+from async_embed_sync.layout import DownloadLayout
+from async_embed_sync.transfer.remote import MAX_BLOCK_SIZE
 
 # The module, not the package's ``sync`` function of the same name.
-sync_module = importlib.import_module("async_embed_sync.sync")
+sync_module = importlib.import_module("async_embed_sync.transfer.sync")
 
 pytestmark = pytest.mark.anyio
 

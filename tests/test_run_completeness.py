@@ -11,7 +11,7 @@ import pytest
 
 from async_embed_sync import load
 from async_embed_sync.cli import main
-from async_embed_sync.synthetic import generate_run
+from async_embed_sync.testing.synthetic import generate_run
 
 ROWS = 400  # 2 clusters x 2 GPUs; 10 questions at the end
 

@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from async_embed_sync.sync import FairSlots
+from async_embed_sync.transfer.sync import FairSlots
 
 
 class Recorder:

@@ -14,7 +14,7 @@ import pytest
 from async_embed_sync.cli import main
 from async_embed_sync.config import load_config
 from async_embed_sync.progress import PlainProgress
-from async_embed_sync.sync import SyncOptions, sync_clusters
+from async_embed_sync.transfer.sync import SyncOptions, sync_clusters
 
 pytestmark = pytest.mark.anyio
 

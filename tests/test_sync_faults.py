@@ -8,22 +8,25 @@ import asyncio
 import io
 import os
 import signal
-import sys
 from pathlib import Path
 
 import anyio
 import asyncssh
 import pytest
-
-from reliability_helpers import cli_child_command, ignores_sigint, sync_argv, with_sigint
+from reliability_helpers import (
+    cli_child_command,
+    ignores_sigint,
+    sync_argv,
+    with_sigint,
+)
 
 from async_embed_sync.cli import main
 from async_embed_sync.config import load_config
-from async_embed_sync.download import CHECKPOINT_BYTES
-from async_embed_sync.journal import DownloadLayout
+from async_embed_sync.layout import DownloadLayout
 from async_embed_sync.progress import PlainProgress, QuietProgress, format_bytes
-from async_embed_sync.remote import READ_AHEAD_BYTES
-from async_embed_sync.sync import SyncOptions, sync_clusters
+from async_embed_sync.transfer.download import CHECKPOINT_BYTES
+from async_embed_sync.transfer.remote import READ_AHEAD_BYTES
+from async_embed_sync.transfer.sync import SyncOptions, sync_clusters
 
 pytestmark = pytest.mark.anyio
 
@@ -413,7 +416,7 @@ async def test_sigterm_or_ctrl_c_stops_the_sync_and_keeps_what_arrived(
 # download asks for it, as when a fast link outruns the disk or the CPU.
 _SLOW_DISK = """
 import time
-from async_embed_sync import download
+from async_embed_sync.transfer import download
 _write_and_hash = download._write_and_hash
 def _slow_write_and_hash(*args):
     time.sleep(0.05)

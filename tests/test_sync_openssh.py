@@ -10,9 +10,9 @@ from openssh import keygen
 
 from async_embed_sync.cli import main
 from async_embed_sync.config import load_config
-from async_embed_sync.journal import DownloadLayout
+from async_embed_sync.layout import DownloadLayout
 from async_embed_sync.progress import QuietProgress
-from async_embed_sync.sync import SyncOptions, sync
+from async_embed_sync.transfer.sync import SyncOptions, sync
 
 PASSWORD = "hunter2-not-a-real-one"
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from async_embed_sync.synthetic import generate_run, make_vectors
+from async_embed_sync.testing.synthetic import generate_run, make_vectors
 
 
 def test_run_covers_every_index_once_across_clusters_and_gpus(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import sys
 
 from terminal import Terminal
 
-from async_embed_sync.netproxy import run_in_thread
+from async_embed_sync.testing.netproxy import run_in_thread
 
 MiB = 1024 * 1024
 # Long names, as GPUs write them, so that the labels must be shortened to fit.

@@ -18,7 +18,7 @@ import shlex
 from collections.abc import AsyncIterator
 from typing import Any
 
-from .errors import RemoteDirectoryError, TransferError
+from ..errors import RemoteDirectoryError, TransferError
 
 READ_BLOCK = 256 * 1024
 DEFAULT_CHANNELS = 6

@@ -6,15 +6,15 @@ from dataclasses import dataclass, field
 
 import anyio
 
-from .config import ClusterConfig
+from ..config import ClusterConfig
+from ..errors import NOTHING_CHANGED, AsyncEmbedSyncError
+from ..layout import DownloadLayout
+from ..progress import format_bytes
+from ..termination import run_stoppable
 from .download import is_up_to_date
-from .errors import NOTHING_CHANGED, AsyncEmbedSyncError
-from .journal import DownloadLayout
-from .progress import format_bytes
 from .prompts import Prompter
 from .remote import ClusterRemote
 from .sync import local_only_notice
-from .termination import run_stoppable
 
 
 @dataclass

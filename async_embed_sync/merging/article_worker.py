@@ -38,8 +38,8 @@ from collections.abc import Iterable
 from multiprocessing.connection import Connection
 from pathlib import Path
 
+from ..errors import CheckpointError, LocalFileError, OutputError
 from .checkpoints import parse_jsonl_span
-from .errors import CheckpointError, LocalFileError, OutputError
 
 # How long a worker is given to end, after its pipe is closed or after SIGTERM.
 _STOP_SECONDS = 5.0
@@ -48,6 +48,8 @@ _STOP_SECONDS = 5.0
 # Ctrl-C reaches the whole process group: the parent decides what stops, and
 # stops the worker with SIGTERM, whatever handler it inherited. Set first,
 # before the imports, so that a Ctrl-C while they run leaves no traceback.
+# The folder that holds the package, for the worker's sys.path.
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[len(__name__.split(".")) - 1])
 _WORKER_MAIN = f"""
 import signal, sys
 signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -83,7 +85,7 @@ class ArticleWorker:
         with child:
             try:
                 self._process = subprocess.Popen(
-                    [sys.executable, "-c", _WORKER_MAIN, str(Path(__file__).resolve().parents[1]), str(child.fileno())],
+                    [sys.executable, "-c", _WORKER_MAIN, _PACKAGE_ROOT, str(child.fileno())],
                     pass_fds=[child.fileno()], stdin=subprocess.DEVNULL,
                     # Signals ignored here stay ignored there, as across a fork
                     # (a merge under RLIMIT_FSIZE with SIGXFSZ ignored gets EFBIG).
@@ -164,7 +166,7 @@ def _serve_until_finished(connection: Connection) -> None:
             continue  # the parent hears of the first problem when it finishes
         try:
             if task[0] == "parquet":
-                from .output import ParquetRowWriter
+                from ..output import ParquetRowWriter
 
                 writer = ParquetRowWriter(task[1], task[2])
             else:

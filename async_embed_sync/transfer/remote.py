@@ -40,22 +40,22 @@ import anyio
 import asyncssh
 from asyncssh.config import SSHClientConfig
 
-from .config import DEFAULT_KNOWN_HOSTS, ClusterConfig
-from .errors import (
+from ..config import DEFAULT_KNOWN_HOSTS, ClusterConfig
+from ..errors import (
     AuthenticationError,
-    ConnectionDroppedError,
-    KeyProblem,
     ConfigError,
     ConnectError,
+    ConnectionDroppedError,
     HostKeyError,
+    KeyProblem,
     RemoteDirectoryError,
     RemoteError,
     TransferError,
     UnsafeRemoteNameError,
 )
-from .known_hosts import append_known_host, host_pattern
+from ..known_hosts import append_known_host, host_pattern
 from .prompts import NoPrompter, NoTerminal, Prompter
-from .shell_access import ShellAccess
+from .shell import ShellAccess
 
 logger = logging.getLogger(__name__)
 

@@ -24,9 +24,15 @@ from pathlib import Path
 import anyio
 import anyio.lowlevel
 
-from .errors import AFTER_SYNC, RemoteFileChangedError, VerificationError, translating_local_errors
-from .journal import DownloadLayout, FileState, fsync_directory
-from .progress import Progress
+from ..errors import (
+    AFTER_SYNC,
+    RemoteFileChangedError,
+    VerificationError,
+    translating_local_errors,
+)
+from ..fileio import fsync_directory
+from ..layout import DownloadLayout, FileState
+from ..progress import Progress
 from .remote import ClusterRemote, RemoteFile, observe_outcome
 
 logger = logging.getLogger(__name__)

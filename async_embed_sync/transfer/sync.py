@@ -22,9 +22,8 @@ from dataclasses import dataclass, field
 
 import anyio
 
-from .config import ClusterConfig
-from .download import FileOutcome, download_file, is_up_to_date
-from .errors import (
+from ..config import ClusterConfig
+from ..errors import (
     AsyncEmbedSyncError,
     ConnectError,
     ConnectionDroppedError,
@@ -37,12 +36,13 @@ from .errors import (
     UnsafeRemoteNameError,
     VerificationError,
 )
-from .journal import DownloadLayout
+from ..layout import DownloadLayout
+from ..progress import Progress, format_bytes, format_rate
+from ..termination import run_stoppable
+from .download import FileOutcome, download_file, is_up_to_date
 from .lock import DownloadDirLock
-from .progress import Progress, format_bytes, format_rate
 from .prompts import Prompter
 from .remote import DEFAULT_SFTP_CHANNELS, DEFAULT_WINDOW, ClusterRemote, RemoteFile
-from .termination import run_stoppable
 
 logger = logging.getLogger(__name__)
 

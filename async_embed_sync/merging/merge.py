@@ -22,7 +22,7 @@ Three steps, in this order:
 
 Every ``.jsonl`` line is parsed before anything is published. A ``.pkl``
 output reads the rows as dicts: the copy parses them. A bundle's articles
-are left to the article worker process (``article_worker.py``): it parses
+are left to the article worker process (``merging/article_worker.py``): it parses
 every line of each checkpoint from the moment the file is indexed where
 ``articles.jsonl`` copies them verbatim, and parses and writes the article
 rows where they go to ``articles.parquet``; it runs beside the planning and
@@ -51,22 +51,16 @@ from typing import Any
 
 import numpy as np
 
-from .article_worker import ArticleWorker
-from .checkpoints import (
-    LEGACY_SUFFIX,
-    BackgroundDigest,
-    CheckpointInfo,
-    LegacyCheckpoint,
-    NpyCheckpoint,
-    RowBlock,
-    file_sha256,
-    find_checkpoints,
-    open_checkpoint,
+from ..errors import (
+    AFTER_MERGE,
+    CheckpointError,
+    MergeValidationError,
+    RowsMissingError,
+    translating_local_errors,
 )
-from .errors import AFTER_MERGE, CheckpointError, MergeValidationError, RowsMissingError, translating_local_errors
-from .journal import DownloadLayout
-from .metrics import QualityMetrics
-from .output import (
+from ..fileio import file_sha256
+from ..layout import DownloadLayout
+from ..output import (
     ArticlesFormat,
     OutputWriter,
     ScratchFile,
@@ -80,6 +74,18 @@ from .output import (
     publish,
     rows_offset,
 )
+from .article_worker import ArticleWorker
+from .checkpoints import (
+    LEGACY_SUFFIX,
+    BackgroundDigest,
+    CheckpointInfo,
+    LegacyCheckpoint,
+    NpyCheckpoint,
+    RowBlock,
+    find_checkpoints,
+    open_checkpoint,
+)
+from .metrics import QualityMetrics
 
 OUTPUT_DTYPES = ("float32", "float16")
 

@@ -17,8 +17,8 @@ import socket
 import time
 from pathlib import Path
 
-from .errors import AFTER_SYNC, DownloadDirLockedError, translating_local_errors
-from .journal import STATE_DIR_NAME, write_atomically
+from ..errors import AFTER_SYNC, DownloadDirLockedError, translating_local_errors
+from ..layout import STATE_DIR_NAME, write_atomically
 
 # A record from another host older than this is taken as left by a crash.
 STALE_FOREIGN_RECORD_SECONDS = 24 * 3600

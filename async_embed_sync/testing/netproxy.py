@@ -39,7 +39,7 @@ Three ways to run it:
 
 * ``async with LinkProxy(host, port, delay=0.025) as proxy: ... proxy.port``
 * ``with run_in_thread(host, port, ...) as proxy:`` from synchronous code;
-* ``python -m async_embed_sync.netproxy --target HOST:PORT --delay-ms 25
+* ``python -m async_embed_sync.testing.netproxy --target HOST:PORT --delay-ms 25
   --rate-mbit 400``, which prints the listening port on its first line and
   runs until it is terminated (a process of its own keeps the proxy's copying
   off the caller's GIL).
@@ -360,7 +360,7 @@ def _parse_target(text: str) -> tuple[str, int]:
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m async_embed_sync.netproxy",
+        prog="python -m async_embed_sync.testing.netproxy",
         description="Forward TCP through an emulated link. Prints the listening port "
                     "on the first line of stdout, then runs until terminated.")
     parser.add_argument("--target", type=_parse_target, required=True, metavar="HOST:PORT")

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .errors import AFTER_SYNC, translating_local_errors
+from .fileio import fsync_directory
 
 STATE_DIR_NAME = ".async_embed_sync"
 _FORMAT_VERSION = 1
@@ -200,12 +201,3 @@ def write_atomically(path: Path, data: bytes) -> None:
         os.close(fd)
     os.replace(temporary, path)
     fsync_directory(path.parent)
-
-
-def fsync_directory(directory: Path) -> None:
-    """Make a rename in ``directory`` durable."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

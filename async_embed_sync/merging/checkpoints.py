@@ -10,7 +10,7 @@ been checked against the file size.
 Each opened checkpoint is checked for internal consistency (a 2-D array, as
 many rows as its index range spans and as its article list holds); anything
 wrong raises :class:`CheckpointError` naming the file. Rules that involve
-several checkpoints, or merge policy, belong to ``merge.py``.
+several checkpoints, or merge policy, belong to ``merging/merge.py``.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import numpy as np
 import orjson
 from numpy.lib import format as npy_format
 
-from .errors import CheckpointError, UnsafePickleError, os_error_problem
+from ..errors import CheckpointError, UnsafePickleError, os_error_problem
 
 LEGACY_SUFFIX = ".pkl"
 NPY_SUFFIX = ".npy"
@@ -72,17 +72,6 @@ def as_bytes(data: Any) -> Any:
     if not data.flags.c_contiguous:
         raise ValueError("not a C-contiguous array")  # its copy would be read into, or hashed, instead
     return data.view(np.uint8).reshape(-1)
-
-
-def file_sha256(path: Path, chunk_bytes: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks through one reusable buffer."""
-    digest = hashlib.sha256()
-    buffer = bytearray(chunk_bytes)
-    view = memoryview(buffer)
-    with open(path, "rb", buffering=0) as stream:
-        while count := stream.readinto(buffer):
-            digest.update(view[:count])
-    return digest.hexdigest()
 
 
 class BackgroundDigest:
@@ -716,7 +705,7 @@ def index_jsonl(stream: BinaryIO, path: Path) -> JsonlIndex:
 
 
 # Spans are parsed this much at a time: the parser runs in a worker process
-# (see ``article_worker.py``) whose resident size adds to the merge's, and
+# (see ``merging/article_worker.py``) whose resident size adds to the merge's, and
 # larger reads parse no faster.
 _PARSE_CHUNK_BYTES = 1 << 20
 

@@ -1,0 +1,1 @@
+"""The merge: reading checkpoints safely, validating the plan, copying rows, metrics."""

@@ -1,0 +1,1 @@
+"""The sync: reaching a cluster over SSH, downloading its checkpoints, status."""
