@@ -87,6 +87,8 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
 
 
 _AFTER_STOP = "What was verified is kept; run the same command again to resume."
+_AFTER_MERGE_STOP = ("Nothing was written at the output path (an earlier result there is as it was); "
+                     "the merge starts over when run again.")
 
 
 def _with_default_command(argv: list[str]) -> list[str]:
@@ -123,8 +125,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     phases.add_argument("--merge-only", action="store_true", help="merge what is already downloaded")
     command("sync", "download every checkpoint from the clusters, concurrently and resumably",
             _sync, _add_connection_arguments, _add_sync_arguments, _add_common_arguments)
-    command("merge", "merge the downloaded checkpoints into one result", _merge,
-            _add_merge_arguments, _add_common_arguments)
+    merge = command("merge", "merge the downloaded checkpoints into one result", _merge,
+                    _add_merge_arguments, _add_common_arguments)
+    # A merge does not resume: it starts over, and an earlier result stays as it was.
+    merge.set_defaults(after_stop=_AFTER_MERGE_STOP)
     command("status", "show per cluster what is remote, complete here, partial or changed", _status,
             _add_connection_arguments, _add_common_arguments)
     init = command("init", "write a credentials.json to fill in (mode 600), from the example", _init)

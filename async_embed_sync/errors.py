@@ -238,6 +238,8 @@ class ConnectError(RemoteError):
         self.reason = reason
         self.rerun_fixes = transient
         self.cause = f"{host}:{port} cannot be reached" if transient else f"the host name {host} is not found"
+        # Refused or unreachable: a server that is down, or a wrong port; a rerun helps only the first.
+        self.rerun_advice = "check host and port; a rerun resumes once it answers" if transient else None
         super().__init__(
             cluster,
             f"cannot connect to {host}:{port} ({reason}). Check the host name "
@@ -266,7 +268,7 @@ class AuthenticationError(RemoteError):
     def __init__(self, cluster: str, username: str, host: str, port: int, *,
                  tried: Iterable[str] = (), accepted: Iterable[str] = (), unanswered: str | None = None,
                  key_files: Iterable[str] = (), key_problems: Iterable[KeyProblem] = (),
-                 unsent_password: bool = False, cut_off: bool = False):
+                 unsent_password: bool = False, cut_off: bool = False, known_hosts: str | None = None):
         self.username = username
         self.host = host
         self.tried = list(tried)
@@ -295,6 +297,8 @@ class AuthenticationError(RemoteError):
                    "accepts, or load that key into ssh-agent.")
         else:
             keys = "".join(f"-i {key} " for key in key_files)
+            # The configured known_hosts, or ssh checks ~/.ssh/known_hosts and fails on the host key.
+            keys += f"-o UserKnownHostsFile={known_hosts} " if known_hosts else ""
             fields = "`key_file`" if key_files else "`key_file` (or `password`)"
             agent = "" if key_files else "; or load a key into ssh-agent"
             fix = (f"Check `username` and {fields} for this cluster; "
@@ -462,7 +466,8 @@ class SyncFailedError(AsyncEmbedSyncError):
         self.rerun_fixes = all(error.rerun_fixes for error, _ in failures.values())
         parts = []
         for cluster, (error, lacking) in sorted(failures.items()):
-            advice = "a rerun resumes" if error.rerun_fixes else "fix this first: a rerun alone will not"
+            advice = getattr(error, "rerun_advice", None) or (
+                "a rerun resumes" if error.rerun_fixes else "fix this first: a rerun alone will not")
             parts.append(f"{cluster}: {error.cause}{f', {lacking}' if lacking else ''} ({advice})")
         if self.rerun_fixes:
             closing = ("What was verified is kept: running the same command again resumes where it stopped."

@@ -22,6 +22,8 @@ from .errors import NOTHING_CHANGED, translating_local_errors
 
 PACKAGE_LOGGER = "async_embed_sync"
 TIMESTAMPED = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# As the plain progress lines write it, so that the two interleave readably.
+TIMESTAMP_FORMAT = "%Y-%m-%d %H:%M:%S"
 # Without -v, only warnings, said as OpenSSH says them ("Warning: Permanently added ...").
 PLAIN = "Warning: %(message)s"
 
@@ -38,12 +40,12 @@ def configure_logging(verbosity: int = 0, log_file: str | None = None) -> Callab
     # A log file gets the decisions even without -v; stderr then only the warnings.
     level = logging.DEBUG if verbosity >= 2 else logging.INFO if verbosity == 1 or log_file else logging.WARNING
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    handlers[0].setFormatter(logging.Formatter(PLAIN if verbosity <= 0 else TIMESTAMPED))
+    handlers[0].setFormatter(logging.Formatter(PLAIN if verbosity <= 0 else TIMESTAMPED, TIMESTAMP_FORMAT))
     handlers[0].setLevel(logging.WARNING if verbosity <= 0 else logging.NOTSET)
     if log_file is not None:
         with translating_local_errors(Path(log_file), "write the log file", NOTHING_CHANGED):
             handlers.append(logging.FileHandler(log_file, encoding="utf-8"))
-        handlers[-1].setFormatter(logging.Formatter(TIMESTAMPED))
+        handlers[-1].setFormatter(logging.Formatter(TIMESTAMPED, TIMESTAMP_FORMAT))
     package.setLevel(level)
     package.propagate = False
     # asyncssh logs its connections at INFO: shown with --debug only.

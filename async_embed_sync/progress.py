@@ -151,12 +151,14 @@ class TqdmProgress(Progress):
         return tqdm(file=self.stream, dynamic_ncols=True, **options)
 
     def _bytes_bar(self, **options) -> tqdm:
-        return self._bar(unit="MiB", unit_scale=1 / _MiB, bar_format=_BYTES_BAR_FORMAT, **options)
+        # Counted in MiB, not scaled by tqdm: its unit_scale leaves `initial` unscaled,
+        # and a resumed bar's rate came out negative.
+        return self._bar(unit="MiB", bar_format=_BYTES_BAR_FORMAT, **options)
 
     def add_total(self, nbytes: int) -> None:
         if self._total_bar is None:
             self._total_bar = self._bytes_bar(total=0, desc="total", position=0)
-        self._total_bar.total += nbytes
+        self._total_bar.total += nbytes / _MiB
         self._total_bar.refresh()
 
     def file_started(self, cluster: str, name: str, size: int, offset: int) -> None:
@@ -165,23 +167,24 @@ class TqdmProgress(Progress):
         else:
             position, self._next_position = self._next_position, self._next_position + 1
         self._file_bars[(cluster, name)] = self._bytes_bar(
-            total=size, initial=offset, desc=_short(f"{cluster}/{name}"), position=position, leave=False)
+            total=size / _MiB, initial=offset / _MiB, desc=_short(f"{cluster}/{name}"), position=position,
+            leave=False)
         moved = self._positions.start(cluster, name, offset)
         if moved and self._total_bar is not None:
             # Resumed bytes are done, but not part of this run's rate or ETA:
             # moved past as if they had been there from the start.
-            self._total_bar.n += moved
-            self._total_bar.initial += moved
-            self._total_bar.last_print_n += moved
+            self._total_bar.n += moved / _MiB
+            self._total_bar.initial += moved / _MiB
+            self._total_bar.last_print_n += moved / _MiB
             self._total_bar.refresh()
 
     def advance(self, cluster: str, name: str, nbytes: int) -> None:
         self._positions.advance(cluster, name, nbytes)
         if self._total_bar is not None:
-            self._total_bar.update(nbytes)
+            self._total_bar.update(nbytes / _MiB)
         bar = self._file_bars.get((cluster, name))
         if bar is not None:
-            bar.update(nbytes)
+            bar.update(nbytes / _MiB)
 
     def file_finished(self, cluster: str, name: str, outcome: str) -> None:
         bar = self._file_bars.pop((cluster, name), None)

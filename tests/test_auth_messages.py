@@ -61,6 +61,10 @@ def test_a_rejected_key_says_authentication_not_connection(kbdint_sshd, tmp_path
     assert f"the key {stranger} (refused)" in message
     assert "keyboard-interactive (not attempted: no terminal to answer it on)" in message
     assert "The server accepts: publickey, keyboard-interactive." in message
+    # A check the user can run as shown: with the configured known_hosts, else ssh fails on the host key.
+    known_hosts = kbdint_sshd.cluster_entry(str(tmp_path))["known_hosts"]
+    assert (f"`ssh -p {kbdint_sshd.port} -i {stranger} -o UserKnownHostsFile={known_hosts} root@127.0.0.1` "
+            f"should log in") in message
     assert "Too many authentication failures" not in message
     assert "host name and port" not in message and "cannot connect" not in message
 

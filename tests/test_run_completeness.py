@@ -142,9 +142,12 @@ def test_the_configs_total_rows_must_be_a_positive_whole_number(tmp_path, write_
     assert '"total_rows" must be a positive whole number' in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("total_rows", [None, ROWS], ids=["no-total_rows", "total_rows"])
 def test_a_file_deleted_on_the_cluster_that_held_rows_no_other_holds_fails_the_run(
-        openssh, tmp_path, write_config, capsys):
+        openssh, tmp_path, write_config, capsys, total_rows):
     remote, config = _two_clusters(tmp_path, openssh, write_config)
+    if total_rows:  # the README's advice; the file is still named, not "rows missing"
+        config.write_text(json.dumps({**json.loads(config.read_text()), "total_rows": total_rows}))
     assert _run(config, tmp_path) == 0
     last = sorted((remote / "tensor02").glob("embeddings_gpu1_*.pkl"))[0]
     last.rename(tmp_path / last.name)  # gone from the cluster; its rows are in no other file

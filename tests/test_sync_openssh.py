@@ -160,7 +160,7 @@ def test_unreachable_host_fails_alone(openssh, tmp_path, write_config, capsys):
            f"127.0.0.1:{closed_port})." in err, err
     assert "Connect call failed" not in err and "Errno" not in err, err
     summary = err[err.index("The sync did not finish"):]
-    assert f"tensor01: 127.0.0.1:{closed_port} cannot be reached (a rerun resumes)" in summary
+    assert f"tensor01: 127.0.0.1:{closed_port} cannot be reached (check host and port; a rerun resumes once it answers)" in summary
     assert "tensor02" not in summary and "not listed" not in summary
     # Each error is shown once, not again in the closing summary.
     assert err.count(f"cannot connect to 127.0.0.1:{closed_port}") == 1

@@ -387,19 +387,19 @@ def validate_plan(
     first = infos[0]
     if first.start_index != 0:
         lacking(0, first.start_index, MergeValidationError(
-            f"the first checkpoint, {first.path}, starts at index {first.start_index}, not 0: "
-            f"indices 0..{first.start_index - 1} are missing."))
+            f"the first checkpoint, {first.path}, starts at index {first.start_index:,}, not 0: "
+            f"indices 0..{first.start_index - 1:,} are missing."))
     for before, after in zip(infos, infos[1:]):
         if after.start_index < before.end_index:
             raise MergeValidationError(
-                f"{before.path} [{before.start_index}, {before.end_index}) and {after.path} "
-                f"[{after.start_index}, {after.end_index}) overlap at indices "
-                f"{after.start_index}..{min(before.end_index, after.end_index) - 1}."
+                f"{before.path} [{before.start_index:,}, {before.end_index:,}) and {after.path} "
+                f"[{after.start_index:,}, {after.end_index:,}) overlap at indices "
+                f"{after.start_index:,}..{min(before.end_index, after.end_index) - 1:,}."
             )
         if after.start_index > before.end_index:
             lacking(before.end_index, after.start_index, MergeValidationError(
-                f"indices {before.end_index}..{after.start_index - 1} are missing: "
-                f"{before.path} ends at {before.end_index} and {after.path} starts at {after.start_index}."
+                f"indices {before.end_index:,}..{after.start_index - 1:,} are missing: "
+                f"{before.path} ends at {before.end_index:,} and {after.path} starts at {after.start_index:,}."
             ))
     declared = _declared_rows(infos, expect_rows)
     if declared is not None:
@@ -443,11 +443,22 @@ def _rows_only_left_out(left_out: Sequence[Path], infos: Sequence[CheckpointInfo
         for start, end in uncovered:
             if not partial:
                 raise MergeValidationError(
-                    f"indices {start}..{end - 1} are only in {path}, which {path.parent.name} no longer held "
+                    f"indices {start:,}..{end - 1:,} are only in {path}, which {path.parent.name} no longer held "
                     f"at the last sync: was it deleted there? Run `sync` again if it is back on the cluster, "
                     f"or add --partial to merge without those rows.")
             missing.append((start, end))
     return missing
+
+
+def _union(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted ``[start, end)`` ranges, overlapping ones joined."""
+    joined: list[tuple[int, int]] = []
+    for start, end in sorted(ranges):
+        if joined and start <= joined[-1][1]:
+            joined[-1] = (joined[-1][0], max(joined[-1][1], end))
+        else:
+            joined.append((start, end))
+    return joined
 
 
 def _declared_rows(infos: Sequence[CheckpointInfo], expect_rows: int | None) -> tuple[int, str] | None:
@@ -630,8 +641,11 @@ def merge_checkpoints(
         paths, left_out = select_checkpoints(Path(download_dir), clusters)
         parts = _read_all(paths, spill, line_check, on_read)
         infos = [part.info for part in parts]
-        missing_ranges = validate_plan(infos, expect_articles, expect_rows=expect_rows, partial=partial)
-        missing_ranges = sorted(missing_ranges + _rows_only_left_out(left_out, infos, partial))
+        # The file a cluster no longer holds first: it names where the rows are, which
+        # the general "rows missing" (past total_rows, or a gap) cannot.
+        only_left_out = _rows_only_left_out(left_out, infos, partial)
+        missing_ranges = _union(only_left_out + validate_plan(infos, expect_articles, expect_rows=expect_rows,
+                                                              partial=partial))
         total_articles = sum(info.article_rows for info in infos)
         timestamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
         with _writing(output):

@@ -897,7 +897,7 @@ def _authentication_error(target: SSHTarget, auth: _AuthClient | None, cut_off: 
         unanswered=auth.unanswered if auth else None, key_files=target.identity_files,
         key_problems=auth.identities.problems() if auth else [],
         unsent_password=auth is not None and target.cluster.password is not None and not auth.password_sent,
-        cut_off=cut_off)
+        cut_off=cut_off, known_hosts=str(target.cluster.known_hosts) if target.cluster.known_hosts else None)
 
 
 def _host_is_known(target: SSHTarget) -> bool:
