@@ -34,7 +34,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 1
 # Each command's --help shows its own; the top-level --help shows them all.
 _EXAMPLES = {
     "demo": ["demo                                 # the whole job on two simulated clusters",
-             "demo --drop-after 20000000           # cut each link after 20 MB, to see a resume"],
+             "demo --drop-after 20000000           # cut each link after 20,000,000 bytes, to see a resume"],
     "run": ["run                                  # sync every cluster, then merge",
             "run --output embeddings/merged/      # a memory-mappable bundle instead of a .pkl",
             "run --clusters tensor01 --partial    # one cluster's rows only, on purpose",
@@ -42,7 +42,7 @@ _EXAMPLES = {
     "sync": ["sync --max-parallel 16               # download only",
              "sync --clusters tensor01 tensor02"],
     "merge": ["merge --dtype float16                # merge what is downloaded",
-              "merge --output embeddings/merged/ --articles-format parquet"],
+              "merge --output merged/ --articles-format parquet  # a bundle with parquet articles"],
     "status": ["status                               # what is remote, what is here"],
     "init": ["init                                 # write credentials.json to fill in"],
 }
@@ -50,7 +50,10 @@ _EXIT_CODES = "exit codes: 0 done, 1 failed, 2 usage error, 130 interrupted, 143
 
 
 def _epilog(prog: str, commands: Sequence[str]) -> str:
-    lines = [f"  {prog} {example}" for command in commands for example in _EXAMPLES[command]]
+    # Each example under its comment, so that an 80-column terminal shows both whole.
+    lines = [line for command in commands for example in _EXAMPLES[command]
+             for line in (f"  # {example.partition('#')[2].strip()}", f"  {prog} {example.partition('#')[0].strip()}")
+             if line != "  # "]
     return "examples:\n" + "\n".join(lines) + "\n\n" + _EXIT_CODES + "\n"
 
 
@@ -103,8 +106,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     prog = prog or os.path.basename(sys.argv[0]) or "async-embed-sync"
     parser = argparse.ArgumentParser(
         prog=prog,
-        description="Sync embedding checkpoints from GPU clusters over SSH, then merge them "
-                    "into one result. With no command, or only flags, the command is `run`.",
+        description="Sync embedding checkpoints from GPU clusters over SSH, then merge them into one\n"
+                    "result. With no command, or only flags, the command is `run`.",
         epilog=_epilog(prog, list(_EXAMPLES)), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -27,6 +27,7 @@ def test_help_and_usage_errors(capsys):
         assert main([command, "-h"], prog="python -m async_embed_sync") == 0
         help_text = capsys.readouterr().out
         assert f"usage: python -m async_embed_sync {command}" in help_text
+        assert all(len(line) <= 80 for line in help_text.splitlines()), help_text  # an 80-column terminal
         # Its own examples, not every command's.
         examples = [line.split()[3] for line in help_text.split("examples:")[1].splitlines()
                     if line.startswith("  python -m")]
