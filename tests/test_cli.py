@@ -286,3 +286,13 @@ def test_main_leaves_the_signal_handlers_as_it_found_them(openssh, tmp_path, wri
             assert {signum: signal.getsignal(signum) for signum in found} == found, argv
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_status_says_when_remote_dir_holds_no_checkpoints_as_sync_does(openssh, tmp_path, write_config, capsys):
+    (tmp_path / "data" / "checkpoints").mkdir(parents=True)  # remote_dir one level too high
+    (tmp_path / "data" / "checkpoints" / "a.pkl").write_bytes(b"x")
+    config = write_config(tmp_path, {"tensor01": openssh.cluster_entry(str(tmp_path / "data"))})
+    assert main(["status", "--config", str(config), "--download-dir", str(tmp_path / "dl")]) == 1
+    out = capsys.readouterr().out
+    assert "tensor01 error (see below)" in out
+    assert f"Cluster 'tensor01': no checkpoint files matching *.pkl, *.npy, *.json, *.jsonl in {tmp_path / 'data'}." in out, out

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import anyio
 
 from ..config import ClusterConfig
-from ..errors import NOTHING_CHANGED, AsyncEmbedSyncError
+from ..errors import NOTHING_CHANGED, AsyncEmbedSyncError, NoCheckpointsError
 from ..layout import DownloadLayout
 from ..progress import format_bytes
 from ..termination import run_stoppable
@@ -75,6 +75,8 @@ async def _cluster_status(cluster: ClusterConfig, layout: DownloadLayout, timeou
         status.error = str(exc)
         return
     status.notes = [str(e) for e in listing.refused]
+    if not listing.files:  # as sync refuses it: a remote_dir one level off lists nothing
+        status.error = str(NoCheckpointsError(cluster.name, cluster.remote_dir, cluster.patterns))
     local_only = layout.local_only(cluster.name, (f.name for f in listing.files))
     status.local_only = len(local_only)
     if local_only:
