@@ -7,10 +7,9 @@ import os
 
 import asyncssh
 import pytest
+from reliability_helpers import sync_in_process
 
-from async_embed_sync.config import PROJECT_KNOWN_HOSTS, load_config
-from async_embed_sync.progress import QuietProgress
-from async_embed_sync.transfer.sync import SyncOptions, sync_clusters
+from async_embed_sync.config import PROJECT_KNOWN_HOSTS
 
 pytestmark = pytest.mark.anyio
 
@@ -22,16 +21,11 @@ def _serve(tmp_path):
     return root
 
 
-async def _sync(config, download_dir):
-    return await sync_clusters(load_config(config).select(None), str(download_dir), QuietProgress(),
-                               SyncOptions(timeout=10))
-
-
 async def test_unknown_host_is_refused_by_default(tmp_path, embedded_server, write_config):
     async with embedded_server(_serve(tmp_path)) as server:
         config = write_config(tmp_path, {"tensor01": server.cluster_entry(
             "/ckpt", known_hosts=str(tmp_path / "absent_known_hosts"))})
-        report = await _sync(config, tmp_path / "dl")
+        report = await sync_in_process(config, tmp_path / "dl")
     error = report.clusters["tensor01"].errors[0]
     fingerprint = asyncssh.import_public_key(server.host_public_key).get_fingerprint()
     # The key offered, as ssh shows it, to compare with what the admins publish.
@@ -48,10 +42,10 @@ async def test_accept_new_records_the_key_in_the_project_file(tmp_path, embedded
         config = write_config(tmp_path, {"tensor01": server.cluster_entry(
             "/ckpt", known_hosts=str(tmp_path / "absent_known_hosts"), host_key_policy="accept-new")})
         with caplog.at_level(logging.WARNING, logger="async_embed_sync"):
-            first = await _sync(config, tmp_path / "dl")
+            first = await sync_in_process(config, tmp_path / "dl")
             said_first, _ = caplog.text, caplog.clear()
             recorded = (tmp_path / PROJECT_KNOWN_HOSTS).read_text()
-            second = await _sync(config, tmp_path / "dl")
+            second = await sync_in_process(config, tmp_path / "dl")
             said_second = caplog.text
     assert first.ok and second.ok
     fingerprint = asyncssh.import_public_key(server.host_public_key).get_fingerprint()
@@ -71,7 +65,7 @@ async def test_accept_new_still_refuses_a_changed_key(tmp_path, embedded_server,
         (tmp_path / PROJECT_KNOWN_HOSTS).write_text(f"[127.0.0.1]:{server.port} {impostor}")
         config = write_config(tmp_path, {"tensor01": server.cluster_entry(
             "/ckpt", known_hosts=str(tmp_path / "absent_known_hosts"), host_key_policy="accept-new")})
-        report = await _sync(config, tmp_path / "dl")
+        report = await sync_in_process(config, tmp_path / "dl")
     error = report.clusters["tensor01"].errors[0]
     fingerprint = asyncssh.import_public_key(server.host_public_key).get_fingerprint()
     assert "does not match" in error and f"The server now offers the ssh-ed25519 key {fingerprint}." in error

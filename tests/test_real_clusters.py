@@ -3,22 +3,20 @@ prompted passwords, passphrases and 2FA codes, and no SFTP subsystem."""
 
 from __future__ import annotations
 
-import os
 import sys
 
 import anyio
 import asyncssh
 import pytest
 from openssh import OpenSSHServer
+from reliability_helpers import make_files, sync_in_process
 from terminal import Terminal
 
 from async_embed_sync.config import load_config
-from async_embed_sync.progress import QuietProgress
 from async_embed_sync.testing.background import background_loop
 from async_embed_sync.testing.embedded_server import EmbeddedSFTPServer
 from async_embed_sync.transfer.prompts import NoPrompter, Prompter
 from async_embed_sync.transfer.remote import resolve_target
-from async_embed_sync.transfer.sync import SyncOptions, sync_clusters
 
 MiB = 1024 * 1024
 CODE = "492817"
@@ -37,13 +35,6 @@ class ScriptedPrompter(Prompter):
         return next(answer for key, answer in self.answers.items() if key in prompt)
 
 
-def _remote_files(directory, sizes):
-    directory.mkdir(parents=True, exist_ok=True)
-    for name, size in sizes.items():
-        (directory / name).write_bytes(os.urandom(size))
-    return directory
-
-
 def _same(remote_dir, local_dir):
     names = sorted(p.name for p in remote_dir.iterdir())
     assert sorted(p.name for p in local_dir.iterdir()) == names
@@ -51,16 +42,11 @@ def _same(remote_dir, local_dir):
         assert (local_dir / name).read_bytes() == (remote_dir / name).read_bytes(), name
 
 
-async def _sync(config, download_dir, **options):
-    return await sync_clusters(load_config(config).select(None), str(download_dir), QuietProgress(),
-                               SyncOptions(**{"backoff": 0.02, "timeout": 10.0, **options}))
-
-
 # ------------------------------------------------------------- ssh config
 
 
 def test_ssh_config_alias_is_resolved(openssh, tmp_path, write_config):
-    remote = _remote_files(tmp_path / "remote", {"a.pkl": 300_000, "b.npy": 100_000})
+    remote = make_files(tmp_path / "remote", {"a.pkl": 300_000, "b.npy": 100_000})
     ssh_config = tmp_path / "ssh_config"
     ssh_config.write_text(
         "Host tensor-login\n"
@@ -74,7 +60,7 @@ def test_ssh_config_alias_is_resolved(openssh, tmp_path, write_config):
     target = resolve_target(load_config(config).clusters["tensor01"])
     assert (target.hostname, target.port, target.username) == ("127.0.0.1", openssh.port, "root")
     assert target.identity_files == (str(openssh.client_key_path),)
-    report = anyio.run(_sync, config, tmp_path / "dl")
+    report = anyio.run(sync_in_process, config, tmp_path / "dl")
     assert report.ok, report.clusters["tensor01"].errors
     _same(remote, tmp_path / "dl" / "tensor01")
 
@@ -106,14 +92,14 @@ def jump_and_target(openssh, tmp_path_factory):
 
 def test_jump_host(jump_and_target, tmp_path, write_config):
     jump, target = jump_and_target
-    remote = _remote_files(tmp_path / "remote", {"a.pkl": 2 * MiB, "b.pkl": MiB})
+    remote = make_files(tmp_path / "remote", {"a.pkl": 2 * MiB, "b.pkl": MiB})
     known_hosts = tmp_path / "known_hosts"
     known_hosts.write_text(jump.known_hosts_path.read_text() + target.known_hosts_path.read_text())
     entry = jump.cluster_entry(str(remote), port=target.port, known_hosts=str(known_hosts),
                                proxy_jump=f"root@127.0.0.1:{jump.port}")
     config = write_config(tmp_path, {"tensor01": entry})
     logins_before = _logins(jump), _logins(target)
-    report = anyio.run(_sync, config, tmp_path / "dl")
+    report = anyio.run(sync_in_process, config, tmp_path / "dl")
     assert report.ok, report.clusters["tensor01"].errors
     _same(remote, tmp_path / "dl" / "tensor01")
     # One login on the jump host, one on the target through it: one
@@ -131,13 +117,13 @@ def _logins(server: OpenSSHServer) -> int:
 @pytest.mark.anyio
 async def test_keyboard_interactive_code_through_the_prompt_hook(tmp_path, embedded_server,
                                                                  write_config):
-    remote = _remote_files(tmp_path / "srv" / "ckpt", {"a.pkl": 200_000})
+    remote = make_files(tmp_path / "srv" / "ckpt", {"a.pkl": 200_000})
     prompter = ScriptedPrompter({"Verification code": CODE})
     async with embedded_server(tmp_path / "srv", one_time_code=CODE, accept_client_key=False) as server:
         entry = server.cluster_entry("/ckpt")
         del entry["key_file"]
         config = write_config(tmp_path, {"tensor01": entry})
-        report = await _sync(config, tmp_path / "dl", prompter=prompter)
+        report = await sync_in_process(config, tmp_path / "dl", prompter=prompter)
     assert report.ok, report.clusters["tensor01"].errors
     # The server's challenge reached the hook with its heading; the code is
     # typed like a password (the server asked for no echo).
@@ -149,13 +135,13 @@ async def test_keyboard_interactive_code_through_the_prompt_hook(tmp_path, embed
 @pytest.mark.anyio
 async def test_without_a_terminal_the_error_says_what_is_missing(tmp_path, embedded_server,
                                                                  write_config):
-    _remote_files(tmp_path / "srv" / "ckpt", {"a.pkl": 1000})
+    make_files(tmp_path / "srv" / "ckpt", {"a.pkl": 1000})
     async with embedded_server(tmp_path / "srv", one_time_code=CODE, password=PASSWORD,
                                accept_client_key=False) as server:
         entry = server.cluster_entry("/ckpt")
         del entry["key_file"]
         config = write_config(tmp_path, {"tensor01": entry})
-        report = await _sync(config, tmp_path / "dl", prompter=NoPrompter(), retries=0)
+        report = await sync_in_process(config, tmp_path / "dl", prompter=NoPrompter(), retries=0)
     error = report.clusters["tensor01"].errors[0]
     assert "no terminal" in error and "tensor01" in error
     assert not (tmp_path / "dl" / "tensor01").exists()
@@ -164,7 +150,7 @@ async def test_without_a_terminal_the_error_says_what_is_missing(tmp_path, embed
 @pytest.mark.anyio
 async def test_password_and_passphrase_asked_through_the_prompt_hook(tmp_path, embedded_server,
                                                                      write_config):
-    remote = _remote_files(tmp_path / "srv" / "ckpt", {"a.pkl": 200_000})
+    remote = make_files(tmp_path / "srv" / "ckpt", {"a.pkl": 200_000})
     async with embedded_server(tmp_path / "srv", password=PASSWORD) as server:
         by_password = server.cluster_entry("/ckpt")
         del by_password["key_file"]
@@ -175,7 +161,7 @@ async def test_password_and_passphrase_asked_through_the_prompt_hook(tmp_path, e
         by_key = server.cluster_entry("/ckpt", key_file=str(encrypted))
         config = write_config(tmp_path, {"by-password": by_password, "by-key": by_key})
         prompter = ScriptedPrompter({"Password for": PASSWORD, "Passphrase for key": "open sesame"})
-        report = await _sync(config, tmp_path / "dl", prompter=prompter)
+        report = await sync_in_process(config, tmp_path / "dl", prompter=prompter)
     assert report.ok, {c.name: c.errors for c in report.clusters.values()}
     assert any(p.startswith("[by-password] Password for tester@127.0.0.1") for p, _ in prompter.asked)
     assert any(p.startswith(f"[by-key] Passphrase for key {encrypted}") for p, _ in prompter.asked)
@@ -186,7 +172,7 @@ async def test_password_and_passphrase_asked_through_the_prompt_hook(tmp_path, e
 
 def test_password_typed_at_a_real_terminal_is_not_echoed(tmp_path, write_config):
     """The CLI's TerminalPrompter on a pseudo-terminal, as a person would use it."""
-    remote = _remote_files(tmp_path / "srv" / "ckpt", {"a.pkl": 100_000})
+    remote = make_files(tmp_path / "srv" / "ckpt", {"a.pkl": 100_000})
     with background_loop("pty-test-server") as loop:
         server = EmbeddedSFTPServer(tmp_path / "srv", tmp_path / "keys", password=PASSWORD,
                                     accept_client_key=False)
@@ -219,11 +205,11 @@ def sshd_without_sftp(tmp_path_factory, openssh):
 @pytest.mark.anyio
 async def test_without_sftp_the_exec_fallback_syncs_and_resumes(sshd_without_sftp, tmp_path,
                                                                 link_proxy, write_config):
-    remote = _remote_files(tmp_path / "remote", {"a.pkl": 24 * MiB, "b.pkl": 3 * MiB, "c.npy": 1000})
+    remote = make_files(tmp_path / "remote", {"a.pkl": 24 * MiB, "b.pkl": 3 * MiB, "c.npy": 1000})
     async with link_proxy(sshd_without_sftp, cut_after=[14 * MiB]) as proxy:
         config = write_config(tmp_path, {"tensor01": sshd_without_sftp.cluster_entry(
             str(remote), port=proxy.port)})
-        report = await _sync(config, tmp_path / "dl", max_parallel=1)
+        report = await sync_in_process(config, tmp_path / "dl", max_parallel=1)
     cluster = report.clusters["tensor01"]
     assert report.ok, cluster.errors
     assert cluster.method == "exec" and cluster.reconnects == 1
@@ -235,10 +221,10 @@ async def test_without_sftp_the_exec_fallback_syncs_and_resumes(sshd_without_sft
 
 @pytest.mark.anyio
 async def test_neither_sftp_nor_a_shell_is_a_clear_error(tmp_path, embedded_server, write_config):
-    _remote_files(tmp_path / "srv" / "ckpt", {"a.pkl": 1000})
+    make_files(tmp_path / "srv" / "ckpt", {"a.pkl": 1000})
     async with embedded_server(tmp_path / "srv", sftp=False, allow_exec=False) as server:
         config = write_config(tmp_path, {"tensor01": server.cluster_entry("/ckpt")})
-        report = await _sync(config, tmp_path / "dl", retries=0)
+        report = await sync_in_process(config, tmp_path / "dl", retries=0)
     assert report.clusters["tensor01"].errors == [
         "Cluster 'tensor01': the server offers neither SFTP nor a shell to run commands, so files "
         "cannot be read from it."]

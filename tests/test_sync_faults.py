@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import os
 import signal
 from pathlib import Path
 
@@ -14,16 +13,20 @@ import anyio
 import asyncssh
 import pytest
 from reliability_helpers import (
+    FAST_RETRY,
+    assert_mirrored,
     cli_child_command,
     ignores_sigint,
+    make_files,
     sync_argv,
+    sync_in_process,
     with_sigint,
 )
 
 from async_embed_sync.cli import main
 from async_embed_sync.config import load_config
 from async_embed_sync.layout import DownloadLayout
-from async_embed_sync.progress import PlainProgress, QuietProgress, format_bytes
+from async_embed_sync.progress import PlainProgress, format_bytes
 from async_embed_sync.transfer.download import CHECKPOINT_BYTES
 from async_embed_sync.transfer.remote import READ_AHEAD_BYTES
 from async_embed_sync.transfer.sync import SyncOptions, sync_clusters
@@ -31,21 +34,6 @@ from async_embed_sync.transfer.sync import SyncOptions, sync_clusters
 pytestmark = pytest.mark.anyio
 
 MiB = 1024 * 1024
-FAST_RETRY = dict(backoff=0.02, max_backoff=0.1, timeout=10.0)
-
-
-def _make_remote(root: Path, sizes: dict[str, int]) -> Path:
-    directory = root / "ckpt"
-    directory.mkdir(parents=True)
-    for name, size in sizes.items():
-        (directory / name).write_bytes(os.urandom(size))
-    return directory
-
-
-async def _sync(config: Path, download_dir: Path, **options):
-    clusters = load_config(config).select(None)
-    return await sync_clusters(clusters, str(download_dir), QuietProgress(),
-                               SyncOptions(**{**FAST_RETRY, **options}))
 
 
 async def _cli_sync_child(config: Path, download_dir: Path, stderr, sigint_ignored: bool = False,
@@ -76,22 +64,17 @@ async def _interrupted_when_stalled(proxy, run) -> None:
     proxy.resume()
 
 
-def _same(remote_dir: Path, local_dir: Path, names) -> None:
-    for name in names:
-        assert (local_dir / name).read_bytes() == (remote_dir / name).read_bytes(), name
-
-
 async def test_drops_mid_file_resume_from_the_verified_offset(tmp_path, embedded_server, link_proxy,
                                                               write_config):
     size = 48 * MiB
-    remote = _make_remote(tmp_path / "srv", {"big.pkl": size})
+    remote = make_files(tmp_path / "srv" / "ckpt", {"big.pkl": size})
     async with embedded_server(tmp_path / "srv") as server, \
             link_proxy(server, cut_after=[14 * MiB, 33 * MiB]) as proxy:
         config = write_config(tmp_path, {"tensor01": server.cluster_entry("/ckpt", port=proxy.port)})
-        report = await _sync(config, tmp_path / "dl", max_parallel=1)
+        report = await sync_in_process(config, tmp_path / "dl", max_parallel=1)
     assert report.ok, report.clusters["tensor01"].errors
     assert proxy.cuts == 2 and report.clusters["tensor01"].reconnects == 2
-    _same(remote, tmp_path / "dl" / "tensor01", ["big.pkl"])
+    assert_mirrored(remote, tmp_path / "dl" / "tensor01", ["big.pkl"])
     # A restart from 0 would have cost 14 + 33 MiB more; resuming costs at
     # most the read-ahead lost in flight at each drop (plus SSH framing).
     resent = proxy.bytes_to_client - size
@@ -100,7 +83,7 @@ async def test_drops_mid_file_resume_from_the_verified_offset(tmp_path, embedded
 
 async def test_a_drop_is_said_once_per_cluster_not_per_file_in_flight(tmp_path, embedded_server, link_proxy,
                                                                       write_config):
-    remote = _make_remote(tmp_path / "srv", {f"part{i}.pkl": 6 * MiB for i in range(4)})
+    remote = make_files(tmp_path / "srv" / "ckpt", {f"part{i}.pkl": 6 * MiB for i in range(4)})
     lines = io.StringIO()
     async with embedded_server(tmp_path / "srv") as server, link_proxy(server, cut_after=9 * MiB) as proxy:
         config = write_config(tmp_path, {"tensor01": server.cluster_entry("/ckpt", port=proxy.port)})
@@ -108,7 +91,7 @@ async def test_a_drop_is_said_once_per_cluster_not_per_file_in_flight(tmp_path, 
                                      PlainProgress(lines, interval=3600),
                                      SyncOptions(**{**FAST_RETRY, "max_parallel": 4}))
     assert report.ok and proxy.cuts == 1
-    _same(remote, tmp_path / "dl" / "tensor01", [f"part{i}.pkl" for i in range(4)])
+    assert_mirrored(remote, tmp_path / "dl" / "tensor01", [f"part{i}.pkl" for i in range(4)])
     text = lines.getvalue()
     assert text.count("tensor01: connection lost; reconnecting.") == 1, text
     assert text.count("tensor01: reconnected; the files in flight resume at their verified offsets.") == 1, text
@@ -126,7 +109,7 @@ async def test_a_link_that_drops_on_every_reconnect_is_said_to_be_the_link_not_t
     With several files in flight the link is given up once, for all."""
     size = 8 * MiB
     names = ["big.npy"] if files == 1 else [f"part{i}.npy" for i in range(files)]
-    remote = _make_remote(tmp_path / "srv", dict.fromkeys(names, size))
+    remote = make_files(tmp_path / "srv" / "ckpt", dict.fromkeys(names, size))
     cuts = [2 * MiB + 3000 * i for i in range(200)]  # after 2 MiB, then every 3,000 bytes
     async with embedded_server(tmp_path / "srv") as server, link_proxy(server, cut_after=cuts) as proxy:
         config = write_config(tmp_path, {"tensor01": server.cluster_entry("/ckpt", port=proxy.port)})
@@ -167,14 +150,14 @@ async def test_a_link_that_drops_on_every_reconnect_is_said_to_be_the_link_not_t
                                 "stopped."), closing  # bytes were kept: they are said to be
         # And so it does, fetching only the rest.
         direct = write_config(tmp_path, {"tensor01": server.cluster_entry("/ckpt")})
-        report = await _sync(direct, tmp_path / "dl")
+        report = await sync_in_process(direct, tmp_path / "dl")
     assert report.ok and report.transferred == files * size - sum(kept.values())
-    _same(remote, tmp_path / "dl" / "tensor01", names)
+    assert_mirrored(remote, tmp_path / "dl" / "tensor01", names)
 
 
 async def test_killed_process_resumes(tmp_path, embedded_server, link_proxy, write_config):
     size = 40 * MiB
-    remote = _make_remote(tmp_path / "srv", {"big.pkl": size})
+    remote = make_files(tmp_path / "srv" / "ckpt", {"big.pkl": size})
     kill_at = 25 * MiB
     async with embedded_server(tmp_path / "srv") as server, \
             link_proxy(server, stall_after=kill_at) as proxy:
@@ -185,10 +168,10 @@ async def test_killed_process_resumes(tmp_path, embedded_server, link_proxy, wri
         await child.wait()
         proxy.resume()
         before = proxy.bytes_to_client
-        report = await _sync(config, tmp_path / "dl")
+        report = await sync_in_process(config, tmp_path / "dl")
     assert report.ok
     assert report.clusters["tensor01"].resumed == 1
-    _same(remote, tmp_path / "dl" / "tensor01", ["big.pkl"])
+    assert_mirrored(remote, tmp_path / "dl" / "tensor01", ["big.pkl"])
     # Only what the killed run had not yet made durable (at most one
     # checkpoint interval, plus what was in flight) comes again.
     assert proxy.bytes_to_client - before < size - kill_at + CHECKPOINT_BYTES + READ_AHEAD_BYTES
@@ -197,12 +180,12 @@ async def test_killed_process_resumes(tmp_path, embedded_server, link_proxy, wri
 async def test_corrupted_partial_is_detected_and_healed(tmp_path, embedded_server, link_proxy,
                                                         write_config):
     size = 24 * MiB
-    remote = _make_remote(tmp_path / "srv", {"a.pkl": size})
+    remote = make_files(tmp_path / "srv" / "ckpt", {"a.pkl": size})
     layout = DownloadLayout(tmp_path / "dl")
     async with embedded_server(tmp_path / "srv") as server, \
             link_proxy(server, stall_after=18 * MiB) as proxy:
         config = write_config(tmp_path, {"tensor01": server.cluster_entry("/ckpt", port=proxy.port)})
-        await _interrupted_when_stalled(proxy, _sync(config, tmp_path / "dl"))
+        await _interrupted_when_stalled(proxy, sync_in_process(config, tmp_path / "dl"))
         state = layout.load_state("tensor01", "a.pkl")
         assert state.verified_offset >= 8 * MiB and not state.complete
         # Flip one byte inside the verified prefix, as a disk error would.
@@ -211,24 +194,24 @@ async def test_corrupted_partial_is_detected_and_healed(tmp_path, embedded_serve
             byte = partial.read(1)
             partial.seek(5 * MiB)
             partial.write(bytes([byte[0] ^ 0xFF]))
-        healed = await _sync(config, tmp_path / "dl")
+        healed = await sync_in_process(config, tmp_path / "dl")
     assert healed.ok
     assert healed.clusters["tensor01"].resumed == 0  # the damaged prefix was not trusted
-    _same(remote, tmp_path / "dl" / "tensor01", ["a.pkl"])
+    assert_mirrored(remote, tmp_path / "dl" / "tensor01", ["a.pkl"])
 
 
 async def test_interrupted_run_resumes_where_it_stopped(tmp_path, embedded_server, link_proxy,
                                                         write_config):
-    remote = _make_remote(tmp_path / "srv", {"a.pkl": 24 * MiB})
+    remote = make_files(tmp_path / "srv" / "ckpt", {"a.pkl": 24 * MiB})
     async with embedded_server(tmp_path / "srv") as server, \
             link_proxy(server, stall_after=18 * MiB) as proxy:
         config = write_config(tmp_path, {"tensor01": server.cluster_entry("/ckpt", port=proxy.port)})
-        await _interrupted_when_stalled(proxy, _sync(config, tmp_path / "dl"))
+        await _interrupted_when_stalled(proxy, sync_in_process(config, tmp_path / "dl"))
         verified = DownloadLayout(tmp_path / "dl").load_state("tensor01", "a.pkl").verified_offset
-        second = await _sync(config, tmp_path / "dl")
+        second = await sync_in_process(config, tmp_path / "dl")
     assert second.ok and second.clusters["tensor01"].resumed == 1
     assert second.transferred == 24 * MiB - verified
-    _same(remote, tmp_path / "dl" / "tensor01", ["a.pkl"])
+    assert_mirrored(remote, tmp_path / "dl" / "tensor01", ["a.pkl"])
 
 
 class FailOnceAtOffset(asyncssh.SFTPServer):
@@ -245,13 +228,13 @@ class FailOnceAtOffset(asyncssh.SFTPServer):
 
 
 async def test_server_read_failure_is_retried(tmp_path, embedded_server, write_config):
-    remote = _make_remote(tmp_path / "srv", {"a.pkl": 8 * MiB, "b.npy": 2 * MiB})
+    remote = make_files(tmp_path / "srv" / "ckpt", {"a.pkl": 8 * MiB, "b.npy": 2 * MiB})
     async with embedded_server(tmp_path / "srv", sftp_factory=FailOnceAtOffset) as server:
         config = write_config(tmp_path, {"tensor01": server.cluster_entry("/ckpt")})
-        report = await _sync(config, tmp_path / "dl")
+        report = await sync_in_process(config, tmp_path / "dl")
     assert FailOnceAtOffset.failed
     assert report.ok
-    _same(remote, tmp_path / "dl" / "tensor01", ["a.pkl", "b.npy"])
+    assert_mirrored(remote, tmp_path / "dl" / "tensor01", ["a.pkl", "b.npy"])
 
 
 class ConnectionLostOnce(asyncssh.SFTPServer):
@@ -270,7 +253,7 @@ class ConnectionLostOnce(asyncssh.SFTPServer):
 async def test_a_lost_connection_under_one_file_is_retried_without_a_per_file_line(
         tmp_path, embedded_server, write_config):
     """A drop is the link's to say, once; a file's late "connection lost" is part of it, not a failure."""
-    remote = _make_remote(tmp_path / "srv", {"a.pkl": 4 * MiB})
+    remote = make_files(tmp_path / "srv" / "ckpt", {"a.pkl": 4 * MiB})
     lines = io.StringIO()
     async with embedded_server(tmp_path / "srv", sftp_factory=ConnectionLostOnce) as server:
         config = write_config(tmp_path, {"tensor01": server.cluster_entry("/ckpt")})
@@ -278,23 +261,23 @@ async def test_a_lost_connection_under_one_file_is_retried_without_a_per_file_li
                                      PlainProgress(lines, interval=3600), SyncOptions(**FAST_RETRY))
     assert ConnectionLostOnce.lost and report.ok
     assert "(retrying)" not in lines.getvalue() and "failed" not in lines.getvalue(), lines.getvalue()
-    _same(remote, tmp_path / "dl" / "tensor01", ["a.pkl"])
+    assert_mirrored(remote, tmp_path / "dl" / "tensor01", ["a.pkl"])
 
 
 async def test_without_a_shell_files_are_verified_by_size(tmp_path, embedded_server, write_config):
-    remote = _make_remote(tmp_path / "srv", {"a.pkl": 3 * MiB})
+    remote = make_files(tmp_path / "srv" / "ckpt", {"a.pkl": 3 * MiB})
     async with embedded_server(tmp_path / "srv", allow_exec=False) as server:
         config = write_config(tmp_path, {"tensor01": server.cluster_entry("/ckpt")})
-        report = await _sync(config, tmp_path / "dl")
+        report = await sync_in_process(config, tmp_path / "dl")
     assert report.ok and report.clusters["tensor01"].verified_by == {"size"}
-    _same(remote, tmp_path / "dl" / "tensor01", ["a.pkl"])
+    assert_mirrored(remote, tmp_path / "dl" / "tensor01", ["a.pkl"])
 
 
 async def test_with_a_shell_files_are_verified_by_sha256(tmp_path, embedded_server, write_config):
-    _make_remote(tmp_path / "srv", {"a.pkl": 1 * MiB})
+    make_files(tmp_path / "srv" / "ckpt", {"a.pkl": 1 * MiB})
     async with embedded_server(tmp_path / "srv") as server:
         config = write_config(tmp_path, {"tensor01": server.cluster_entry("/ckpt")})
-        report = await _sync(config, tmp_path / "dl")
+        report = await sync_in_process(config, tmp_path / "dl")
     assert report.clusters["tensor01"].verified_by == {"sha256"}
     assert any("sha256sum" in (command or "") for command in server.exec_commands)
 
@@ -302,27 +285,27 @@ async def test_with_a_shell_files_are_verified_by_sha256(tmp_path, embedded_serv
 async def test_remote_hashes_are_batched_and_every_file_verified(tmp_path, embedded_server,
                                                                   write_config):
     names = {f"part{i:02d}.pkl": 200_000 + i for i in range(12)}
-    remote = _make_remote(tmp_path / "srv", names)
+    remote = make_files(tmp_path / "srv" / "ckpt", names)
     async with embedded_server(tmp_path / "srv") as server:
         config = write_config(tmp_path, {"tensor01": server.cluster_entry("/ckpt")})
-        report = await _sync(config, tmp_path / "dl", max_parallel=12)
+        report = await sync_in_process(config, tmp_path / "dl", max_parallel=12)
     assert report.ok and report.clusters["tensor01"].verified_by == {"sha256"}
     hashes = [c for c in server.exec_commands if c and c.startswith("sha256sum")]
     assert sum(c.count(".pkl") for c in hashes) == 12
     assert len(hashes) < 12  # several files per sha256sum call
-    _same(remote, tmp_path / "dl" / "tensor01", names)
+    assert_mirrored(remote, tmp_path / "dl" / "tensor01", names)
 
 
 async def test_wrong_host_key_refused_before_any_file_is_written(tmp_path, embedded_server,
                                                                  write_config):
-    _make_remote(tmp_path / "srv", {"a.pkl": MiB})
+    make_files(tmp_path / "srv" / "ckpt", {"a.pkl": MiB})
     impostor = tmp_path / "known_hosts_impostor"
     async with embedded_server(tmp_path / "srv") as server:
         other = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode()
         impostor.write_text(f"[127.0.0.1]:{server.port} {other}")
         config = write_config(tmp_path, {"tensor01": server.cluster_entry(
             "/ckpt", known_hosts=str(impostor))})
-        report = await _sync(config, tmp_path / "dl")
+        report = await sync_in_process(config, tmp_path / "dl")
     assert not report.ok
     assert "does not match" in report.clusters["tensor01"].errors[0]
     assert not (tmp_path / "dl" / "tensor01").exists()
@@ -345,20 +328,20 @@ class HostileListing(asyncssh.SFTPServer):
 
 
 async def test_hostile_remote_names_are_refused(tmp_path, embedded_server, write_config):
-    remote = _make_remote(tmp_path / "srv", {"good.pkl": MiB})
+    remote = make_files(tmp_path / "srv" / "ckpt", {"good.pkl": MiB})
     async with embedded_server(tmp_path / "srv", sftp_factory=HostileListing) as server:
         config = write_config(tmp_path, {"tensor01": server.cluster_entry("/ckpt")})
-        report = await _sync(config, tmp_path / "dl")
+        report = await sync_in_process(config, tmp_path / "dl")
     errors = report.clusters["tensor01"].errors
     assert len(errors) == len(HOSTILE_NAMES) and all("refused" in e for e in errors)
-    _same(remote, tmp_path / "dl" / "tensor01", ["good.pkl"])
+    assert_mirrored(remote, tmp_path / "dl" / "tensor01", ["good.pkl"])
     written = {p.name for p in tmp_path.rglob("*") if p.is_file()}
     assert not {"escape.pkl", "abs.pkl", "dir.pkl"} & written
 
 
 async def test_stalled_link_is_noticed_and_the_sync_finishes(tmp_path, embedded_server, link_proxy,
                                                              write_config):
-    remote = _make_remote(tmp_path / "srv", {"a.pkl": 12 * MiB})
+    remote = make_files(tmp_path / "srv" / "ckpt", {"a.pkl": 12 * MiB})
     async with embedded_server(tmp_path / "srv") as server, \
             link_proxy(server, stall_after=5 * MiB) as proxy:
         config = write_config(tmp_path, {"tensor01": server.cluster_entry("/ckpt", port=proxy.port)})
@@ -374,10 +357,10 @@ async def test_stalled_link_is_noticed_and_the_sync_finishes(tmp_path, embedded_
                 await asyncio.sleep(0.05)
 
         watcher = asyncio.create_task(resume_when_the_client_reconnects())
-        report = await asyncio.wait_for(_sync(config, tmp_path / "dl", timeout=2.0), 30)
+        report = await asyncio.wait_for(sync_in_process(config, tmp_path / "dl", timeout=2.0), 30)
         await watcher
     assert report.ok and report.clusters["tensor01"].reconnects >= 1
-    _same(remote, tmp_path / "dl" / "tensor01", ["a.pkl"])
+    assert_mirrored(remote, tmp_path / "dl" / "tensor01", ["a.pkl"])
 
 
 @pytest.mark.parametrize(("stop", "sigint_ignored", "code", "line"), [
@@ -388,7 +371,7 @@ async def test_stalled_link_is_noticed_and_the_sync_finishes(tmp_path, embedded_
 ], ids=["sigterm", "sigterm-with-sigint-ignored", "ctrl-c"])
 async def test_sigterm_or_ctrl_c_stops_the_sync_and_keeps_what_arrived(
         tmp_path, embedded_server, link_proxy, write_config, stop, sigint_ignored, code, line):
-    remote = _make_remote(tmp_path / "srv", {"big.pkl": 24 * MiB})
+    remote = make_files(tmp_path / "srv" / "ckpt", {"big.pkl": 24 * MiB})
     async with embedded_server(tmp_path / "srv") as server, \
             link_proxy(server, stall_after=13 * MiB) as proxy:
         config = write_config(tmp_path, {"tensor01": server.cluster_entry("/ckpt", port=proxy.port)})
@@ -405,10 +388,10 @@ async def test_sigterm_or_ctrl_c_stops_the_sync_and_keeps_what_arrived(
         kept = state.verified_offset if state is not None else 0
         assert kept > 0, "nothing was kept"
         proxy.resume()
-        report = await _sync(config, tmp_path / "dl")
+        report = await sync_in_process(config, tmp_path / "dl")
     assert report.ok and report.clusters["tensor01"].resumed == 1
     assert report.transferred == 24 * MiB - kept  # only the rest came again
-    _same(remote, tmp_path / "dl" / "tensor01", ["big.pkl"])
+    assert_mirrored(remote, tmp_path / "dl" / "tensor01", ["big.pkl"])
 
 
 # A disk slower than the link: 50 ms a block (256 KiB), 5 MiB/s per file.
@@ -440,7 +423,7 @@ async def test_a_stop_ends_the_transfers_in_flight_within_half_a_second(
     rate = 48 * MiB if bottleneck == "disk" else 8 * MiB  # bytes/s, shared by the files
     # Signalled once the read-ahead of every file is (nearly) there, or after ~0.5 s of a slow link.
     signal_at = 28 * MiB if bottleneck == "disk" else 4 * MiB
-    remote = _make_remote(tmp_path / "srv", dict.fromkeys(names, size))
+    remote = make_files(tmp_path / "srv" / "ckpt", dict.fromkeys(names, size))
     async with embedded_server(tmp_path / "srv") as server, link_proxy(server, rate=rate) as proxy:
         config = write_config(tmp_path, {"tensor01": server.cluster_entry("/ckpt", port=proxy.port)})
         child = await _cli_sync_child(config, tmp_path / "dl", stderr=asyncio.subprocess.PIPE,
@@ -470,7 +453,7 @@ async def test_a_stop_ends_the_transfers_in_flight_within_half_a_second(
         assert 0 < kept < len(names) * size
         # The rerun, straight to the server (no rate limit), fetches only the rest.
         direct = write_config(tmp_path, {"tensor01": server.cluster_entry("/ckpt")})
-        report = await _sync(direct, tmp_path / "dl")
+        report = await sync_in_process(direct, tmp_path / "dl")
     assert report.ok, report.clusters["tensor01"].errors
     assert report.transferred == len(names) * size - kept
-    _same(remote, tmp_path / "dl" / "tensor01", names)
+    assert_mirrored(remote, tmp_path / "dl" / "tensor01", names)
