@@ -163,5 +163,8 @@ async def test_closing_the_server_ends_the_commands_it_is_still_answering(
             answering = [task for task in asyncio.all_tasks() if "_run_command" in repr(task.get_coro())]
             assert answering == [], answering
     finally:
-        # Lets the hashing thread finish: it reads the end of the pipe.
-        await anyio.to_thread.run_sync(lambda: open(fifo, "wb").close())
+        # Let the hashing thread finish, whether or not it has opened the pipe yet; never block here
+        # (a plain open for writing waits for a reader, forever if the hash was cancelled before it began).
+        writer = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)  # on Linux a FIFO opened so never waits
+        os.unlink(fifo)  # a hash that starts later finds no file instead of waiting on the pipe
+        os.close(writer)  # a hash waiting on the pipe reads its end
