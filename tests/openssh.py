@@ -1,7 +1,6 @@
 """The real OpenSSH sshd on loopback, for the tests and the benchmarks.
 
-Runs as root without systemd (see shared/field-notes.md, "Emulating the
-network on one machine"): keys come from ``ssh-keygen``, the config lives in
+Runs as root without systemd: keys come from ``ssh-keygen``, the config lives in
 ``workdir``, and ``sshd -D -e`` stays in the foreground so that it is ours to
 stop. Its log goes to ``workdir/sshd.log``.
 

@@ -4,7 +4,7 @@ Shared by the tests, the demo and the benchmarks. A run of ``rows`` items is
 split into contiguous pieces, one per GPU, across clusters; each piece may be
 written as several files, as the legacy pickle (``.pkl``) or the
 memory-mappable form (``.npy`` + ``.json`` + ``.jsonl``), or a mix of both
-(see ``/work/shared/checkpoint-format.md``).
+(see ``docs/CHECKPOINT-FORMAT.md``).
 
 Every row is a pure function of ``(seed, global index)``: the same run split
 differently, or written in another format, merges to the same result. Files

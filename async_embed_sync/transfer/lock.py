@@ -1,7 +1,8 @@
 """One writer per download directory.
 
 ``flock`` alone is not enough: on Lustre, GPFS and some NFS mounts it
-"succeeds" for every process (field notes). So the lock is two things: an
+"succeeds" for every process, silently (huggingface_hub gave up
+cross-process resume of a shared partial file for that reason). So the lock is two things: an
 ``flock`` on ``.async_embed_sync/lock``, and inside that file the owner's
 host name and pid. A second run that gets the flock still refuses when the
 recorded owner is a live process on this host, or any process on another
