@@ -39,7 +39,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 
 from ..errors import CheckpointError, LocalFileError, OutputError
-from .checkpoints import parse_jsonl_span
+from .jsonl_index import parse_jsonl_span
 
 # How long a worker is given to end, after its pipe is closed or after SIGTERM.
 _STOP_SECONDS = 5.0
