@@ -199,9 +199,8 @@ def restricted_load_mapped(path: Path, mode: str = "r", threshold: int = MAPPED_
     Reading an array's bytes costs a copy into fresh memory (most of the
     time of loading a checkpoint); a map costs neither. ``mode`` is that of
     :class:`numpy.memmap` ("r": read-only, "c": copy-on-write). A payload of
-    ``threshold`` bytes or more is
-    left unread; if one is not the embeddings', its bytes are missing, and
-    the file is read again, whole.
+    ``threshold`` bytes or more is left unread; if one is not the
+    embeddings', its bytes are missing, and the file is read again, whole.
     """
     readers: list[_PayloadSkippingReader] = []
 
