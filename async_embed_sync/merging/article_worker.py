@@ -80,6 +80,11 @@ class ArticleWorker:
                 raise OutputError("articles", f"the worker process that writes them cannot start ({exc}).") from exc
         self._finished = False
 
+    @property
+    def process(self) -> subprocess.Popen:
+        """The worker process, for whoever watches it from outside (its pid, its exit status)."""
+        return self._process
+
     def write_parquet(self, path: Path, group_rows: int) -> None:
         """Write the rows of every span submitted from now on to a new parquet file at ``path``."""
         self._connection.send(("parquet", path, group_rows))
