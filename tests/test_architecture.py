@@ -86,3 +86,15 @@ def test_one_client_module_imports_asyncssh():
 
 def test_errors_import_nothing_of_ours_but_the_host_names():
     assert IMPORTS["errors"] == {"known_hosts"}
+
+
+# The checkpoint readers: what merging/merge.py and output.py stand on.
+READERS = {f"merging.{name}" for name in ("checkpoints", "safe_pickle", "jsonl_index", "row_blocks", "rows", "digest")}
+
+
+def test_the_checkpoint_readers_import_only_the_base_and_each_other():
+    assert READERS <= IMPORTS.keys()
+    wrong = {module: sorted(target for target in IMPORTS[module] if _room(target) != "base" and target not in READERS)
+             for module in READERS}
+    assert not {module: targets for module, targets in wrong.items() if targets}
+    assert IMPORTS["merging.safe_pickle"] == {"errors"}

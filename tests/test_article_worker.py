@@ -81,15 +81,15 @@ def test_rows_that_do_not_fit_the_parquet_columns_are_refused_by_name(tmp_path: 
 
 def test_a_worker_that_died_is_an_error_not_a_hang(tmp_path: Path) -> None:
     with ArticleWorker() as worker:
-        os.kill(worker._process.pid, signal.SIGKILL)
-        worker._process.wait()
+        os.kill(worker.process.pid, signal.SIGKILL)
+        worker.process.wait()
         with pytest.raises(OutputError, match="articles: the worker process that writes them ended unexpectedly"):
             worker.finish()
 
 
 def test_leaving_early_stops_the_worker(tmp_path: Path) -> None:
     with ArticleWorker() as worker:
-        process = worker._process
+        process = worker.process
     # Stopped and reaped, not left running or as a zombie.
     assert process.returncode == -signal.SIGTERM
 
@@ -98,7 +98,7 @@ def test_the_worker_inherits_no_descriptor_but_its_pipe(tmp_path: Path) -> None:
     """Started afresh, not forked: a file, socket or pipe open here stays here."""
     held = tmp_path / "held-open"
     with open(held, "wb"), ArticleWorker() as worker:
-        pid = worker._process.pid
+        pid = worker.process.pid
         targets = []
         for fd in os.listdir(f"/proc/{pid}/fd"):
             if int(fd) > 2:  # past stdin, stdout and stderr

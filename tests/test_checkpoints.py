@@ -10,12 +10,9 @@ from merge_fixtures import DIM, write_evil_pickle
 
 from async_embed_sync.errors import CheckpointError, UnsafePickleError
 from async_embed_sync.fileio import file_sha256
-from async_embed_sync.merging.checkpoints import (
-    find_checkpoints,
-    open_checkpoint,
-    parse_jsonl_span,
-    restricted_load,
-)
+from async_embed_sync.merging.checkpoints import find_checkpoints, open_checkpoint
+from async_embed_sync.merging.jsonl_index import parse_jsonl_span
+from async_embed_sync.merging.safe_pickle import restricted_load
 from async_embed_sync.testing.synthetic import (
     make_rows,
     make_vectors,
@@ -321,18 +318,15 @@ def _bases(array: np.ndarray) -> list[object]:
 # Payloads under about 128 KiB come within the unpickler's read-ahead (or a
 # protocol-4 frame) and are never skipped: these arrays are larger.
 _MAPPED_ROWS = 4000
+# A threshold far below the default, so that the test files stay small.
+_MAPPED_BYTES = 4096
 
 
 @pytest.mark.parametrize("protocol", [2, 3, 4, 5])
-def test_legacy_embeddings_are_mapped_from_the_file_not_read(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, protocol: int
-) -> None:
-    import async_embed_sync.merging.checkpoints as checkpoints
-
-    monkeypatch.setattr(checkpoints, "MAPPED_PAYLOAD_BYTES", 4096)
+def test_legacy_embeddings_are_mapped_from_the_file_not_read(tmp_path: Path, protocol: int) -> None:
     path = _write(tmp_path / "c" / "ckpt", "pkl", end=10 + _MAPPED_ROWS, protocol=protocol)
 
-    embeddings = open_checkpoint(path).embeddings
+    embeddings = open_checkpoint(path, mapped_payload_bytes=_MAPPED_BYTES).embeddings
 
     assert np.array_equal(embeddings, _rows(10, 10 + _MAPPED_ROWS)[0])
     # Protocol 2 carries bytes as latin-1 text, which is read, never skipped.
@@ -342,33 +336,23 @@ def test_legacy_embeddings_are_mapped_from_the_file_not_read(
 
 
 @pytest.mark.parametrize("rows", [_MAPPED_ROWS, 30])
-def test_a_large_payload_that_is_not_the_embeddings_is_read_all_the_same(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rows: int
-) -> None:
-    import async_embed_sync.merging.checkpoints as checkpoints
-
-    monkeypatch.setattr(checkpoints, "MAPPED_PAYLOAD_BYTES", 4096)
+def test_a_large_payload_that_is_not_the_embeddings_is_read_all_the_same(tmp_path: Path, rows: int) -> None:
     embeddings, articles = _rows(10, 10 + rows)
     blob = bytes(range(256)) * 1024  # a bytes payload that is skipped, beside (or instead of) the array's
     articles[1]["blob"] = blob
     path = _write(tmp_path / "c" / "ckpt", "pkl", end=10 + rows, embeddings=embeddings, articles=articles)
 
-    checkpoint = open_checkpoint(path)
+    checkpoint = open_checkpoint(path, mapped_payload_bytes=_MAPPED_BYTES)
 
     assert checkpoint.articles[1]["blob"] == blob
     assert np.array_equal(checkpoint.embeddings, embeddings)
 
 
 @pytest.mark.parametrize("protocol", [4, 5])
-def test_a_pickle_truncated_inside_its_mapped_array_is_refused(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, protocol: int
-) -> None:
-    import async_embed_sync.merging.checkpoints as checkpoints
-
-    monkeypatch.setattr(checkpoints, "MAPPED_PAYLOAD_BYTES", 4096)
+def test_a_pickle_truncated_inside_its_mapped_array_is_refused(tmp_path: Path, protocol: int) -> None:
     path = _write(tmp_path / "c" / "ckpt", "pkl", end=10 + _MAPPED_ROWS, protocol=protocol)
     data = path.read_bytes()
     path.write_bytes(data[: data.index(_rows(10, 10 + _MAPPED_ROWS)[0].tobytes()) + 200_000])
 
     with pytest.raises(CheckpointError, match="truncated"):
-        open_checkpoint(path)
+        open_checkpoint(path, mapped_payload_bytes=_MAPPED_BYTES)

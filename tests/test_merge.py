@@ -519,24 +519,31 @@ def test_a_merge_after_a_killed_one_removes_its_staging(tmp_path: Path) -> None:
 @pytest.mark.parametrize("fmt", ["pkl", "mixed"])
 @pytest.mark.parametrize(("output_name", "articles_format"), _OUTPUT_FORMS)
 def test_each_legacy_checkpoint_is_unpickled_once_and_merged_exactly(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str, output_name: str, articles_format: str | None
+    tmp_path: Path, fmt: str, output_name: str, articles_format: str | None
 ) -> None:
-    from async_embed_sync.merging.checkpoints import RestrictedUnpickler
+    from async_embed_sync.merging.merge import select_checkpoints
 
-    paths = _run(tmp_path / "downloads", fmt)
-    loads: list[Path] = []
+    _run(tmp_path / "downloads", fmt)
+    read_order, _ = select_checkpoints(tmp_path / "downloads")
+    replaced: list[Path] = []
 
-    def counted_load(unpickler: RestrictedUnpickler) -> object:
-        loads.append(unpickler.source)
-        return pickle.Unpickler.load(unpickler)
+    def unreadable_once_read(done: int, total: int) -> None:
+        # Each legacy checkpoint stops being a pickle as soon as it has been read: a merge
+        # that unpickled one again would fail ("not a readable pickle"), or merge other rows.
+        path = read_order[done - 1]
+        if path.suffix == ".pkl":
+            path.with_name(".replacement").write_bytes(b"not a pickle")
+            path.with_name(".replacement").replace(path)  # a new file: a reader's open one is untouched
+            replaced.append(path)
 
-    monkeypatch.setattr(RestrictedUnpickler, "load", counted_load)
     embeddings, articles = expected_merge(ROWS, QUESTIONS)
 
-    merge_checkpoints(tmp_path / "downloads", tmp_path / "out" / output_name, articles_format=articles_format)
+    merge_checkpoints(
+        tmp_path / "downloads", tmp_path / "out" / output_name, articles_format=articles_format,
+        on_read=unreadable_once_read,
+    )
 
-    assert sorted(loads) == sorted(path for path in paths if path.suffix == ".pkl")
-    monkeypatch.undo()  # load() reads a .pkl output through the same unpickler
+    assert replaced == [path for path in read_order if path.suffix == ".pkl"] and replaced
     merged = load(tmp_path / "out" / output_name)
     assert np.array_equal(merged["embeddings"], embeddings) and merged["articles"] == articles
     assert entries(tmp_path / "out") == [output_name]  # no scratch file left, in the bundle or beside it

@@ -1,31 +1,15 @@
-"""Article rows parsed in a worker process beside the merge: checked, and written to ``articles.parquet``.
+"""A bundle's article lines parsed, and written to ``articles.parquet``, in one worker process beside the merge.
 
-A bundle's articles are never parsed by the merge process itself: its
-``articles.jsonl`` takes the lines of ``.jsonl`` checkpoints verbatim, and
-its ``articles.parquet`` needs them parsed and converted. Both are done
-here, in one worker process, for two reasons:
-
-- parsing JSON and building Arrow tables hold the GIL: on a thread they
-  would take turns with the merge's copy; in a process they run on the
-  other core;
-- what they allocate (pyarrow, its memory pool, a row group of dicts) stays
-  out of the merge process, whose resident size is then bounded by one block
-  of rows, whatever the output form.
-
-The worker is given file paths and byte spans, never the bytes: the
-messages stay small, and it reads the files itself. It reports the first
-problem when asked to :meth:`~ArticleWorker.finish`, and keeps reading (and
-ignoring) the tasks sent after it, so the parent never blocks on a full pipe.
-
-The worker is a fresh interpreter (spawned), not a fork: a fork of a
-process that runs threads (the merge's hashers, a host's event loops, a test
-runner's) copies every lock that some other thread held at that instant, and
-the child could wait on one forever; it would inherit the parent's signal
-handlers and buffers too. It inherits only its end of the pipe, and imports
-only this module and what it needs (numpy and orjson; pyarrow once it writes
-parquet). It is started as ``python -c``, not by multiprocessing's "spawn",
-which runs the caller's main script again in the child: a script that merges
-without an ``if __name__ == "__main__"`` guard would then fail.
+- The merge process never parses a bundle's JSON lines nor imports pyarrow:
+  parsing holds the GIL (here it runs on the other core), and what it
+  allocates stays out of the merge's resident size (one block of rows).
+- The worker is sent paths and byte spans, never bytes: it reads the files itself.
+- It reports the first problem at :meth:`ArticleWorker.finish`, and keeps
+  draining the tasks sent after it: the parent never blocks on a full pipe.
+- It is a fresh interpreter (``python -c``) that inherits only its end of the
+  pipe: a fork would copy locks that the parent's other threads held, and its
+  signal handlers; multiprocessing's "spawn" would run the caller's main
+  script again, failing a script without an ``if __name__ == "__main__"`` guard.
 """
 
 from __future__ import annotations
@@ -39,7 +23,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 
 from ..errors import CheckpointError, LocalFileError, OutputError
-from .checkpoints import parse_jsonl_span
+from .jsonl_index import parse_jsonl_span
 
 # How long a worker is given to end, after its pipe is closed or after SIGTERM.
 _STOP_SECONDS = 5.0
@@ -95,6 +79,11 @@ class ArticleWorker:
                 self._connection.close()
                 raise OutputError("articles", f"the worker process that writes them cannot start ({exc}).") from exc
         self._finished = False
+
+    @property
+    def process(self) -> subprocess.Popen:
+        """The worker process, for whoever watches it from outside (its pid, its exit status)."""
+        return self._process
 
     def write_parquet(self, path: Path, group_rows: int) -> None:
         """Write the rows of every span submitted from now on to a new parquet file at ``path``."""

@@ -1,0 +1,227 @@
+"""Unpickle untrusted bytes: nothing but numpy arrays, dtypes, scalars and plain containers is ever built.
+
+Every global a pickle names is looked up in one allow-list; any other is
+refused (:class:`UnsafePickleError`) before anything runs. Every failure
+names the file (:class:`CheckpointError`). A large array payload may be
+mapped from the file instead of read (:func:`restricted_load_mapped`).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import pickle
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from ..errors import CheckpointError, UnsafePickleError, os_error_problem
+
+# Whatever can go wrong inside an unpickler fed hostile or torn bytes, short of
+# our own refusals: a truncated stream, a bad opcode argument, a REDUCE whose
+# allowed callable rejects its arguments, an absurd allocation.
+_UNPICKLING_FAILURES = (
+    pickle.UnpicklingError,
+    EOFError,
+    ValueError,
+    TypeError,
+    AttributeError,
+    IndexError,
+    KeyError,
+    OverflowError,
+    UnicodeDecodeError,
+    MemoryError,
+)
+
+
+class _RefusedContent(pickle.UnpicklingError):
+    """An allowed constructor was asked for something we do not accept."""
+
+
+def _reconstruct(subtype: type, shape: tuple[int, ...], dtype_code: Any) -> np.ndarray:
+    # numpy's own ``_reconstruct`` would build any ndarray subclass named in
+    # the stream; only the base class is accepted.
+    if subtype is not np.ndarray:
+        raise _RefusedContent(f"an array of type {subtype!r}")
+    return np.ndarray.__new__(np.ndarray, shape, dtype_code)
+
+
+def _frombuffer(buffer: Any, dtype: np.dtype, shape: tuple[int, ...], order: str) -> np.ndarray:
+    if np.dtype(dtype).hasobject:
+        raise _RefusedContent("an object array")
+    return np.frombuffer(buffer, dtype=dtype).reshape(shape, order=order)
+
+
+# numpy's own scalar constructor, whichever module this numpy keeps it in.
+_numpy_scalar = np.int64(0).__reduce__()[0]
+
+
+def _scalar(dtype: np.dtype, data: bytes | None = None) -> Any:
+    # Only an object scalar's second argument is not its bytes.
+    if np.dtype(dtype).hasobject or not isinstance(data, bytes):
+        raise _RefusedContent("an object scalar")
+    return _numpy_scalar(dtype, data)
+
+
+def _empty_bytes(*arguments: Any) -> bytes:
+    # Protocol 2 writes b"" as a call to bytes() without arguments; bytes(n) would allocate n bytes.
+    if arguments:
+        raise _RefusedContent("bytes built from arguments")
+    return b""
+
+
+def _latin1_encode(text: str, encoding: str = "utf-8") -> bytes:
+    # Protocol 2 carries bytes as latin-1 text plus a call to _codecs.encode.
+    if encoding.lower().replace("-", "") != "latin1":
+        raise _RefusedContent(f"bytes in encoding {encoding!r}")
+    return text.encode("latin-1")
+
+
+def _numpy_names(name: str, value: Callable[..., Any], *modules: str) -> dict[tuple[str, str], Any]:
+    return {(module, name): value for module in modules}
+
+
+# numpy 2 pickles name ``numpy._core``; numpy 1.x pickles name ``numpy.core``.
+# Protocol 2 pickles written by Python 3 name builtins ``__builtin__``.
+_ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
+    **_numpy_names("_reconstruct", _reconstruct, "numpy._core.multiarray", "numpy.core.multiarray"),
+    **_numpy_names("scalar", _scalar, "numpy._core.multiarray", "numpy.core.multiarray"),
+    **_numpy_names("_frombuffer", _frombuffer, "numpy._core.numeric", "numpy.core.numeric"),
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): _latin1_encode,
+    **{(module, "bytes"): _empty_bytes for module in ("builtins", "__builtin__")},
+    ("datetime", "datetime"): datetime.datetime,
+    **{
+        (module, container.__name__): container
+        for module in ("builtins", "__builtin__")
+        for container in (list, dict, set, frozenset, bytearray)
+    },
+}
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Rebuilds numpy arrays and plain containers; refuses every other global."""
+
+    def __init__(self, stream: BinaryIO, source: Path):
+        super().__init__(stream)
+        self.source = source
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return _ALLOWED_GLOBALS[(module, name)]
+        except KeyError:
+            raise UnsafePickleError(str(self.source), f"{module}.{name}") from None
+
+
+def restricted_load(
+    path: Path, unpickler: Callable[[BinaryIO, Path], RestrictedUnpickler] = RestrictedUnpickler
+) -> Any:
+    """Unpickle ``path`` safely; :class:`CheckpointError` names the file on any failure.
+
+    ``unpickler`` builds the unpickler from the open file and its path: a
+    subclass of :class:`RestrictedUnpickler` may change how allowed objects
+    are rebuilt, never what is allowed.
+    """
+    try:
+        with open(path, "rb") as stream:
+            return unpickler(stream, path).load()
+    except UnsafePickleError:
+        raise
+    except _RefusedContent as exc:
+        raise CheckpointError(str(path), f"the pickle holds {exc}, which is refused.") from exc
+    except _UNPICKLING_FAILURES as exc:
+        raise CheckpointError(
+            str(path), f"not a readable pickle (truncated or corrupt: {exc!r})."
+        ) from exc
+    except OSError as exc:
+        raise CheckpointError(str(path), f"cannot be read: {os_error_problem(exc, path)}") from exc
+
+
+# A payload (the bytes of an array) at least this large is mapped from the file, not read.
+MAPPED_PAYLOAD_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class _SkippedPayload:
+    address: int  # where in memory the unpickler wanted the bytes
+    length: int
+    offset: int  # where they are in the file
+
+
+class _PayloadSkippingReader:
+    """A file for the unpickler that leaves large ``readinto`` requests unfilled, noting where they were.
+
+    The unpickler reads a large bytes or bytearray payload (an array's data)
+    with one ``readinto`` into a fresh buffer: left unfilled, the buffer's
+    pages are never touched, and cost neither memory nor a copy.
+    """
+
+    def __init__(self, stream: BinaryIO, threshold: int):
+        self._stream = stream
+        self._threshold = threshold
+        self.read = stream.read
+        self.readline = stream.readline
+        self.peek = getattr(stream, "peek", None) or (lambda size=0: b"")
+        self.skipped: list[_SkippedPayload] = []
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer)
+        if view.nbytes < self._threshold:
+            return self._stream.readinto(buffer)
+        position = self._stream.tell()
+        end = self._stream.seek(0, os.SEEK_END)
+        self._stream.seek(min(position + view.nbytes, end))
+        address = np.frombuffer(view, dtype=np.uint8).ctypes.data
+        self.skipped.append(_SkippedPayload(address, view.nbytes, position))
+        return min(view.nbytes, end - position)
+
+
+def _mapped(array: np.ndarray, payload: _SkippedPayload, path: Path, mode: str) -> np.ndarray | None:
+    """``array`` mapped from ``path`` if ``payload`` holds the end of its bytes, else None.
+
+    The unpickler may have buffered the first bytes of the payload already
+    (they were copied into the array): they precede the skipped ones in the file.
+    """
+    buffered = payload.address - array.ctypes.data
+    if not array.flags.c_contiguous or buffered < 0 or buffered + payload.length != array.nbytes:
+        return None
+    data = np.memmap(path, dtype=np.uint8, mode=mode, offset=payload.offset - buffered, shape=(array.nbytes,))
+    return np.frombuffer(data, dtype=array.dtype).reshape(array.shape)
+
+
+def restricted_load_mapped(path: Path, mode: str = "r", threshold: int = MAPPED_PAYLOAD_BYTES) -> Any:
+    """:func:`restricted_load` of a dict whose large ``embeddings`` array is mapped from the file, not read.
+
+    Reading an array's bytes costs a copy into fresh memory (most of the
+    time of loading a checkpoint); a map costs neither. ``mode`` is that of
+    :class:`numpy.memmap` ("r": read-only, "c": copy-on-write). A payload of
+    ``threshold`` bytes or more is left unread; if one is not the
+    embeddings', its bytes are missing, and the file is read again, whole.
+    """
+    readers: list[_PayloadSkippingReader] = []
+
+    def unpickler(stream: BinaryIO, source: Path) -> RestrictedUnpickler:
+        readers.append(_PayloadSkippingReader(stream, threshold))
+        return RestrictedUnpickler(readers[-1], source)  # type: ignore[arg-type]
+
+    document = restricted_load(path, unpickler)
+    skipped = readers[0].skipped
+    if not skipped:
+        return document
+    embeddings = document.get("embeddings") if isinstance(document, dict) else None
+    try:
+        mapped = (
+            _mapped(embeddings, skipped[0], path, mode)
+            if len(skipped) == 1 and isinstance(embeddings, np.ndarray)
+            else None
+        )
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(str(path), f"cannot be memory-mapped ({exc}).") from exc
+    if mapped is None:
+        return restricted_load(path)
+    document["embeddings"] = mapped
+    return document
