@@ -17,7 +17,7 @@ import socket
 import pytest
 
 from async_embed_sync.config import load_config
-from async_embed_sync.errors import ConnectError, TransferError
+from async_embed_sync.errors import ConfigError, ConnectError, TransferError
 from async_embed_sync.transfer.remote import ClusterRemote
 from async_embed_sync.transfer.ssh import translate_errors
 from async_embed_sync.transfer.target import resolve_target
@@ -93,3 +93,18 @@ async def test_a_name_that_never_resolves_is_named_at_connect(tmp_path, write_co
     assert ("name not known: no address found for tensor01.invalid" in message
             or "the name tensor01.invalid could not be looked up" in message), message
     assert "Errno" not in message and "gaierror" not in message, message
+
+
+async def test_a_default_key_that_is_no_key_is_said_before_connecting(tmp_path, write_config, monkeypatch):
+    """With no key configured, asyncssh loads ``~/.ssh/id_*`` itself, and lets
+    a file there that it cannot read as a key through as ``KeyImportError``
+    (the configured keys are loaded, and their problems told, by the login)."""
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    (home / ".ssh" / "id_ed25519").write_text(
+        "-----BEGIN OPENSSH PRIVATE KEY-----\nbm90IGEga2V5\n-----END OPENSSH PRIVATE KEY-----\n")
+    monkeypatch.setenv("HOME", str(home))
+    target = _target(tmp_path, write_config, host="tensor01.invalid")
+    with pytest.raises(ConfigError) as info:
+        await ClusterRemote.connect(target.cluster, timeout=10)
+    assert "cluster 'tensor01': the key" in str(info.value) and "cannot be used" in str(info.value), str(info.value)
