@@ -329,11 +329,11 @@ class HostKeyError(RemoteError):
                 f"the new key."
             )
         else:
-            offers = f"the server offers the {offered}; after" if offered else "after"
+            offers = f"The server offers the {offered}; after" if offered else "After"
             detail = (
                 f"the host key of {target} is not in {known_hosts}, so the "
                 f"server cannot be verified and nothing was downloaded. "
-                f"{offers[0].upper()}{offers[1:]} checking it with the cluster's admins, add it "
+                f"{offers} checking it with the cluster's admins, add it "
                 f"with: ssh-keyscan -p {port} {host} >> {known_hosts} (or, to "
                 f"trust a cluster's key on first use, set \"host_key_policy\": "
                 f"\"accept-new\" for it)."

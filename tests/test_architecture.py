@@ -81,7 +81,7 @@ def test_only_the_demo_imports_the_simulation():
 
 def test_one_client_module_imports_asyncssh():
     assert {module for module, targets in IMPORTS.items() if "asyncssh" in targets} == {
-        "transfer.remote", "testing.embedded_server"}  # the client, and the server the demo and tests run
+        "transfer.ssh", "testing.embedded_server"}  # the client, and the server the demo and tests run
 
 
 def test_errors_import_nothing_of_ours_but_the_host_names():

@@ -5,7 +5,7 @@ The real failures are met where they can be made on loopback (a closed port
 against the real sshd: ``test_sync_openssh.py::test_unreachable_host_fails_alone``;
 a name under ``.invalid``, which never resolves, here); the others, which
 need a network that misbehaves, are raised as the socket layer raises them
-into the one translation place, ``remote._translate_errors``.
+into the one translation place, ``ssh.translate_errors``.
 """
 
 from __future__ import annotations
@@ -17,12 +17,10 @@ import socket
 import pytest
 
 from async_embed_sync.config import load_config
-from async_embed_sync.errors import ConnectError, TransferError
-from async_embed_sync.transfer.remote import (
-    ClusterRemote,
-    _translate_errors,
-    resolve_target,
-)
+from async_embed_sync.errors import ConfigError, ConnectError, TransferError
+from async_embed_sync.transfer.remote import ClusterRemote
+from async_embed_sync.transfer.ssh import translate_errors
+from async_embed_sync.transfer.target import resolve_target
 
 pytestmark = pytest.mark.anyio
 
@@ -56,7 +54,7 @@ def _target(tmp_path, write_config, **entry):
         "timeout", "asyncio-timeout", "other-errno"])
 def test_a_failed_connect_says_why_in_plain_words(tmp_path, write_config, raised, words):
     target = _target(tmp_path, write_config)
-    with pytest.raises(ConnectError) as info, _translate_errors(target, connecting=True):
+    with pytest.raises(ConnectError) as info, translate_errors(target, connecting=True):
         raise raised
     message = str(info.value)
     assert message.startswith(f"Cluster 'tensor01': cannot connect to 10.1.2.3:2222 ({words}). Check the host "
@@ -67,7 +65,7 @@ def test_a_failed_connect_says_why_in_plain_words(tmp_path, write_config, raised
 
 def test_a_link_lost_mid_transfer_says_why_in_the_same_words(tmp_path, write_config):
     target = _target(tmp_path, write_config)
-    with pytest.raises(TransferError) as info, _translate_errors(target, name="a.pkl"):
+    with pytest.raises(TransferError) as info, translate_errors(target, name="a.pkl"):
         raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
     assert str(info.value) == "Cluster 'tensor01': transfer of a.pkl failed: connection lost (connection reset by " \
                               "the server)"
@@ -80,7 +78,7 @@ def test_a_link_lost_mid_transfer_says_why_in_the_same_words(tmp_path, write_con
 ])
 def test_a_host_name_that_does_not_resolve_is_named(tmp_path, write_config, code, words, transient):
     target = _target(tmp_path, write_config, host="tensor01.example.org")
-    with pytest.raises(ConnectError) as info, _translate_errors(target, connecting=True):
+    with pytest.raises(ConnectError) as info, translate_errors(target, connecting=True):
         raise socket.gaierror(code, "Name or service not known")
     assert f"cannot connect to tensor01.example.org:2222 ({words})." in str(info.value)
     assert info.value.rerun_fixes == transient
@@ -95,3 +93,18 @@ async def test_a_name_that_never_resolves_is_named_at_connect(tmp_path, write_co
     assert ("name not known: no address found for tensor01.invalid" in message
             or "the name tensor01.invalid could not be looked up" in message), message
     assert "Errno" not in message and "gaierror" not in message, message
+
+
+async def test_a_default_key_that_is_no_key_is_said_before_connecting(tmp_path, write_config, monkeypatch):
+    """With no key configured, asyncssh loads ``~/.ssh/id_*`` itself, and lets
+    a file there that it cannot read as a key through as ``KeyImportError``
+    (the configured keys are loaded, and their problems told, by the login)."""
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    (home / ".ssh" / "id_ed25519").write_text(
+        "-----BEGIN OPENSSH PRIVATE KEY-----\nbm90IGEga2V5\n-----END OPENSSH PRIVATE KEY-----\n")
+    monkeypatch.setenv("HOME", str(home))
+    target = _target(tmp_path, write_config, host="tensor01.invalid")
+    with pytest.raises(ConfigError) as info:
+        await ClusterRemote.connect(target.cluster, timeout=10)
+    assert "cluster 'tensor01': the key" in str(info.value) and "cannot be used" in str(info.value), str(info.value)

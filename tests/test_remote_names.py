@@ -3,7 +3,7 @@
 import pytest
 
 from async_embed_sync.errors import UnsafeRemoteNameError
-from async_embed_sync.transfer.remote import check_remote_name
+from async_embed_sync.transfer.files import check_remote_name
 
 
 @pytest.mark.parametrize("name", ["..", ".", "", "../x.pkl", "/etc/passwd", "a/b.pkl", "a\\b.pkl",

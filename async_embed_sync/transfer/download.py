@@ -13,7 +13,6 @@ the remote is renamed into ``<download-dir>/<cluster>/<name>``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -95,11 +94,8 @@ async def download_file(remote: ClusterRemote, layout: DownloadLayout, remote_fi
         with writing_partial:
             os.ftruncate(fd, position)
         try:
-            async with contextlib.aclosing(remote.read_in_order(name, position, remote_file.size)) as chunks:
-                async for chunk in chunks:
-                    if isinstance(chunk, RemoteFile):
-                        after = chunk
-                        continue
+            async with remote.read(name, position, remote_file.size) as read:
+                async for chunk in read.chunks():
                     # In a worker thread: pwrite and sha256 release the GIL,
                     # so they overlap with decrypting the next blocks. Shielded:
                     # the bytes, the hash and the position move together.
@@ -117,6 +113,7 @@ async def download_file(remote: ClusterRemote, layout: DownloadLayout, remote_fi
                     # already there), and anyio delivers a cancel at an unshielded
                     # suspension only: the file would be fetched to its end first.
                     await anyio.lowlevel.checkpoint_if_cancelled()
+            after = read.closing_stat or after
         finally:
             # Also after a drop: what arrived is kept, so that the retry asks
             # only for the rest.

@@ -6,26 +6,34 @@ streams a file from a byte offset, which is all a resume needs. Each runs
 on a channel of its own; at most ``channels`` at once, since OpenSSH allows
 10 per connection by default (MaxSessions).
 
-This module never imports asyncssh: it drives the connection it is given
-through ``create_process``, and ``remote.ClusterRemote`` maps asyncssh's
-errors around every call, as for SFTP.
+No asyncssh import: the module drives the connection it is given through
+``run`` and ``create_process``, and the facade (``remote.py``) translates
+asyncssh's errors around every call, as for SFTP.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shlex
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
+from ..config import ClusterConfig
 from ..errors import RemoteDirectoryError, TransferError
+from .files import FileRead, RemoteFile, remote_path
 
 READ_BLOCK = 256 * 1024
 DEFAULT_CHANNELS = 6
 
 
-class ShellAccess:
-    def __init__(self, connection: Any, cluster: str, channels: int = DEFAULT_CHANNELS):
+class ShellFiles:
+    """A cluster's ``remote_dir`` over exec channels (``FileAccess``)."""
+
+    method = "exec"
+    has_unsettled_reads = False  # a read's one channel is closed when the read ends
+
+    def __init__(self, connection: Any, cluster: ClusterConfig, channels: int = DEFAULT_CHANNELS):
         self._connection = connection
         self._cluster = cluster
         self._channels = asyncio.Semaphore(channels)
@@ -41,48 +49,68 @@ class ShellAccess:
         status, out, _ = await self._run("echo ok")
         return status == 0 and out.strip() == b"ok"
 
-    async def scan(self, remote_dir: str) -> AsyncIterator[tuple[str, int, int]]:
+    async def scan(self) -> AsyncIterator[tuple[str, int, int]]:
         """(name, size, mtime) of the regular files in ``remote_dir``
         (symlinks to regular files included, as SFTP's stat sees them)."""
+        remote_dir = self._cluster.remote_dir
         command = (f"find -L {shlex.quote(remote_dir)} -mindepth 1 -maxdepth 1 -type f "
                    f"-printf '%s %T@ %f\\0'")
         status, out, err = await self._run(command)
         if status != 0:
-            raise RemoteDirectoryError(self._cluster, remote_dir, err or f"find exited with {status}")
+            raise RemoteDirectoryError(self._cluster.name, remote_dir, err or f"find exited with {status}")
         for record in out.split(b"\0"):
             if not record:
                 continue
             size, mtime, name = record.split(b" ", 2)
             yield name.decode("utf-8", "surrogateescape"), int(size), int(float(mtime))
 
-    async def stat(self, path: str, name: str) -> tuple[int, int]:
-        status, out, err = await self._run(f"stat -L -c '%s %Y' -- {shlex.quote(path)}")
+    async def stat(self, name: str) -> RemoteFile:
+        status, out, err = await self._run(f"stat -L -c '%s %Y' -- {shlex.quote(remote_path(self._cluster, name))}")
         if status != 0:
-            raise TransferError(self._cluster, name, err or f"stat exited with {status}")
+            raise TransferError(self._cluster.name, name, err or f"stat exited with {status}")
         size, mtime = out.split()
-        return int(size), int(mtime)
+        return RemoteFile(name, int(size), int(mtime))
 
-    async def read(self, path: str, name: str, offset: int, end: int) -> AsyncIterator[bytes]:
-        """The bytes of ``[offset, end)`` in order; fewer if the file is shorter.
+    def read(self, name: str, offset: int, end: int) -> FileRead:
+        return _TailRead(self, name, offset, end)
 
-        ``tail`` streams to the end of the file and is cut off once ``end``
-        is reached (no ``| head``: a pipeline's status would hide tail's)."""
-        remaining = end - offset
+    async def settle(self) -> None:
+        pass
+
+    @contextlib.asynccontextmanager
+    async def _process(self, command: str) -> AsyncGenerator[Any, None]:
+        """A command's process on a channel of the pool, closed on the way out."""
         async with self._channels:
-            process = await self._connection.create_process(
-                f"tail -c +{offset + 1} -- {shlex.quote(path)}", encoding=None)
+            process = await self._connection.create_process(command, encoding=None)
             try:
-                while remaining > 0:
-                    chunk = await process.stdout.read(min(READ_BLOCK, remaining))
-                    if not chunk:
-                        break
-                    remaining -= len(chunk)
-                    yield chunk
-                if remaining > 0:  # the stream ended early: a short file, or a failure?
-                    completed = await process.wait()
-                    if completed.exit_status != 0:
-                        err = (completed.stderr or b"").decode("utf-8", "replace").strip()
-                        raise TransferError(self._cluster, name,
-                                            err or f"tail exited with {completed.exit_status}")
+                yield process
             finally:
                 process.close()
+
+
+class _TailRead(FileRead):
+    """``tail -c +N`` from ``offset``, cut off once ``end`` is reached (no
+    ``| head``: a pipeline's status would hide tail's); then the closing stat."""
+
+    def __init__(self, files: ShellFiles, name: str, offset: int, end: int):
+        super().__init__()
+        self._files, self._name, self._offset, self._end = files, name, offset, end
+
+    async def _read(self) -> AsyncGenerator[bytes, None]:
+        files, name = self._files, self._name
+        remaining = self._end - self._offset
+        command = f"tail -c +{self._offset + 1} -- {shlex.quote(remote_path(files._cluster, name))}"
+        async with files._process(command) as process:
+            while remaining > 0:
+                chunk = await process.stdout.read(min(READ_BLOCK, remaining))
+                if not chunk:
+                    break
+                remaining -= len(chunk)
+                yield chunk
+            if remaining > 0:  # the stream ended early: a short file, or a failure?
+                completed = await process.wait()
+                if completed.exit_status != 0:
+                    err = (completed.stderr or b"").decode("utf-8", "replace").strip()
+                    raise TransferError(files._cluster.name, name, err or f"tail exited with {completed.exit_status}")
+        if remaining == 0:
+            self.closing_stat = await files.stat(name)

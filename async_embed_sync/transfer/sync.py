@@ -16,7 +16,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -42,7 +42,13 @@ from ..termination import run_stoppable
 from .download import FileOutcome, download_file, is_up_to_date
 from .lock import DownloadDirLock
 from .prompts import Prompter
-from .remote import DEFAULT_SFTP_CHANNELS, DEFAULT_WINDOW, ClusterRemote, RemoteFile
+from .remote import (
+    DEFAULT_SFTP_CHANNELS,
+    DEFAULT_WINDOW,
+    ClusterRemote,
+    Remote,
+    RemoteFile,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +68,8 @@ class SyncOptions:
     sftp_channels: int = DEFAULT_SFTP_CHANNELS
     # Who answers password, passphrase and 2FA prompts; None: nobody.
     prompter: Prompter | None = None
+    # How a cluster's remote is made: over SSH, or (in tests) any other ``remote.Remote``.
+    connect: Callable[[ClusterConfig, SyncOptions], Awaitable[Remote]] = ClusterRemote.connect_with
 
     def delay(self, attempt: int) -> float:
         return min(self.backoff * 2 ** attempt, self.max_backoff)
@@ -383,11 +391,8 @@ class ClusterLink:
         """The connection dropped (it is re-established by the next ``get``)."""
         return self._remote is not None and self._remote.is_closed
 
-    async def _connect(self) -> ClusterRemote:
-        remote = await ClusterRemote.connect(self.cluster, timeout=self._options.timeout,
-                                             window=self._options.window,
-                                             sftp_channels=self._options.sftp_channels,
-                                             prompter=self._options.prompter)
+    async def _connect(self) -> Remote:
+        remote = await self._options.connect(self.cluster, self._options)
         self._report.method = remote.method
         logger.info("cluster %r: connected to %s:%d as %r; files over %s", self.cluster.name,
                     remote.target.hostname, remote.target.port, remote.target.username,

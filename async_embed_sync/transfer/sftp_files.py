@@ -1,0 +1,241 @@
+"""Files over SFTP: a pool of channels, the directory scan, stat, and pipelined reads.
+
+Each SFTP channel has its own receive window, and one window caps a channel
+at window / RTT, so the files in flight are spread over a few channels. A
+read keeps up to ``read_ahead`` bytes of block requests in flight and hands
+out only the contiguous prefix that has arrived. Requests a read gives up
+are never left unobserved: they are settled (waited for, briefly) or, after
+a stop, watched until they end or the connection closes.
+
+No asyncssh import: the module is given the connection and its SFTP
+clients, takes the few asyncssh names it needs from ``ssh.py``, and the
+facade (``remote.py``) translates the errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator
+from typing import Any
+
+import anyio
+
+from ..config import ClusterConfig
+from .files import FileRead, RemoteFile, remote_path
+from .ssh import CLOSE_TIMEOUT, FILE_TYPE_SYMLINK, REGULAR_FILE_TYPES
+
+# OpenSSH's default MaxSessions is 10 channels per connection: SFTP channels
+# plus exec channels for sha256sum must stay below it.
+DEFAULT_SFTP_CHANNELS = 4
+# OpenSSH's sftp-server advertises 261,120 bytes; asyncssh's own server 4 MiB.
+# Larger blocks gain nothing past ~256 KiB and cost memory per request.
+MAX_BLOCK_SIZE = 256 * 1024
+# Bytes requested ahead of the write position, per file: enough to fill a
+# 400 Mbit/s x 50 ms link (2.5 MB) with room to spare.
+READ_AHEAD_BYTES = 8 * 1024 * 1024
+# How long the reads still in flight when a file ends early or the link drops
+# may take to come back: on a live link, about one RTT. Reads given up by a
+# stop (Ctrl-C, SIGTERM) are not waited for: a slow link would keep
+# delivering their bytes.
+READ_SETTLE_TIMEOUT = 1.0
+
+
+class SftpFiles:
+    """A cluster's ``remote_dir`` over a pool of SFTP channels (``FileAccess``)."""
+
+    method = "sftp"
+
+    def __init__(self, connection: Any, channels: list[Any], cluster: ClusterConfig,
+                 read_ahead: int = READ_AHEAD_BYTES):
+        self._connection = connection
+        self._pool = channels
+        self._users = [0] * len(channels)
+        self._cluster = cluster
+        self._read_ahead = read_ahead
+        # Requests of reads given up (a drop, a stop): observed as they end, or at close.
+        self._unsettled: set[asyncio.Future] = set()
+
+    @classmethod
+    async def open(cls, connection: Any, cluster: ClusterConfig, channels: int = DEFAULT_SFTP_CHANNELS,
+                   read_ahead: int = READ_AHEAD_BYTES) -> SftpFiles:
+        """Open the pool at once, concurrently: opened one by one as files
+        start, each would cost the first files ~3 round trips."""
+        pool = await asyncio.gather(*(connection.start_sftp_client() for _ in range(channels)))
+        return cls(connection, list(pool), cluster, read_ahead)
+
+    @property
+    def answers_in_order(self) -> bool:
+        """OpenSSH's sftp-server answers a channel's requests in order; asyncssh's own server need not."""
+        version = self._connection.get_extra_info("server_version") or ""
+        return version.startswith("SSH-2.0-OpenSSH")
+
+    @property
+    def has_unsettled_reads(self) -> bool:
+        return bool(self._unsettled)
+
+    async def scan(self) -> AsyncIterator[tuple[str, int, int]]:
+        with self._lend() as sftp:
+            async for entry in sftp.scandir(self._cluster.remote_dir):
+                name = entry.filename
+                if not isinstance(name, str):
+                    name = name.decode("utf-8", "surrogateescape")
+                if name in (".", ".."):
+                    continue
+                attrs = entry.attrs
+                if attrs.type == FILE_TYPE_SYMLINK:
+                    attrs = await sftp.stat(remote_path(self._cluster, name))
+                if attrs.type in REGULAR_FILE_TYPES:
+                    yield name, attrs.size or 0, int(attrs.mtime or 0)
+
+    async def stat(self, name: str) -> RemoteFile:
+        with self._lend() as sftp:
+            attrs = await sftp.stat(remote_path(self._cluster, name))
+        return _remote_file(name, attrs)
+
+    def read(self, name: str, offset: int, end: int) -> FileRead:
+        return _SftpRead(self, name, offset, end)
+
+    def give_up(self, requests: Iterable[asyncio.Future]) -> None:
+        """Let ``requests`` end without anyone waiting for them; each is
+        observed when it ends (its error is not news), and until then it is
+        unsettled: ``close()`` aborts the connection rather than wait on it."""
+        for request in requests:
+            if request.done():
+                observe_outcome(request)
+                continue
+            self._unsettled.add(request)
+            request.add_done_callback(self._ended)
+
+    def keep_unsettled(self, requests: Iterable[asyncio.Future]) -> None:
+        """Requests a settle timed out on: settled again at close."""
+        self._unsettled.update(request for request in requests if not request.done())
+
+    def _ended(self, request: asyncio.Future) -> None:
+        self._unsettled.discard(request)
+        observe_outcome(request)
+
+    async def settle(self) -> None:
+        await settle(self._unsettled)
+        self._unsettled.clear()
+
+    @contextlib.contextmanager
+    def _lend(self) -> Iterator[Any]:
+        """Lend the least-used SFTP channel of the pool."""
+        index = self._users.index(min(self._users))
+        self._users[index] += 1
+        try:
+            yield self._pool[index]
+        finally:
+            self._users[index] -= 1
+
+
+class _SftpRead(FileRead):
+    """Pipelined block reads of ``[offset, end)``, handed out in order.
+
+    The closing stat must describe the file after the reads: where the
+    server answers in order it is sent right behind the last read and costs
+    no round trip; elsewhere it is sent once the last read is answered.
+    asyncssh's ``read_parallel`` is not used: abandoning its iterator (a drop,
+    a cancel) leaves its reads running unobserved.
+    """
+
+    def __init__(self, files: SftpFiles, name: str, offset: int, end: int):
+        super().__init__()
+        self._files, self._name, self._end = files, name, end
+        self._position = self._next = offset  # what was handed out; what was asked for
+        self._in_flight: dict[int, asyncio.Future[bytes]] = {}
+        self._stat_request: asyncio.Future | None = None
+        self._given_up = False
+        self._stack = contextlib.AsyncExitStack()
+
+    async def _open(self) -> None:
+        try:
+            sftp = self._stack.enter_context(self._files._lend())
+            self._block = min(sftp.limits.max_read_len or MAX_BLOCK_SIZE, MAX_BLOCK_SIZE)
+            self._max_requests = max(4, self._files._read_ahead // self._block)
+            self._file = await self._stack.enter_async_context(
+                sftp.open(remote_path(self._files._cluster, self._name), "rb", block_size=self._block))
+        except BaseException:
+            await self._stack.aclose()
+            raise
+
+    async def _read(self) -> AsyncGenerator[bytes, None]:
+        try:
+            while True:
+                self._ask_ahead()
+                if self._position >= self._end:
+                    break
+                # Shielded: a cancel must not cancel the read itself (see settle).
+                data = await asyncio.shield(self._in_flight[self._position])
+                del self._in_flight[self._position]
+                if not data:
+                    return  # the file ends early: it shrank
+                self._position += len(data)
+                yield data
+                self._ask_for_gap()
+            self.closing_stat = _remote_file(self._name, await asyncio.shield(self._stat_request))
+        except (asyncio.CancelledError, GeneratorExit):
+            # A stop, or the caller gave up on the file: nobody waits for these bytes any more.
+            self._given_up = True
+            raise
+
+    def _ask_ahead(self) -> None:
+        """Keep up to the read-ahead in flight; the closing stat behind the last read."""
+        while self._next < self._end and len(self._in_flight) < self._max_requests:
+            size = min(self._block, self._end - self._next)
+            self._in_flight[self._next] = asyncio.ensure_future(self._file.read(size, self._next))
+            self._next += size
+        if self._stat_request is None and self._next >= self._end and (
+                self._files.answers_in_order or self._position >= self._end):
+            self._stat_request = asyncio.ensure_future(self._file.stat())
+
+    def _ask_for_gap(self) -> None:
+        """After a short read (the end of the file moved), ask for the bytes it left out."""
+        if self._position < self._next and self._position not in self._in_flight:
+            gap_end = min((o for o in self._in_flight if o > self._position), default=self._next)
+            self._in_flight[self._position] = asyncio.ensure_future(
+                self._file.read(gap_end - self._position, self._position))
+
+    async def _close(self) -> None:
+        try:
+            requests = [*self._in_flight.values(), *filter(None, [self._stat_request])]
+            if self._given_up:
+                # Not waited for: on a slow link the read-ahead takes far
+                # longer than a round trip to arrive, and the transfer would
+                # go on that long after a Ctrl-C. They end on their own, or at close().
+                self._files.give_up(requests)
+            else:
+                await settle(requests, timeout=READ_SETTLE_TIMEOUT)
+                self._files.keep_unsettled(requests)
+        finally:
+            await self._stack.aclose()
+
+
+def _remote_file(name: str, attrs: Any) -> RemoteFile:
+    return RemoteFile(name, attrs.size or 0, int(attrs.mtime or 0))
+
+
+async def settle(requests: Iterable[asyncio.Future], timeout: float = CLOSE_TIMEOUT) -> None:
+    """Let requests given up finish, and observe how they ended.
+
+    Cancelling an asyncssh read does not cancel the tasks it started inside
+    asyncssh, whose errors would then go unobserved; so the reads are
+    awaited instead. After a drop they fail at once; on a stalled link they
+    stay pending until ``close()`` aborts the connection and settles them.
+    """
+    requests = list(requests)
+    if not requests:
+        return
+    with anyio.CancelScope(shield=True):
+        with anyio.move_on_after(timeout):
+            await asyncio.wait(requests)
+    for request in requests:
+        if request.done():
+            observe_outcome(request)
+
+
+def observe_outcome(request: asyncio.Future) -> None:
+    """Mark how a finished request ended as seen, so that asyncio does not report it as never retrieved."""
+    if not request.cancelled():
+        request.exception()  # observed: the caller already has the error that matters
