@@ -63,7 +63,7 @@ class ClusterConfig:
 
     A field left out is None: the OpenSSH client config (``ssh_config``, or
     ``~/.ssh/config``) then decides, as it would for ``ssh``, and after it
-    ssh's own defaults. ``remote.resolve_target`` does that resolution.
+    ssh's own defaults. ``transfer/target.py``'s ``resolve_target`` does that resolution.
     """
 
     name: str

@@ -34,7 +34,7 @@ def test_json_config_with_defaults(tmp_path):
     }})
     config = load_config(path)
     one, two = config.clusters["tensor01"], config.clusters["tensor02"]
-    # Left out: the ssh config, then ssh's defaults decide (remote.resolve_target).
+    # Left out: the ssh config, then ssh's defaults decide (transfer/target.py, resolve_target).
     assert (one.host, one.port, one.known_hosts, one.patterns) == ("h1", None, None, DEFAULT_PATTERNS)
     assert (two.port, two.patterns, two.password) == (2222, ("*.pkl",), SECRET)
     assert config.warnings == ()

@@ -1,7 +1,7 @@
 """An SFTP server inside this process, on loopback, for the demo and the tests.
 
 It is the server side of the tool's protocol, so it may import asyncssh
-(``transfer/remote.py`` stays the only *client* of it). What it offers:
+(``transfer/ssh.py`` stays the only *client* of it). What it offers:
 
 * a fresh ed25519 host key and client key in ``workdir`` (the client key is
   mode 0600, as ssh and the tool's config check demand), and a
