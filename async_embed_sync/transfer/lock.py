@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from ..errors import AFTER_SYNC, DownloadDirLockedError, translating_local_errors
-from ..layout import STATE_DIR_NAME, write_atomically
+from ..layout import DownloadLayout, write_atomically
 
 # A record from another host older than this is taken as left by a crash.
 STALE_FOREIGN_RECORD_SECONDS = 24 * 3600
@@ -27,7 +27,9 @@ STALE_FOREIGN_RECORD_SECONDS = 24 * 3600
 class DownloadDirLock:
     def __init__(self, download_dir: str | os.PathLike):
         self.directory = Path(download_dir)
-        self.path = self.directory / STATE_DIR_NAME / "lock"
+        layout = DownloadLayout(download_dir)
+        self.path = layout.lock_path
+        self._owner_path = layout.lock_owner_path
         self._fd: int | None = None
 
     def acquire(self) -> None:
@@ -46,8 +48,8 @@ class DownloadDirLock:
             raise DownloadDirLockedError(str(self.directory), _describe(owner))
         self._fd = fd
         try:
-            with translating_local_errors(self.path.with_name("owner"), "write", AFTER_SYNC):
-                write_atomically(self.path.with_name("owner"), json.dumps(_me()).encode())
+            with translating_local_errors(self._owner_path, "write", AFTER_SYNC):
+                write_atomically(self._owner_path, json.dumps(_me()).encode())
         except BaseException:
             self.release()
             raise
@@ -56,7 +58,7 @@ class DownloadDirLock:
         if self._fd is None:
             return
         try:
-            self.path.with_name("owner").unlink()
+            self._owner_path.unlink()
         except FileNotFoundError:
             pass
         fcntl.flock(self._fd, fcntl.LOCK_UN)
@@ -72,7 +74,7 @@ class DownloadDirLock:
 
     def _read_owner(self) -> dict | None:
         try:
-            return json.loads(self.path.with_name("owner").read_text())
+            return json.loads(self._owner_path.read_text())
         except (OSError, ValueError):
             return None
 
