@@ -86,3 +86,11 @@ def test_one_client_module_imports_asyncssh():
 
 def test_errors_import_nothing_of_ours_but_the_host_names():
     assert IMPORTS["errors"] == {"known_hosts"}
+
+
+def test_only_the_layout_knows_where_the_download_directory_keeps_its_files():
+    """The state directory, the partials' and the journal's names: ``layout.py``'s alone."""
+    marks = ("STATE_DIR_NAME", '.part"', ".listing.json", ".async_embed_sync/")
+    knowing = {module for module, path in _modules().items()
+               if module != "layout" and any(mark in path.read_text() for mark in marks)}
+    assert not knowing

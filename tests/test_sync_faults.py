@@ -309,7 +309,7 @@ async def test_wrong_host_key_refused_before_any_file_is_written(tmp_path, embed
     assert not report.ok
     assert "does not match" in report.clusters["tensor01"].errors[0]
     assert not (tmp_path / "dl" / "tensor01").exists()
-    assert not list((tmp_path / "dl").rglob("*.part"))
+    assert not DownloadLayout(tmp_path / "dl").partial_path("tensor01", "a.pkl").exists()
 
 
 HOSTILE_NAMES = [b"../escape.pkl", b"/abs.pkl", b"sub/dir.pkl", b"back\\slash.pkl", b"nul\x00.pkl",

@@ -1,11 +1,12 @@
 """One writer per download directory.
 
 ``flock`` alone is not enough: on Lustre, GPFS and some NFS mounts it
-"succeeds" for every process (field notes). So the lock is two things: an
-``flock`` on ``.async_embed_sync/lock``, and inside that file the owner's
-host name and pid. A second run that gets the flock still refuses when the
-recorded owner is a live process on this host, or any process on another
-host (whose liveness cannot be checked from here) whose record is fresh.
+"succeeds" for every process (docs/HOW-IT-WORKS.md). So the lock is two
+things: an ``flock`` on the download directory's lock file (``layout.py``
+says where), and beside it the owner's host name and pid. A second run that
+gets the flock still refuses when the recorded owner is a live process on
+this host, or any process on another host (whose liveness cannot be checked
+from here) whose record is fresh.
 """
 
 from __future__ import annotations
