@@ -100,6 +100,7 @@ async def _transfer(remote: ClusterRemote, partial: PartialFile, progress: Progr
     try:
         partial.truncate()
         try:
+            # No closing stat: the file ended early, which the position says.
             after = await _receive(remote, partial, progress) or remote_file
         finally:
             # Also after a drop: what arrived is kept, so that the retry asks
@@ -174,17 +175,17 @@ class PartialFile:
     write position.
 
     ``state`` is what this attempt trusts (a prefix that still hashes to the
-    record, or nothing); ``recorded`` is what the journal on disk vouches for,
-    which is what the attempt reports as verified and gained.
+    journal's record, or nothing); ``recorded`` is the offset the journal on
+    disk vouches for, which the attempt reports as verified, and gained.
     """
 
     def __init__(self, layout: DownloadLayout, cluster: str, remote_file: RemoteFile,
-                 recorded: FileState | None):
+                 journal: FileState | None):
         self.layout, self.cluster, self.remote_file = layout, cluster, remote_file
         self.name = remote_file.name
         self.path = layout.partial_path(cluster, self.name)
-        self._record = recorded
-        self.recorded = self._recorded_at_start = recorded.verified_offset if recorded else 0
+        self._journal = journal  # as loaded when the attempt began
+        self.recorded = self._recorded_at_start = journal.verified_offset if journal else 0
         self.state = FileState(remote_file.size, remote_file.mtime)
         self.hasher = hashlib.sha256()
         self.position = self.resumed_from = 0
@@ -193,7 +194,7 @@ class PartialFile:
     async def open(self) -> None:
         """Make the folders, pick the resume point, open the partial."""
         self.layout.prepare(self.cluster)
-        resumed = await anyio.to_thread.run_sync(_verified_prefix, self.path, self._record, self.remote_file)
+        resumed = await anyio.to_thread.run_sync(_verified_prefix, self.path, self._journal, self.remote_file)
         if resumed is not None:
             self.state, self.hasher = resumed
         self.position = self.resumed_from = self.state.verified_offset
