@@ -1,11 +1,12 @@
 """Durable per-file download state, and where every downloaded byte lives.
 
-Layout under the download directory::
+Layout under the download directory (this module alone knows it)::
 
     <download-dir>/<cluster>/<file>                       complete, verified files
     <download-dir>/.async_embed_sync/<cluster>/<file>.part   bytes so far
     <download-dir>/.async_embed_sync/<cluster>/<file>.json   this module's state
     <download-dir>/.async_embed_sync/<cluster>.listing.json  what the cluster held at the last sync
+    <download-dir>/.async_embed_sync/lock, owner           one run at a time (``transfer/lock.py``)
 
 The state directory is hidden so that whatever reads ``<download-dir>/*/``
 (the merge) never sees a partial file. A state file is replaced atomically
@@ -57,6 +58,21 @@ class FileState:
         return self.remote_size == size and self.remote_mtime == mtime
 
 
+@dataclass(frozen=True)
+class LocalCopy:
+    """What the download directory holds of one remote file, against its size and mtime there."""
+
+    state: FileState | None  # the journal's record of it, if any
+    # Complete here, the size and mtime the ones recorded, the file in place
+    # of that size: the sync skips it, the status counts it complete.
+    up_to_date: bool
+
+    @property
+    def kept(self) -> int:
+        """Verified bytes of a partial (of whichever version): what an interrupted download keeps."""
+        return self.state.verified_offset if self.state is not None and not self.state.complete else 0
+
+
 class DownloadLayout:
     """Paths of one download directory. Names must already be checked safe."""
 
@@ -81,6 +97,21 @@ class DownloadLayout:
         for folder in self.cluster_folders(cluster):
             with translating_local_errors(folder, "create the folder", AFTER_SYNC):
                 folder.mkdir(parents=True, exist_ok=True)
+
+    def local_copy(self, cluster: str, name: str, size: int, mtime: int) -> LocalCopy:
+        """What is here of ``name``, which is ``size`` bytes with ``mtime`` on the cluster."""
+        state = self.load_state(cluster, name)
+        if state is None or not state.complete or not state.matches(size, mtime):
+            return LocalCopy(state, up_to_date=False)
+        try:
+            in_place = self.final_path(cluster, name).stat().st_size == size
+        except OSError:
+            in_place = False
+        return LocalCopy(state, up_to_date=in_place)
+
+    def is_up_to_date(self, cluster: str, name: str, size: int, mtime: int) -> bool:
+        """Complete locally and unchanged remotely (size and mtime)."""
+        return self.local_copy(cluster, name, size, mtime).up_to_date
 
     def check_readable(self, cluster: str, after: str) -> None:
         """Raise ``LocalFileError`` if a file sits where ``cluster``'s folders belong.
@@ -137,7 +168,7 @@ class DownloadLayout:
         path = Path(path)
         if path.parent.parent != self.root:
             return None
-        state = self.load_state(path.parent.name, path.name)
+        state = self.load_state(self.cluster_of(path), path.name)
         if state is None or not state.complete or not state.sha256 or state.local_identity is None:
             return None
         try:
@@ -145,6 +176,39 @@ class DownloadLayout:
         except OSError:
             return None
         return state.sha256 if identity == state.local_identity else None
+
+    def complete_files(self) -> list[Path]:
+        """Every file in place, ``<download-dir>/<cluster>/<name>``, sorted by path (symlinks followed).
+
+        Hidden entries are skipped: the partials and the journal live under
+        a dot-directory, so whatever reads the cluster folders (the merge)
+        never sees a partial file.
+        """
+        folders = sorted(entry for entry in self.root.iterdir() if not entry.name.startswith(".") and entry.is_dir())
+        return [folder / name for folder in folders for name in _visible_files(folder, follow_symlinks=True)]
+
+    @staticmethod
+    def cluster_of(path: Path) -> str:
+        """The cluster whose folder holds ``path``, one of :meth:`complete_files`."""
+        return Path(path).parent.name
+
+    def state_files(self) -> list[Path]:
+        """Every per-file state on disk (complete or not), for checks that none is torn."""
+        return sorted(self.state_root.glob("*/*.json"))
+
+    def listing_files(self) -> list[Path]:
+        """Every cluster listing on disk."""
+        return sorted(self.state_root.glob("*.listing.json"))
+
+    @property
+    def lock_path(self) -> Path:
+        """The file ``transfer/lock.py`` holds an ``flock`` on while a run writes here."""
+        return self.state_root / "lock"
+
+    @property
+    def lock_owner_path(self) -> Path:
+        """Who holds the lock: host name and pid."""
+        return self.state_root / "owner"
 
     def listing_path(self, cluster: str) -> Path:
         return self.state_root / f"{cluster}.listing.json"
@@ -169,19 +233,23 @@ class DownloadLayout:
         """Files in ``<download-dir>/<cluster>/`` that are not in ``listed``: the cluster no longer
         holds them (deleted, or its run re-split since an earlier sync). Sorted names."""
         listed = set(listed)
-        try:
-            entries = list(os.scandir(self.root / cluster))
-        except (FileNotFoundError, NotADirectoryError):
-            return []
-        return sorted(entry.name for entry in entries
-                      if not entry.name.startswith(".") and entry.is_file(follow_symlinks=False)
-                      and entry.name not in listed)
+        return [name for name in _visible_files(self.root / cluster, follow_symlinks=False) if name not in listed]
 
     def forget(self, cluster: str, name: str) -> None:
         """Drop the partial and its state: the next attempt starts at 0."""
         for path in (self.partial_path(cluster, name), self.state_path(cluster, name)):
             with translating_local_errors(path, "remove", AFTER_SYNC):
                 path.unlink(missing_ok=True)
+
+
+def _visible_files(folder: Path, follow_symlinks: bool) -> list[str]:
+    """Sorted names of the regular files in ``folder`` that are not hidden; none if it is absent."""
+    try:
+        entries = list(os.scandir(folder))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return sorted(entry.name for entry in entries
+                  if not entry.name.startswith(".") and entry.is_file(follow_symlinks=follow_symlinks))
 
 
 def file_identity(path: Path) -> list[int]:

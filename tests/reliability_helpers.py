@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from async_embed_sync.config import load_config
-from async_embed_sync.layout import STATE_DIR_NAME
+from async_embed_sync.layout import DownloadLayout
 from async_embed_sync.progress import QuietProgress
 from async_embed_sync.transfer.sync import SyncOptions, SyncReport, sync_clusters
 
@@ -51,16 +51,13 @@ def assert_mirrored(remote_dir: Path, local_dir: Path, names: Sequence[str] | No
 def assert_journal_readable(download_dir: Path) -> list[dict]:
     """Every state file under the download directory parses: none is ever torn.
 
-    Returns the per-file states (``<cluster>/<file>.json``); the clusters'
-    listings (``<cluster>.listing.json``) are parsed too, not returned.
+    Returns the per-file states; the clusters' listings are parsed too, not
+    returned.
     """
-    state_root = Path(download_dir) / STATE_DIR_NAME
-    documents = []
-    for path in state_root.rglob("*.json"):
-        document = json.loads(path.read_text())  # raises on a torn file
-        if path.parent != state_root:
-            documents.append(document)
-    return documents
+    layout = DownloadLayout(download_dir)
+    for path in layout.listing_files():
+        json.loads(path.read_text())  # raises on a torn file
+    return [json.loads(path.read_text()) for path in layout.state_files()]
 
 
 def assert_no_wrong_file_in_place(remote_dir: Path, local_dir: Path) -> None:

@@ -98,3 +98,11 @@ def test_the_checkpoint_readers_import_only_the_base_and_each_other():
              for module in READERS}
     assert not {module: targets for module, targets in wrong.items() if targets}
     assert IMPORTS["merging.safe_pickle"] == {"errors"}
+
+
+def test_only_the_layout_knows_where_the_download_directory_keeps_its_files():
+    """The state directory, the partials' and the journal's names: ``layout.py``'s alone."""
+    marks = ("STATE_DIR_NAME", '.part"', ".listing.json", ".async_embed_sync/")
+    knowing = {module for module, path in _modules().items()
+               if module != "layout" and any(mark in path.read_text() for mark in marks)}
+    assert not knowing

@@ -2,12 +2,7 @@
 
 import os
 
-from async_embed_sync.layout import (
-    STATE_DIR_NAME,
-    DownloadLayout,
-    FileState,
-    file_identity,
-)
+from async_embed_sync.layout import DownloadLayout, FileState, file_identity
 
 
 def test_round_trip_and_layout(tmp_path):
@@ -18,8 +13,9 @@ def test_round_trip_and_layout(tmp_path):
     assert layout.load_state("tensor01", "a.pkl") == state
     assert layout.final_path("tensor01", "a.pkl") == tmp_path / "tensor01" / "a.pkl"
     # Partials and state live outside the cluster folder the merge reads.
-    assert layout.partial_path("tensor01", "a.pkl").parent == tmp_path / STATE_DIR_NAME / "tensor01"
-    assert not list((tmp_path / STATE_DIR_NAME / "tensor01").glob(".*.tmp"))
+    assert layout.partial_path("tensor01", "a.pkl").parent == layout.state_root / "tensor01"
+    assert layout.state_root.name.startswith(".")
+    assert not list((layout.state_root / "tensor01").glob(".*.tmp"))
 
 
 def test_damaged_or_foreign_state_reads_as_absent(tmp_path):
@@ -77,3 +73,42 @@ def test_a_state_without_the_file_identity_is_not_trusted(tmp_path):
     layout.save_state("c", "a.npy", FileState(1, 1, complete=True, sha256="ab" * 32))
 
     assert layout.verified_sha256(path) is None
+
+
+def test_local_copy_is_up_to_date_only_when_complete_unchanged_and_in_place(tmp_path):
+    layout = DownloadLayout(tmp_path)
+    layout.prepare("c")
+    copy = layout.local_copy("c", "a.npy", 5, 7)
+    assert copy.state is None and not copy.up_to_date and copy.kept == 0
+
+    layout.save_state("c", "a.npy", FileState(5, 7, verified_offset=3, prefix_sha256="ab"))
+    partial = layout.local_copy("c", "a.npy", 5, 7)
+    assert not partial.up_to_date and partial.kept == 3
+    assert layout.local_copy("c", "a.npy", 6, 7).kept == 3  # another version's prefix is still on disk
+
+    layout.final_path("c", "a.npy").write_bytes(b"12345")
+    layout.save_state("c", "a.npy", FileState(5, 7, complete=True, verified_offset=5))
+    assert layout.is_up_to_date("c", "a.npy", 5, 7) and layout.local_copy("c", "a.npy", 5, 7).kept == 0
+    assert not layout.is_up_to_date("c", "a.npy", 5, 8)  # changed on the server
+    layout.final_path("c", "a.npy").write_bytes(b"1234")
+    assert not layout.is_up_to_date("c", "a.npy", 5, 7)  # the file in place is not the one recorded
+
+
+def test_complete_files_are_the_cluster_folders_visible_files(tmp_path):
+    layout = DownloadLayout(tmp_path)
+    for cluster in ("b", "a"):
+        layout.prepare(cluster)
+        layout.final_path(cluster, "x.pkl").write_bytes(b"x")
+    layout.partial_path("a", "y.pkl").write_bytes(b"y")
+    layout.save_state("a", "y.pkl", FileState(1, 1))
+    layout.save_listing("a", ["x.pkl"])
+    (tmp_path / "a" / ".hidden.pkl").write_bytes(b"h")
+    (tmp_path / "a" / "folder.pkl").mkdir()
+    (tmp_path / "stray.pkl").write_bytes(b"s")
+
+    found = layout.complete_files()
+    assert found == [tmp_path / "a" / "x.pkl", tmp_path / "b" / "x.pkl"]
+    assert [layout.cluster_of(path) for path in found] == ["a", "b"]
+    assert layout.local_only("a", []) == ["x.pkl"] and layout.local_only("a", ["x.pkl"]) == []
+    assert layout.state_files() == [layout.state_path("a", "y.pkl")]
+    assert layout.listing_files() == [layout.listing_path("a")]

@@ -24,7 +24,7 @@ import pytest
 from reliability_helpers import REPO_ROOT, MiB, assert_mirrored, make_files
 
 from async_embed_sync.cli import main
-from async_embed_sync.layout import STATE_DIR_NAME, DownloadLayout
+from async_embed_sync.layout import DownloadLayout
 from async_embed_sync.output import load
 from async_embed_sync.testing.synthetic import generate_run
 
@@ -157,7 +157,7 @@ async def test_a_read_only_download_directory_is_one_paragraph(tmp_path, embedde
         code, stderr = await _cli("sync", "--config", str(config), "--download-dir", str(download_dir),
                                   prefix=_read_only(download_dir))
     assert code == 1, stderr
-    _assert_one_paragraph(stderr, download_dir / STATE_DIR_NAME, "Read-only file system",
+    _assert_one_paragraph(stderr, DownloadLayout(download_dir).state_root, "Read-only file system",
                           "choose a path on a writable one")
     assert list(download_dir.iterdir()) == []
 

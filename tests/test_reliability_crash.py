@@ -41,6 +41,11 @@ BIG = "a.pkl"
 BIG_SIZE = 2 * CHECKPOINT_BYTES + 4 * MiB + 123
 SMALL = "b.npy"
 SMALL_SIZE = 3 * MiB + 7
+# What the hooks match in a path: a.pkl's partial, and its state file's
+# temporary (written, then renamed over the state).
+_LAYOUT = DownloadLayout("dl")
+BIG_PARTIAL = _LAYOUT.partial_path("tensor01", BIG).name
+BIG_STATE_TEMPORARY = f"{_LAYOUT.state_path('tensor01', BIG).name}."
 
 # ``kind`` is the patched os function; it fires on the ``nth`` call whose
 # path contains ``match``. ``os.write`` writes half of its bytes first: a
@@ -98,13 +103,13 @@ setattr(os, _KIND, _hooked)
 # (kind, match, nth, the moment it stands for). Only a.pkl's files match, so
 # the counts do not depend on how its transfer interleaves with b.npy's.
 KILL_POINTS = [
-    ("fsync", f"{BIG}.part", 1, "first checkpoint: partial not yet durable"),
-    ("write", f"{BIG}.json.", 1, "first journal save torn mid-write"),
-    ("replace", f"{BIG}.json.", 1, "first journal save written and fsynced, not yet renamed"),
-    ("fsync", f"{BIG}.part", 2, "second checkpoint"),
-    ("write", f"{BIG}.json.", 3, "journal save at the end of the transfer torn"),
-    ("replace", f"{BIG}.part", 1, "complete partial fsynced, not yet renamed into place"),
-    ("write", f"{BIG}.json.", 4, "journal save marking the file complete torn"),
+    ("fsync", BIG_PARTIAL, 1, "first checkpoint: partial not yet durable"),
+    ("write", BIG_STATE_TEMPORARY, 1, "first journal save torn mid-write"),
+    ("replace", BIG_STATE_TEMPORARY, 1, "first journal save written and fsynced, not yet renamed"),
+    ("fsync", BIG_PARTIAL, 2, "second checkpoint"),
+    ("write", BIG_STATE_TEMPORARY, 3, "journal save at the end of the transfer torn"),
+    ("replace", BIG_PARTIAL, 1, "complete partial fsynced, not yet renamed into place"),
+    ("write", BIG_STATE_TEMPORARY, 4, "journal save marking the file complete torn"),
 ]
 
 
@@ -139,7 +144,7 @@ def test_a_verified_prefix_survives_the_kill_and_is_not_fetched_again(openssh, t
     argv = sync_argv(config, download_dir)
 
     # The third partial fsync comes after the second checkpoint's state is saved.
-    killed = run_cli_child(argv, _KILL_HOOK.format(kind="fsync", match=f"{BIG}.part", nth=3))
+    killed = run_cli_child(argv, _KILL_HOOK.format(kind="fsync", match=BIG_PARTIAL, nth=3))
 
     assert killed.returncode == -signal.SIGKILL
     state = DownloadLayout(download_dir).load_state("tensor01", BIG)

@@ -6,7 +6,6 @@ download directory."""
 from __future__ import annotations
 
 import asyncio
-import importlib
 import os
 import random
 import sys
@@ -26,19 +25,15 @@ from reliability_helpers import (
     wait_until,
 )
 
-import async_embed_sync.transfer.remote as remote_module
 from async_embed_sync.cli import main
 from async_embed_sync.layout import DownloadLayout
 from async_embed_sync.transfer.remote import MAX_BLOCK_SIZE
-
-# The module, not the package's ``sync`` function of the same name.
-sync_module = importlib.import_module("async_embed_sync.transfer.sync")
 
 pytestmark = pytest.mark.anyio
 
 CLUSTERS = ("tensor01", "tensor02")
 # The read-ahead is lowered for the drop test, so that the bound it checks
-# is tight against files of a few MiB (four blocks: read_in_order's minimum).
+# is tight against files of a few MiB (four blocks: the pipelined read's minimum).
 SMALL_READ_WINDOW = 4 * MAX_BLOCK_SIZE
 # What SSH adds to the payload: per connection the handshake, channel and
 # SFTP setup, listing and sha256sum replies; per byte the packet and SFTP
@@ -49,33 +44,20 @@ SSH_FRAMING_SHARE = 0.02
 
 @pytest.mark.parametrize("seed", [11, 29])
 async def test_drops_at_random_offsets_across_concurrent_files_resend_at_most_the_reads_in_flight(
-        tmp_path, embedded_server, link_proxy, write_config, monkeypatch, seed):
+        tmp_path, embedded_server, link_proxy, write_config, seed):
     """Each link is cut at four seeded random byte counts while several files
     are in flight on it; every file ends byte-identical.
 
     The bound on what is sent again: at a cut, the bytes of a file that
     arrived but are lost are those of its read requests still outstanding
     (past the contiguous prefix already written, which the drop's checkpoint
-    keeps). ``read_in_order`` keeps at most the read window outstanding per
+    keeps). A file read keeps at most the read window outstanding per
     file. So per link, what was delivered beyond the files' sizes is at most
     cuts x (most files in flight at once on that link) x window, plus SSH's
     own bytes (handshake per connection, framing per byte). A restart from 0
     would cost each file in flight everything it had.
     """
-    monkeypatch.setattr(remote_module, "READ_AHEAD_BYTES", SMALL_READ_WINDOW)
-    in_flight, most_in_flight = Counter(), Counter()
-    real_download_file = sync_module.download_file
-
-    async def counted_download_file(remote, layout, remote_file, progress):
-        cluster = remote.cluster.name
-        in_flight[cluster] += 1
-        most_in_flight[cluster] = max(most_in_flight[cluster], in_flight[cluster])
-        try:
-            return await real_download_file(remote, layout, remote_file, progress)
-        finally:
-            in_flight[cluster] -= 1
-
-    monkeypatch.setattr(sync_module, "download_file", counted_download_file)
+    counting_server, most_in_flight = _counting_files_in_flight()
     rng = random.Random(seed)
     remotes, cuts = {}, {}
     for cluster in CLUSTERS:
@@ -86,13 +68,14 @@ async def test_drops_at_random_offsets_across_concurrent_files_resend_at_most_th
         whole_mib = sorted(rng.sample(range(1, total // MiB - 1), 4))
         cuts[cluster] = [m * MiB + rng.randrange(MiB // 2) for m in whole_mib]
 
-    async with embedded_server(tmp_path / "srv") as server, \
+    async with embedded_server(tmp_path / "srv", sftp_factory=counting_server) as server, \
             link_proxy(server, cut_after=cuts["tensor01"]) as proxy1, \
             link_proxy(server, cut_after=cuts["tensor02"]) as proxy2:
         proxies = dict(zip(CLUSTERS, (proxy1, proxy2)))
         config = write_config(tmp_path, {c: server.cluster_entry(f"/{c}", port=proxies[c].port)
                                          for c in CLUSTERS})
-        report = await asyncio.wait_for(sync_in_process(config, tmp_path / "dl", max_parallel=4), 120)
+        report = await asyncio.wait_for(sync_in_process(config, tmp_path / "dl", max_parallel=4,
+                                                        read_ahead=SMALL_READ_WINDOW), 120)
 
     assert report.ok, {c: r.errors for c, r in report.clusters.items()}
     for cluster in CLUSTERS:
@@ -105,6 +88,28 @@ async def test_drops_at_random_offsets_across_concurrent_files_resend_at_most_th
         bound = (proxy.cuts * most_in_flight[cluster] * SMALL_READ_WINDOW
                  + proxy.connections * SSH_BYTES_PER_CONNECTION + SSH_FRAMING_SHARE * size)
         assert resent <= bound, (cluster, resent, bound)
+
+
+def _counting_files_in_flight():
+    """An SFTP server class, and the most files it had open at once on one
+    connection, per cluster folder: the files in flight on that link, as the
+    server saw them."""
+    open_now, most = Counter(), Counter()
+    opened = {}
+
+    class CountingServer(asyncssh.SFTPServer):
+        def open(self, path, pflags, attrs):
+            file_obj = super().open(path, pflags, attrs)
+            key = opened[file_obj] = (self.connection, Path(os.fsdecode(file_obj.name)).parent.name)
+            open_now[key] += 1
+            most[key[1]] = max(most[key[1]], open_now[key])
+            return file_obj
+
+        def close(self, file_obj):
+            open_now[opened.pop(file_obj)] -= 1
+            return super().close(file_obj)
+
+    return CountingServer, most
 
 
 def _fault_server(on_read):

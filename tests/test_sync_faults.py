@@ -309,7 +309,7 @@ async def test_wrong_host_key_refused_before_any_file_is_written(tmp_path, embed
     assert not report.ok
     assert "does not match" in report.clusters["tensor01"].errors[0]
     assert not (tmp_path / "dl" / "tensor01").exists()
-    assert not list((tmp_path / "dl").rglob("*.part"))
+    assert not DownloadLayout(tmp_path / "dl").partial_path("tensor01", "a.pkl").exists()
 
 
 HOSTILE_NAMES = [b"../escape.pkl", b"/abs.pkl", b"sub/dir.pkl", b"back\\slash.pkl", b"nul\x00.pkl",
@@ -394,17 +394,17 @@ async def test_sigterm_or_ctrl_c_stops_the_sync_and_keeps_what_arrived(
     assert_mirrored(remote, tmp_path / "dl" / "tensor01", ["big.pkl"])
 
 
-# A disk slower than the link: 50 ms a block (256 KiB), 5 MiB/s per file.
-# The read-ahead then fills and every block is already there when the
-# download asks for it, as when a fast link outruns the disk or the CPU.
+# A disk slower than the link: 50 ms a block (256 KiB, one pwrite), 5 MiB/s
+# per file. The read-ahead then fills and every block is already there when
+# the download asks for it, as when a fast link outruns the disk or the CPU.
+# The OS is slowed, not our code: the child's pwrite sleeps first.
 _SLOW_DISK = """
-import time
-from async_embed_sync.transfer import download
-_write_and_hash = download._write_and_hash
-def _slow_write_and_hash(*args):
+import os, time
+_pwrite = os.pwrite
+def _slow_pwrite(fd, data, offset):
     time.sleep(0.05)
-    _write_and_hash(*args)
-download._write_and_hash = _slow_write_and_hash
+    return _pwrite(fd, data, offset)
+os.pwrite = _slow_pwrite
 """
 
 

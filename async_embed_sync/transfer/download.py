@@ -7,7 +7,7 @@ re-hashes the local prefix, trusts it only if the hash still matches, and
 asks the server only for the rest.
 
 Only a file whose size (and, where the remote has a shell, sha256) matches
-the remote is renamed into ``<download-dir>/<cluster>/<name>``.
+the remote is renamed into place (``layout.py`` says where).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import anyio.lowlevel
 
 from ..errors import (
     AFTER_SYNC,
+    AsyncEmbedSyncError,
     RemoteFileChangedError,
     VerificationError,
     translating_local_errors,
@@ -32,7 +33,7 @@ from ..errors import (
 from ..fileio import fsync_directory
 from ..layout import DownloadLayout, FileState
 from ..progress import Progress
-from .remote import ClusterRemote, RemoteFile, observe_outcome
+from .remote import Remote, RemoteFile, observe_outcome
 
 logger = logging.getLogger(__name__)
 
@@ -45,105 +46,110 @@ _REHASH_BLOCK = 4 * 1024 * 1024
 @dataclass
 class FileOutcome:
     name: str
-    status: str  # "downloaded" or "skipped"
+    status: str  # "downloaded", "skipped", or "failed" (then ``error`` says why)
     size: int
     transferred: int = 0
     # Continued from bytes an earlier attempt or run had verified.
     resumed: bool = False
     verified_by: str = ""
+    # What the journal vouches for after this attempt, and how far the attempt
+    # moved it (never negative): a failed attempt reports them too, so that
+    # the retry loop counts progress without reading the journal back.
+    verified: int = 0
+    gained: int = 0
+    error: AsyncEmbedSyncError | None = None
 
 
-def is_up_to_date(layout: DownloadLayout, cluster: str, remote_file: RemoteFile) -> bool:
-    """Complete locally and unchanged remotely (size and mtime)."""
-    state = layout.load_state(cluster, remote_file.name)
-    if state is None or not state.complete or not state.matches(remote_file.size, remote_file.mtime):
-        return False
-    final = layout.final_path(cluster, remote_file.name)
-    try:
-        return final.stat().st_size == remote_file.size
-    except OSError:
-        return False
-
-
-async def download_file(remote: ClusterRemote, layout: DownloadLayout, remote_file: RemoteFile,
+async def download_file(remote: Remote, layout: DownloadLayout, remote_file: RemoteFile,
                         progress: Progress) -> FileOutcome:
     """Bring one remote file into place, resuming from a verified prefix.
 
-    Raises ``TransferError``/``RemoteFileChangedError`` (retryable: the
-    verified prefix survives for the next attempt) or ``VerificationError``
-    (the partial is discarded).
+    An error of ours ends the attempt as a "failed" outcome that carries
+    it: ``TransferError``/``RemoteFileChangedError`` (retryable: the
+    verified prefix survives for the next attempt), ``VerificationError``
+    (the partial is discarded), ``LocalFileError``. A stop propagates.
     """
     cluster, name = remote.cluster.name, remote_file.name
-    if is_up_to_date(layout, cluster, remote_file):
+    local = layout.local_copy(cluster, name, remote_file.size, remote_file.mtime)
+    if local.up_to_date:
         logger.info("cluster %r: %s is up to date here (same size and mtime): skipped", cluster, name)
         progress.file_finished(cluster, name, "skipped")
         return FileOutcome(name, "skipped", remote_file.size)
-
-    layout.prepare(cluster)
-    partial_path = layout.partial_path(cluster, name)
-    state, hasher = await anyio.to_thread.run_sync(_resume_point, layout, cluster, remote_file)
-    resumed_from = state.verified_offset
-    fd = _open_partial(partial_path)
-    # The partial's own writes; the journal and the folders translate theirs.
-    writing_partial = translating_local_errors(partial_path, "write", AFTER_SYNC)
-    remote_hash = asyncio.ensure_future(remote.sha256(name))
-    progress.file_started(cluster, name, remote_file.size, resumed_from)
+    partial = PartialFile(layout, cluster, remote_file, local.state)
     try:
-        position = state.verified_offset
-        after = remote_file
-        with writing_partial:
-            os.ftruncate(fd, position)
+        await partial.open()
+        verified_by = await _transfer(remote, partial, progress)
+    except AsyncEmbedSyncError as exc:
+        return partial.outcome("failed", error=exc)
+    finally:
+        partial.close()
+    resumed_from = partial.resumed_from
+    logger.info("cluster %r: %s complete (%d bytes%s), verified by %s%s", cluster, name, remote_file.size,
+                f", resumed at byte {resumed_from}" if resumed_from else "", verified_by,
+                " against the server's sha256sum" if verified_by == "sha256" else " (the server has no shell)")
+    return partial.outcome("downloaded", transferred=remote_file.size - resumed_from, resumed=resumed_from > 0,
+                           verified_by=verified_by)
+
+
+async def _transfer(remote: Remote, partial: PartialFile, progress: Progress) -> str:
+    """Fetch the rest of ``partial``, check it, move it into place; how it was verified."""
+    cluster, name, remote_file = partial.cluster, partial.name, partial.remote_file
+    remote_hash = asyncio.ensure_future(remote.sha256(name))
+    progress.file_started(cluster, name, remote_file.size, partial.resumed_from)
+    try:
+        partial.truncate()
         try:
-            async with remote.read(name, position, remote_file.size) as read:
-                async for chunk in read.chunks():
-                    # In a worker thread: pwrite and sha256 release the GIL,
-                    # so they overlap with decrypting the next blocks. Shielded:
-                    # the bytes, the hash and the position move together.
-                    with anyio.CancelScope(shield=True):
-                        await anyio.to_thread.run_sync(_write_and_hash, partial_path, fd, chunk,
-                                                       position, hasher)
-                    position += len(chunk)
-                    progress.advance(cluster, name, len(chunk))
-                    if position - state.verified_offset >= CHECKPOINT_BYTES:
-                        await _checkpoint(layout, cluster, name, fd, state, position, hasher)
-                    # A stop (Ctrl-C, SIGTERM) is taken here, between blocks, where
-                    # the bytes, the hash and the position agree. Needed: while the
-                    # blocks arrive faster than they are written, the loop's only
-                    # suspensions are the shielded ones above (the next block is
-                    # already there), and anyio delivers a cancel at an unshielded
-                    # suspension only: the file would be fetched to its end first.
-                    await anyio.lowlevel.checkpoint_if_cancelled()
-            after = read.closing_stat or after
+            # No closing stat: the file ended early, which the position says.
+            after = await _receive(remote, partial, progress) or remote_file
         finally:
             # Also after a drop: what arrived is kept, so that the retry asks
             # only for the rest.
-            await _checkpoint(layout, cluster, name, fd, state, position, hasher)
-        if position != remote_file.size:
-            raise RemoteFileChangedError(cluster, name, f"it ended at byte {position}, "
+            await partial.checkpoint()
+        if partial.position != remote_file.size:
+            raise RemoteFileChangedError(cluster, name, f"it ended at byte {partial.position}, "
                                                         f"expected {remote_file.size}")
         if (after.size, after.mtime) != (remote_file.size, remote_file.mtime):
             raise RemoteFileChangedError(cluster, name, "its size or modification time changed")
-        digest = hasher.hexdigest()
+        digest = partial.hasher.hexdigest()
         expected = await remote_hash
         if expected is not None and expected != digest:
             logger.info("cluster %r: %s does not match the server's sha256: discarded", cluster, name)
-            await anyio.to_thread.run_sync(layout.forget, cluster, name)
+            await anyio.to_thread.run_sync(partial.discard)
             raise VerificationError(cluster, name, f"sha256 {digest[:16]}... locally, "
                                                    f"{expected[:16]}... on the server")
         verified_by = "sha256" if expected is not None else "size"
-        await anyio.to_thread.run_sync(_move_into_place, layout, cluster, name, fd, state, digest, verified_by)
+        await anyio.to_thread.run_sync(partial.move_into_place, digest, verified_by)
     except BaseException:
         progress.file_finished(cluster, name, "failed")
         raise
     finally:
-        os.close(fd)
         await _discard(remote_hash)
     progress.file_finished(cluster, name, "downloaded")
-    logger.info("cluster %r: %s complete (%d bytes%s), verified by %s%s", cluster, name, remote_file.size,
-                f", resumed at byte {resumed_from}" if resumed_from else "", verified_by,
-                " against the server's sha256sum" if verified_by == "sha256" else " (the server has no shell)")
-    return FileOutcome(name, "downloaded", remote_file.size, remote_file.size - resumed_from,
-                       resumed_from > 0, verified_by)
+    return verified_by
+
+
+async def _receive(remote: Remote, partial: PartialFile, progress: Progress) -> RemoteFile | None:
+    """Write the remote bytes from ``partial.position`` to the file's end.
+
+    Returns the closing stat: the size and mtime the server reported after
+    the reads; None when the file ended early (it shrank).
+    """
+    read = remote.read(partial.name, partial.position, partial.remote_file.size)
+    async with read:
+        async for chunk in read.chunks():
+            await partial.write(chunk)
+            progress.advance(partial.cluster, partial.name, len(chunk))
+            if partial.position - partial.state.verified_offset >= CHECKPOINT_BYTES:
+                await partial.checkpoint()
+            # A stop (Ctrl-C, SIGTERM) is taken here, between blocks, where
+            # the bytes, the hash and the position agree. Needed: while the
+            # blocks arrive faster than they are written, the loop's only
+            # suspensions are the shielded ones in write() and checkpoint()
+            # (the next block is already there), and anyio delivers a cancel
+            # at an unshielded suspension only: the file would be fetched to
+            # its end first.
+            await anyio.lowlevel.checkpoint_if_cancelled()
+    return read.closing_stat
 
 
 async def _discard(request: asyncio.Future) -> None:
@@ -158,21 +164,124 @@ async def _discard(request: asyncio.Future) -> None:
         await asyncio.wait([request])
 
 
-def _resume_point(layout: DownloadLayout, cluster: str, remote_file: RemoteFile):
-    """The state to continue from, and a hasher over its verified prefix.
+class PartialFile:
+    """One download in flight: the partial file's descriptor, the hasher over
+    its bytes, the journal state that vouches for a prefix of them, and the
+    write position.
+
+    ``state`` is what this attempt trusts (a prefix that still hashes to the
+    journal's record, or nothing); ``recorded`` is the offset the journal on
+    disk vouches for, which the attempt reports as verified, and gained.
+    """
+
+    def __init__(self, layout: DownloadLayout, cluster: str, remote_file: RemoteFile,
+                 journal: FileState | None):
+        self.layout, self.cluster, self.remote_file = layout, cluster, remote_file
+        self.name = remote_file.name
+        self.path = layout.partial_path(cluster, self.name)
+        self._journal = journal  # as loaded when the attempt began
+        self.recorded = self._recorded_at_start = journal.verified_offset if journal else 0
+        self.state = FileState(remote_file.size, remote_file.mtime)
+        self.hasher = hashlib.sha256()
+        self.position = self.resumed_from = 0
+        self._fd: int | None = None
+
+    async def open(self) -> None:
+        """Make the folders, pick the resume point, open the partial."""
+        self.layout.prepare(self.cluster)
+        resumed = await anyio.to_thread.run_sync(_verified_prefix, self.path, self._journal, self.remote_file)
+        if resumed is not None:
+            self.state, self.hasher = resumed
+        self.position = self.resumed_from = self.state.verified_offset
+        # O_NOFOLLOW: a symlink planted at the partial path must not redirect
+        # our writes outside the download directory. The partial's own writes
+        # are translated here; the journal and the folders translate theirs.
+        with translating_local_errors(self.path, "write", AFTER_SYNC):
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+
+    def truncate(self) -> None:
+        """Drop whatever lies past the trusted prefix."""
+        with translating_local_errors(self.path, "write", AFTER_SYNC):
+            os.ftruncate(self._fd, self.position)
+
+    async def write(self, chunk: bytes) -> None:
+        """Write ``chunk`` at the position and hash it.
+
+        In a worker thread: pwrite and sha256 release the GIL, so they
+        overlap with decrypting the next blocks. Shielded: the bytes, the
+        hash and the position move together.
+        """
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(self._write_and_hash, chunk)
+        self.position += len(chunk)
+
+    def _write_and_hash(self, data: bytes) -> None:
+        view, offset = memoryview(data), self.position
+        with translating_local_errors(self.path, "write", AFTER_SYNC):
+            while view:
+                written = os.pwrite(self._fd, view, offset)
+                view = view[written:]
+                offset += written
+        self.hasher.update(data)
+
+    async def checkpoint(self) -> None:
+        """Make the bytes up to the position durable, then vouch for them in the journal."""
+        if self.position == self.state.verified_offset and self.state.prefix_sha256:
+            return
+        advanced = dataclasses.replace(self.state, verified_offset=self.position,
+                                       prefix_sha256=self.hasher.hexdigest())
+        # Shielded, and ``state`` moves only once the save is done: a cancel
+        # here must not leave memory believing in a checkpoint the disk lacks
+        # (the closing checkpoint would then skip it as already made).
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(self._fsync_and_save, advanced)
+        self.state.verified_offset, self.state.prefix_sha256 = advanced.verified_offset, advanced.prefix_sha256
+        self.recorded = advanced.verified_offset
+
+    def _fsync_and_save(self, state: FileState) -> None:
+        # The order is the invariant: bytes durable first, then the state that
+        # vouches for them.
+        with translating_local_errors(self.path, "write", AFTER_SYNC):
+            os.fsync(self._fd)
+        self.layout.save_state(self.cluster, self.name, state)
+
+    def move_into_place(self, digest: str, verified_by: str) -> None:
+        """Rename the complete, verified partial to its final path and record it complete."""
+        final = self.layout.final_path(self.cluster, self.name)
+        with translating_local_errors(final, "write", AFTER_SYNC):
+            os.fsync(self._fd)
+            os.replace(self.path, final)
+            fsync_directory(final.parent)
+            self.layout.record_complete(self.cluster, self.name, self.state, digest, verified_by)
+
+    def discard(self) -> None:
+        """Drop the partial and its state: the next attempt starts at 0."""
+        self.layout.forget(self.cluster, self.name)
+        self.recorded = 0
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def outcome(self, status: str, **details) -> FileOutcome:
+        return FileOutcome(self.name, status, self.remote_file.size, verified=self.recorded,
+                           gained=max(self.recorded - self._recorded_at_start, 0), **details)
+
+
+def _verified_prefix(path: Path, state: FileState | None, remote_file: RemoteFile):
+    """``state`` and a hasher over the partial's verified prefix, or None: start at 0.
 
     The prefix is trusted only when the remote file still has the size and
     mtime it had, and the local bytes still hash to what was recorded: a
     partial damaged on disk, or one of another version, starts again at 0.
     """
-    state = layout.load_state(cluster, remote_file.name)
-    fresh = FileState(remote_file.size, remote_file.mtime)
     if state is None or state.complete or not state.matches(remote_file.size, remote_file.mtime):
-        return fresh, hashlib.sha256()
+        return None
     hasher = hashlib.sha256()
     remaining = state.verified_offset
     try:
-        with open(layout.partial_path(cluster, remote_file.name), "rb") as partial:
+        with open(path, "rb") as partial:
             while remaining:
                 block = partial.read(min(_REHASH_BLOCK, remaining))
                 if not block:
@@ -180,55 +289,7 @@ def _resume_point(layout: DownloadLayout, cluster: str, remote_file: RemoteFile)
                 hasher.update(block)
                 remaining -= len(block)
     except OSError:
-        return fresh, hashlib.sha256()
+        return None
     if remaining or hasher.hexdigest() != state.prefix_sha256:
-        return fresh, hashlib.sha256()
+        return None
     return state, hasher
-
-
-def _open_partial(path: Path) -> int:
-    # O_NOFOLLOW: a symlink planted at the partial path must not redirect
-    # our writes outside the download directory.
-    with translating_local_errors(path, "write", AFTER_SYNC):
-        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-
-
-def _write_and_hash(path: Path, fd: int, data: bytes, offset: int, hasher) -> None:
-    view = memoryview(data)
-    with translating_local_errors(path, "write", AFTER_SYNC):
-        while view:
-            written = os.pwrite(fd, view, offset)
-            view = view[written:]
-            offset += written
-    hasher.update(data)
-
-
-async def _checkpoint(layout: DownloadLayout, cluster: str, name: str, fd: int,
-                      state: FileState, position: int, hasher) -> None:
-    if position == state.verified_offset and state.prefix_sha256:
-        return
-    advanced = dataclasses.replace(state, verified_offset=position, prefix_sha256=hasher.hexdigest())
-    # Shielded, and ``state`` moves only once the save is done: a cancel
-    # here must not leave memory believing in a checkpoint the disk lacks
-    # (the closing checkpoint would then skip it as already made).
-    with anyio.CancelScope(shield=True):
-        await anyio.to_thread.run_sync(_fsync_and_save, layout, cluster, name, fd, advanced)
-    state.verified_offset, state.prefix_sha256 = advanced.verified_offset, advanced.prefix_sha256
-
-
-def _fsync_and_save(layout: DownloadLayout, cluster: str, name: str, fd: int, state: FileState) -> None:
-    # The order is the invariant: bytes durable first, then the state that
-    # vouches for them.
-    with translating_local_errors(layout.partial_path(cluster, name), "write", AFTER_SYNC):
-        os.fsync(fd)
-    layout.save_state(cluster, name, state)
-
-
-def _move_into_place(layout: DownloadLayout, cluster: str, name: str, fd: int,
-                     state: FileState, digest: str, verified_by: str) -> None:
-    final = layout.final_path(cluster, name)
-    with translating_local_errors(final, "write", AFTER_SYNC):
-        os.fsync(fd)
-        os.replace(layout.partial_path(cluster, name), final)
-        fsync_directory(final.parent)
-        layout.record_complete(cluster, name, state, digest, verified_by)

@@ -2,11 +2,12 @@
 
 ``flock`` alone is not enough: on Lustre, GPFS and some NFS mounts it
 "succeeds" for every process, silently (huggingface_hub gave up
-cross-process resume of a shared partial file for that reason). So the lock is two things: an
-``flock`` on ``.async_embed_sync/lock``, and inside that file the owner's
-host name and pid. A second run that gets the flock still refuses when the
-recorded owner is a live process on this host, or any process on another
-host (whose liveness cannot be checked from here) whose record is fresh.
+cross-process resume of a shared partial file for that reason). So the lock
+is two things: an ``flock`` on the download directory's lock file
+(``layout.py`` says where), and beside it the owner's host name and pid. A
+second run that gets the flock still refuses when the recorded owner is a
+live process on this host, or any process on another host (whose liveness
+cannot be checked from here) whose record is fresh.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import time
 from pathlib import Path
 
 from ..errors import AFTER_SYNC, DownloadDirLockedError, translating_local_errors
-from ..layout import STATE_DIR_NAME, write_atomically
+from ..layout import DownloadLayout, write_atomically
 
 # A record from another host older than this is taken as left by a crash.
 STALE_FOREIGN_RECORD_SECONDS = 24 * 3600
@@ -28,7 +29,9 @@ STALE_FOREIGN_RECORD_SECONDS = 24 * 3600
 class DownloadDirLock:
     def __init__(self, download_dir: str | os.PathLike):
         self.directory = Path(download_dir)
-        self.path = self.directory / STATE_DIR_NAME / "lock"
+        layout = DownloadLayout(download_dir)
+        self.path = layout.lock_path
+        self._owner_path = layout.lock_owner_path
         self._fd: int | None = None
 
     def acquire(self) -> None:
@@ -47,8 +50,8 @@ class DownloadDirLock:
             raise DownloadDirLockedError(str(self.directory), _describe(owner))
         self._fd = fd
         try:
-            with translating_local_errors(self.path.with_name("owner"), "write", AFTER_SYNC):
-                write_atomically(self.path.with_name("owner"), json.dumps(_me()).encode())
+            with translating_local_errors(self._owner_path, "write", AFTER_SYNC):
+                write_atomically(self._owner_path, json.dumps(_me()).encode())
         except BaseException:
             self.release()
             raise
@@ -57,7 +60,7 @@ class DownloadDirLock:
         if self._fd is None:
             return
         try:
-            self.path.with_name("owner").unlink()
+            self._owner_path.unlink()
         except FileNotFoundError:
             pass
         fcntl.flock(self._fd, fcntl.LOCK_UN)
@@ -73,7 +76,7 @@ class DownloadDirLock:
 
     def _read_owner(self) -> dict | None:
         try:
-            return json.loads(self.path.with_name("owner").read_text())
+            return json.loads(self._owner_path.read_text())
         except (OSError, ValueError):
             return None
 

@@ -101,6 +101,7 @@ class ConnectOptions(Protocol):
     timeout: float
     window: int
     sftp_channels: int
+    read_ahead: int
     prompter: Prompter | None
 
 
@@ -123,7 +124,8 @@ class ClusterRemote:
     async def connect(cls, cluster: ClusterConfig, *, timeout: float = 30.0,
                       window: int = DEFAULT_WINDOW,
                       sftp_channels: int = DEFAULT_SFTP_CHANNELS,
-                      prompter: Prompter | None = None, read_ahead: int | None = None) -> ClusterRemote:
+                      prompter: Prompter | None = None,
+                      read_ahead: int = READ_AHEAD_BYTES) -> ClusterRemote:
         """Connect and authenticate; host keys are always verified.
 
         ``timeout`` bounds the connect and login, and (through keepalives)
@@ -136,8 +138,7 @@ class ClusterRemote:
                                            prompter=prompter or NoPrompter())
         try:
             with translate_errors(target):
-                files = await _open_files(connection, cluster, sftp_channels,
-                                          READ_AHEAD_BYTES if read_ahead is None else read_ahead)
+                files = await _open_files(connection, cluster, sftp_channels, read_ahead)
         except BaseException:
             await connection.close()
             connection.close_jumps()
@@ -145,12 +146,11 @@ class ClusterRemote:
         return cls(target, connection, files)
 
     @classmethod
-    async def connect_with(cls, cluster: ClusterConfig, options: ConnectOptions, *,
-                           read_ahead: int | None = None) -> ClusterRemote:
+    async def connect_with(cls, cluster: ClusterConfig, options: ConnectOptions) -> ClusterRemote:
         """``connect`` with the sync's options: ``SyncOptions.connect``'s default."""
         return await cls.connect(cluster, timeout=options.timeout, window=options.window,
                                  sftp_channels=options.sftp_channels, prompter=options.prompter,
-                                 read_ahead=read_ahead)
+                                 read_ahead=options.read_ahead)
 
     async def close(self) -> None:
         self._hashes.close()

@@ -11,7 +11,6 @@ from ..errors import NOTHING_CHANGED, AsyncEmbedSyncError, NoCheckpointsError
 from ..layout import DownloadLayout
 from ..progress import format_bytes
 from ..termination import run_stoppable
-from .download import is_up_to_date
 from .prompts import Prompter
 from .remote import ClusterRemote
 from .sync import local_only_notice
@@ -84,11 +83,11 @@ async def _cluster_status(cluster: ClusterConfig, layout: DownloadLayout, timeou
     for remote_file in listing.files:
         status.remote_files += 1
         status.remote_bytes += remote_file.size
-        if is_up_to_date(layout, cluster.name, remote_file):
+        local = layout.local_copy(cluster.name, remote_file.name, remote_file.size, remote_file.mtime)
+        state = local.state
+        if local.up_to_date:
             status.complete += 1
-            continue
-        state = layout.load_state(cluster.name, remote_file.name)
-        if state is None:
+        elif state is None:
             status.missing += 1
         elif not state.matches(remote_file.size, remote_file.mtime):
             status.changed += 1

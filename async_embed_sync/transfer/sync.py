@@ -39,12 +39,13 @@ from ..errors import (
 from ..layout import DownloadLayout
 from ..progress import Progress, format_bytes, format_rate
 from ..termination import run_stoppable
-from .download import FileOutcome, download_file, is_up_to_date
+from .download import FileOutcome, download_file
 from .lock import DownloadDirLock
 from .prompts import Prompter
 from .remote import (
     DEFAULT_SFTP_CHANNELS,
     DEFAULT_WINDOW,
+    READ_AHEAD_BYTES,
     ClusterRemote,
     Remote,
     RemoteFile,
@@ -66,6 +67,8 @@ class SyncOptions:
     max_backoff: float = 8.0
     window: int = DEFAULT_WINDOW
     sftp_channels: int = DEFAULT_SFTP_CHANNELS
+    # Bytes of block reads in flight per file, ahead of the write position.
+    read_ahead: int = READ_AHEAD_BYTES
     # Who answers password, passphrase and 2FA prompts; None: nobody.
     prompter: Prompter | None = None
     # How a cluster's remote is made: over SSH, or (in tests) any other ``remote.Remote``.
@@ -179,12 +182,37 @@ async def sync_clusters(clusters: list[ClusterConfig], download_dir: str, progre
     return report
 
 
+@dataclass
+class _ClusterRun:
+    """What the file tasks of one cluster's sync share."""
+
+    link: ClusterLink
+    layout: DownloadLayout
+    slots: FairSlots
+    progress: Progress
+    options: SyncOptions
+    report: ClusterReport
+    # Verified bytes kept of each file still to fetch: the journal's at the
+    # listing, then what each attempt reports.
+    kept: dict[str, int] = field(default_factory=dict)
+
+    def kept_summary(self) -> str:
+        """What a cluster given up keeps, verified: "2 file(s) complete and 1.8 MiB of big.npy"; "" for nothing."""
+        partial = {name: kept for name, kept in self.kept.items() if kept}
+        parts = [f"{self.report.downloaded} file(s) complete"] if self.report.downloaded else []
+        if len(partial) == 1:
+            [(name, kept)] = partial.items()
+            parts.append(f"{format_bytes(kept)} of {name}")
+        elif partial:
+            parts.append(f"{format_bytes(sum(partial.values()))} of {len(partial)} files in progress")
+        return " and ".join(parts)
+
+
 async def _sync_cluster(cluster: ClusterConfig, layout: DownloadLayout, slots: FairSlots,
                         progress: Progress, options: SyncOptions, report: ClusterReport) -> None:
     started = time.monotonic()
-    fetching: list[str] = []
-    link = ClusterLink(cluster, options, progress, report,
-                       kept=lambda: _kept(layout, cluster.name, fetching, report))
+    link = ClusterLink(cluster, options, progress, report, kept=lambda: run.kept_summary())
+    run = _ClusterRun(link, layout, slots, progress, options, report)
     slots.register(cluster.name)
     try:
         remote = await link.get()
@@ -201,13 +229,14 @@ async def _sync_cluster(cluster: ClusterConfig, layout: DownloadLayout, slots: F
                         listed.append(entry.name)
                         report.files += 1
                         report.total_bytes += entry.size
-                        if is_up_to_date(layout, cluster.name, entry):
+                        local = layout.local_copy(cluster.name, entry.name, entry.size, entry.mtime)
+                        if local.up_to_date:
                             report.skipped += 1
                             continue
                         pending += 1
-                        fetching.append(entry.name)
+                        run.kept[entry.name] = local.kept
                         progress.add_total(entry.size)
-                        tasks.start_soon(_sync_file, link, layout, entry, slots, progress, options, report)
+                        tasks.start_soon(_sync_file, run, entry)
             except AsyncEmbedSyncError as exc:
                 # Raised here, it would reach the caller wrapped in the task
                 # group's ExceptionGroup; files already started still finish.
@@ -231,91 +260,72 @@ async def _sync_cluster(cluster: ClusterConfig, layout: DownloadLayout, slots: F
         await link.close()
 
 
-async def _sync_file(link: ClusterLink, layout: DownloadLayout, remote_file: RemoteFile,
-                     slots: FairSlots, progress: Progress, options: SyncOptions,
-                     report: ClusterReport) -> None:
-    async with slots.slot(link.cluster.name):
+async def _sync_file(run: _ClusterRun, remote_file: RemoteFile) -> None:
+    async with run.slots.slot(run.link.cluster.name):
         try:
-            report.record(await _download_with_retries(link, layout, remote_file, progress, options, report))
+            run.report.record(await _download_with_retries(run, remote_file))
         except AsyncEmbedSyncError as exc:
-            _fail(report, progress, exc)
+            _fail(run.report, run.progress, exc)
 
 
-async def _download_with_retries(link: ClusterLink, layout: DownloadLayout, remote_file: RemoteFile,
-                                 progress: Progress, options: SyncOptions, report: ClusterReport) -> FileOutcome:
+async def _download_with_retries(run: _ClusterRun, remote_file: RemoteFile) -> FileOutcome:
     """Attempts continue while they make progress; ``retries`` in a row
     without a byte gained give the file up. A verification failure earns
     one fresh download (the partial was discarded), not more. A file given
     up still adds what it fetched and kept in this run to the report's
     bytes fetched."""
-    cluster, name = link.cluster.name, remote_file.name
+    cluster, name, options = run.link.cluster.name, remote_file.name, run.options
     stalled_attempts = changed_in_a_row = 0
-    verification_failed = False
+    verification_failed = changed_on_server = False
     fetched_by_failed_attempts = 0
-    changed_on_server = False
-    before = _verified_offset(layout, cluster, name)
     try:
         while True:
-            before = _verified_offset(layout, cluster, name)
-            try:
-                remote = await link.get()
-                if changed_on_server:
-                    remote_file = await remote.stat(name)  # copy the new version
-                    changed_on_server = False
-                outcome = await download_file(remote, layout, remote_file, progress)
-            except VerificationError:
+            remote_file, outcome = await _attempt(run, remote_file, changed_on_server)
+            exc = outcome.error
+            if exc is None:
+                del run.kept[name]
+                outcome.transferred += fetched_by_failed_attempts
+                outcome.resumed = outcome.resumed or fetched_by_failed_attempts > 0
+                return outcome
+            run.kept[name] = outcome.verified
+            changed_on_server = isinstance(exc, RemoteFileChangedError)  # the next attempt copies the new version
+            if isinstance(exc, VerificationError):
                 fetched_by_failed_attempts = 0  # discarded with the partial
                 if verification_failed:
-                    raise
+                    raise exc
                 verification_failed = True
                 continue
-            except RemoteError as exc:
-                if not exc.retryable:
-                    raise
-                after = _verified_offset(layout, cluster, name)
-                fetched_by_failed_attempts += max(after - before, 0)
-                stalled_attempts = 0 if after > before else stalled_attempts + 1
-                before = after  # counted
-                # A file still being written changes under every copy; each copy
-                # "gains" bytes, so changes are counted on their own.
-                changed_in_a_row = changed_in_a_row + 1 if isinstance(exc, RemoteFileChangedError) else 0
-                if stalled_attempts > options.retries or changed_in_a_row > options.retries:
-                    raise
-                if not link.lost and not isinstance(exc, ConnectionDroppedError):
-                    # A drop fails every file in flight at once: the link says it, once.
-                    progress.note(f"{exc} (retrying)")
-                logger.info("cluster %r: %s: attempt failed (%s); %d byte(s) verified so far; retrying in %.1f s",
-                            cluster, name, exc.cause, after, options.delay(stalled_attempts))
-                await anyio.sleep(options.delay(stalled_attempts))
-                changed_on_server = isinstance(exc, RemoteFileChangedError)
-                continue
-            outcome.transferred += fetched_by_failed_attempts
-            outcome.resumed = outcome.resumed or fetched_by_failed_attempts > 0
-            return outcome
+            fetched_by_failed_attempts += outcome.gained
+            # A file still being written changes under every copy; each copy
+            # "gains" bytes, so changes are counted on their own.
+            stalled_attempts = 0 if outcome.gained else stalled_attempts + 1
+            changed_in_a_row = changed_in_a_row + 1 if changed_on_server else 0
+            if not (isinstance(exc, RemoteError) and exc.retryable) or \
+                    stalled_attempts > options.retries or changed_in_a_row > options.retries:
+                raise exc
+            if not run.link.lost and not isinstance(exc, ConnectionDroppedError):
+                # A drop fails every file in flight at once: the link says it, once.
+                run.progress.note(f"{exc} (retrying)")
+            logger.info("cluster %r: %s: attempt failed (%s); %d byte(s) verified so far; retrying in %.1f s",
+                        cluster, name, exc.cause, outcome.verified, options.delay(stalled_attempts))
+            await anyio.sleep(options.delay(stalled_attempts))
     except AsyncEmbedSyncError:
-        report.transferred += fetched_by_failed_attempts + max(_verified_offset(layout, cluster, name) - before, 0)
+        run.report.transferred += fetched_by_failed_attempts
         raise
 
 
-def _verified_offset(layout: DownloadLayout, cluster: str, name: str) -> int:
-    state = layout.load_state(cluster, name)
-    return state.verified_offset if state else 0
-
-
-def _kept(layout: DownloadLayout, cluster: str, names: list[str], report: ClusterReport) -> str:
-    """What a cluster given up keeps, verified: "2 file(s) complete and 1.8 MiB of big.npy"; "" for nothing."""
-    partial = {}
-    for name in names:
-        state = layout.load_state(cluster, name)
-        if state is not None and not state.complete and state.verified_offset:
-            partial[name] = state.verified_offset
-    parts = [f"{report.downloaded} file(s) complete"] if report.downloaded else []
-    if len(partial) == 1:
-        [(name, kept)] = partial.items()
-        parts.append(f"{format_bytes(kept)} of {name}")
-    elif partial:
-        parts.append(f"{format_bytes(sum(partial.values()))} of {len(partial)} files in progress")
-    return " and ".join(parts)
+async def _attempt(run: _ClusterRun, remote_file: RemoteFile,
+                   changed_on_server: bool) -> tuple[RemoteFile, FileOutcome]:
+    """One attempt at the file, on the link as it is now: the file as
+    attempted (stat again if it changed on the server), and the outcome."""
+    try:
+        remote = await run.link.get()
+        if changed_on_server:
+            remote_file = await remote.stat(remote_file.name)  # copy the new version
+    except RemoteError as exc:  # as a failed download: retried if it may pass
+        return remote_file, FileOutcome(remote_file.name, "failed", remote_file.size,
+                                        verified=run.kept[remote_file.name], error=exc)
+    return remote_file, await download_file(remote, run.layout, remote_file, run.progress)
 
 
 def _fail(report: ClusterReport, progress: Progress, exc: AsyncEmbedSyncError) -> None:
@@ -341,12 +351,12 @@ class ClusterLink:
         self._progress = progress
         self._report = report
         self._kept = kept  # what is kept and verified, for the error that gives up
-        self._remote: ClusterRemote | None = None
+        self._remote: Remote | None = None
         self._lock = asyncio.Lock()
         self._drops = 0
         self._given_up: LinkLostError | None = None
 
-    async def get(self) -> ClusterRemote:
+    async def get(self) -> Remote:
         async with self._lock:
             if self._given_up is not None:
                 raise self._given_up  # every file in flight learns it, and it is said once
@@ -357,7 +367,7 @@ class ClusterLink:
                 return self._remote
             return await self._reconnect()
 
-    async def _reconnect(self) -> ClusterRemote:
+    async def _reconnect(self) -> Remote:
         """After a drop: one attempt, then up to ``retries`` more. The cluster
         was reached in this run, so what fails now is the link: said so."""
         name, retries = self.cluster.name, self._options.retries
