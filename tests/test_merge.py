@@ -1,9 +1,9 @@
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import multiprocessing
+import os
 import pickle
 import signal
 import subprocess
@@ -23,7 +23,8 @@ from async_embed_sync.errors import (
     OutputError,
 )
 from async_embed_sync.merging.merge import MergeProgress, merge_checkpoints
-from async_embed_sync.output import load, parquet_available
+from async_embed_sync.output import OutputSpec, load, parquet_available
+from async_embed_sync.output.writer import OutputWriter
 from async_embed_sync.testing.synthetic import (
     generate_run,
     make_rows,
@@ -594,35 +595,32 @@ def test_metrics_do_not_depend_on_the_order_the_checkpoints_are_read(tmp_path: P
     assert [chunk["start_index"] for chunk in second["chunk_info"]] == [0, 30, 60, 90]
 
 
-def _no_output_expected(*arguments: object, **keywords: object) -> None:
-    raise AssertionError("the output was created")
+class _OutputNeverOpened(OutputSpec):
+    """A spec whose writer must not be opened: the merge fails before the output is created."""
+
+    def open_writer(self, *arguments: object, **keywords: object) -> OutputWriter:
+        raise AssertionError("the output was created")
+
+
+def _never_opened(output: Path) -> OutputSpec:
+    return _OutputNeverOpened(**vars(OutputSpec.decide(output)))
 
 
 @pytest.mark.parametrize("damage", [_gap, _overlap, _model_mismatch])
-def test_validation_fails_before_the_output_is_created(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, damage
-) -> None:
-    merge = importlib.import_module("async_embed_sync.merging.merge")  # the module, not the package's merge()
-
+def test_validation_fails_before_the_output_is_created(tmp_path: Path, damage) -> None:
     paths = _run(tmp_path / "downloads", "pkl")
     damage(tmp_path / "downloads", paths)
-    monkeypatch.setattr(merge, "open_output", _no_output_expected)
 
     with pytest.raises(MergeValidationError):
-        merge_checkpoints(tmp_path / "downloads", tmp_path / "out" / "merged.pkl")
+        merge_checkpoints(tmp_path / "downloads", _never_opened(tmp_path / "out" / "merged.pkl"))
     assert entries(tmp_path / "out") == []
 
 
-def test_strict_fails_on_a_legacy_checkpoint_before_the_output_is_created(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    merge = importlib.import_module("async_embed_sync.merging.merge")  # the module, not the package's merge()
-
+def test_strict_fails_on_a_legacy_checkpoint_before_the_output_is_created(tmp_path: Path) -> None:
     _write_run_with_nan(tmp_path / "downloads")
-    monkeypatch.setattr(merge, "open_output", _no_output_expected)
 
     with pytest.raises(MergeValidationError, match="NaN or Inf"):
-        merge_checkpoints(tmp_path / "downloads", tmp_path / "out" / "merged", strict=True)
+        merge_checkpoints(tmp_path / "downloads", _never_opened(tmp_path / "out" / "merged"), strict=True)
     assert entries(tmp_path / "out") == []
 
 
@@ -662,18 +660,17 @@ def test_a_full_disk_while_legacy_checkpoints_are_read_is_a_local_file_error(tmp
 def test_rows_read_in_index_order_stay_where_they_were_written(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, read_order: list[int], names: str, in_place: bool
 ) -> None:
-    import async_embed_sync.output as output
-
     _write_out_of_order_run(tmp_path / "downloads", read_order, names)
     rows_copied: list[int] = []
-    copy_range = output._copy_range
+    copy_file_range = os.copy_file_range
 
-    def recorded_copy_range(source_fd: int, target_fd: int, offset: int, length: int, target_offset=None) -> None:
-        if target_offset is not None:  # rows into the embeddings region
-            rows_copied.append(length)
-        copy_range(source_fd, target_fd, offset, length, target_offset)
+    def recorded_copy_file_range(source_fd: int, target_fd: int, count: int, offset_src=None, offset_dst=None):
+        if offset_dst is not None:  # rows into the embeddings region (articles are appended)
+            rows_copied.append(count)
+        return copy_file_range(source_fd, target_fd, count, offset_src, offset_dst)
 
-    monkeypatch.setattr(output, "_copy_range", recorded_copy_range)
+    # Watched where the copies reach the OS: rows left in place are never copied.
+    monkeypatch.setattr(os, "copy_file_range", recorded_copy_file_range)
 
     merge_checkpoints(tmp_path / "downloads", tmp_path / "merged.pkl")
 

@@ -14,7 +14,7 @@ from merge_fixtures import DIM, entries, write_evil_pickle
 from async_embed_sync import load
 from async_embed_sync.errors import OutputError
 from async_embed_sync.merging.merge import merge_checkpoints
-from async_embed_sync.output import LEGACY_KEYS, parquet_available
+from async_embed_sync.output import LEGACY_KEYS, OutputSpec, parquet_available
 from async_embed_sync.testing.synthetic import generate_run
 
 
@@ -141,12 +141,11 @@ def test_parquet_without_pyarrow_is_one_clear_error(downloads: Path, tmp_path: P
     assert not (tmp_path / "bundle").exists()
 
 
-def test_parquet_row_groups_bound_memory(downloads: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_parquet_row_groups_bound_memory(downloads: Path, tmp_path: Path) -> None:
     pq = pytest.importorskip("pyarrow.parquet")
-    import async_embed_sync.output as output
 
-    monkeypatch.setattr(output, "_PARQUET_GROUP_ROWS", 50)
-    merge_checkpoints(downloads, tmp_path / "bundle", articles_format="parquet")
+    spec = OutputSpec.decide(tmp_path / "bundle", articles_format="parquet", parquet_group_rows=50)
+    merge_checkpoints(downloads, spec)
 
     assert pq.ParquetFile(tmp_path / "bundle" / "articles.parquet").num_row_groups > 1
     assert len(load(tmp_path / "bundle")["articles"]) == 290
@@ -207,17 +206,12 @@ def test_stale_staging_of_a_dead_merge_is_removed_by_the_next_merge(downloads: P
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_load_maps_the_embeddings_of_a_pickle_it_wrote(
-    downloads: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dtype: str
-) -> None:
-    import async_embed_sync.output as output
-
-    # Large enough that the unpickler has not read the array ahead already.
-    generate_run(tmp_path / "big", rows=20_000, dim=DIM, text_bytes=10)
+def test_load_maps_the_embeddings_of_a_pickle_it_wrote(downloads: Path, tmp_path: Path, dtype: str) -> None:
+    # Rows of more than MAPPED_PAYLOAD_BYTES (1 MiB) in either dtype: mapped, not read.
+    generate_run(tmp_path / "big", rows=40_000, dim=DIM, text_bytes=10)
     merge_checkpoints(tmp_path / "big", tmp_path / "merged.pkl", dtype=dtype)
     with open(tmp_path / "merged.pkl", "rb") as stream:
         plain = pickle.load(stream)  # our own output, as downstream scripts read it
-    monkeypatch.setattr(output, "_MAPPED_PAYLOAD_BYTES", 4096)
 
     loaded = load(tmp_path / "merged.pkl")
 

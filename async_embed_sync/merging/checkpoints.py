@@ -24,15 +24,11 @@ import numpy as np
 from numpy.lib import format as npy_format
 
 from ..errors import CheckpointError, os_error_problem
-
-# "X as X": re-exported (as are RowBlock, MAPPED_PAYLOAD_BYTES and restricted_load_mapped)
-# until merging/merge.py and output.py import them from where they live now.
-from .digest import BackgroundDigest as BackgroundDigest
+from ..layout import DownloadLayout
 from .digest import as_bytes
 from .jsonl_index import index_jsonl
 from .row_blocks import DictRowBlock, JsonLineRowBlock, RowBlock
 from .rows import article_mask
-from .rows import python_values as python_values
 from .safe_pickle import MAPPED_PAYLOAD_BYTES, restricted_load_mapped
 
 LEGACY_SUFFIX = ".pkl"
@@ -40,20 +36,10 @@ NPY_SUFFIX = ".npy"
 
 
 def find_checkpoints(download_dir: Path) -> list[Path]:
-    """Every checkpoint under ``<download_dir>/<cluster>/``, sorted by path.
-
-    Hidden entries are skipped: the downloader keeps its partial files and
-    journal under a dot-directory.
-    """
-    found: list[Path] = []
-    for cluster_dir in sorted(Path(download_dir).iterdir()):
-        if cluster_dir.name.startswith(".") or not cluster_dir.is_dir():
-            continue
-        for path in sorted(cluster_dir.iterdir()):
-            if path.suffix in (LEGACY_SUFFIX, NPY_SUFFIX) and not path.name.startswith("."):
-                if path.is_file():
-                    found.append(path)
-    return found
+    """The complete files ``layout.py`` lists (never a partial, nor the
+    journal), of the two checkpoint suffixes, sorted by path."""
+    return [path for path in DownloadLayout(download_dir).complete_files()
+            if path.suffix in (LEGACY_SUFFIX, NPY_SUFFIX)]
 
 
 @dataclass(frozen=True)
@@ -120,7 +106,7 @@ class Checkpoint(ABC):
 
     def __init__(self, path: Path, cluster: str | None):
         self.path = Path(path)
-        self.cluster = cluster if cluster is not None else self.path.parent.name
+        self.cluster = cluster if cluster is not None else DownloadLayout.cluster_of(self.path)
 
     info: CheckpointInfo
     embeddings: np.ndarray

@@ -1,0 +1,178 @@
+"""Which checkpoints to merge, and whether together they form one clean run, checked before any output exists.
+
+A run's rows are ``[0, N)``: covered contiguously from index 0, without
+overlaps, by checkpoints of one dimension, one model and float dtypes.
+``--partial`` accepts missing rows (never overlaps) and names them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Collection, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import CheckpointError, MergeValidationError, RowsMissingError
+from ..layout import DownloadLayout
+from .checkpoints import CheckpointInfo, find_checkpoints, open_checkpoint
+
+
+def _natural_order(path: Path) -> list[int | str]:
+    # "ckpt_5000" before "ckpt_10000", as most runs number their files.
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))]
+
+
+def select_checkpoints(download_dir: Path, clusters: Collection[str] | None = None) -> tuple[list[Path], list[Path]]:
+    """The checkpoints to merge under ``download_dir``, in natural order of their names, and those left out.
+
+    Only the folders of ``clusters`` (all, when None). Where the sync
+    recorded what a cluster held at its last listing, a file it no longer
+    held (deleted or re-split there since) is left out, never merged
+    silently: the caller reports it. Read in natural order, checkpoints
+    usually come in index order, which lets a ``.pkl`` output keep the rows
+    where they were first written.
+    """
+    layout = DownloadLayout(download_dir)
+    found = find_checkpoints(download_dir) if Path(download_dir).is_dir() else []
+    listings = {cluster: layout.load_listing(cluster) for cluster in {layout.cluster_of(path) for path in found}}
+    selected: list[Path] = []
+    left_out: list[Path] = []
+    for path in found:
+        if clusters is not None and layout.cluster_of(path) not in clusters:
+            continue
+        listed = listings[layout.cluster_of(path)]
+        (selected if listed is None or path.name in listed else left_out).append(path)
+    if not selected:
+        where = f"{download_dir}/{{{','.join(sorted(clusters))}}}/" if clusters is not None else f"{download_dir}/*/"
+        also = f" ({len(left_out)} more are no longer on their cluster)" if left_out else ""
+        raise MergeValidationError(f"no checkpoints (*.pkl, *.npy) under {where}{also}.")
+    return sorted(selected, key=_natural_order), sorted(left_out, key=_natural_order)
+
+
+def validate_plan(
+    infos: Sequence[CheckpointInfo], expect_articles: int | None = None, *,
+    expect_rows: int | None = None, partial: bool = False,
+) -> list[tuple[int, int]]:
+    """Raise :class:`MergeValidationError` unless the checkpoints form one clean run.
+
+    The run's rows are ``[0, N)``, where ``N`` is declared by ``expect_rows``
+    (the config's ``total_rows``) or by the checkpoints' own ``total_rows``,
+    else is wherever the last checkpoint ends. ``partial`` accepts missing
+    rows (never overlaps) and returns their ranges ``[start, end)``.
+    """
+    missing: list[tuple[int, int]] = []
+
+    def lacking(start: int, end: int, problem: MergeValidationError) -> None:
+        if not partial:
+            raise problem
+        missing.append((start, end))
+
+    first = infos[0]
+    if first.start_index != 0:
+        lacking(0, first.start_index, MergeValidationError(
+            f"the first checkpoint, {first.path}, starts at index {first.start_index:,}, not 0: "
+            f"indices 0..{first.start_index - 1:,} are missing."))
+    for before, after in zip(infos, infos[1:]):
+        if after.start_index < before.end_index:
+            raise MergeValidationError(
+                f"{before.path} [{before.start_index:,}, {before.end_index:,}) and {after.path} "
+                f"[{after.start_index:,}, {after.end_index:,}) overlap at indices "
+                f"{after.start_index:,}..{min(before.end_index, after.end_index) - 1:,}."
+            )
+        if after.start_index > before.end_index:
+            lacking(before.end_index, after.start_index, MergeValidationError(
+                f"indices {before.end_index:,}..{after.start_index - 1:,} are missing: "
+                f"{before.path} ends at {before.end_index:,} and {after.path} starts at {after.start_index:,}."
+            ))
+    declared = _declared_rows(infos, expect_rows)
+    if declared is not None:
+        rows, declared_by = declared
+        last = infos[-1]
+        if last.end_index > rows:
+            raise MergeValidationError(
+                f"{last.path} ends at index {last.end_index:,}, past the run's {rows:,} rows ({declared_by}).")
+        if last.end_index < rows:
+            lacking(last.end_index, rows, RowsMissingError(rows, declared_by, last.end_index, str(last.path)))
+    for info in infos:
+        if info.dim != first.dim:
+            raise MergeValidationError(f"{first.path} has dimension {first.dim} but {info.path} has {info.dim}.")
+        if info.model != first.model:
+            raise MergeValidationError(
+                f"{first.path} was made by model {first.model!r} but {info.path} by {info.model!r}."
+            )
+        if not np.issubdtype(info.dtype, np.floating):
+            raise MergeValidationError(f"{info.path} holds {info.dtype} values, not floats.")
+    articles = sum(info.article_rows for info in infos)
+    if expect_articles is not None and articles != expect_articles:
+        raise MergeValidationError(f"{expect_articles:,} articles were expected but the checkpoints hold {articles:,}.")
+    return missing
+
+
+def _rows_only_left_out(left_out: Sequence[Path], infos: Sequence[CheckpointInfo], partial: bool
+                        ) -> list[tuple[int, int]]:
+    """Rows that only checkpoints the cluster no longer holds carry: a GPU's file deleted
+    there (not re-split) would otherwise leave a result short with nothing to tell. Raises
+    unless ``partial``, which gets their ranges ``[start, end)``."""
+    missing: list[tuple[int, int]] = []
+    for path in left_out:
+        try:
+            info = open_checkpoint(path).info
+        except CheckpointError:
+            continue  # left out anyway; whatever it held cannot be told
+        uncovered = [(info.start_index, info.end_index)]
+        for merged in infos:
+            uncovered = [piece for start, end in uncovered for piece in (
+                (start, min(end, merged.start_index)), (max(start, merged.end_index), end)) if piece[0] < piece[1]]
+        for start, end in uncovered:
+            if not partial:
+                raise MergeValidationError(
+                    f"indices {start:,}..{end - 1:,} are only in {path}, which {DownloadLayout.cluster_of(path)} no longer held "
+                    f"at the last sync: was it deleted there? Run `sync` again if it is back on the cluster, "
+                    f"or add --partial to merge without those rows.")
+            missing.append((start, end))
+    return missing
+
+
+def _union(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted ``[start, end)`` ranges, overlapping ones joined."""
+    joined: list[tuple[int, int]] = []
+    for start, end in sorted(ranges):
+        if joined and start <= joined[-1][1]:
+            joined[-1] = (joined[-1][0], max(joined[-1][1], end))
+        else:
+            joined.append((start, end))
+    return joined
+
+
+def _declared_rows(infos: Sequence[CheckpointInfo], expect_rows: int | None) -> tuple[int, str] | None:
+    """The run's total rows and who declared it, where anyone did; declarations must agree."""
+    carriers = [info for info in infos if info.total_rows is not None]
+    for info in carriers[1:]:
+        if info.total_rows != carriers[0].total_rows:
+            raise MergeValidationError(
+                f"{carriers[0].path} says the run has {carriers[0].total_rows:,} rows (total_rows) "
+                f"but {info.path} says {info.total_rows:,}: are they from the same run?")
+    if expect_rows is not None:
+        if carriers and carriers[0].total_rows != expect_rows:
+            raise MergeValidationError(
+                f"the config's total_rows is {expect_rows:,} but {carriers[0].path} says the run has "
+                f"{carriers[0].total_rows:,} rows.")
+        return expect_rows, "total_rows in the config"
+    if carriers:
+        return carriers[0].total_rows, "total_rows in its checkpoints"
+    return None
+
+
+
+
+def missing_rows(
+    left_out: Sequence[Path], infos: Sequence[CheckpointInfo], expect_articles: int | None,
+    expect_rows: int | None, partial: bool,
+) -> list[tuple[int, int]]:
+    """Raise unless ``infos`` (by start index) form the whole run; with ``partial``, the ranges
+    ``[start, end)`` that the result will lack, joined and sorted."""
+    # The file a cluster no longer holds first: it names where the rows are, which
+    # the general "rows missing" (past total_rows, or a gap) cannot.
+    only_left_out = _rows_only_left_out(left_out, infos, partial)
+    return _union(only_left_out + validate_plan(infos, expect_articles, expect_rows=expect_rows, partial=partial))

@@ -1,0 +1,14 @@
+"""The merged result: its spec, its two forms' writers, the staging area and the publish, ``load()``.
+
+The merge (``merging/merge.py``) decides an :class:`OutputSpec` once, stages
+legacy checkpoints' bytes in its :class:`~.scratch.Scratch`, fills the writer
+the spec opens, then publishes the staging area atomically.
+"""
+
+from .forms import LEGACY_KEYS, ArticlesFormat, parquet_available
+from .load import load
+from .parquet_rows import ParquetRowWriter
+from .spec import OUTPUT_DTYPES, OutputSpec
+
+__all__ = ["LEGACY_KEYS", "OUTPUT_DTYPES", "ArticlesFormat", "OutputSpec", "ParquetRowWriter", "load",
+           "parquet_available"]

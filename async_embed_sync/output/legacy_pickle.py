@@ -1,0 +1,209 @@
+"""The legacy pickle: the legacy dict as one pickle stream, assembled opcode by opcode.
+
+Its rows have a known place in the file, :data:`ROWS_OFFSET`, known before
+its size: they are written there as they arrive (or were already, in the
+scratch rows file that becomes the output), while the articles are appended
+after them; nothing is staged twice. It loads with plain ``pickle.load``,
+under numpy 1.x and 2.x alike.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import struct
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..merging.checkpoints import NpyCheckpoint
+from ..merging.row_blocks import RowBlock
+from ..merging.rows import python_values
+from .files import EmbeddingsRegion, PreallocatedFile, append_copied
+from .forms import LEGACY_KEYS
+from .scratch import Scratch, ScratchFile, StagedCheckpoint
+from .writer import OutputWriter
+
+
+class _NumpyScalarFound(Exception):
+    pass
+
+
+class _PlainValuesPickler(pickle.Pickler):
+    # Still the C pickler: it asks reducer_override only about objects that
+    # are not plain Python values, so rows without numpy scalars cost nothing more.
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, np.generic):
+            raise _NumpyScalarFound
+        return NotImplemented
+
+
+def _pickle_body(value: Any) -> bytes:
+    """The opcodes that push ``value``, without the protocol header and STOP.
+
+    Protocol 3 has no frames, so such bodies can be laid end to end inside
+    a larger stream; no memo (``fast``), so none refers to another. A numpy
+    scalar in ``value`` is written as the Python scalar of its value, as a
+    bundle's JSON has it: the output loads the same under any numpy, and an
+    ``np.int64`` id stays an ``int``.
+    """
+    stream = io.BytesIO()
+    pickler = _PlainValuesPickler(stream, protocol=3)
+    pickler.fast = True  # also several times faster on many small dicts
+    try:
+        pickler.dump(value)
+    except _NumpyScalarFound:
+        return _pickle_body(python_values(value))
+    data = stream.getvalue()
+    return data[2:-1]
+
+
+class PickledArticles:
+    """The article list of the legacy pickle: APPENDS batches written after an EMPTY_LIST, block by block."""
+
+    def __init__(self, stream: Any):
+        self._stream = stream
+        self._stream.write(pickle.EMPTY_LIST)
+
+    @staticmethod
+    def encode(block: RowBlock) -> bytes:
+        """The bytes that :meth:`add_block` appends for ``block``."""
+        rows = block.article_rows()
+        # A pickled list's body is EMPTY_LIST then its APPEND(S): without the
+        # EMPTY_LIST, the rows append to the list already on the stack.
+        return _pickle_body(rows)[1:] if rows else b""
+
+    def add_block(self, block: RowBlock) -> None:
+        self._stream.write(self.encode(block))
+
+    def add_lines(self, checkpoint: NpyCheckpoint) -> None:
+        pass  # its articles came with its blocks
+
+    def add_encoded(self, scratch: ScratchFile, offset: int, length: int, source: Path) -> None:
+        """Append ``length`` bytes made by :meth:`encode` from the rows of ``source``, at ``offset`` of ``scratch``."""
+        append_copied(self._stream, scratch.fd, [(offset, length)])
+
+    def finish(self) -> None:
+        pass  # the writer closes the stream
+
+    def close(self) -> None:
+        pass
+
+
+# The rows' bytes are memo entry 0 of the legacy pickle; nothing else in it is memoized.
+_ROWS_MEMO = bytes([0])
+
+# The legacy pickle's rows start at a multiple of this in the file: mapped by
+# load(), they are then aligned for any float dtype (an unaligned array is
+# copied by many numpy and BLAS operations).
+_ROWS_ALIGNMENT = 64
+
+
+def _legacy_pickle_head(nbytes: int) -> bytes:
+    """The legacy pickle up to its ``nbytes`` of rows, which follow; its length does not depend on ``nbytes``.
+
+    The rows come first, as one bytes payload: the array made of them can be
+    described only once its shape is known (see :func:`_legacy_pickle_array`).
+    """
+    start = pickle.PROTO + bytes([4])  # BINBYTES8, for rows beyond 4 GiB
+    rows = pickle.BINBYTES8 + struct.pack("<Q", nbytes)
+    # Padding that puts the rows at their alignment: a bytes value, pushed and dropped.
+    padding = -(len(start) + 3 + len(rows)) % _ROWS_ALIGNMENT
+    return start + pickle.SHORT_BINBYTES + bytes([padding]) + bytes(padding) + pickle.POP + rows
+
+
+def _legacy_pickle_array(shape: tuple[int, int], dtype: np.dtype) -> bytes:
+    """What follows the rows: they are memoized and dropped, then the dict opens with the array made of them.
+
+    The array is rebuilt as ``ndarray.__reduce_ex__(4)`` describes one
+    (``_reconstruct``, then ``__setstate__`` with the raw bytes), a form that
+    numpy 1.x and 2.x both load; protocol 5's ``_frombuffer`` is named
+    ``numpy._core.numeric`` by numpy 2, a module numpy 1.x does not have.
+    Every name is the installed numpy's own; only the shape and the bytes are ours.
+    """
+    template = np.empty((0, shape[1]), dtype)
+    reconstruct, arguments, (version, _, state_dtype, fortran_order, _) = template.__reduce_ex__(4)
+    return b"".join(
+        [
+            pickle.BINPUT + _ROWS_MEMO,
+            pickle.POP,
+            pickle.EMPTY_DICT,
+            pickle.MARK,
+            _pickle_body("embeddings"),
+            _pickle_body(reconstruct),
+            _pickle_body(arguments),
+            pickle.REDUCE,
+            pickle.MARK,
+            _pickle_body(version),
+            _pickle_body(tuple(int(size) for size in shape)),
+            _pickle_body(state_dtype),
+            _pickle_body(fortran_order),
+            pickle.BINGET + _ROWS_MEMO,
+            pickle.TUPLE,
+            pickle.BUILD,
+        ]
+    )
+
+
+# Where the rows start in the file, whatever their size: the scratch rows
+# file of legacy checkpoints starts them there too (see output/scratch.py).
+ROWS_OFFSET = len(_legacy_pickle_head(0))
+
+
+class LegacyPickleWriter(OutputWriter):
+    """The legacy dict, one pickle stream written in one pass, loadable with plain ``pickle.load``.
+
+    Layout (protocol 4, no frames)::
+
+        <padding> BINBYTES8 <rows> -> memo 0
+        {'embeddings': _reconstruct(ndarray, (0,), b'b') + __setstate__((1, shape, dtype, False, memo 0)),
+         'articles': [APPENDS batches ...], 'total_articles': ..., ...}
+
+    which is what ``pickle.dump`` of the legacy merge's array gave (protocol
+    4), so it loads as a writable ndarray as that one did, under numpy 1.x
+    and 2.x alike. The array bytes sit at a known offset: rows are written
+    there as they come while the articles are appended after the array, so
+    nothing is staged twice.
+
+    Where the scratch rows file already holds every row, in order, from
+    :data:`ROWS_OFFSET` (the legacy checkpoints ``staged`` there, in index
+    order, were all there is), it becomes this output, and only what
+    precedes and follows the rows is written.
+    """
+
+    def __init__(
+        self, path: Path, shape: tuple[int, int], dtype: np.dtype, scratch: Scratch,
+        staged: Sequence[StagedCheckpoint] = (),
+    ):
+        dtype = np.dtype(dtype)
+        self.path = path
+        self.scratch = scratch
+        nbytes = shape[0] * shape[1] * dtype.itemsize
+        head = _legacy_pickle_head(nbytes)
+        tail = _legacy_pickle_array(shape, dtype)
+        rows_in_place = scratch.rows_in_place(staged, nbytes)
+        if rows_in_place is not None:
+            os.replace(rows_in_place, path)
+        self._file = PreallocatedFile(path, len(head) + nbytes, keep_contents=rows_in_place is not None)
+        self._file.write_at(head, 0)
+        self.embeddings = EmbeddingsRegion(self._file, len(head), shape, dtype)
+        self._stream = open(path, "r+b")
+        self._stream.seek(len(head) + nbytes)
+        self._stream.write(tail + _pickle_body("articles"))
+        self.articles = PickledArticles(self._stream)
+
+    def finish(self, metadata: Mapping[str, Any]) -> None:
+        """Write the remaining keys (every legacy key but the first two) and close."""
+        self.embeddings.check_complete()
+        for key in LEGACY_KEYS[2:]:
+            self._stream.write(_pickle_body(key) + _pickle_body(metadata[key]))
+        self._stream.write(pickle.SETITEMS + pickle.STOP)
+        self.close()
+
+    def close(self) -> None:
+        self._stream.close()
+        self._file.close()
+
