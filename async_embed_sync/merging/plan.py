@@ -8,7 +8,7 @@ overlaps, by checkpoints of one dimension, one model and float dtypes.
 from __future__ import annotations
 
 import re
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +68,17 @@ def validate_plan(
             raise problem
         missing.append((start, end))
 
+    _check_ranges(infos, expect_rows, lacking)
+    _check_alike(infos)
+    articles = sum(info.article_rows for info in infos)
+    if expect_articles is not None and articles != expect_articles:
+        raise MergeValidationError(f"{expect_articles:,} articles were expected but the checkpoints hold {articles:,}.")
+    return missing
+
+
+def _check_ranges(infos: Sequence[CheckpointInfo], expect_rows: int | None,
+                  lacking: Callable[[int, int, MergeValidationError], None]) -> None:
+    """Overlaps raise; each gap (at the start, between, at the declared end) goes to ``lacking``."""
     first = infos[0]
     if first.start_index != 0:
         lacking(0, first.start_index, MergeValidationError(
@@ -94,6 +105,11 @@ def validate_plan(
                 f"{last.path} ends at index {last.end_index:,}, past the run's {rows:,} rows ({declared_by}).")
         if last.end_index < rows:
             lacking(last.end_index, rows, RowsMissingError(rows, declared_by, last.end_index, str(last.path)))
+
+
+def _check_alike(infos: Sequence[CheckpointInfo]) -> None:
+    """One dimension, one model, float values, in every checkpoint."""
+    first = infos[0]
     for info in infos:
         if info.dim != first.dim:
             raise MergeValidationError(f"{first.path} has dimension {first.dim} but {info.path} has {info.dim}.")
@@ -103,10 +119,6 @@ def validate_plan(
             )
         if not np.issubdtype(info.dtype, np.floating):
             raise MergeValidationError(f"{info.path} holds {info.dtype} values, not floats.")
-    articles = sum(info.article_rows for info in infos)
-    if expect_articles is not None and articles != expect_articles:
-        raise MergeValidationError(f"{expect_articles:,} articles were expected but the checkpoints hold {articles:,}.")
-    return missing
 
 
 def _rows_only_left_out(left_out: Sequence[Path], infos: Sequence[CheckpointInfo], partial: bool
