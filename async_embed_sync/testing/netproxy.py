@@ -1,48 +1,22 @@
-"""A TCP proxy that behaves like a slow, breakable network link.
+"""A TCP proxy that behaves like a slow, breakable network link (no kernel ``netem`` here).
 
-Used by the tests, the demo and the benchmarks to put latency, a rate limit
-and faults between an SSH client and a server that both run on loopback
-(kernel ``netem`` is not available on the machines this project runs on).
+Per direction: one serialiser of ``rate`` shared by every connection (four
+connections together get ``rate``, as on a real link; each chunk is
+scheduled after the previous chunk's scheduled end, so timer lateness never
+lowers the rate), then ``delay`` one way, with at most ``buffer_bytes``
+queued per connection before TCP pushes back.
 
-The link model, per direction (client->server and server->client):
+Faults fire at counts of bytes delivered to the client over the proxy's
+life (``bytes_to_client``), never at times, so tests are deterministic:
+``cut_after`` (one count or an increasing list: every open connection is
+cut after exactly that many bytes; new ones are accepted) and
+``stall_after`` (forwarding stops, sockets stay open, until ``resume()``).
+At run time: ``cut_now()``, ``stall()``, ``resume()``, ``set_cut_after()``.
 
-* **rate**: one serialiser shared by every connection through the proxy, as
-  on a real link: four connections together get ``rate``, not four times it.
-  Each chunk occupies the link for ``len / rate`` seconds, scheduled after the
-  previous chunk's *scheduled* end, never after ``now``; pacing against
-  ``now`` would lose the timer's lateness on every chunk and fall short of the
-  rate.
-* **delay**: each chunk is delivered ``delay`` seconds (one way) after it has
-  left the serialiser.
-* **buffer**: at most ``buffer_bytes`` wait in the proxy per connection and
-  direction; beyond that the proxy stops reading and TCP pushes back on the
-  sender, as a router queue does.
-
-Faults are triggered by byte counts, never by wall-clock time, so that tests
-are deterministic. All counts are of bytes *delivered to the client*
-(server->client), summed over the proxy's whole life and all its connections
-(``bytes_to_client``):
-
-* ``cut_after``: one count or an increasing list of counts. Each time
-  ``bytes_to_client`` reaches one, exactly that many bytes have been delivered
-  and every open connection is cut (the server side is aborted, the client
-  side closed after the delivered bytes). New connections are accepted
-  afterwards: a list emulates a link that drops again and again.
-* ``stall_after``: when ``bytes_to_client`` reaches it, forwarding stops in
-  both directions but every socket stays open, like a silently dead link,
-  until ``resume()``.
-
-Runtime controls: ``cut_now()``, ``stall()``, ``resume()``,
-``set_cut_after(...)``, called from the proxy's own event loop.
-
-Three ways to run it:
-
-* ``async with LinkProxy(host, port, delay=0.025) as proxy: ... proxy.port``
-* ``with run_in_thread(host, port, ...) as proxy:`` from synchronous code;
-* ``python -m async_embed_sync.testing.netproxy --target HOST:PORT --delay-ms 25
-  --rate-mbit 400``, which prints the listening port on its first line and
-  runs until it is terminated (a process of its own keeps the proxy's copying
-  off the caller's GIL).
+Run it as ``async with LinkProxy(host, port, delay=0.025) as proxy``, as
+``with run_in_thread(host, port, ...)`` from synchronous code, or as
+``python -m async_embed_sync.testing.netproxy --target HOST:PORT
+--delay-ms 25 --rate-mbit 400`` (prints its port, runs until terminated).
 """
 
 from __future__ import annotations
