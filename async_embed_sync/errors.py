@@ -489,6 +489,12 @@ class CheckpointError(AsyncEmbedSyncError):
         self.problem = problem
         super().__init__(f"Checkpoint {path}: {problem}")
 
+    @classmethod
+    def unreadable(cls, exc: OSError, path: str | os.PathLike,
+                   checkpoint: str | os.PathLike | None = None) -> CheckpointError:
+        """``path`` (a checkpoint's file) could not be read: said of ``checkpoint``, ``path`` by default."""
+        return cls(str(checkpoint or path), f"cannot be read: {os_error_problem(exc, path)}")
+
 
 class UnsafePickleError(CheckpointError):
     def __init__(self, path: str, global_name: str):

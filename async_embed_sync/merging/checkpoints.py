@@ -23,7 +23,7 @@ from typing import Any, BinaryIO
 import numpy as np
 from numpy.lib import format as npy_format
 
-from ..errors import CheckpointError, os_error_problem
+from ..errors import CheckpointError
 from ..layout import DownloadLayout
 from .digest import as_bytes
 from .jsonl_index import index_jsonl
@@ -213,7 +213,7 @@ class NpyCheckpoint(Checkpoint):
         try:
             return open(path, "rb")
         except OSError as exc:
-            raise CheckpointError(str(path), f"cannot be read: {os_error_problem(exc, path)}") from exc
+            raise CheckpointError.unreadable(exc, path) from exc
 
     def _read_sidecar(self) -> dict:
         with self._open(self.sidecar_path) as stream:

@@ -17,7 +17,7 @@ from typing import BinaryIO
 import numpy as np
 import orjson
 
-from ..errors import CheckpointError, os_error_problem
+from ..errors import CheckpointError
 from .rows import is_article
 
 # The key "kind", each letter possibly escaped: a line without a match has no
@@ -169,7 +169,7 @@ def parse_jsonl_span(path: Path, offset: int, length: int, first_line: int, sour
                 parsed += cut
                 yield rows
     except OSError as exc:
-        raise CheckpointError(str(source), f"cannot be read: {os_error_problem(exc, path)}") from exc
+        raise CheckpointError.unreadable(exc, path, source) from exc
     if parsed != length:
         raise CheckpointError(str(source), "the file shrank while it was read.")
 

@@ -18,7 +18,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from ..errors import CheckpointError, UnsafePickleError, os_error_problem
+from ..errors import CheckpointError, UnsafePickleError
 
 # Whatever can go wrong inside an unpickler fed hostile or torn bytes, short of
 # our own refusals: a truncated stream, a bad opcode argument, a REDUCE whose
@@ -138,7 +138,7 @@ def restricted_load(
             str(path), f"not a readable pickle (truncated or corrupt: {exc!r})."
         ) from exc
     except OSError as exc:
-        raise CheckpointError(str(path), f"cannot be read: {os_error_problem(exc, path)}") from exc
+        raise CheckpointError.unreadable(exc, path) from exc
 
 
 # A payload (the bytes of an array) at least this large is mapped from the file, not read.
