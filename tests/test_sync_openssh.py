@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from openssh import keygen
+from reliability_helpers import assert_mirrored
 
 from async_embed_sync.cli import main
 from async_embed_sync.config import load_config
@@ -41,8 +42,7 @@ def _sync(config_path: Path, download_dir: Path, **options):
 def _assert_mirrored(remote_dir: Path, local_dir: Path) -> None:
     expected = sorted(p.name for p in remote_dir.iterdir() if p.suffix != ".txt")
     assert sorted(p.name for p in local_dir.iterdir()) == expected
-    for name in expected:
-        assert (local_dir / name).read_bytes() == (remote_dir / name).read_bytes(), name
+    assert_mirrored(remote_dir, local_dir, expected)
 
 
 def test_two_clusters_byte_identical_then_incremental(openssh, tmp_path, write_config):
