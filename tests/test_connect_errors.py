@@ -107,4 +107,5 @@ async def test_a_default_key_that_is_no_key_is_said_before_connecting(tmp_path, 
     target = _target(tmp_path, write_config, host="tensor01.invalid")
     with pytest.raises(ConfigError) as info:
         await ClusterRemote.connect(target.cluster, timeout=10)
-    assert "cluster 'tensor01': the key" in str(info.value) and "cannot be used" in str(info.value), str(info.value)
+    key = home / ".ssh" / "id_ed25519"
+    assert f"cluster 'tensor01': the key {key} cannot be used (" in str(info.value), str(info.value)

@@ -321,6 +321,14 @@ class _Identities:
         return None
 
 
+def _unreadable_default_keys() -> list[str]:
+    """The ``~/.ssh/id_*`` files that asyncssh, loading the default keys itself, cannot read as keys."""
+    folder = Path("~/.ssh").expanduser()
+    candidates = sorted(folder.glob("id_*")) if folder.is_dir() else []
+    return [str(path) for path in candidates
+            if path.suffix != ".pub" and not path.name.endswith("-cert") and _opens(str(path)) is False]
+
+
 def _opens(filename: str, passphrase: str | None = None) -> bool | None:
     """Whether the key file opens (with ``passphrase``): False where it is
     encrypted and the passphrase is missing or wrong, or it is no key asyncssh
@@ -494,8 +502,8 @@ def _translation(exc: Exception, target: SSHTarget, *, connecting: bool, name: s
         # reads: its load_default_keypairs lets KeyImportError through. The
         # configured keys are loaded by _Identities, which says why one fails.
         hint = "" if cluster.passphrase else "; set its passphrase, load it into ssh-agent, or run in a terminal"
-        return ConfigError(cluster.source, f"cluster {cluster.name!r}: the key "
-                                           f"{', '.join(target.identity_files)} cannot be used "
+        keys = ", ".join(target.identity_files or _unreadable_default_keys()) or "in ~/.ssh"
+        return ConfigError(cluster.source, f"cluster {cluster.name!r}: the key {keys} cannot be used "
                                            f"({exc}{hint}).")
     if isinstance(exc, asyncssh.SFTPError):
         return _sftp_error(target, exc, name, remote_dir)
