@@ -15,6 +15,7 @@ import hashlib
 from collections import Counter
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import anyio
@@ -89,6 +90,16 @@ class MemoryServer:
         self.reads: list[ServedRead] = []
         self.served: Counter[tuple[str, str]] = Counter()  # bytes per (cluster, name)
         self.open_reads: Counter[str] = Counter()
+
+    @classmethod
+    def serving(cls, root: Path, **options: int) -> MemoryServer:
+        """Each folder of ``root`` a cluster, and its files that cluster's."""
+        return cls({folder.name: {path.name: path.read_bytes() for path in folder.iterdir()}
+                    for folder in sorted(root.iterdir())}, **options)
+
+    def file(self, cluster: str, name: str) -> MemoryFile:
+        """The file as served, to script its faults on."""
+        return self.clusters[cluster].files[name]
 
     def entries(self) -> dict[str, dict[str, object]]:
         """The clusters' ``credentials.json`` entries."""
