@@ -71,6 +71,22 @@ async def test_a_file_that_changes_mid_copy_is_fetched_again_as_its_new_version(
     assert (tmp_path / "dl" / "tensor01" / "a.pkl").read_bytes() == new_version
 
 
+async def test_a_file_that_changes_during_every_copy_is_given_up_after_retries_changed_copies(
+        tmp_path, write_config):
+    retries = 2
+    server = _serve(tmp_path, {"tensor01": {"a.pkl": MiB, "b.npy": 64 * KiB}})
+    file = server.file("tensor01", "a.pkl")
+    file.change_at, file.changed_to, file.changes = 300_000, b"still being written" * 60_000, 99
+    report = await _sync(tmp_path, write_config, server, retries=retries)
+    # Each copy "gains" bytes, so changes are counted apart from progress: retries + 1 copies, no more.
+    assert server.offsets("tensor01", "a.pkl") == [0] * (retries + 1)
+    assert report.clusters["tensor01"].errors == [
+        "Cluster 'tensor01': a.pkl changed on the server while it was being copied (its size or "
+        "modification time changed); nothing was put in its place. Is it still being written?"]
+    assert not (tmp_path / "dl" / "tensor01" / "a.pkl").exists()
+    assert_mirrored(tmp_path / "srv" / "tensor01", tmp_path / "dl" / "tensor01", ["b.npy"])
+
+
 @pytest.mark.parametrize("wrong", [1, 2], ids=["once", "again"])
 async def test_a_wrong_hash_earns_one_fresh_download_then_a_verification_error(tmp_path, write_config, wrong):
     server = _serve(tmp_path, {"tensor01": {"a.pkl": 256 * KiB}})

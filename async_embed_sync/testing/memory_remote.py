@@ -38,14 +38,15 @@ CLOSED = "the connection was closed"  # by the client, under a request still wai
 
 @dataclass
 class MemoryFile:
-    """One file and its faults, each at an offset into the file, each once."""
+    """One file and its faults, each at an offset into the file, each once (a change: ``changes`` times)."""
 
     data: bytes
     mtime: int = 1_700_000_000
     drop_at: list[int] = field(default_factory=list)  # the link is cut when a read gets there
     stall_at: int | None = None  # a read getting there stalls the link: cut after ``timeout``
-    change_at: int | None = None  # a read getting there finds the file rewritten as ``changed_to``
-    changed_to: bytes = b""
+    change_at: int | None = None  # a read getting there finds the file rewritten as ``changed_to``,
+    changed_to: bytes = b""        # with a new mtime: so do the next ``changes - 1`` reads getting there
+    changes: int = 1
     wrong_hashes: int = 0  # sha256 answers a wrong digest this many times
 
 
@@ -186,8 +187,8 @@ class MemoryRemote:
 
     async def _at(self, name: str, file: MemoryFile, position: int) -> None:
         """The faults scripted at ``position``, each once."""
-        if position == file.change_at:
-            file.change_at, file.data, file.mtime = None, file.changed_to, file.mtime + 1
+        if position == file.change_at and file.changes:
+            file.changes, file.data, file.mtime = file.changes - 1, file.changed_to, file.mtime + 1
         if position in file.drop_at:
             file.drop_at.remove(position)
             raise self._dropped(name)
@@ -217,7 +218,7 @@ class _MemoryRead(FileRead):
         while position < self._end:
             file = await remote._answer(name)
             await remote._at(name, file, position)
-            faults = [o for o in (*file.drop_at, file.stall_at, file.change_at) if o is not None and o > position]
+            faults = [o for o in (*file.drop_at, file.stall_at, file.change_at) if (o or 0) > position]
             chunk = file.data[position:min(self._end, position + server.chunk_size, *faults)]
             if not chunk:
                 return  # the file ends early: no closing stat
