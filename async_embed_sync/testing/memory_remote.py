@@ -186,7 +186,7 @@ class MemoryRemote:
         return ConnectionDroppedError(self.cluster.name, name, f"connection lost ({self._lost})")
 
     async def _at(self, name: str, file: MemoryFile, position: int) -> None:
-        """The faults scripted at ``position``, each once."""
+        """The faults scripted at ``position``."""
         if position == file.change_at and file.changes:
             file.changes, file.data, file.mtime = file.changes - 1, file.changed_to, file.mtime + 1
         if position in file.drop_at:
