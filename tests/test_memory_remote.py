@@ -157,13 +157,14 @@ async def test_slots_are_shared_fairly_between_many_small_files_and_few_large_on
     assert report.ok, {c: r.errors for c, r in report.clusters.items()}
     assert server.most_reads_in_flight == 4
     # "large" had both its files in flight while "busy" had most of its own
-    # still to fetch, and "busy" went on meanwhile, within its share.
+    # still to fetch (a first-come queue would have served busy's 40 first),
+    # and "busy" went on meanwhile, within its share. (Once one of the large
+    # files is done, "large" needs one slot and "busy" may take three.)
     large = [index for index, read in enumerate(server.reads) if read.cluster == "large"]
-    assert [read.cluster for read in server.reads[:max(large)]].count("busy") <= 4, server.reads
-    assert any(read.in_flight.get("large") == 2 for read in server.reads)
-    while_large_reads = [read.in_flight.get("busy", 0) for read in server.reads if read.in_flight.get("large")]
-    assert max(while_large_reads) == 2, while_large_reads
-    assert any(read.cluster == "busy" and read.in_flight.get("large") == 2 for read in server.reads)
+    assert [read.cluster for read in server.reads[:max(large)]].count("busy") <= 10, server.reads
+    both_large = [read for read in server.reads if read.in_flight.get("large") == 2]
+    assert any(read.cluster == "busy" for read in both_large), server.reads
+    assert max(read.in_flight.get("busy", 0) for read in both_large) == 2, server.reads
     for cluster in ("busy", "large"):
         assert_mirrored(tmp_path / "srv" / cluster, tmp_path / "dl" / cluster)
 
