@@ -1,7 +1,8 @@
 """A cluster's files as the sync sees them, and the one shape every way of reaching them has.
 
 ``RemoteFile`` is a listed file; ``check_remote_name`` keeps a server-supplied
-name from ever becoming a path. ``FileAccess`` is what SFTP (``sftp_files.py``)
+name from ever becoming a path, and ``checkpoint_entry`` is the one listing
+filter (patterns, then that check) every remote applies. ``FileAccess`` is what SFTP (``sftp_files.py``)
 and exec channels (``shell.py``) both offer the facade (``remote.py``), and
 ``FileRead`` is one read of a byte range: the chunks, then, separately, the
 size and mtime the server reports after the last read.
@@ -9,6 +10,7 @@ size and mtime the server reports after the last read.
 
 from __future__ import annotations
 
+import fnmatch
 import posixpath
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
@@ -52,6 +54,20 @@ def check_remote_name(cluster: str, name: str) -> None:
         why = f"is longer than {MAX_NAME_BYTES} bytes"
     if why:
         raise UnsafeRemoteNameError(cluster, name, why)
+
+
+def checkpoint_entry(cluster: ClusterConfig, name: str, size: int,
+                     mtime: int) -> RemoteFile | UnsafeRemoteNameError | None:
+    """A listed entry as the sync takes it: None unless one of the cluster's
+    patterns matches; the error that refuses a name that is not a plain file
+    name; else the checkpoint."""
+    if not any(fnmatch.fnmatchcase(name, p) for p in cluster.patterns):
+        return None
+    try:
+        check_remote_name(cluster.name, name)
+    except UnsafeRemoteNameError as exc:
+        return exc
+    return RemoteFile(name, size, mtime)
 
 
 def remote_path(cluster: ClusterConfig, name: str) -> str:

@@ -10,7 +10,6 @@ remote, so that another (one serving files from memory) can stand in for it.
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import AbstractContextManager
 from typing import Protocol
@@ -23,6 +22,7 @@ from .files import (
     Listing,
     RemoteFile,
     check_remote_name,
+    checkpoint_entry,
     remote_path,
 )
 from .hashes import Sha256Batcher
@@ -184,14 +184,9 @@ class ClusterRemote:
         remote_dir = self.cluster.remote_dir
         with translate_errors(self.target, remote_dir=remote_dir):
             async for name, size, mtime in self._files.scan():
-                if not any(fnmatch.fnmatchcase(name, p) for p in self.cluster.patterns):
-                    continue
-                try:
-                    check_remote_name(self.cluster.name, name)
-                except UnsafeRemoteNameError as exc:
-                    yield exc
-                    continue
-                yield RemoteFile(name, size, mtime)
+                entry = checkpoint_entry(self.cluster, name, size, mtime)
+                if entry is not None:
+                    yield entry
 
     async def stat(self, name: str) -> RemoteFile:
         with translate_errors(self.target, name=name):
