@@ -152,6 +152,9 @@ async def test_slots_are_shared_fairly_between_many_small_files_and_few_large_on
     # files ask for slots before "large" has listed its 2.
     server = _serve(tmp_path, {"busy": {f"s{i:02d}.npy": 16 * KiB for i in range(40)},
                                "large": {"big0.pkl": 2 * MiB, "big1.pkl": 2 * MiB}})
+    # The large files come over a slow link (32 chunks, 5 ms each), so that
+    # they are in flight together for a while however busy the machine is.
+    server.clusters["large"].chunk_delay = 0.005
     assert list(server.entries()) == ["busy", "large"]
     report = await _sync(tmp_path, write_config, server, max_parallel=4)
     assert report.ok, {c: r.errors for c, r in report.clusters.items()}

@@ -55,6 +55,7 @@ class MemoryCluster:
     files: dict[str, MemoryFile]
     shell: bool = True  # without one, sha256 answers None: files are verified by size
     refused: set[int] = field(default_factory=set)  # connect attempts refused (0: the first)
+    chunk_delay: float = 0.0  # seconds before each chunk arrives: a slow link, so reads overlap in time
 
 
 @dataclass(frozen=True)
@@ -216,6 +217,8 @@ class _MemoryRead(FileRead):
         remote, server, name = self._remote, self._remote._server, self._name
         position = self._offset
         while position < self._end:
+            if remote._files.chunk_delay:
+                await anyio.sleep(remote._files.chunk_delay)
             file = await remote._answer(name)
             await remote._at(name, file, position)
             faults = [o for o in (*file.drop_at, file.stall_at, file.change_at) if (o or 0) > position]
