@@ -327,6 +327,19 @@ def test_no_checkpoints_is_an_error(tmp_path: Path) -> None:
         merge_checkpoints(tmp_path / "downloads", tmp_path / "merged.pkl")
 
 
+@pytest.mark.parametrize("output", ["made/for/it/merged.pkl", "made/for/it/bundle"])
+def test_a_failed_merge_removes_the_folders_it_made_for_its_output_and_only_those(tmp_path: Path, output) -> None:
+    (tmp_path / "downloads" / "tensor01").mkdir(parents=True)
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "notes.txt").write_text("the user's")
+
+    for where in (tmp_path / output, tmp_path / "kept" / output):
+        with pytest.raises(MergeValidationError, match="no checkpoints"):
+            merge_checkpoints(tmp_path / "downloads", where)
+    left = sorted(str(path.relative_to(tmp_path)) for path in tmp_path.rglob("*"))
+    assert left == ["downloads", "downloads/tensor01", "kept", "kept/notes.txt"]
+
+
 def test_unknown_output_dtype_is_refused(tmp_path: Path) -> None:
     _run(tmp_path / "downloads")
 

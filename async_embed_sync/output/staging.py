@@ -89,10 +89,13 @@ class StagingArea:
         self.spec = spec
         self.output = spec.path
         self.path = self.output  # replaced on entry
+        self._made_folders: list[Path] = []  # the output's missing parents, made here, innermost first
 
     def __enter__(self) -> StagingArea:
         self.spec.check_path()
         with translating_local_errors(self.output, "write", AFTER_MERGE):
+            parent = self.output.parent
+            self._made_folders = [folder for folder in (parent, *parent.parents) if not folder.exists()]
             self.output.parent.mkdir(parents=True, exist_ok=True)
             remove_stale_staging(self.output)
             self.path = _make_staging_directory(self.output)
@@ -106,6 +109,14 @@ class StagingArea:
     ) -> None:
         # After a publish of a bundle the directory has moved away: nothing left.
         shutil.rmtree(self.path, ignore_errors=True)
+        if exc_type is not None:
+            # A merge that failed leaves no trace, not even the folders it
+            # made for its output; rmdir removes a folder only while empty.
+            for folder in self._made_folders:
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
 
 
 def _replace_directory(source: Path, target: Path) -> None:
