@@ -236,6 +236,8 @@ async def _sync_cluster(cluster: ClusterConfig, layout: DownloadLayout, slots: F
                         pending += 1
                         run.kept[entry.name] = local.kept
                         progress.add_total(entry.size)
+                        # Hashed on the server while the files travel, in a few large batches.
+                        remote.prefetch_sha256(entry.name, entry.size)
                         tasks.start_soon(_sync_file, run, entry)
             except AsyncEmbedSyncError as exc:
                 # Raised here, it would reach the caller wrapped in the task
