@@ -191,3 +191,13 @@ async def test_up_to_date_files_are_not_read_again(tmp_path, write_config):
     report = await _sync(tmp_path, write_config, server)
     assert report.ok and report.clusters["tensor01"].skipped == 1
     assert [read.name for read in server.reads[served:]] == ["b.pkl"]
+
+
+async def test_the_hash_of_every_file_to_fetch_is_asked_for_as_the_listing_names_it(tmp_path, write_config):
+    server = _serve(tmp_path, {"tensor01": {"a.pkl": 64 * KiB, "b.pkl": 64 * KiB, "c.pkl": 64 * KiB}})
+    await _sync(tmp_path, write_config, server)
+    assert sorted(server.prefetched) == [("tensor01", n) for n in ("a.pkl", "b.pkl", "c.pkl")]
+    server.file("tensor01", "b.pkl").mtime += 1
+    server.prefetched.clear()
+    report = await _sync(tmp_path, write_config, server)
+    assert report.ok and server.prefetched == [("tensor01", "b.pkl")]  # not the up-to-date ones

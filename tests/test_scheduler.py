@@ -113,3 +113,37 @@ def test_cancelled_waiter_does_not_leak_a_slot():
         await asyncio.wait_for(holder(), 1)
 
     asyncio.run(scenario())
+
+
+
+def test_the_byte_budget_admits_small_files_and_holds_back_a_large_one():
+    """Files in flight are capped by count and by the bytes they may hold: a
+    large file waits while small ones fill the budget, and one larger than
+    the whole budget goes alone."""
+    async def main():
+        slots = FairSlots(8, byte_budget=100)
+        slots.register("a")
+        slots.set_need("a", 4)
+        inside: dict[str, int] = {}
+        done = {name: asyncio.Event() for name in ("s1", "s2", "big", "huge")}
+
+        async def file(name, cost):
+            async with slots.slot("a", cost):
+                inside[name] = cost
+                await done[name].wait()
+                del inside[name]
+
+        tasks = [asyncio.ensure_future(file(n, c)) for n, c in
+                 [("s1", 30), ("s2", 30), ("big", 60), ("huge", 500)]]
+        await asyncio.sleep(0.01)
+        assert set(inside) == {"s1", "s2"}  # 60 + 60 would exceed 100
+        done["s1"].set()
+        await asyncio.sleep(0.01)
+        assert set(inside) == {"s2", "big"}
+        done["s2"].set()
+        done["big"].set()
+        await asyncio.sleep(0.01)
+        assert set(inside) == {"huge"}  # over the budget alone, once nothing else is in flight
+        done["huge"].set()
+        await asyncio.gather(*tasks)
+    asyncio.run(main())

@@ -296,6 +296,22 @@ async def test_remote_hashes_are_batched_and_every_file_verified(tmp_path, embed
     assert_mirrored(remote, tmp_path / "dl" / "tensor01", names)
 
 
+async def test_every_files_hash_is_asked_for_at_the_listing_not_per_file_in_flight(tmp_path, embedded_server,
+                                                                                   write_config):
+    """One file in flight at a time, yet the hashes come in a few batches:
+    each is queued as the listing names the file, not when its transfer starts."""
+    names = {f"part{i:02d}.pkl": 50_000 + i for i in range(40)}
+    remote = make_files(tmp_path / "srv" / "ckpt", names)
+    async with embedded_server(tmp_path / "srv") as server:
+        config = write_config(tmp_path, {"tensor01": server.cluster_entry("/ckpt")})
+        report = await sync_in_process(config, tmp_path / "dl", max_parallel=1)
+    assert report.ok and report.clusters["tensor01"].verified_by == {"sha256"}
+    hashes = [c for c in server.exec_commands if c and c.startswith("sha256sum")]
+    assert sum(c.count(".pkl") for c in hashes) == 40  # each file hashed once
+    assert len(hashes) <= 4, hashes
+    assert_mirrored(remote, tmp_path / "dl" / "tensor01", names)
+
+
 async def test_wrong_host_key_refused_before_any_file_is_written(tmp_path, embedded_server,
                                                                  write_config):
     make_files(tmp_path / "srv" / "ckpt", {"a.pkl": MiB})

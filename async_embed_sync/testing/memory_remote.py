@@ -92,6 +92,7 @@ class MemoryServer:
         self.reads: list[ServedRead] = []
         self.served: Counter[tuple[str, str]] = Counter()  # bytes per (cluster, name)
         self.open_reads: Counter[str] = Counter()
+        self.prefetched: list[tuple[str, str]] = []  # (cluster, name) whose hash was asked for ahead
 
     @classmethod
     def serving(cls, root: Path, **options: int) -> MemoryServer:
@@ -169,6 +170,9 @@ class MemoryRemote:
             file.wrong_hashes -= 1
             return hashlib.sha256(b"not " + file.data).hexdigest()
         return hashlib.sha256(file.data).hexdigest()
+
+    def prefetch_sha256(self, name: str, size: int = 0) -> None:
+        self._server.prefetched.append((self.cluster.name, name))
 
     async def _answer(self, name: str) -> MemoryFile:
         """The file, once the link answers: not while it stalls, never once it is lost."""

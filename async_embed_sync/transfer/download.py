@@ -101,9 +101,19 @@ async def _transfer(remote: Remote, partial: PartialFile, progress: Progress) ->
         try:
             # No closing stat: the file ended early, which the position says.
             after = await _receive(remote, partial, progress) or remote_file
-        finally:
-            # Also after a drop: what arrived is kept, so that the retry asks
-            # only for the rest.
+        except BaseException:
+            # After a drop or a stop: what arrived is kept, so that the retry
+            # asks only for the rest.
+            await partial.checkpoint()
+            raise
+        # A small file fetched whole in this attempt, with nothing vouched
+        # for yet, goes into place without a journal save of its own first:
+        # a crash before the move fetches it again (less than a checkpoint
+        # interval); a drop or a stop while the hash is awaited saves it then.
+        whole_and_small = (partial.resumed_from == 0 and partial.state.verified_offset == 0
+                           and partial.position == remote_file.size <= CHECKPOINT_BYTES
+                           and (after.size, after.mtime) == (remote_file.size, remote_file.mtime))
+        if not whole_and_small:
             await partial.checkpoint()
         if partial.position != remote_file.size:
             raise RemoteFileChangedError(cluster, name, f"it ended at byte {partial.position}, "
@@ -111,7 +121,11 @@ async def _transfer(remote: Remote, partial: PartialFile, progress: Progress) ->
         if (after.size, after.mtime) != (remote_file.size, remote_file.mtime):
             raise RemoteFileChangedError(cluster, name, "its size or modification time changed")
         digest = partial.hasher.hexdigest()
-        expected = await remote_hash
+        try:
+            expected = await remote_hash
+        except BaseException:
+            await partial.checkpoint()
+            raise
         if expected is not None and expected != digest:
             logger.info("cluster %r: %s does not match the server's sha256: discarded", cluster, name)
             await anyio.to_thread.run_sync(partial.discard)

@@ -92,6 +92,9 @@ class Remote(Protocol):
 
     async def sha256(self, name: str) -> str | None: ...
 
+    def prefetch_sha256(self, name: str, size: int = 0) -> None:
+        """Ask now for the hash a later ``sha256(name)`` will want (a hint: may do nothing)."""
+
     async def close(self) -> None: ...
 
 
@@ -206,6 +209,12 @@ class ClusterRemote:
         """The server's ``sha256sum`` of the file, or None without a shell."""
         with translate_errors(self.target, name=name):
             return await self._hashes.sha256(remote_path(self.cluster, name))
+
+    def prefetch_sha256(self, name: str, size: int = 0) -> None:
+        """Queue the file's hash now, to be computed while the files travel;
+        the first ``sha256(name)`` takes the answer, a later one asks again
+        (after a change on the server, the retry wants the new content's)."""
+        self._hashes.prefetch(remote_path(self.cluster, name), size)
 
 
 async def _open_files(connection: Connection, cluster: ClusterConfig, channels: int,

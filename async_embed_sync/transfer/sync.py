@@ -58,7 +58,13 @@ DEFAULT_DOWNLOAD_DIR = "embeddings/checkpoints"
 
 @dataclass(frozen=True)
 class SyncOptions:
-    max_parallel: int = 8
+    # The user's cap on files in flight; the bytes in flight are capped too
+    # (``FairSlots``' budget), so many small files fill a link whose round
+    # trips a few would leave idle, and large ones stay bounded in memory.
+    max_parallel: int = 32
+    # Bytes of read window in flight over all files: each file counts
+    # min(its size, read_ahead). 8 read windows, as 8 large files in flight.
+    bytes_in_flight: int = 8 * READ_AHEAD_BYTES
     # Connect/login timeout, and how long a silent link may go unnoticed.
     timeout: float = 30.0
     # Attempts per file that make no progress before it is given up.
@@ -170,7 +176,7 @@ def sync(clusters: list[ClusterConfig], download_dir: str, progress: Progress,
 async def sync_clusters(clusters: list[ClusterConfig], download_dir: str, progress: Progress,
                         options: SyncOptions = SyncOptions()) -> SyncReport:
     layout = DownloadLayout(download_dir)
-    slots = FairSlots(options.max_parallel)
+    slots = FairSlots(options.max_parallel, options.bytes_in_flight)
     report = SyncReport({c.name: ClusterReport(c.name) for c in clusters})
     try:
         async with anyio.create_task_group() as tasks:
@@ -236,6 +242,8 @@ async def _sync_cluster(cluster: ClusterConfig, layout: DownloadLayout, slots: F
                         pending += 1
                         run.kept[entry.name] = local.kept
                         progress.add_total(entry.size)
+                        # Hashed on the server while the files travel, in a few large batches.
+                        remote.prefetch_sha256(entry.name, entry.size)
                         tasks.start_soon(_sync_file, run, entry)
             except AsyncEmbedSyncError as exc:
                 # Raised here, it would reach the caller wrapped in the task
@@ -261,7 +269,8 @@ async def _sync_cluster(cluster: ClusterConfig, layout: DownloadLayout, slots: F
 
 
 async def _sync_file(run: _ClusterRun, remote_file: RemoteFile) -> None:
-    async with run.slots.slot(run.link.cluster.name):
+    window = min(remote_file.size, run.options.read_ahead)
+    async with run.slots.slot(run.link.cluster.name, window):
         try:
             run.report.record(await _download_with_retries(run, remote_file))
         except AsyncEmbedSyncError as exc:
@@ -426,10 +435,16 @@ class FairSlots:
     slot (its files would hold them for minutes while the other link idles).
     """
 
-    def __init__(self, limit: int):
+    def __init__(self, limit: int, byte_budget: int | None = None):
         if limit < 1:
             raise ValueError("max_parallel must be at least 1")
         self._limit = limit
+        # Bytes the files in flight may hold: a file is admitted while its
+        # cost fits, or when nothing is in flight (a file larger than the
+        # budget still goes, alone).
+        self._budget = byte_budget
+        self._bytes = 0
+        self._cost: dict[asyncio.Future, int] = {}
         self._held: dict[str, int] = {}
         self._files: dict[str, int | None] = {}  # files to fetch; None: still listing
         self._finished: dict[str, int] = {}
@@ -456,24 +471,30 @@ class FairSlots:
         return None if files is None else files - self._finished[owner]
 
     @asynccontextmanager
-    async def slot(self, owner: str):
+    async def slot(self, owner: str, cost: int = 0):
+        """One file in flight; ``cost``: the bytes it may hold (its read window)."""
         waiter = asyncio.get_running_loop().create_future()
+        self._cost[waiter] = cost
         self._waiting[owner].append(waiter)
         self._dispatch()
         try:
             await waiter
         except BaseException:
             if waiter.done() and not waiter.cancelled():
-                self._release(owner)  # granted just as we were cancelled
-            elif waiter in self._waiting[owner]:
-                self._waiting[owner].remove(waiter)
+                self._release(owner, cost)  # granted just as we were cancelled
+            else:
+                self._cost.pop(waiter, None)
+                if waiter in self._waiting[owner]:
+                    self._waiting[owner].remove(waiter)
+                self._dispatch()  # a file behind it may fit now
             raise
         try:
             yield
         finally:
-            self._release(owner)
+            self._release(owner, cost)
 
-    def _release(self, owner: str) -> None:
+    def _release(self, owner: str, cost: int = 0) -> None:
+        self._bytes -= cost
         self._held[owner] -= 1
         self._finished[owner] += 1
         self._dispatch()
@@ -497,10 +518,16 @@ class FairSlots:
             for queue in self._waiting.values():
                 while queue and queue[0].cancelled():
                     queue.popleft()
-            candidates = [o for o, q in self._waiting.items() if q and self._held[o] < shares[o]]
+            candidates = [o for o, q in self._waiting.items()
+                          if q and self._held[o] < shares[o] and self._fits(self._cost.get(q[0], 0))]
             if not candidates:
                 return
             owner = min(candidates, key=lambda o: self._held[o])
             self._held[owner] += 1
             free -= 1
-            self._waiting[owner].popleft().set_result(None)
+            waiter = self._waiting[owner].popleft()
+            self._bytes += self._cost.pop(waiter, 0)
+            waiter.set_result(None)
+
+    def _fits(self, cost: int) -> bool:
+        return self._budget is None or self._bytes == 0 or self._bytes + cost <= self._budget
