@@ -434,7 +434,10 @@ def markdown_table(cells: list[Cell]) -> str:
         ours = next((c.seconds for c in same if c.tool.key == "this-tool"), None)
         peers = [c for c in same if c.tool.key != "this-tool"]
         if cell.seconds is None:
-            reason = (cell.error or "failed").splitlines()[0][:120].replace("|", "\\|")
+            error = cell.error or "failed"
+            timeouts = error.count(": timed out after ")
+            reason = (f"{timeouts} of its processes timed out" if timeouts
+                      else error.splitlines()[0][:120]).replace("|", "\\|")
             lines.append(f"| {cell.mix.label} | {cell.link.label} | {cell.tool.label} | failed: {reason} "
                          "| | | | |")
             continue
