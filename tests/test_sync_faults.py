@@ -282,33 +282,22 @@ async def test_with_a_shell_files_are_verified_by_sha256(tmp_path, embedded_serv
     assert any("sha256sum" in (command or "") for command in server.exec_commands)
 
 
-async def test_remote_hashes_are_batched_and_every_file_verified(tmp_path, embedded_server,
-                                                                  write_config):
-    names = {f"part{i:02d}.pkl": 200_000 + i for i in range(12)}
+@pytest.mark.parametrize(("files", "max_parallel", "most_calls"), [(12, 12, 11), (40, 1, 4)],
+                         ids=["all-in-flight", "one-in-flight"])
+async def test_remote_hashes_are_asked_for_at_the_listing_in_batches_and_every_file_verified(
+        tmp_path, embedded_server, write_config, files, max_parallel, most_calls):
+    """Several files per sha256sum call, each file hashed once; with one file
+    in flight at a time the hashes still come in a few batches: each is
+    queued as the listing names the file, not when its transfer starts."""
+    names = {f"part{i:02d}.pkl": 50_000 + i for i in range(files)}
     remote = make_files(tmp_path / "srv" / "ckpt", names)
     async with embedded_server(tmp_path / "srv") as server:
         config = write_config(tmp_path, {"tensor01": server.cluster_entry("/ckpt")})
-        report = await sync_in_process(config, tmp_path / "dl", max_parallel=12)
+        report = await sync_in_process(config, tmp_path / "dl", max_parallel=max_parallel)
     assert report.ok and report.clusters["tensor01"].verified_by == {"sha256"}
     hashes = [c for c in server.exec_commands if c and c.startswith("sha256sum")]
-    assert sum(c.count(".pkl") for c in hashes) == 12
-    assert len(hashes) < 12  # several files per sha256sum call
-    assert_mirrored(remote, tmp_path / "dl" / "tensor01", names)
-
-
-async def test_every_files_hash_is_asked_for_at_the_listing_not_per_file_in_flight(tmp_path, embedded_server,
-                                                                                   write_config):
-    """One file in flight at a time, yet the hashes come in a few batches:
-    each is queued as the listing names the file, not when its transfer starts."""
-    names = {f"part{i:02d}.pkl": 50_000 + i for i in range(40)}
-    remote = make_files(tmp_path / "srv" / "ckpt", names)
-    async with embedded_server(tmp_path / "srv") as server:
-        config = write_config(tmp_path, {"tensor01": server.cluster_entry("/ckpt")})
-        report = await sync_in_process(config, tmp_path / "dl", max_parallel=1)
-    assert report.ok and report.clusters["tensor01"].verified_by == {"sha256"}
-    hashes = [c for c in server.exec_commands if c and c.startswith("sha256sum")]
-    assert sum(c.count(".pkl") for c in hashes) == 40  # each file hashed once
-    assert len(hashes) <= 4, hashes
+    assert sum(c.count(".pkl") for c in hashes) == files  # each file hashed once
+    assert len(hashes) <= most_calls, hashes
     assert_mirrored(remote, tmp_path / "dl" / "tensor01", names)
 
 
