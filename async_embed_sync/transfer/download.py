@@ -110,15 +110,15 @@ async def _transfer(remote: Remote, partial: PartialFile, progress: Progress) ->
         # for yet, goes into place without a journal save of its own first:
         # a crash before the move fetches it again (less than a checkpoint
         # interval); a drop or a stop while the hash is awaited saves it then.
+        unchanged = (after.size, after.mtime) == (remote_file.size, remote_file.mtime)
         whole_and_small = (partial.resumed_from == 0 and partial.state.verified_offset == 0
-                           and partial.position == remote_file.size <= CHECKPOINT_BYTES
-                           and (after.size, after.mtime) == (remote_file.size, remote_file.mtime))
+                           and partial.position == remote_file.size <= CHECKPOINT_BYTES and unchanged)
         if not whole_and_small:
             await partial.checkpoint()
         if partial.position != remote_file.size:
             raise RemoteFileChangedError(cluster, name, f"it ended at byte {partial.position}, "
                                                         f"expected {remote_file.size}")
-        if (after.size, after.mtime) != (remote_file.size, remote_file.mtime):
+        if not unchanged:
             raise RemoteFileChangedError(cluster, name, "its size or modification time changed")
         digest = partial.hasher.hexdigest()
         try:

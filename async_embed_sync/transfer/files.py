@@ -10,6 +10,7 @@ size and mtime the server reports after the last read.
 
 from __future__ import annotations
 
+import asyncio
 import fnmatch
 import posixpath
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -150,3 +151,9 @@ class FileAccess(Protocol):
     async def settle(self) -> None:
         """At close, once the connection is closed: observe how the reads given up ended."""
         ...
+
+
+def observe_outcome(request: asyncio.Future) -> None:
+    """Mark how a finished request ended as seen, so that asyncio does not report it as never retrieved."""
+    if not request.cancelled():
+        request.exception()  # observed: the caller already has the error that matters

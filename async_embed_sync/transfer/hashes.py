@@ -19,6 +19,7 @@ import asyncio
 import shlex
 from typing import Any
 
+from .files import observe_outcome
 from .ssh import ChannelOpenError, closed_connection_error
 
 MAX_CONCURRENT_HASHES = 2
@@ -47,7 +48,7 @@ class Sha256Batcher:
         if self._has_shell is False or path in self._early:
             return
         answer = self._request(path, size)
-        answer.add_done_callback(_observe)  # a drop or close() fails it: not news if nobody asks
+        answer.add_done_callback(observe_outcome)  # a drop or close() fails it: not news if nobody asks
         self._early[path] = answer
 
     async def sha256(self, path: str) -> str | None:
@@ -121,11 +122,6 @@ class Sha256Batcher:
             if len(digest) == 64:
                 digests[path] = digest.lower()
         return digests
-
-
-def _observe(answer: asyncio.Future) -> None:
-    if not answer.cancelled():
-        answer.exception()
 
 
 def _fail_waiters(waiters: list[tuple[str, asyncio.Future]], exc: BaseException) -> None:

@@ -23,6 +23,7 @@ from .files import (
     RemoteFile,
     check_remote_name,
     checkpoint_entry,
+    observe_outcome,
     remote_path,
 )
 from .hashes import Sha256Batcher
@@ -32,7 +33,6 @@ from .sftp_files import (
     MAX_BLOCK_SIZE,
     READ_AHEAD_BYTES,
     SftpFiles,
-    observe_outcome,
 )
 from .shell import ShellFiles
 from .ssh import (

@@ -22,7 +22,7 @@ from typing import Any
 import anyio
 
 from ..config import ClusterConfig
-from .files import FileRead, RemoteFile, remote_path
+from .files import FileRead, RemoteFile, observe_outcome, remote_path
 from .ssh import CLOSE_TIMEOUT, FILE_TYPE_SYMLINK, REGULAR_FILE_TYPES
 
 # OpenSSH's default MaxSessions is 10 channels per connection: SFTP channels
@@ -233,9 +233,3 @@ async def settle(requests: Iterable[asyncio.Future], timeout: float = CLOSE_TIME
     for request in requests:
         if request.done():
             observe_outcome(request)
-
-
-def observe_outcome(request: asyncio.Future) -> None:
-    """Mark how a finished request ended as seen, so that asyncio does not report it as never retrieved."""
-    if not request.cancelled():
-        request.exception()  # observed: the caller already has the error that matters
