@@ -54,6 +54,22 @@ async def _until_stalled(proxy, child=None) -> None:
     assert proxy.stalled, "the transfer never reached the stall point"
 
 
+async def _cut_once_written(proxy, partials: list[Path]) -> None:
+    """At the stall point, once some of what arrived is on disk, cut the link,
+    and cut it again 3,000 bytes into every reconnect.
+
+    Cut at the byte count alone, a loaded client may not have read what the
+    proxy delivered before the cut, and then nothing was there to keep."""
+    await _until_stalled(proxy)
+    for _ in range(600):
+        if any(part.exists() and part.stat().st_size for part in partials):
+            break
+        await asyncio.sleep(0.05)
+    proxy.set_cut_after([proxy.bytes_to_client + 3000 * i for i in range(1, 200)])
+    proxy.cut_now()
+    proxy.resume()
+
+
 async def _interrupted_when_stalled(proxy, run) -> None:
     """Run ``run`` and cancel it (as Ctrl-C would) once the link stalls."""
     task = asyncio.create_task(run)
@@ -110,12 +126,15 @@ async def test_a_link_that_drops_on_every_reconnect_is_said_to_be_the_link_not_t
     size = 8 * MiB
     names = ["big.npy"] if files == 1 else [f"part{i}.npy" for i in range(files)]
     remote = make_files(tmp_path / "srv" / "ckpt", dict.fromkeys(names, size))
-    cuts = [2 * MiB + 3000 * i for i in range(200)]  # after 2 MiB, then every 3,000 bytes
-    async with embedded_server(tmp_path / "srv") as server, link_proxy(server, cut_after=cuts) as proxy:
+    async with embedded_server(tmp_path / "srv") as server, \
+            link_proxy(server, stall_after=2 * MiB) as proxy, anyio.create_task_group() as group:
         config = write_config(tmp_path, {"tensor01": server.cluster_entry("/ckpt", port=proxy.port)})
-        code = await anyio.to_thread.run_sync(main, [
+        sync = anyio.to_thread.run_sync(main, [
             "sync", "--config", str(config), "--download-dir", str(tmp_path / "dl"),
             "--retries", str(retries), "--timeout", "5"])
+        partials = [DownloadLayout(tmp_path / "dl").partial_path("tensor01", name) for name in names]
+        group.start_soon(_cut_once_written, proxy, partials)
+        code = await sync
         err = capsys.readouterr().err
         assert code == 1, err
         assert proxy.cuts == 2 + retries, err  # the drop, then each reconnect: no file reconnects again
