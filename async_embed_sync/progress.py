@@ -8,6 +8,7 @@ which shows errors only.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import TYPE_CHECKING, TextIO
@@ -68,6 +69,9 @@ class _Positions:
 
     def advance(self, cluster: str, name: str, nbytes: int) -> None:
         self._at[(cluster, name)] = self._at.get((cluster, name), 0) + nbytes
+
+    def at(self, cluster: str, name: str) -> int:
+        return self._at.get((cluster, name), 0)
 
 
 class QuietProgress(Progress):
@@ -130,13 +134,14 @@ class PlainProgress(Progress):
 
 
 class TqdmProgress(Progress):
-    """A total bar (bytes, rate, ETA) above one bar per file in flight; a
-    rows bar for the merge."""
+    """A total bar (bytes, rate, ETA) above a bar per file in flight (as many
+    as the terminal has rows for, 8 at most); a rows bar for the merge."""
 
     def __init__(self, stream: TextIO | None = None):
         super().__init__(stream)
         self._total_bar: tqdm | None = None
         self._file_bars: dict[tuple[str, str], tqdm] = {}
+        self._unshown: dict[tuple[str, str], int] = {}  # files in flight without a bar: their sizes
         self._merge_bar: tqdm | None = None
         self._step_bars: dict[str, tqdm] = {}
         self._positions = _Positions()
@@ -162,13 +167,6 @@ class TqdmProgress(Progress):
         self._total_bar.refresh()
 
     def file_started(self, cluster: str, name: str, size: int, offset: int) -> None:
-        if self._free_positions:
-            position = self._free_positions.pop(0)
-        else:
-            position, self._next_position = self._next_position, self._next_position + 1
-        self._file_bars[(cluster, name)] = self._bytes_bar(
-            total=size / _MiB, initial=offset / _MiB, desc=_short(f"{cluster}/{name}"), position=position,
-            leave=False)
         moved = self._positions.start(cluster, name, offset)
         if moved and self._total_bar is not None:
             # Resumed bytes are done, but not part of this run's rate or ETA:
@@ -177,6 +175,38 @@ class TqdmProgress(Progress):
             self._total_bar.initial += moved / _MiB
             self._total_bar.last_print_n += moved / _MiB
             self._total_bar.refresh()
+        self._unshown[(cluster, name)] = size
+        self._show_waiting_files()
+
+    def _show_waiting_files(self) -> None:
+        """Give files in flight a bar, oldest first, while rows are free.
+
+        Bars past the terminal's last row scroll it, and every refresh then
+        draws the whole stack again below the last: so at most
+        ``_MAX_FILE_BARS``, fewer on a short terminal, and the total bar
+        (which counts every file) says how many more are in flight."""
+        while self._unshown and len(self._file_bars) < self._file_bar_rows():
+            (cluster, name), size = next(iter(self._unshown.items()))
+            del self._unshown[(cluster, name)]
+            if self._free_positions:
+                position = self._free_positions.pop(0)
+            else:
+                position, self._next_position = self._next_position, self._next_position + 1
+            self._file_bars[(cluster, name)] = self._bytes_bar(
+                total=size / _MiB, initial=self._positions.at(cluster, name) / _MiB,
+                desc=_short(f"{cluster}/{name}"), position=position, leave=False)
+        if self._total_bar is not None:
+            desc = f"total (+{len(self._unshown)} in flight)" if self._unshown else "total"
+            if self._total_bar.desc != desc:
+                self._total_bar.set_description_str(desc)
+
+    def _file_bar_rows(self) -> int:
+        # The total bar, a note and the cursor's row stay free.
+        try:
+            rows = os.get_terminal_size(self.stream.fileno()).lines
+        except (AttributeError, OSError, ValueError):
+            rows = _ASSUMED_TERMINAL_ROWS
+        return max(1, min(_MAX_FILE_BARS, rows - 3))
 
     def advance(self, cluster: str, name: str, nbytes: int) -> None:
         self._positions.advance(cluster, name, nbytes)
@@ -187,11 +217,13 @@ class TqdmProgress(Progress):
             bar.update(nbytes / _MiB)
 
     def file_finished(self, cluster: str, name: str, outcome: str) -> None:
+        self._unshown.pop((cluster, name), None)
         bar = self._file_bars.pop((cluster, name), None)
         if bar is not None:
             self._free_positions.append(abs(bar.pos))
             self._free_positions.sort()
             bar.close()
+        self._show_waiting_files()
 
     def rows_merged(self, done: int, total: int) -> None:
         if self._merge_bar is None:
@@ -219,10 +251,14 @@ class TqdmProgress(Progress):
             if bar is not None:
                 bar.close()
         self._file_bars.clear()
+        self._unshown.clear()
         self._step_bars.clear()
         self._total_bar = self._merge_bar = None
 
 
+# File bars at most, however many files are in flight (--max-parallel is 32 by default).
+_MAX_FILE_BARS = 8
+_ASSUMED_TERMINAL_ROWS = 24  # a stream without a terminal size
 # A file bar's label, so that an 80-column terminal keeps the counts and the ETA.
 _LABEL_CHARS = 28
 _MiB = 1024 * 1024

@@ -88,6 +88,31 @@ def test_labels_fit_an_80_column_terminal():
     progress.close()
 
 
+def test_many_files_in_flight_get_eight_bars_and_the_total_counts_them_all():
+    stream = FakeTerminal()  # no terminal size: 24 rows assumed
+    progress = TqdmProgress(stream)
+    names = [f"part{i:02d}.pkl" for i in range(30)]
+    progress.add_total(30 * 1024 * 1024)
+    for name in names:
+        progress.file_started("tensor01", name, 1024 * 1024, 0)
+    progress.advance("tensor01", "part20.pkl", 512 * 1024)  # a file without a bar still moves the total
+    assert [key[1] for key in progress._file_bars] == names[:8]
+    assert progress._total_bar.desc == "total (+22 in flight)" and progress._total_bar.n == 0.5
+    assert {abs(bar.pos) for bar in progress._file_bars.values()} == set(range(1, 9))  # rows 1-8, under the total
+    progress.file_finished("tensor01", "part03.pkl", "downloaded")
+    # The oldest file waiting takes the freed row.
+    assert ("tensor01", "part08.pkl") in progress._file_bars and abs(progress._file_bars[("tensor01", "part08.pkl")].pos) == 4
+    for name in names[:19]:
+        progress.file_finished("tensor01", name, "downloaded")
+    bar = progress._file_bars[("tensor01", "part20.pkl")]
+    assert bar.n == 0.5 and len(progress._file_bars) == 8  # shown where it stands
+    assert progress._total_bar.desc == "total (+3 in flight)"
+    for name in names[19:]:
+        progress.file_finished("tensor01", name, "downloaded")
+    assert progress._total_bar.desc == "total" and not progress._file_bars
+    progress.close()
+
+
 def test_steps_before_the_bytes_flow_are_shown():
     stream = io.StringIO()
     plain = PlainProgress(stream, interval=0)

@@ -72,3 +72,32 @@ def test_the_demo_stopped_by_ctrl_c_mid_transfer_says_one_line_and_nothing_after
         after = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text[text.index("Interrupted."):].partition("\n")[2])
         assert not after.strip(), after
         assert "Traceback" not in text and "Task was destroyed" not in text, text
+
+
+def test_many_files_in_flight_on_a_short_terminal_draw_one_stack_of_bars_that_fits(openssh, tmp_path, write_config):
+    """32 files in flight (the default --max-parallel) on a 10-row terminal:
+    bars past the last row would scroll it, and every refresh would draw the
+    stack again beneath. What the screen shows is read through a terminal
+    emulator (pyte), after the cursor moves."""
+    import pyte
+
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    for index in range(40):
+        (remote / f"gpu{index % 4}_step{index:03d}.pkl").write_bytes(os.urandom(MiB))
+    with run_in_thread(openssh.host, openssh.port, rate=2 * MiB) as proxy:
+        config = write_config(tmp_path, {"tensor01": openssh.cluster_entry(str(remote), port=proxy.port)})
+        with Terminal([sys.executable, "-m", "async_embed_sync", "sync", "--config", str(config),
+                       "--download-dir", str(tmp_path / "dl")], columns=80, lines=10) as terminal:
+            for _ in range(3):
+                terminal.read_until(re.compile(rb"\d\.\d\dMiB/s"))
+            screen = pyte.Screen(80, 10)
+            pyte.ByteStream(screen).feed(terminal.screen)
+            shown = [row.rstrip() for row in screen.display]
+            terminal.press_ctrl_c()
+            assert terminal.wait() == 130, terminal.text()
+    totals = [row for row in shown if row.startswith("total")]
+    assert len(totals) == 1 and shown.index(totals[0]) == 0, shown  # one stack, from the top row
+    assert re.match(r"total \(\+\d+ in flight\): ", totals[0]), shown  # the files without a bar are counted
+    files = [row for row in shown if row.startswith("tensor01/")]
+    assert 1 <= len(files) <= 7 and len({row.split(":")[0] for row in files}) == len(files), shown  # 10 rows - 3
