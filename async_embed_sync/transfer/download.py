@@ -97,7 +97,6 @@ async def _transfer(remote: Remote, partial: PartialFile, progress: Progress) ->
     remote_hash = asyncio.ensure_future(remote.sha256(name))
     progress.file_started(cluster, name, remote_file.size, partial.resumed_from)
     try:
-        partial.truncate()
         try:
             # No closing stat: the file ended early, which the position says.
             after = await _receive(remote, partial, progress) or remote_file
@@ -201,9 +200,17 @@ class PartialFile:
         self._fd: int | None = None
 
     async def open(self) -> None:
-        """Make the folders, pick the resume point, open the partial."""
+        """Make the folders, pick the resume point, open the partial, and drop
+        whatever lies past the trusted prefix.
+
+        In one worker thread: creating a file takes a few hundred
+        microseconds here, longer while other files' fsyncs hold the journal,
+        and the event loop would wait on each."""
+        await anyio.to_thread.run_sync(self._open)
+
+    def _open(self) -> None:
         self.layout.prepare(self.cluster)
-        resumed = await anyio.to_thread.run_sync(_verified_prefix, self.path, self._journal, self.remote_file)
+        resumed = _verified_prefix(self.path, self._journal, self.remote_file)
         if resumed is not None:
             self.state, self.hasher = resumed
         self.position = self.resumed_from = self.state.verified_offset
@@ -212,10 +219,6 @@ class PartialFile:
         # are translated here; the journal and the folders translate theirs.
         with translating_local_errors(self.path, "write", AFTER_SYNC):
             self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-
-    def truncate(self) -> None:
-        """Drop whatever lies past the trusted prefix."""
-        with translating_local_errors(self.path, "write", AFTER_SYNC):
             os.ftruncate(self._fd, self.position)
 
     async def write(self, chunk: bytes) -> None:

@@ -148,6 +148,11 @@ class FileAccess(Protocol):
     def read(self, name: str, offset: int, end: int) -> FileRead:
         ...
 
+    async def close_files(self) -> None:
+        """At close, before the connection closes: let the remote files closed
+        without waiting be answered (bounded by a timeout)."""
+        ...
+
     async def settle(self) -> None:
         """At close, once the connection is closed: observe how the reads given up ended."""
         ...

@@ -157,6 +157,7 @@ class ClusterRemote:
 
     async def close(self) -> None:
         self._hashes.close()
+        await self._files.close_files()
         await self._connection.close(abort=self._files.has_unsettled_reads)
         await self._files.settle()
         self._connection.close_jumps()

@@ -55,6 +55,7 @@ class SftpFiles:
         self._read_ahead = read_ahead
         # Requests of reads given up (a drop, a stop): observed as they end, or at close.
         self._unsettled: set[asyncio.Future] = set()
+        self._closing: set[asyncio.Future] = set()  # file closes sent, not answered yet
 
     @classmethod
     async def open(cls, connection: Any, cluster: ClusterConfig, channels: int = DEFAULT_SFTP_CHANNELS,
@@ -115,6 +116,27 @@ class SftpFiles:
         self._unsettled.discard(request)
         observe_outcome(request)
 
+    def close_later(self, file: Any) -> None:
+        """Close a remote file without waiting for the answer: a read that
+        waited would hold its file's slot for a round trip more, which for a
+        small file is a third of its time. Its error is not news (the bytes
+        are in, and checked)."""
+        closing = asyncio.ensure_future(file.close())
+        self._closing.add(closing)
+        closing.add_done_callback(self._closed)
+
+    def _closed(self, closing: asyncio.Future) -> None:
+        self._closing.discard(closing)
+        observe_outcome(closing)
+
+    async def close_files(self) -> None:
+        # Not waited for behind reads given up: their bytes (after a stop, a
+        # drop) come first on the link, and the connection is aborted anyway.
+        if not self._unsettled:
+            await settle(self._closing, timeout=READ_SETTLE_TIMEOUT)
+        self._unsettled.update(closing for closing in self._closing if not closing.done())
+        self._closing.clear()
+
     async def settle(self) -> None:
         await settle(self._unsettled)
         self._unsettled.clear()
@@ -147,17 +169,18 @@ class _SftpRead(FileRead):
         self._in_flight: dict[int, asyncio.Future[bytes]] = {}
         self._stat_request: asyncio.Future | None = None
         self._given_up = False
-        self._stack = contextlib.AsyncExitStack()
+        self._lent = contextlib.ExitStack()
+        self._file: Any = None
 
     async def _open(self) -> None:
         try:
-            sftp = self._stack.enter_context(self._files._lend())
+            sftp = self._lent.enter_context(self._files._lend())
             self._block = min(sftp.limits.max_read_len or MAX_BLOCK_SIZE, MAX_BLOCK_SIZE)
             self._max_requests = max(4, self._files._read_ahead // self._block)
-            self._file = await self._stack.enter_async_context(
-                sftp.open(remote_path(self._files._cluster, self._name), "rb", block_size=self._block))
+            self._file = await sftp.open(remote_path(self._files._cluster, self._name), "rb",
+                                         block_size=self._block)
         except BaseException:
-            await self._stack.aclose()
+            self._lent.close()
             raise
 
     async def _read(self) -> AsyncGenerator[bytes, None]:
@@ -209,7 +232,8 @@ class _SftpRead(FileRead):
                 await settle(requests, timeout=READ_SETTLE_TIMEOUT)
                 self._files.keep_unsettled(requests)
         finally:
-            await self._stack.aclose()
+            self._files.close_later(self._file)
+            self._lent.close()
 
 
 def _remote_file(name: str, attrs: Any) -> RemoteFile:
