@@ -32,7 +32,7 @@ from async_embed_sync.output import load
 from async_embed_sync.progress import QuietProgress
 from async_embed_sync.testing.synthetic import generate_run
 from async_embed_sync.transfer.download import CHECKPOINT_BYTES
-from async_embed_sync.transfer.remote import MAX_BLOCK_SIZE
+from async_embed_sync.transfer.remote import CHUNK_BYTES
 from async_embed_sync.transfer.sync import SyncOptions, sync
 
 # 2.5 checkpoint intervals: journal saves at 8 and 16 MiB, at the end of the
@@ -148,8 +148,9 @@ def test_a_verified_prefix_survives_the_kill_and_is_not_fetched_again(openssh, t
 
     assert killed.returncode == -signal.SIGKILL
     state = DownloadLayout(download_dir).load_state("tensor01", BIG)
-    # A checkpoint falls on the first block boundary past each interval.
-    assert 2 * CHECKPOINT_BYTES <= state.verified_offset < 2 * (CHECKPOINT_BYTES + MAX_BLOCK_SIZE)
+    # A checkpoint falls on the first chunk boundary past each interval (a
+    # chunk: the blocks that arrived together, up to CHUNK_BYTES).
+    assert 2 * CHECKPOINT_BYTES <= state.verified_offset < 2 * (CHECKPOINT_BYTES + CHUNK_BYTES)
     report = sync(load_config(config).select(None), str(download_dir), QuietProgress(), SyncOptions())
     assert report.ok and report.clusters["tensor01"].resumed == 1
     assert report.transferred == BIG_SIZE - state.verified_offset

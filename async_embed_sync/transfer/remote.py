@@ -29,6 +29,7 @@ from .files import (
 from .hashes import Sha256Batcher
 from .prompts import NoPrompter, Prompter
 from .sftp_files import (
+    CHUNK_BYTES,
     DEFAULT_SFTP_CHANNELS,
     MAX_BLOCK_SIZE,
     READ_AHEAD_BYTES,
@@ -46,7 +47,7 @@ from .target import SSHTarget, resolve_target
 
 # What the rest of the sync takes from here.
 __all__ = [
-    "DEFAULT_SFTP_CHANNELS", "DEFAULT_WINDOW", "MAX_BLOCK_SIZE", "READ_AHEAD_BYTES",
+    "CHUNK_BYTES", "DEFAULT_SFTP_CHANNELS", "DEFAULT_WINDOW", "MAX_BLOCK_SIZE", "READ_AHEAD_BYTES",
     "Address", "ClusterRemote", "ConnectOptions", "FileRead", "Listing", "Remote", "RemoteFile", "SSHTarget",
     "check_remote_name", "observe_outcome", "resolve_target",
 ]

@@ -39,6 +39,9 @@ READ_AHEAD_BYTES = 8 * 1024 * 1024
 # stop (Ctrl-C, SIGTERM) are not waited for: a slow link would keep
 # delivering their bytes.
 READ_SETTLE_TIMEOUT = 1.0
+# Blocks that arrived together are handed out as one chunk up to this size:
+# a few blocks per write, and a checkpoint still falls within this of its interval.
+CHUNK_BYTES = 1024 * 1024
 
 
 class SftpFiles:
@@ -191,17 +194,40 @@ class _SftpRead(FileRead):
                     break
                 # Shielded: a cancel must not cancel the read itself (see settle).
                 data = await asyncio.shield(self._in_flight[self._position])
-                del self._in_flight[self._position]
-                if not data:
-                    return  # the file ends early: it shrank
-                self._position += len(data)
-                yield data
-                self._ask_for_gap()
+                chunk, ended_early = self._take_run(data)
+                if chunk:
+                    yield chunk
+                if ended_early:
+                    return  # the file shrank
             self.closing_stat = _remote_file(self._name, await asyncio.shield(self._stat_request))
         except (asyncio.CancelledError, GeneratorExit):
             # A stop, or the caller gave up on the file: nobody waits for these bytes any more.
             self._given_up = True
             raise
+
+    def _take_run(self, data: bytes) -> tuple[bytes, bool]:
+        """``data`` (the block at the position) and the blocks after it that
+        have arrived too, as one chunk of at most ``CHUNK_BYTES``.
+
+        Handed out one block at a time, every 255 KiB costs the caller a
+        worker-thread hop to write it, and a GIL hand-over that waits on the
+        busy event loop; blocks that came together are written together.
+        A block that failed stays for the next await to raise, after what
+        came before it is handed out (and kept). True: the file ended early."""
+        blocks, size = [], 0
+        while True:
+            del self._in_flight[self._position]
+            if not data:
+                return b"".join(blocks), True
+            blocks.append(data)
+            size += len(data)
+            self._position += len(data)
+            self._ask_for_gap()
+            following = self._in_flight.get(self._position)
+            if (size >= CHUNK_BYTES or following is None or not following.done()
+                    or following.cancelled() or following.exception() is not None):
+                return (blocks[0] if len(blocks) == 1 else b"".join(blocks)), False
+            data = following.result()
 
     def _ask_ahead(self) -> None:
         """Keep up to the read-ahead in flight; the closing stat behind the last read."""
