@@ -180,8 +180,10 @@ class _SftpRead(FileRead):
             sftp = self._lent.enter_context(self._files._lend())
             self._block = min(sftp.limits.max_read_len or MAX_BLOCK_SIZE, MAX_BLOCK_SIZE)
             self._max_requests = max(4, self._files._read_ahead // self._block)
-            self._file = await sftp.open(remote_path(self._files._cluster, self._name), "rb",
-                                         block_size=self._block)
+            # block_size=0: each read is one request. Otherwise asyncssh runs
+            # every read through its own parallel reader (a task per block, and
+            # the block copied twice), and this read pipelines its own.
+            self._file = await sftp.open(remote_path(self._files._cluster, self._name), "rb", block_size=0)
         except BaseException:
             self._lent.close()
             raise
