@@ -256,7 +256,7 @@ class TqdmProgress(Progress):
         self._total_bar = self._merge_bar = None
 
 
-# File bars at most, however many files are in flight (--max-parallel is 32 by default).
+# File bars at most, however many files are in flight (--max-parallel is 128 by default).
 _MAX_FILE_BARS = 8
 _ASSUMED_TERMINAL_ROWS = 24  # a stream without a terminal size
 # A file bar's label, so that an 80-column terminal keeps the counts and the ETA.

@@ -75,7 +75,7 @@ def test_the_demo_stopped_by_ctrl_c_mid_transfer_says_one_line_and_nothing_after
 
 
 def test_many_files_in_flight_on_a_short_terminal_draw_one_stack_of_bars_that_fits(openssh, tmp_path, write_config):
-    """32 files in flight (the default --max-parallel) on a 10-row terminal:
+    """40 files in flight (the default --max-parallel is 128) on a 10-row terminal:
     bars past the last row would scroll it, and every refresh would draw the
     stack again beneath. What the screen shows is read through a terminal
     emulator (pyte), after the cursor moves."""

@@ -61,7 +61,9 @@ class SyncOptions:
     # The user's cap on files in flight; the bytes in flight are capped too
     # (``FairSlots``' budget), so many small files fill a link whose round
     # trips a few would leave idle, and large ones stay bounded in memory.
-    max_parallel: int = 32
+    # 128: 2,000 files of 64 KB over 200 ms took 30.7 s at 32, 18.9 s at 64,
+    # 15.0 s at 128 (a small file spends about two round trips in flight).
+    max_parallel: int = 128
     # Bytes of read window in flight over all files: each file counts
     # min(its size, read_ahead). 8 read windows, as 8 large files in flight.
     bytes_in_flight: int = 8 * READ_AHEAD_BYTES
