@@ -34,6 +34,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from async_embed_sync.config import load_config
+from async_embed_sync.fileio import fsync_directory
+from async_embed_sync.layout import write_atomically
 from async_embed_sync.progress import QuietProgress
 from async_embed_sync.testing.memory_remote import MemoryServer
 from async_embed_sync.transfer.sync import SyncOptions, sync
@@ -63,14 +65,6 @@ def this_tool(work: Path, contents: dict[str, dict[str, bytes]]) -> Callable[[],
     return run
 
 
-def _fsync_folder(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def durable_steps(work: Path, contents: dict[str, dict[str, bytes]]) -> Callable[[], None]:
     def run() -> None:
         for cluster, files in contents.items():
@@ -87,17 +81,9 @@ def durable_steps(work: Path, contents: dict[str, dict[str, bytes]]) -> Callable
                 finally:
                     os.close(fd)
                 os.replace(partial, final / name)
-                _fsync_folder(final)
+                fsync_directory(final)
                 entry = json.dumps({"complete": True, "sha256": digest, "size": len(data)}).encode()
-                temporary = state / f".{name}.json.tmp"
-                fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-                try:
-                    os.write(fd, entry)
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-                os.replace(temporary, state / f"{name}.json")
-                _fsync_folder(state)
+                write_atomically(state / f"{name}.json", entry)  # a temporary, fsync, rename, fsync its folder
     return run
 
 
