@@ -153,7 +153,20 @@ class TqdmProgress(Progress):
             tqdm,  # only a terminal needs it; the import costs start-up time
         )
 
-        return tqdm(file=self.stream, dynamic_ncols=True, **options)
+        return tqdm(file=self.stream, ncols=self._bar_columns(), **options)
+
+    def _terminal_size(self) -> tuple[int, int]:
+        try:
+            size = os.get_terminal_size(self.stream.fileno())
+        except (AttributeError, OSError, ValueError):
+            return _ASSUMED_TERMINAL_SIZE
+        return size.columns, size.lines
+
+    def _bar_columns(self) -> int:
+        # Two short of the width: the terminal echoes Ctrl-C as "^C" after a
+        # bar, and a full-width bar would wrap it onto the next row, where the
+        # bar was then drawn again and the closing line glued to the "C".
+        return max(20, self._terminal_size()[0] - 2)
 
     def _bytes_bar(self, **options) -> tqdm:
         # Counted in MiB, not scaled by tqdm: its unit_scale leaves `initial` unscaled,
@@ -196,17 +209,14 @@ class TqdmProgress(Progress):
                 total=size / _MiB, initial=self._positions.at(cluster, name) / _MiB,
                 desc=_short(f"{cluster}/{name}"), position=position, leave=False)
         if self._total_bar is not None:
+            self._total_bar.ncols = self._bar_columns()  # the bars live on: they follow a resize
             desc = f"total (+{len(self._unshown)} in flight)" if self._unshown else "total"
             if self._total_bar.desc != desc:
                 self._total_bar.set_description_str(desc)
 
     def _file_bar_rows(self) -> int:
         # The total bar, a note and the cursor's row stay free.
-        try:
-            rows = os.get_terminal_size(self.stream.fileno()).lines
-        except (AttributeError, OSError, ValueError):
-            rows = _ASSUMED_TERMINAL_ROWS
-        return max(1, min(_MAX_FILE_BARS, rows - 3))
+        return max(1, min(_MAX_FILE_BARS, self._terminal_size()[1] - 3))
 
     def advance(self, cluster: str, name: str, nbytes: int) -> None:
         self._positions.advance(cluster, name, nbytes)
@@ -228,6 +238,7 @@ class TqdmProgress(Progress):
     def rows_merged(self, done: int, total: int) -> None:
         if self._merge_bar is None:
             self._merge_bar = self._bar(total=total, unit="rows", unit_scale=True, desc="merge")
+        self._merge_bar.ncols = self._bar_columns()
         self._merge_bar.update(done - self._merge_bar.n)
 
     def step(self, what: str, done: int, total: int) -> None:
@@ -258,7 +269,7 @@ class TqdmProgress(Progress):
 
 # File bars at most, however many files are in flight (--max-parallel is 128 by default).
 _MAX_FILE_BARS = 8
-_ASSUMED_TERMINAL_ROWS = 24  # a stream without a terminal size
+_ASSUMED_TERMINAL_SIZE = (80, 24)  # columns, rows: a stream without a terminal size
 # A file bar's label, so that an 80-column terminal keeps the counts and the ETA.
 _LABEL_CHARS = 28
 _MiB = 1024 * 1024

@@ -51,6 +51,15 @@ def test_an_80_column_terminal_shows_whole_bars_and_ctrl_c_says_one_line(openssh
     assert "failed" not in terminal.text().lower() and "Traceback" not in terminal.text()
 
 
+def _screen(terminal: Terminal, columns: int, lines: int) -> list[str]:
+    """The rows a terminal of that size shows after everything the command wrote (and the pty echoed)."""
+    import pyte
+
+    screen = pyte.Screen(columns, lines)
+    pyte.ByteStream(screen).feed(terminal.screen)
+    return [row.rstrip() for row in screen.display]
+
+
 def test_the_demo_stopped_by_ctrl_c_mid_transfer_says_one_line_and_nothing_after_it(tmp_path):
     """Ctrl-C typed while the demo's files arrive: exit 130, the one line, and
     nothing after it. A stop often finds the simulated clusters still hashing
@@ -72,6 +81,12 @@ def test_the_demo_stopped_by_ctrl_c_mid_transfer_says_one_line_and_nothing_after
         after = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text[text.index("Interrupted."):].partition("\n")[2])
         assert not after.strip(), after
         assert "Traceback" not in text and "Task was destroyed" not in text, text
+        # What the screen shows at the end (through a terminal emulator): the
+        # terminal's own "^C" echo must not wrap a full-width bar onto the next
+        # row, where the bar was then drawn again and the closing line glued on.
+        shown = _screen(terminal, 80, 24)
+        assert sum(row.startswith("total") for row in shown) <= 1, shown
+        assert [row for row in shown if "Interrupted." in row][0].startswith("Interrupted."), shown
 
 
 def test_many_files_in_flight_on_a_short_terminal_draw_one_stack_of_bars_that_fits(openssh, tmp_path, write_config):
@@ -79,8 +94,6 @@ def test_many_files_in_flight_on_a_short_terminal_draw_one_stack_of_bars_that_fi
     bars past the last row would scroll it, and every refresh would draw the
     stack again beneath. What the screen shows is read through a terminal
     emulator (pyte), after the cursor moves."""
-    import pyte
-
     remote = tmp_path / "remote"
     remote.mkdir()
     for index in range(40):
@@ -91,9 +104,7 @@ def test_many_files_in_flight_on_a_short_terminal_draw_one_stack_of_bars_that_fi
                        "--download-dir", str(tmp_path / "dl")], columns=80, lines=10) as terminal:
             for _ in range(3):
                 terminal.read_until(re.compile(rb"\d\.\d\dMiB/s"))
-            screen = pyte.Screen(80, 10)
-            pyte.ByteStream(screen).feed(terminal.screen)
-            shown = [row.rstrip() for row in screen.display]
+            shown = _screen(terminal, 80, 10)
             terminal.press_ctrl_c()
             assert terminal.wait() == 130, terminal.text()
     totals = [row for row in shown if row.startswith("total")]
