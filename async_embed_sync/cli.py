@@ -138,7 +138,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     init.add_argument("--config", default=DEFAULT_CONFIG_FILE, metavar="FILE",
                       help="where to write it (default: ./%(default)s; the user's is "
                            "~/.config/async_embed_sync/credentials.json)")
-    init.add_argument("--quiet", action="store_true", help="print errors only")
+    init.add_argument("--quiet", action="store_true", help="print errors and warnings only")
     demo = command("demo", "run the whole job against two simulated clusters, no setup needed",
                    _demo, _add_merge_arguments_without_output)
     # The demo makes its clusters anew each time: there is nothing to resume.
@@ -152,7 +152,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                            "earlier demo made there (default: ./async_embed_sync_demo)")
     demo.add_argument("--max-parallel", type=_positive_int, default=SyncOptions.max_parallel, metavar="N",
                       help="files in flight at once (default: %(default)s)")
-    demo.add_argument("--quiet", action="store_true", help="print errors only")
+    demo.add_argument("--quiet", action="store_true", help="print errors and warnings only")
     return parser
 
 
@@ -211,7 +211,7 @@ def _add_log_arguments(parser: argparse.ArgumentParser) -> None:
 def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--download-dir", default=DEFAULT_DOWNLOAD_DIR, metavar="DIR",
                         help="where checkpoints are kept, one folder per cluster (default: %(default)s)")
-    parser.add_argument("--quiet", action="store_true", help="print errors only")
+    parser.add_argument("--quiet", action="store_true", help="print errors and warnings only")
 
 
 def _whole_number(text: str, least: int = 0) -> int:

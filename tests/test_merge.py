@@ -327,6 +327,13 @@ def test_no_checkpoints_is_an_error(tmp_path: Path) -> None:
         merge_checkpoints(tmp_path / "downloads", tmp_path / "merged.pkl")
 
 
+def test_a_download_folder_that_does_not_exist_is_named_as_such(tmp_path: Path) -> None:
+    with pytest.raises(MergeValidationError) as caught:
+        merge_checkpoints(tmp_path / "nothing-here", tmp_path / "merged.pkl")
+    assert f"{tmp_path / 'nothing-here'} does not exist" in str(caught.value)
+    assert "--download-dir" in str(caught.value) and not (tmp_path / "merged.pkl").exists()
+
+
 @pytest.mark.parametrize("output", ["made/for/it/merged.pkl", "made/for/it/bundle"])
 def test_a_failed_merge_removes_the_folders_it_made_for_its_output_and_only_those(tmp_path: Path, output) -> None:
     (tmp_path / "downloads" / "tensor01").mkdir(parents=True)

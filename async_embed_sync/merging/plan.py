@@ -34,6 +34,9 @@ def select_checkpoints(download_dir: Path, clusters: Collection[str] | None = No
     where they were first written.
     """
     layout = DownloadLayout(download_dir)
+    if not Path(download_dir).exists():
+        raise MergeValidationError(f"{download_dir} does not exist. Sync into it first, "
+                                   f"or give the --download-dir the sync used.")
     found = find_checkpoints(download_dir) if Path(download_dir).is_dir() else []
     listings = {cluster: layout.load_listing(cluster) for cluster in {layout.cluster_of(path) for path in found}}
     selected: list[Path] = []
