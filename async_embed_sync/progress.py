@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections import Counter
 from typing import TYPE_CHECKING, TextIO
 
 if TYPE_CHECKING:
@@ -192,15 +193,17 @@ class TqdmProgress(Progress):
         self._show_waiting_files()
 
     def _show_waiting_files(self) -> None:
-        """Give files in flight a bar, oldest first, while rows are free.
+        """Give files in flight a bar while rows are free: the oldest file of
+        the cluster with the fewest bars, so that every cluster is seen.
 
         Bars past the terminal's last row scroll it, and every refresh then
         draws the whole stack again below the last: so at most
         ``_MAX_FILE_BARS``, fewer on a short terminal, and the total bar
         (which counts every file) says how many more are in flight."""
         while self._unshown and len(self._file_bars) < self._file_bar_rows():
-            (cluster, name), size = next(iter(self._unshown.items()))
-            del self._unshown[(cluster, name)]
+            shown = Counter(cluster for cluster, _ in self._file_bars)
+            cluster, name = min(self._unshown, key=lambda key: shown[key[0]])  # ties: the oldest
+            size = self._unshown.pop((cluster, name))
             if self._free_positions:
                 position = self._free_positions.pop(0)
             else:

@@ -113,6 +113,22 @@ def test_many_files_in_flight_get_eight_bars_and_the_total_counts_them_all():
     progress.close()
 
 
+def test_every_cluster_gets_file_bars_when_rows_are_few():
+    progress = TqdmProgress(FakeTerminal())  # 8 bars
+    progress.add_total(20 * 1024 * 1024)
+    for i in range(10):  # tensor01's listing came first: its files started first
+        progress.file_started("tensor01", f"a{i}.pkl", 1024 * 1024, 0)
+    for i in range(10):
+        progress.file_started("tensor02", f"b{i}.pkl", 1024 * 1024, 0)
+    assert len(progress._file_bars) == 8
+    progress.file_finished("tensor01", "a0.pkl", "downloaded")
+    progress.file_finished("tensor01", "a1.pkl", "downloaded")
+    # The freed rows go to the cluster that had none, oldest file first.
+    shown = [name for cluster, name in progress._file_bars if cluster == "tensor02"]
+    assert shown == ["b0.pkl", "b1.pkl"]
+    progress.close()
+
+
 def test_steps_before_the_bytes_flow_are_shown():
     stream = io.StringIO()
     plain = PlainProgress(stream, interval=0)
