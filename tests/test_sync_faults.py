@@ -20,6 +20,7 @@ from reliability_helpers import (
     make_files,
     sync_argv,
     sync_in_process,
+    wait_until,
     with_sigint,
 )
 
@@ -462,6 +463,11 @@ async def test_a_stop_ends_the_transfers_in_flight_within_half_a_second(
         at_signal, signalled = proxy.bytes_to_client, asyncio.get_running_loop().time()
         stderr = (await asyncio.wait_for(child.communicate(), 30))[1].decode()
         stopped_after = asyncio.get_running_loop().time() - signalled
+        # The proxy counts a chunk as delivered once written to the client's
+        # socket: until it notices the client gone, a queued chunk may still
+        # be counted. A process left receiving would keep the connection open.
+        await wait_until(lambda: proxy.open_connections == 0, timeout=5,
+                         what="the proxy to see the exited client's connection close")
         at_exit = proxy.bytes_to_client
         await asyncio.sleep(0.2)
         assert proxy.bytes_to_client == at_exit, "bytes still flow to a process that has exited"

@@ -245,6 +245,11 @@ class LinkProxy:
         self._flowing.set()
 
     @property
+    def open_connections(self) -> int:
+        """Connections still being forwarded (a client gone is noticed at its next read or write)."""
+        return len(self._open)
+
+    @property
     def stalled(self) -> bool:
         return not self._flowing.is_set()
 
