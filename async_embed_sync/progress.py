@@ -200,7 +200,8 @@ class TqdmProgress(Progress):
         draws the whole stack again below the last: so at most
         ``_MAX_FILE_BARS``, fewer on a short terminal, and the total bar
         (which counts every file) says how many more are in flight."""
-        while self._unshown and len(self._file_bars) < self._file_bar_rows():
+        rows = self._file_bar_rows()
+        while self._unshown and len(self._file_bars) < rows:
             shown = Counter(cluster for cluster, _ in self._file_bars)
             cluster, name = min(self._unshown, key=lambda key: shown[key[0]])  # ties: the oldest
             size = self._unshown.pop((cluster, name))
