@@ -24,6 +24,7 @@ from .config import (
 )
 from .errors import AsyncEmbedSyncError, ClustersLeftOutError, Terminated
 from .logs import configure_logging
+from .output import ARTICLES_FORMATS
 from .progress import Progress, choose_progress
 from .termination import stop_on_sigterm
 from .transfer.prompts import TerminalPrompter
@@ -42,7 +43,7 @@ _EXAMPLES = {
     "sync": ["sync --max-parallel 16               # download only",
              "sync --clusters tensor01 tensor02"],
     "merge": ["merge --dtype float16                # merge what is downloaded",
-              "merge --output merged/ --articles-format parquet  # a bundle with parquet articles"],
+              "merge --output merged/ --shard-rows 100000  # a bundle in shards of 100,000 rows"],
     "status": ["status                               # what is remote, what is here"],
     "init": ["init                                 # write credentials.json to fill in"],
 }
@@ -180,11 +181,13 @@ def _add_merge_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default=DEFAULT_OUTPUT, metavar="PATH",
                         help="a .pkl or .pickle path (any case) for the legacy pickle, any other path "
                              "for a memory-mappable bundle directory (default: %(default)s)")
-    parser.add_argument("--articles-format", choices=("jsonl", "parquet"), default=None,
-                        help="articles of a bundle: articles.jsonl, which keeps any row, or "
-                             "articles.parquet (needs the parquet extra: pip install "
-                             "'async_embed_sync[parquet]'; every row must have the keys of the first "
-                             "4,096) (default: jsonl, whatever is installed)")
+    parser.add_argument("--articles-format", choices=ARTICLES_FORMATS, default=None,
+                        help="a bundle's metadata shards: parquet (every row has the keys of the first "
+                             "4,096), jsonl (keeps any row), or parquet-embeddings (parquet that also "
+                             "holds the vectors) (default: parquet)")
+    parser.add_argument("--shard-rows", type=_positive_int, default=None, metavar="N",
+                        help="rows per shard of a bundle (default: about 1 GiB of vectors a shard, "
+                             "e.g. 400,000 rows of 768 float32)")
     parser.add_argument("--partial", action="store_true",
                         help="merge what is there even if rows of the run are missing (a cluster left "
                              "out of --clusters, checkpoints short of total_rows); the summary names them")
@@ -305,7 +308,7 @@ def _merge_phase(args: argparse.Namespace, progress: Progress, clusters: list[st
     report = api_merge(args.download_dir, args.output, progress=progress, dtype=args.dtype,
                        expect_articles=args.expect_articles, strict=args.strict,
                        articles_format=args.articles_format, clusters=clusters, expect_rows=expect_rows,
-                       partial=args.partial)
+                       partial=args.partial, shard_rows=args.shard_rows)
     if not args.quiet:
         print(report.summary(), file=sys.stderr)
 

@@ -1,16 +1,21 @@
-"""The article worker process: every line parsed, the first problem reported by name, parquet written."""
+"""The article worker process: every line parsed, the first problem reported by name, metadata shards written."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import signal
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from async_embed_sync.errors import CheckpointError, OutputError
 from async_embed_sync.merging.article_worker import ArticleWorker
+from async_embed_sync.output.metadata_shards import BATCH_ROWS
+from async_embed_sync.output.shards import ShardPlan
 
 
 def _lines(path: Path, *rows: str) -> tuple[Path, int]:
@@ -41,41 +46,62 @@ def test_problems_name_the_source_of_the_lines(tmp_path: Path) -> None:
             worker.finish()
 
 
-def test_parquet_gets_the_rows_of_every_span_in_order(tmp_path: Path) -> None:
+def test_metadata_shards_get_the_rows_of_every_span_in_order(tmp_path: Path) -> None:
     pq = pytest.importorskip("pyarrow.parquet")
     first, first_size = _lines(tmp_path / "a.jsonl", '{"id": "0", "title": "a"}', '{"id": "1", "kind": "question"}',
                                '{"id": "2", "title": "c"}')
     second, second_size = _lines(tmp_path / "b.jsonl", '{"id": "3"}')
     skip = len('{"id": "0", "title": "a"}\n')
     question = len('{"id": "1", "kind": "question"}\n')
+    (tmp_path / "metadata").mkdir()
 
     with ArticleWorker() as worker:
-        worker.write_parquet(tmp_path / "articles.parquet", group_rows=2)
+        worker.write_metadata(tmp_path, ShardPlan(rows=3, shard_rows=2), "parquet", group_rows=1)
         worker.submit(first, [(0, skip, 1), (skip + question, first_size - skip - question, 3)])
         worker.submit(second, [(0, second_size, 1)])
-        worker.finish()
+        shards = worker.finish()
 
-    table = pq.read_table(tmp_path / "articles.parquet")
-    assert table.to_pylist() == [{"id": "0", "title": "a"}, {"id": "2", "title": "c"}, {"id": "3", "title": None}]
-    assert pq.ParquetFile(tmp_path / "articles.parquet").num_row_groups == 2
+    paths = [tmp_path / "metadata" / "part-00000.parquet", tmp_path / "metadata" / "part-00001.parquet"]
+    assert pq.read_table(paths[0]).to_pylist() == [{"row": 0, "id": "0", "title": "a"}, {"row": 1, "id": "2", "title": "c"}]
+    assert pq.read_table(paths[1]).to_pylist() == [{"row": 2, "id": "3", "title": None}]
+    assert pq.ParquetFile(paths[0]).num_row_groups == 2
+    assert shards == [(2, hashlib.sha256(paths[0].read_bytes()).hexdigest()),
+                      (1, hashlib.sha256(paths[1].read_bytes()).hexdigest())]
 
 
 @pytest.mark.parametrize(
     "late_row, message",
     [
         # A parquet file has one set of columns: a new key is refused, not dropped.
-        ('{"id": "2", "lang": "en"}', r"a\.jsonl: .*keys \(lang\) that the first 2 rows .*--articles-format jsonl"),
+        ('{"id": "2", "lang": "en"}', r"a\.jsonl: .*keys \(lang\) that the first rows .*--articles-format jsonl"),
         ('{"id": {"nested": 2}}', r"a\.jsonl: .*do not fit the parquet columns.*--articles-format jsonl"),
     ],
 )
 def test_rows_that_do_not_fit_the_parquet_columns_are_refused_by_name(tmp_path: Path, late_row: str, message: str) -> None:
     pytest.importorskip("pyarrow.parquet")
-    rows, size = _lines(tmp_path / "a.jsonl", '{"id": "0"}', '{"id": "1"}', late_row)
+    rows, size = _lines(tmp_path / "a.jsonl", *(f'{{"id": "{i}"}}' for i in range(BATCH_ROWS)), late_row)
+    (tmp_path / "metadata").mkdir()
 
     with ArticleWorker() as worker:
-        worker.write_parquet(tmp_path / "articles.parquet", group_rows=2)
+        worker.write_metadata(tmp_path, ShardPlan(rows=BATCH_ROWS + 1, shard_rows=10_000), "parquet", group_rows=2)
         worker.submit(rows, [(0, size, 1)])
         with pytest.raises(CheckpointError, match=message):
+            worker.finish()
+
+
+@pytest.mark.parametrize(("articles_format", "row"), [("parquet", '{"row": 5}'), ("jsonl", '{"id": "1", "row": 5}'),
+                                                      ("parquet-embeddings", '{"embedding": [1]}')])
+def test_a_key_the_metadata_keeps_for_itself_is_refused_by_name(tmp_path: Path, articles_format: str, row: str) -> None:
+    rows, size = _lines(tmp_path / "a.jsonl", row)
+    (tmp_path / "metadata").mkdir()
+    (tmp_path / "embeddings").mkdir()
+    np.save(tmp_path / "embeddings" / "part-00000.npy", np.zeros((1, 1), np.float32))
+    key = json.loads(row).keys() - {"id"}
+
+    with ArticleWorker() as worker:
+        worker.write_metadata(tmp_path, ShardPlan(rows=1, shard_rows=10), articles_format, group_rows=2)
+        worker.submit(rows, [(0, size, 1)])
+        with pytest.raises(CheckpointError, match=rf"a\.jsonl: its article rows have a '{key.pop()}' key"):
             worker.finish()
 
 

@@ -23,7 +23,7 @@ from async_embed_sync.errors import (
     OutputError,
 )
 from async_embed_sync.merging.merge import MergeProgress, merge_checkpoints
-from async_embed_sync.output import OutputSpec, load, parquet_available
+from async_embed_sync.output import OutputSpec, load
 from async_embed_sync.output.writer import OutputWriter
 from async_embed_sync.testing.synthetic import (
     generate_run,
@@ -268,7 +268,7 @@ def _replace_jsonl_line(checkpoint: Path, number: int, line: str) -> Path:
 _OUTPUT_FORMS = [
     ("merged.pkl", None),
     ("merged", "jsonl"),
-    pytest.param("merged", "parquet", marks=pytest.mark.skipif(not parquet_available(), reason="needs pyarrow")),
+    ("merged", "parquet"),
 ]
 
 
@@ -496,7 +496,6 @@ print("pyarrow" in sys.modules)
 """
 
 
-@pytest.mark.skipif(not parquet_available(), reason="needs pyarrow")
 def test_a_parquet_merge_leaves_pyarrow_to_the_worker(tmp_path: Path) -> None:
     """pyarrow and its memory pool stay out of the merge process."""
     _run(tmp_path / "downloads")
@@ -505,7 +504,7 @@ def test_a_parquet_merge_leaves_pyarrow_to_the_worker(tmp_path: Path) -> None:
 
     assert finished.returncode == 0, finished.stderr
     assert finished.stdout == "False\n"
-    assert (tmp_path / "merged" / "articles.parquet").is_file()
+    assert (tmp_path / "merged" / "metadata" / "part-00000.parquet").is_file()
 
 
 def test_legacy_output_loads_with_plain_pickle(tmp_path: Path) -> None:

@@ -12,9 +12,9 @@ import pytest
 from merge_fixtures import DIM, entries, write_evil_pickle
 
 from async_embed_sync import load
-from async_embed_sync.errors import OutputError
+from async_embed_sync.errors import MergeValidationError, OutputError
 from async_embed_sync.merging.merge import merge_checkpoints
-from async_embed_sync.output import LEGACY_KEYS, OutputSpec, parquet_available
+from async_embed_sync.output import LEGACY_KEYS, OutputSpec
 from async_embed_sync.testing.synthetic import generate_run
 
 
@@ -35,23 +35,72 @@ def test_bundle_round_trip_is_memory_mapped(downloads: Path, tmp_path: Path) -> 
     assert list(bundle) == list(legacy) == list(LEGACY_KEYS)
     assert isinstance(bundle["embeddings"], np.memmap) and not bundle["embeddings"].flags.writeable
     assert np.array_equal(bundle["embeddings"], legacy["embeddings"])
-    assert bundle["articles"] == legacy["articles"]
+    assert list(bundle["articles"]) == legacy["articles"]
     for key in ("total_articles", "embedding_dim", "model", "quality_metrics", "chunk_info"):
         assert bundle[key] == legacy[key]
 
 
-def test_bundle_files_and_manifest(downloads: Path, tmp_path: Path) -> None:
-    merge_checkpoints(downloads, tmp_path / "bundle", articles_format="jsonl")
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
-    manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
-    digest = hashlib.sha256((tmp_path / "bundle" / "embeddings.npy").read_bytes()).hexdigest()
-    lines = (tmp_path / "bundle" / "articles.jsonl").read_text().splitlines()
 
-    assert entries(tmp_path / "bundle") == ["articles.jsonl", "embeddings.npy", "manifest.json"]
-    assert manifest["embeddings_sha256"] == digest
-    assert set(LEGACY_KEYS[2:]) <= set(manifest)
-    assert len(lines) == manifest["total_articles"] == 290
-    assert np.load(tmp_path / "bundle" / "embeddings.npy").shape == (290, DIM)
+def test_bundle_shards_and_manifest(downloads: Path, tmp_path: Path) -> None:
+    pq = pytest.importorskip("pyarrow.parquet")
+    merge_checkpoints(downloads, tmp_path / "bundle", shard_rows=100)
+    bundle = tmp_path / "bundle"
+
+    manifest = json.loads((bundle / "manifest.json").read_text())
+
+    assert entries(bundle) == ["SHA256SUMS", "embeddings", "manifest.json", "metadata"]
+    assert entries(bundle / "embeddings") == ["part-00000.npy", "part-00001.npy", "part-00002.npy"]
+    assert entries(bundle / "metadata") == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    assert set(LEGACY_KEYS[2:]) <= set(manifest) and manifest["total_articles"] == 290
+    assert [(shard["first_row"], shard["rows"]) for shard in manifest["shards"]] == [(0, 100), (100, 100), (200, 90)]
+    for shard in manifest["shards"]:
+        vectors = np.load(bundle / shard["embeddings"])
+        rows = pq.read_table(bundle / shard["metadata"]).column("row").to_numpy()
+        assert vectors.shape == (shard["rows"], DIM) and vectors.flags.c_contiguous
+        assert rows.tolist() == list(range(shard["first_row"], shard["first_row"] + shard["rows"]))
+        assert shard["embeddings_sha256"] == _sha256(bundle / shard["embeddings"])
+        assert shard["metadata_sha256"] == _sha256(bundle / shard["metadata"])
+    assert pq.read_schema(bundle / "metadata" / "part-00000.parquet").names[0] == "row"
+    checked = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=bundle, capture_output=True, text=True)
+    assert checked.returncode == 0 and checked.stdout.count(": OK") == 6, checked.stdout
+
+
+@pytest.mark.parametrize("shard_rows", [1, 37, 289, 290, 10_000])
+def test_any_cut_of_the_shards_loads_the_rows_of_the_pickle(downloads: Path, tmp_path: Path, shard_rows: int) -> None:
+    # The mixed run's checkpoints are pickles and .npy + .jsonl, cut anywhere across them.
+    merge_checkpoints(downloads, tmp_path / "merged.pkl")
+    merge_checkpoints(downloads, tmp_path / "bundle", shard_rows=shard_rows)
+    legacy, bundle = load(tmp_path / "merged.pkl"), load(tmp_path / "bundle")
+
+    assert len(json.loads((tmp_path / "bundle" / "manifest.json").read_text())["shards"]) == -(-290 // shard_rows)
+    assert np.array_equal(np.asarray(bundle["embeddings"]), legacy["embeddings"])
+    assert list(bundle["articles"]) == legacy["articles"]
+    assert bundle["articles"][shard_rows - 3 : shard_rows + 3] == legacy["articles"][shard_rows - 3 : shard_rows + 3]
+    assert bundle["articles"][-1] == legacy["articles"][-1]
+
+
+def test_a_jsonl_shard_line_starts_with_its_global_row(downloads: Path, tmp_path: Path) -> None:
+    merge_checkpoints(downloads, tmp_path / "bundle", shard_rows=100, articles_format="jsonl")
+
+    lines = (tmp_path / "bundle" / "metadata" / "part-00001.jsonl").read_text().splitlines()
+
+    assert len(lines) == 100
+    assert lines[0].startswith('{"row":100,') and json.loads(lines[-1])["row"] == 199
+
+
+def test_parquet_embeddings_shards_carry_the_vectors(downloads: Path, tmp_path: Path) -> None:
+    pq = pytest.importorskip("pyarrow.parquet")
+    merge_checkpoints(downloads, tmp_path / "bundle", shard_rows=100, articles_format="parquet-embeddings")
+
+    table = pq.read_table(tmp_path / "bundle" / "metadata" / "part-00002.parquet")
+    vectors = np.load(tmp_path / "bundle" / "embeddings" / "part-00002.npy")
+
+    assert str(table.schema.field("embedding").type) == f"fixed_size_list<element: float>[{DIM}]"
+    assert np.array_equal(np.stack(table.column("embedding").to_numpy(zero_copy_only=False)), vectors)
+    assert "embedding" not in load(tmp_path / "bundle")["articles"][0]  # the legacy shape, as for every form
 
 
 def test_legacy_output_is_one_plain_dict(downloads: Path, tmp_path: Path) -> None:
@@ -87,12 +136,28 @@ def test_load_of_a_missing_output_is_an_output_error(tmp_path: Path) -> None:
         load(tmp_path / "nothing.pkl")
 
 
-def test_load_refuses_a_bundle_whose_parts_disagree(downloads: Path, tmp_path: Path) -> None:
-    merge_checkpoints(downloads, tmp_path / "bundle", articles_format="jsonl")
-    articles = tmp_path / "bundle" / "articles.jsonl"
-    articles.write_text("\n".join(articles.read_text().splitlines()[:-1]) + "\n")
+@pytest.mark.parametrize("articles_format", ["jsonl", "parquet"])
+def test_a_shard_cut_short_is_an_output_error_naming_it(downloads: Path, tmp_path: Path, articles_format: str) -> None:
+    merge_checkpoints(downloads, tmp_path / "bundle", shard_rows=100, articles_format=articles_format)
+    shard = tmp_path / "bundle" / "metadata" / f"part-00001.{articles_format}"
+    if articles_format == "jsonl":
+        shard.write_text("\n".join(shard.read_text().splitlines()[:-1]) + "\n")
+    else:
+        pq = pytest.importorskip("pyarrow.parquet")
+        pq.write_table(pq.read_table(shard).slice(0, 99), shard)
+    articles = load(tmp_path / "bundle")["articles"]  # nothing read yet
 
-    with pytest.raises(OutputError, match="290 embedding rows, 289 articles"):
+    with pytest.raises(OutputError, match=rf"part-00001\.{articles_format}: holds 99 \w+; the manifest says 100"):
+        articles[150]
+    with pytest.raises(OutputError, match=r"part-00001"):
+        list(articles)
+
+
+def test_load_refuses_a_bundle_whose_vectors_disagree_with_its_manifest(downloads: Path, tmp_path: Path) -> None:
+    merge_checkpoints(downloads, tmp_path / "bundle", shard_rows=100)
+    np.save(tmp_path / "bundle" / "embeddings" / "part-00002.npy", np.zeros((89, DIM), np.float32))
+
+    with pytest.raises(OutputError, match="part-00002.npy holds 89 rows; the manifest says 90"):
         load(tmp_path / "bundle")
 
 
@@ -104,41 +169,20 @@ def test_pickle_output_onto_a_directory_is_refused(downloads: Path, tmp_path: Pa
     assert entries(tmp_path) == ["taken.pkl"]
 
 
-@pytest.mark.parametrize("articles_format", ["jsonl", "parquet"])
-def test_bundle_articles_in_either_form_load_the_same(downloads: Path, tmp_path: Path, articles_format: str) -> None:
-    if articles_format == "parquet":
-        pytest.importorskip("pyarrow")
+@pytest.mark.parametrize(("articles_format", "suffix"), [("jsonl", "jsonl"), ("parquet", "parquet"),
+                                                       ("parquet-embeddings", "parquet"), (None, "parquet")])
+def test_bundle_articles_in_every_form_load_the_same(
+    downloads: Path, tmp_path: Path, articles_format: str | None, suffix: str,
+) -> None:
     merge_checkpoints(downloads, tmp_path / "merged.pkl")
     merge_checkpoints(downloads, tmp_path / "bundle", articles_format=articles_format)
 
     manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
     bundle = load(tmp_path / "bundle")
 
-    assert manifest["articles_file"] == f"articles.{articles_format}"
-    assert entries(tmp_path / "bundle") == sorted([f"articles.{articles_format}", "embeddings.npy", "manifest.json"])
-    assert bundle["articles"] == load(tmp_path / "merged.pkl")["articles"]
-
-
-def test_jsonl_is_the_default_even_where_pyarrow_imports(downloads: Path, tmp_path: Path) -> None:
-    # The test extra installs pyarrow: the output must not change with it.
-    assert parquet_available()
-    merge_checkpoints(downloads, tmp_path / "bundle")
-
-    assert entries(tmp_path / "bundle") == ["articles.jsonl", "embeddings.npy", "manifest.json"]
-
-
-def test_parquet_without_pyarrow_is_one_clear_error(downloads: Path, tmp_path: Path) -> None:
-    # A child whose import system finds no pyarrow, as on an install without the parquet extra.
-    code = ("import sys; sys.modules['pyarrow'] = None\n"
-            "from async_embed_sync.cli import main\n"
-            f"sys.exit(main(['merge', '--download-dir', {str(downloads)!r}, '--output', "
-            f"{str(tmp_path / 'bundle')!r}, '--articles-format', 'parquet']))")
-    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-
-    assert child.returncode == 1, child.stderr
-    assert "pip install 'async_embed_sync[parquet]'" in child.stderr
-    assert "Traceback" not in child.stderr
-    assert not (tmp_path / "bundle").exists()
+    assert manifest["articles_format"] == (articles_format or "parquet")
+    assert entries(tmp_path / "bundle" / "metadata") == [f"part-00000.{suffix}"]
+    assert list(bundle["articles"]) == load(tmp_path / "merged.pkl")["articles"]
 
 
 def test_parquet_row_groups_bound_memory(downloads: Path, tmp_path: Path) -> None:
@@ -147,8 +191,16 @@ def test_parquet_row_groups_bound_memory(downloads: Path, tmp_path: Path) -> Non
     spec = OutputSpec.decide(tmp_path / "bundle", articles_format="parquet", parquet_group_rows=50)
     merge_checkpoints(downloads, spec)
 
-    assert pq.ParquetFile(tmp_path / "bundle" / "articles.parquet").num_row_groups > 1
+    assert pq.ParquetFile(tmp_path / "bundle" / "metadata" / "part-00000.parquet").num_row_groups == 6
     assert len(load(tmp_path / "bundle")["articles"]) == 290
+
+
+def test_more_shards_than_names_in_order_are_refused(tmp_path: Path) -> None:
+    spec = OutputSpec.decide(tmp_path / "bundle", shard_rows=1)
+
+    assert spec.shard_plan(100_000, DIM).count == 100_000
+    with pytest.raises(MergeValidationError, match="100,001 shards; at most 100,000"):
+        spec.shard_plan(100_001, DIM)
 
 
 def test_bundle_onto_a_file_is_refused_before_the_copy(downloads: Path, tmp_path: Path) -> None:
@@ -180,7 +232,6 @@ def test_bundle_never_replaces_a_directory_that_is_not_a_bundle(downloads: Path,
 
 def _dead_pid() -> int:
     import subprocess
-    import sys
 
     child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     return int(child.stdout)

@@ -1,4 +1,4 @@
-"""A bundle's article lines parsed, and written to ``articles.parquet``, in one worker process beside the merge.
+"""A bundle's article lines parsed, and written into its metadata shards, in one worker process beside the merge.
 
 - The merge process never parses a bundle's JSON lines nor imports pyarrow:
   parsing holds the GIL (here it runs on the other core), and what it
@@ -21,9 +21,14 @@ import sys
 from collections.abc import Iterable
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import CheckpointError, LocalFileError, OutputError
 from .jsonl_index import parse_jsonl_span
+
+if TYPE_CHECKING:
+    from ..output.forms import ArticlesFormat
+    from ..output.shards import ShardPlan
 
 # How long a worker is given to end, after its pipe is closed or after SIGTERM.
 _STOP_SECONDS = 5.0
@@ -78,16 +83,18 @@ class ArticleWorker:
             except OSError as exc:  # out of processes or memory
                 self._connection.close()
                 raise OutputError("articles", f"the worker process that writes them cannot start ({exc}).") from exc
-        self._finished = False
+        self._finished: list[tuple[int, str]] | None = None  # the shards, once finished
 
     @property
     def process(self) -> subprocess.Popen:
         """The worker process, for whoever watches it from outside (its pid, its exit status)."""
         return self._process
 
-    def write_parquet(self, path: Path, group_rows: int) -> None:
-        """Write the rows of every span submitted from now on to a new parquet file at ``path``."""
-        self._connection.send(("parquet", path, group_rows))
+    def write_metadata(self, directory: Path, plan: ShardPlan, articles_format: ArticlesFormat,
+                       group_rows: int) -> None:
+        """Write the rows of every span submitted from now on into the metadata shards of ``plan`` in
+        ``directory`` (see ``output/metadata_shards.py``)."""
+        self._connection.send(("metadata", directory, plan, articles_format, group_rows))
 
     def submit(self, path: Path, spans: Iterable[tuple[int, int, int]], source: Path | None = None) -> None:
         """Parse every line of ``spans`` of ``path``: ``(offset, length, number of its first line)``.
@@ -96,28 +103,31 @@ class ArticleWorker:
         """
         self._connection.send(("parse", path, list(spans), source or path))
 
-    def finish(self) -> None:
-        """Wait for every span to be parsed and the parquet file closed; raise the first problem.
+    def finish(self) -> list[tuple[int, str]]:
+        """Wait for every span to be parsed and the metadata shards closed; each shard's (rows, sha256).
 
-        :class:`CheckpointError` for a line that is not a JSON object, or
-        rows that do not fit the parquet table; :class:`OutputError` if the
-        parquet file cannot be written. Later calls return at once.
+        Raises the first problem: :class:`CheckpointError` for a line that is
+        not a JSON object, or rows that do not fit the parquet columns;
+        :class:`OutputError` or :class:`LocalFileError` if a shard cannot be
+        written. Later calls return the same shards (none after a problem) at once.
         """
-        if self._finished:
-            return
-        self._finished = True
+        if self._finished is not None:
+            return self._finished
+        self._finished = []
         try:
             self._connection.send(None)
-            problem = self._connection.recv()
+            problem, shards = self._connection.recv()
         except (EOFError, OSError) as exc:
             raise OutputError("articles", "the worker process that writes them ended unexpectedly.") from exc
         if problem is not None:
             error, path, text = problem
             raise _ERRORS[error](path, text)
+        self._finished = shards
+        return shards
 
     def close(self) -> None:
         """Stop the worker and reap it (its resource usage then counts as this process's child's)."""
-        if not self._finished:
+        if self._finished is None:
             self._process.terminate()  # its work is wanted no more, not even the end of a span
         # A worker waiting for its next task ends at the end of its pipe.
         self._connection.close()
@@ -150,14 +160,15 @@ def _serve(connection: Connection) -> None:
 def _serve_until_finished(connection: Connection) -> None:
     writer = None
     problem = None
+    shards: list[tuple[int, str]] = []
     while (task := connection.recv()) is not None:
         if problem is not None:
             continue  # the parent hears of the first problem when it finishes
         try:
-            if task[0] == "parquet":
-                from ..output import ParquetRowWriter
+            if task[0] == "metadata":
+                from ..output.metadata_shards import MetadataShards
 
-                writer = ParquetRowWriter(task[1], task[2])
+                writer = MetadataShards(*task[1:])
             else:
                 _, path, spans, source = task
                 for offset, length, first_line in spans:
@@ -168,7 +179,7 @@ def _serve_until_finished(connection: Connection) -> None:
             problem = _problem(exc)
     if problem is None and writer is not None:
         try:
-            writer.close()
+            shards = writer.close()
         except Exception as exc:
             problem = _problem(exc)
-    connection.send(problem)
+    connection.send((problem, shards))

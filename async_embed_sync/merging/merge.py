@@ -126,6 +126,7 @@ def merge_checkpoints(
     expect_rows: int | None = None,
     partial: bool = False,
     on_read: Callable[[int, int], None] | None = None,
+    shard_rows: int | None = None,
 ) -> MergeReport:
     """Merge every checkpoint under ``<download_dir>/*/`` into ``output``.
 
@@ -135,15 +136,16 @@ def merge_checkpoints(
     ``partial``).
 
     ``output`` ending in ``.pkl`` or ``.pickle`` (any case) gets the legacy pickle, anything else the
-    bundle directory, whose articles are ``articles_format`` (default:
-    jsonl, on every install); an :class:`~..output.OutputSpec` decided already
-    stands for ``output``, ``dtype`` and ``articles_format``. Raises
+    bundle directory, in shards of ``shard_rows`` rows (default: about 1 GiB of vectors each),
+    whose articles are ``articles_format`` (default: parquet); an :class:`~..output.OutputSpec`
+    decided already stands for ``output``, ``dtype``, ``articles_format`` and ``shard_rows``. Raises
     :class:`MergeValidationError`, :class:`CheckpointError` or
     :class:`OutputError` or :class:`LocalFileError`; on any failure, Ctrl-C included, nothing is left
     at ``output`` and the staging area is removed.
     """
     started = time.perf_counter()
-    spec = output if isinstance(output, OutputSpec) else OutputSpec.decide(output, dtype, articles_format)
+    spec = output if isinstance(output, OutputSpec) else OutputSpec.decide(output, dtype, articles_format,
+                                                                           shard_rows=shard_rows)
     with ExitStack() as cleanup:
         # Legacy checkpoints leave what the output needs in the staging area
         # as they are read; the output itself is created only once they are
@@ -152,13 +154,12 @@ def merge_checkpoints(
         staging = cleanup.enter_context(StagingArea(spec))
         # Started now: it starts up while the checkpoints are read.
         worker = cleanup.enter_context(ArticleWorker()) if spec.uses_article_worker else None
-        line_check = worker if spec.copies_checkpoint_lines else None
         # A checkpoint that the sync downloaded and verified, untouched since,
         # has its sha256 (for chunk_info) in the sync's journal.
         recorded_sha256 = DownloadLayout(download_dir).verified_sha256
         spill = cleanup.enter_context(Spill(staging, spec, strict, recorded_sha256))
         paths, left_out = select_checkpoints(Path(download_dir), clusters)
-        parts = read_all(paths, spill, line_check, on_read)
+        parts = read_all(paths, spill, on_read)
         infos = [part.info for part in parts]
         missing_ranges = missing_rows(left_out, infos, expect_articles, expect_rows, partial)
         copy_pass = CopyPass(parts, recorded_sha256, spec.dtype, strict, on_progress)

@@ -19,7 +19,6 @@ from ..fileio import file_sha256
 from ..output.scratch import StagedCheckpoint
 from ..output.spec import OutputSpec
 from ..output.staging import StagingArea
-from .article_worker import ArticleWorker
 from .checkpoints import LEGACY_SUFFIX, CheckpointInfo, LegacyCheckpoint, NpyCheckpoint
 from .copy_pass import block_rows, sha256_of, write_article_rows, writing
 from .metrics import QualityMetrics
@@ -90,27 +89,16 @@ class Spill:
 ReadCheckpoint = NpyCheckpoint | SpilledCheckpoint
 
 
-def read_all(paths: Sequence[Path], spill: Spill, line_check: ArticleWorker | None = None,
+def read_all(paths: Sequence[Path], spill: Spill,
              on_read: Callable[[int, int], None] | None = None) -> list[ReadCheckpoint]:
     """Read the checkpoints at ``paths``, one at a time; by start index.
 
     A legacy checkpoint is read through ``spill`` and dropped at once, so
-    memory holds at most one loaded pickle. With ``line_check``, every line
-    of each ``.npy`` checkpoint is given to it to parse as soon as the file
-    is indexed, so that the check runs beside the rest of the merge.
+    memory holds at most one loaded pickle.
     """
     parts = []
     for path in paths:
-        parts.append(_read_one(path, spill, line_check))
+        parts.append(spill.read(path) if path.suffix == LEGACY_SUFFIX else NpyCheckpoint(path))
         if on_read is not None:
             on_read(len(parts), len(paths))
     return sorted(parts, key=lambda part: part.info.start_index)
-
-
-def _read_one(path: Path, spill: Spill, line_check: ArticleWorker | None) -> ReadCheckpoint:
-    if path.suffix == LEGACY_SUFFIX:
-        return spill.read(path)
-    checkpoint = NpyCheckpoint(path)
-    if line_check is not None:
-        line_check.submit(checkpoint.articles_path, [(0, checkpoint.indexed_bytes, 1)])
-    return checkpoint

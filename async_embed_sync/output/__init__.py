@@ -5,10 +5,8 @@ legacy checkpoints' bytes in its :class:`~.scratch.Scratch`, fills the writer
 the spec opens, then publishes the staging area atomically.
 """
 
-from .forms import LEGACY_KEYS, ArticlesFormat, parquet_available
+from .forms import ARTICLES_FORMATS, LEGACY_KEYS, ArticlesFormat
 from .load import load
-from .parquet_rows import ParquetRowWriter
 from .spec import OUTPUT_DTYPES, OutputSpec
 
-__all__ = ["LEGACY_KEYS", "OUTPUT_DTYPES", "ArticlesFormat", "OutputSpec", "ParquetRowWriter", "load",
-           "parquet_available"]
+__all__ = ["ARTICLES_FORMATS", "LEGACY_KEYS", "OUTPUT_DTYPES", "ArticlesFormat", "OutputSpec", "load"]

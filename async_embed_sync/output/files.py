@@ -7,12 +7,14 @@ and written pages never count in the process's resident set.
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 import numpy as np
+from numpy.lib import format as npy_format
 
 from ..errors import OutputError
 from ..fileio import COPY_BUFFER_BYTES, copy_range, pread_into, pwrite_all
@@ -93,17 +95,46 @@ class EmbeddingsRegion:
                 copy_range(source_fd, self.file.fd, offset, rows * self.row_bytes, target)
             self.rows_written += rows
             return
-        # The digest needs the bytes: they pass through one reusable buffer.
-        buffer = np.empty((min(rows, max(1, COPY_BUFFER_BYTES // self.row_bytes)), self.shape[1]), self.dtype)
-        for first in range(0, rows, len(buffer)):
-            block = buffer[: min(len(buffer), rows - first)]
-            pread_into(source_fd, block, offset + first * self.row_bytes)
-            self.append(block)
-            self.wait()
+        copy_rows_hashed(self, source_fd, offset, rows)
 
     def check_complete(self) -> None:
         if self.rows_written != self.shape[0]:
             raise OutputError(str(self.file.path), f"{self.rows_written} rows written, {self.shape[0]} planned.")
+
+
+class RowSink(Protocol):
+    """Where merged rows go, hashed: an :class:`EmbeddingsRegion`, or a bundle's shards."""
+
+    shape: tuple[int, int]
+    dtype: np.dtype
+
+    def append(self, rows: np.ndarray) -> None: ...
+    def wait(self) -> None: ...
+
+
+def copy_rows_hashed(sink: RowSink, source_fd: int, offset: int, rows: int) -> None:
+    """Append to ``sink`` ``rows`` rows stored back to back, in its dtype, from ``offset`` of ``source_fd``.
+
+    The digest needs the bytes: they pass through one reusable buffer.
+    """
+    if not rows:
+        return
+    row_bytes = sink.shape[1] * sink.dtype.itemsize
+    buffer = np.empty((min(rows, max(1, COPY_BUFFER_BYTES // max(1, row_bytes))), sink.shape[1]), sink.dtype)
+    for first in range(0, rows, len(buffer)):
+        block = buffer[: min(len(buffer), rows - first)]
+        pread_into(source_fd, block, offset + first * row_bytes)
+        sink.append(block)
+        sink.wait()
+
+
+def npy_header(shape: tuple[int, ...], dtype: np.dtype) -> bytes:
+    """The ``.npy`` header (format 1.0, read by numpy 1.x and 2.x) of a C-order array."""
+    header = io.BytesIO()
+    npy_format.write_array_header_1_0(
+        header, {"descr": npy_format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape}
+    )
+    return header.getvalue()
 
 
 def append_copied(stream: BinaryIO, source_fd: int, spans: Iterable[tuple[int, int]]) -> None:

@@ -1,4 +1,4 @@
-"""The output spec: what the merge writes, decided once (path, form, articles format, dtype, shards).
+"""The output spec: what the merge writes, decided once (path, form, articles format, dtype, rows per shard).
 
 Everything that depends on the form asks the spec: the checks of the path,
 whether the article worker runs and checks checkpoint lines, how legacy
@@ -23,15 +23,16 @@ from ..errors import (
 from .articles import ArticleWorker, json_lines
 from .bundle import BundleWriter
 from .forms import (
+    ARTICLES_FORMATS,
     DEFAULT_ARTICLES_FORMAT,
     MANIFEST_FILE,
     PICKLE_SUFFIXES,
     ArticlesFormat,
-    parquet_available,
 )
 from .legacy_pickle import ROWS_OFFSET, LegacyPickleWriter, PickledArticles
-from .parquet_rows import DEFAULT_GROUP_ROWS
+from .metadata_shards import DEFAULT_GROUP_ROWS
 from .scratch import Scratch, StagedCheckpoint
+from .shards import MAX_SHARDS, ShardPlan, default_shard_rows
 from .writer import OutputWriter
 
 OUTPUT_DTYPES = ("float32", "float16")
@@ -44,43 +45,45 @@ class OutputSpec:
     """One merged result: ``path``, its ``form``, its articles' format (None for a pickle), its ``dtype``.
 
     Build it with :meth:`decide`, which refuses what cannot be written.
-    ``parquet_group_rows``: articles per parquet row group (the worker's
-    memory bound). ``shards``: one file of rows; the only count there is yet.
+    ``shard_rows``: a bundle's rows per shard (None: about 1 GiB of vectors,
+    :func:`~.shards.default_shard_rows`). ``parquet_group_rows``: articles
+    per parquet row group, at most.
     """
 
     path: Path
     form: Form
     articles_format: ArticlesFormat | None
     dtype: np.dtype
-    shards: int = 1
+    shard_rows: int | None = None
     parquet_group_rows: int = DEFAULT_GROUP_ROWS
 
     @classmethod
     def decide(
         cls, path: str | Path, dtype: str = "float32", articles_format: ArticlesFormat | None = None,
-        *, parquet_group_rows: int = DEFAULT_GROUP_ROWS,
+        *, shard_rows: int | None = None, parquet_group_rows: int = DEFAULT_GROUP_ROWS,
     ) -> OutputSpec:
         """The spec of the output at ``path``: a ``.pkl`` or ``.pickle`` (any case) is the legacy pickle,
-        anything else a bundle directory, whose articles are ``articles_format`` (None: the
-        default, :data:`~.forms.DEFAULT_ARTICLES_FORMAT`).
+        anything else a bundle directory of shards of ``shard_rows`` rows, whose articles are
+        ``articles_format`` (None: the default, :data:`~.forms.DEFAULT_ARTICLES_FORMAT`).
 
-        Refuses, before any work, a dtype not in :data:`OUTPUT_DTYPES`, a path the merge
-        could not or must not replace, and parquet without pyarrow.
+        Refuses, before any work, a dtype not in :data:`OUTPUT_DTYPES`, an articles format or
+        a shard size there is not, and a path the merge could not or must not replace.
         """
         if dtype not in OUTPUT_DTYPES:
             raise MergeValidationError(f"output dtype {dtype!r} is not one of {', '.join(OUTPUT_DTYPES)}.")
+        if articles_format is not None and articles_format not in ARTICLES_FORMATS:
+            raise MergeValidationError(
+                f"articles format {articles_format!r} is not one of {', '.join(ARTICLES_FORMATS)}.")
+        if shard_rows is not None and (isinstance(shard_rows, bool) or not isinstance(shard_rows, int) or shard_rows < 1):
+            raise MergeValidationError(f"rows per shard must be a whole number of at least 1, not {shard_rows!r}.")
         path = Path(path)
         form: Form = "pickle" if path.suffix.lower() in PICKLE_SUFFIXES else "bundle"
         if form == "pickle":
             articles_format = None  # a pickle's articles are in the pickle
         elif articles_format is None:
             articles_format = DEFAULT_ARTICLES_FORMAT
-        spec = cls(path, form, articles_format, np.dtype(dtype), parquet_group_rows=parquet_group_rows)
+        spec = cls(path, form, articles_format, np.dtype(dtype), shard_rows, parquet_group_rows)
         spec.check_path()
-        if articles_format == "parquet" and not parquet_available():
-            raise OutputError(str(path), "articles.parquet needs pyarrow, which is not installed: "
-                                         "pip install 'async_embed_sync[parquet]', or leave out "
-                                         "--articles-format for articles.jsonl.")
         return spec
 
     @property
@@ -102,19 +105,8 @@ class OutputSpec:
 
     @property
     def uses_article_worker(self) -> bool:
-        """A bundle's articles are parsed in the worker process (and written there if they are parquet)."""
+        """A bundle's articles are parsed, and written into its metadata shards, in the worker process."""
         return not self.is_pickle
-
-    @property
-    def copies_checkpoint_lines(self) -> bool:
-        """True when the output takes the lines of ``.jsonl`` checkpoints verbatim, unparsed.
-
-        Only a bundle's ``articles.jsonl`` does: a ``.pkl`` output reads each
-        article row as a dict, and the article worker parses every row that
-        goes into ``articles.parquet``. Those lines are parsed by no one else:
-        the worker checks every line of every checkpoint.
-        """
-        return self.articles_format == "jsonl"
 
     def open_scratch(self, directory: Path) -> Scratch:
         """The scratch files of legacy checkpoints, in ``directory``: their rows start where the
@@ -134,7 +126,18 @@ class OutputSpec:
         """
         if self.is_pickle:
             return LegacyPickleWriter(directory / self.path.name, (rows, dim), self.dtype, scratch, staged)
-        if self.articles_format == "parquet" and worker is None:
-            raise ValueError("parquet articles are written by an article worker")
-        return BundleWriter(directory, (rows, dim), self.dtype, self.articles_format or DEFAULT_ARTICLES_FORMAT,
+        if worker is None:
+            raise ValueError("a bundle's articles are written by an article worker")
+        plan = self.shard_plan(rows, dim)
+        return BundleWriter(directory, plan, dim, self.dtype, self.articles_format or DEFAULT_ARTICLES_FORMAT,
                             scratch, worker, self.parquet_group_rows)
+
+    def shard_plan(self, rows: int, dim: int) -> ShardPlan:
+        """How a bundle of ``rows`` rows of ``dim`` values is cut; refuses more shards than names in order."""
+        shard_rows = self.shard_rows or default_shard_rows(dim * self.dtype.itemsize)
+        plan = ShardPlan(rows, shard_rows)
+        if plan.count > MAX_SHARDS:
+            raise MergeValidationError(
+                f"{rows:,} rows in shards of {shard_rows:,} make {plan.count:,} shards; at most "
+                f"{MAX_SHARDS:,} keep their names in row order. Give a larger --shard-rows.")
+        return plan
