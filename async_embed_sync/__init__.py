@@ -15,11 +15,16 @@ Python API is the same job as functions::
 __version__ = "0.1.0"
 __all__ = ["load", "merge", "merge_async", "sync", "sync_async"]
 
-from .api import merge, merge_async, sync, sync_async
+_API = ("merge", "merge_async", "sync", "sync_async")
 
 
 def __getattr__(name: str):
-    # ``load`` on first use: it needs numpy, which the sync does not.
+    # Each on first use: ``load`` needs numpy but not the sync's SSH stack,
+    # the sync needs no numpy; a notebook that only loads a result stays light.
+    if name in _API:
+        from . import api
+
+        return getattr(api, name)
     if name == "load":
         from .output import load
 

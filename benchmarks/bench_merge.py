@@ -13,8 +13,9 @@ under ``/usr/bin/time -v`` and prints one markdown table:
   hashes nothing, parses nothing, and, like the merge, does not fsync);
 - ``merge (npy in)``: this tool on the same run written as ``.npy`` + ``.jsonl``
   checkpoints, at each ``--scale`` (rows multiplied), with its ``cat``
-  baseline: ``.pkl`` output, and bundle output with ``articles.jsonl`` and,
-  where pyarrow imports, ``articles.parquet``.
+  baseline: ``.pkl`` output, and bundle output with parquet and jsonl metadata
+  shards; after each bundle, ``load()`` of it in a fresh process (a second
+  table: its time, and its peak resident set with a vector and an article read).
 
 Every contender gets the same conditions: its inputs are read once just
 before it (page cache warm, for every contender alike), the previous
@@ -39,11 +40,15 @@ Needs ``/usr/bin/time`` (Debian: ``apt-get install -y time``).
     python benchmarks/bench_merge.py --rows 20000 --scale 1 --keep --workdir /tmp/bm
     python benchmarks/bench_merge.py --npy-only --no-pkl-out --bundle-forms jsonl   # the jsonl bundle rows only
     python benchmarks/bench_merge.py --pkl-only        # the legacy-pickle input rows only
+    # 1x and 10x the rows, 128-dim with short texts: memory flat as rows grow, time linear, load() at 10x
+    python benchmarks/bench_merge.py --npy-only --no-pkl-out --npy-inputs synced --bundle-forms parquet \
+        --dim 128 --text-bytes 100 --scale 1 10 --repeat 1
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import shutil
 import statistics
@@ -90,11 +95,54 @@ TOOL_MERGE = """
 import resource, sys
 from async_embed_sync.merging.merge import merge_checkpoints
 articles_format = sys.argv[3] if len(sys.argv) > 3 else None
-print(merge_checkpoints(sys.argv[1], sys.argv[2], articles_format=articles_format).summary(), file=sys.stderr)
+shard_rows = int(sys.argv[4]) if len(sys.argv) > 4 else None
+print(merge_checkpoints(sys.argv[1], sys.argv[2], articles_format=articles_format, shard_rows=shard_rows).summary(),
+      file=sys.stderr)
 # time -v reports the larger of these two, not their sum: see the module docstring.
 print("peak RSS KiB: merge process", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
       "its largest worker process", resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr)
 """
+
+
+# load() of a bundle, then one vector from the middle and the last article: seconds and the
+# peak resident set since exec (VmHWM: ru_maxrss would include the benchmark's own).
+LOAD = """
+import json, sys, time
+started = time.perf_counter()
+from async_embed_sync import load
+result = load(sys.argv[1])
+opened = time.perf_counter() - started
+vector, article = result["embeddings"][len(result["embeddings"]) // 2], result["articles"][-1]
+read = time.perf_counter() - started
+with open("/proc/self/status") as status:
+    peak = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
+shards = len(getattr(result["embeddings"], "shards", [None]))
+print(json.dumps({"rows": len(result["embeddings"]), "shards": shards, "opened": opened, "read": read, "peak": peak}))
+"""
+
+
+@dataclass(frozen=True)
+class LoadMeasurement:
+    label: str
+    rows: int
+    shards: int
+    opened_seconds: float  # import and load()
+    read_seconds: float  # and one vector and one article
+    peak_rss_bytes: int
+
+
+def measure_load(label: str, bundle: Path, repeat: int) -> LoadMeasurement:
+    """Median times and largest peak of ``repeat`` cold-process load()s of ``bundle``."""
+    runs = []
+    for _ in range(repeat):
+        finished = subprocess.run([sys.executable, "-c", LOAD, str(bundle)], cwd=REPO, capture_output=True,
+                                  text=True, check=False)
+        if finished.returncode != 0:
+            raise SystemExit(f"load of {bundle} failed:\n{finished.stderr}")
+        runs.append(json.loads(finished.stdout))
+    print(f"{label}: load {runs[-1]}", file=sys.stderr)
+    return LoadMeasurement(label, runs[0]["rows"], runs[0]["shards"], statistics.median(run["opened"] for run in runs),
+                           statistics.median(run["read"] for run in runs), max(run["peak"] for run in runs))
 
 
 @dataclass(frozen=True)
@@ -154,13 +202,16 @@ def _same_conditions(inputs: list[Path], output: Path) -> None:
     subprocess.run(["sync"], check=True)
 
 
-def measure(label: str, command: list[str], inputs: list[Path], output: Path, repeat: int) -> Measurement:
-    """Median wall and CPU time and largest peak RSS of ``repeat`` runs of ``command`` writing ``output``."""
+def measure(label: str, command: list[str], inputs: list[Path], output: Path, repeat: int,
+            keep: bool = False) -> Measurement:
+    """Median wall and CPU time and largest peak RSS of ``repeat`` runs of ``command`` writing ``output``
+    (removed after, unless ``keep``)."""
     runs = []
     for _ in range(repeat):
         _same_conditions(inputs, output)
         runs.append(_time_v(label, command))
-    _remove(output)
+    if not keep:
+        _remove(output)
     return Measurement(
         label,
         _size(inputs),
@@ -185,14 +236,17 @@ def _cat(label: str, root: Path, target: Path, repeat: int) -> Measurement:
     return measure(label, command, files, target, repeat)
 
 
-def _merge(label: str, root: Path, target: Path, repeat: int, articles_format: str | None = None) -> Measurement:
+def _merge(label: str, root: Path, target: Path, repeat: int, articles_format: str | None = None,
+           shard_rows: int | None = None, keep: bool = False) -> Measurement:
     command = [sys.executable, "-c", TOOL_MERGE, str(root), str(target)]
-    return measure(label, command + ([articles_format] if articles_format else []), _inputs(root), target, repeat)
+    if articles_format:
+        command += [articles_format] + ([str(shard_rows)] if shard_rows else [])
+    return measure(label, command, _inputs(root), target, repeat, keep)
 
 
-def _generate(root: Path, rows: int, fmt: str, text_bytes: int) -> None:
-    print(f"generating {rows:,} rows as {fmt} in {root} ...", file=sys.stderr)
-    generate_run(root, rows=rows, dim=768, gpus_per_cluster=4, fmt=fmt, text_bytes=text_bytes)
+def _generate(root: Path, rows: int, fmt: str, text_bytes: int, dim: int = 768) -> None:
+    print(f"generating {rows:,} rows of {dim} as {fmt} in {root} ...", file=sys.stderr)
+    generate_run(root, rows=rows, dim=dim, gpus_per_cluster=4, fmt=fmt, text_bytes=text_bytes)
 
 
 def _record_as_synced(root: Path) -> None:
@@ -207,10 +261,6 @@ def _record_as_synced(root: Path) -> None:
 
 def _forget_sync(root: Path) -> None:
     shutil.rmtree(DownloadLayout(root).state_root, ignore_errors=True)
-
-
-def _pyarrow_imports() -> bool:
-    return subprocess.run([sys.executable, "-c", "import pyarrow.parquet"], capture_output=True).returncode == 0
 
 
 def _pickle_input_pairs(workdir: Path, output: Path, rows: int, text_bytes: int, repeat: int) -> list[tuple[Measurement, Measurement]]:
@@ -228,17 +278,18 @@ def _pickle_input_pairs(workdir: Path, output: Path, rows: int, text_bytes: int,
 def run(
     workdir: Path, rows: int, scales: list[int], text_bytes: int, repeat: int,
     pickle_input: bool = True, bundle_forms: list[str] | None = None, pickle_output: bool = True,
-    synced: list[bool] | None = None,
+    synced: list[bool] | None = None, dim: int = 768, shard_rows: int | None = None,
+    loads: list[LoadMeasurement] | None = None,
 ) -> list[tuple[Measurement, Measurement]]:
-    """Pairs of (contender, reference) measurements, in table order."""
+    """Pairs of (contender, reference) measurements, in table order; each bundle's load() into ``loads``."""
     output = workdir / "out"
     output.mkdir(parents=True, exist_ok=True)
     pairs = _pickle_input_pairs(workdir, output, rows, text_bytes, repeat) if pickle_input else []
     if bundle_forms is None:
-        bundle_forms = ["jsonl", "parquet"] if _pyarrow_imports() else ["jsonl"]
+        bundle_forms = ["parquet", "jsonl"]
     for scale in scales:
         arrays = workdir / f"npy-x{scale}"
-        _generate(arrays, rows * scale, "npy", text_bytes)
+        _generate(arrays, rows * scale, "npy", text_bytes, dim)
         copied = _cat(f"cat (npy in, {scale}x)", arrays, output / "cat.bin", repeat)
         for was_synced in synced or [False]:
             # Synced: the sync's journal holds each file's sha256, which the merge then need not compute.
@@ -248,8 +299,11 @@ def run(
                 merged = _merge(f"merge_checkpoints ({inputs}, .pkl out)", arrays, output / "merged.pkl", repeat)
                 pairs.append((merged, copied))
             for form in bundle_forms:
-                label = f"merge_checkpoints ({inputs}, bundle out, articles.{form})"
-                pairs.append((_merge(label, arrays, output / "bundle", repeat, form), copied))
+                label = f"merge_checkpoints ({inputs}, bundle out, {form})"
+                pairs.append((_merge(label, arrays, output / "bundle", repeat, form, shard_rows, keep=True), copied))
+                if loads is not None:
+                    loads.append(measure_load(f"load() of the bundle ({inputs}, {form})", output / "bundle", repeat))
+                _remove(output / "bundle")
         shutil.rmtree(arrays)
     return pairs
 
@@ -278,6 +332,15 @@ def table(pairs: list[tuple[Measurement, Measurement]]) -> str:
     return "\n".join(lines)
 
 
+def load_table(loads: list[LoadMeasurement]) -> str:
+    lines = ["| result | rows | shards | import + load() | + a vector and an article | peak RSS |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for load in loads:
+        lines.append(f"| {load.label} | {load.rows:,} | {load.shards} | {load.opened_seconds:.2f} s "
+                     f"| {load.read_seconds:.2f} s | {load.peak_rss_bytes / 2**20:,.0f} MiB |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=250_010, help="rows at scale 1 (default 250,010)")
@@ -289,8 +352,10 @@ def main() -> None:
     only = parser.add_mutually_exclusive_group()
     only.add_argument("--npy-only", action="store_true", help="skip the legacy-pickle input rows")
     only.add_argument("--pkl-only", action="store_true", help="only the legacy-pickle input rows (no .npy runs)")
-    parser.add_argument("--bundle-forms", nargs="*", choices=["jsonl", "parquet"],
-                        help="article forms of the bundle rows (default: both where pyarrow imports; none: no bundle rows)")
+    parser.add_argument("--bundle-forms", nargs="*", choices=["parquet", "jsonl", "parquet-embeddings"],
+                        help="articles formats of the bundle rows (default: parquet and jsonl; none: no bundle rows)")
+    parser.add_argument("--dim", type=int, default=768, help="vector dimension of the .npy runs (default 768)")
+    parser.add_argument("--shard-rows", type=int, default=None, help="rows per bundle shard (default: the merge's)")
     parser.add_argument("--no-pkl-out", action="store_true", help="skip the .npy-in, .pkl-out rows")
     parser.add_argument("--npy-inputs", nargs="+", choices=["unsynced", "synced"], default=["unsynced", "synced"],
                         help="the .npy inputs as files from elsewhere (the merge hashes them) and/or as a sync "
@@ -299,13 +364,18 @@ def main() -> None:
     if not Path("/usr/bin/time").exists():
         raise SystemExit("/usr/bin/time is missing: apt-get install -y time")
     workdir = options.workdir or Path(tempfile.mkdtemp(prefix="bench_merge_"))
+    loads: list[LoadMeasurement] = []
     try:
         pairs = run(
             workdir, options.rows, [] if options.pkl_only else options.scale, options.text_bytes, options.repeat,
             pickle_input=not options.npy_only, bundle_forms=options.bundle_forms, pickle_output=not options.no_pkl_out,
-            synced=[kind == "synced" for kind in options.npy_inputs],
+            synced=[kind == "synced" for kind in options.npy_inputs], dim=options.dim,
+            shard_rows=options.shard_rows, loads=loads,
         )
         print(table(pairs))
+        if loads:
+            print()
+            print(load_table(loads))
     finally:
         if not options.keep:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -189,7 +189,7 @@ def _assert_merged(output: Path, embeddings: np.ndarray, articles: list[dict], d
     assert merged["embeddings"].dtype == np.dtype(dtype)
     np.testing.assert_array_equal(merged["embeddings"], embeddings.astype(dtype))
     assert merged["articles"] == articles
-    _assert_plain(merged["articles"])
+    _assert_plain(list(merged["articles"]))
     assert all(type(article["id"]) is int for article in merged["articles"])
 
 

@@ -104,10 +104,9 @@ class ShardedArray:
         if key is Ellipsis:
             key = slice(None)
         if isinstance(key, (int, np.integer)):
-            picked = self._row(int(key))
-        else:
-            picked = self._rows(key)
-        return picked[rest] if rest else picked
+            return self._row(int(key))[rest] if rest else self._row(int(key))
+        picked = self._rows(key)
+        return picked[(slice(None), *rest)] if rest else picked
 
     def __iter__(self) -> Iterator[np.ndarray]:
         for shard in self.shards:
@@ -143,7 +142,7 @@ class _ParquetShard:
 
     def _group_table(self, group: int) -> Any:
         if group != self._group:
-            self._table = self._file.read_row_group(group, columns=self._columns)
+            self._table = self._file.read_row_group(group, columns=self._columns, use_threads=False)
             self._group = group
         return self._table
 
