@@ -29,11 +29,15 @@ BUNDLE_COMMAND = "python -m async_embed_sync merge --output embeddings/merged"
 # test_every_python_block_is_run until it has one).
 MARKERS = {
     "nearest neighbours": "np.argsort",
-    "pyarrow and pandas": "pq.read_table",
-    "faiss": "import faiss",
+    "pandas": "pd.read_parquet",
+    "faiss": "faiss.normalize_L2",
     "umap": "import umap",
     "api": "from async_embed_sync import sync, merge, load",
     "chunk_info": "chunk_info",
+    "embedding-reader": "EmbeddingReader",
+    "dask": "da.from_delayed",
+    "datasets": "load_dataset",
+    "faiss over the shards": "faiss.IndexFlatL2",
 }
 
 
@@ -51,16 +55,16 @@ def _block(marker: str) -> str:
     return found[0]
 
 
-def _run(argv: list[str], cwd: Path, timeout: float = 100) -> list[str]:
-    """Run ``argv`` in ``cwd`` as a user would; its stdout, line by line."""
+def _run(argv: list[str], cwd: Path, timeout: float = 100, env: dict[str, str] | None = None) -> list[str]:
+    """Run ``argv`` in ``cwd`` as a user would (``env`` added to the environment); its stdout, line by line."""
     result = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                            stdin=subprocess.DEVNULL)
+                            stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})})
     assert result.returncode == 0, f"{argv} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
     return result.stdout.splitlines()
 
 
-def _python(marker: str, cwd: Path, timeout: float = 100) -> list[str]:
-    return _run([sys.executable, "-c", _block(marker)], cwd, timeout)
+def _python(marker: str, cwd: Path, timeout: float = 100, env: dict[str, str] | None = None) -> list[str]:
+    return _run([sys.executable, "-c", _block(marker)], cwd, timeout, env)
 
 
 def _sha256(path: Path) -> str:
@@ -79,7 +83,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert len(bundle) == 1, bundle
     _run([sys.executable, *shlex.split(bundle[0])[1:], "--quiet"], root)
     assert (root / "embeddings" / "wikipedia_merged.pkl").is_file()
-    assert (root / "embeddings" / "merged" / "articles.parquet").is_file()
+    assert (root / "embeddings" / "merged" / "metadata" / "part-00000.parquet").is_file()
     return root
 
 
@@ -98,10 +102,32 @@ def test_nearest_neighbours_with_numpy(results):
     assert scores == sorted(scores, reverse=True) and scores[1] < 1.0
 
 
-def test_a_bundle_with_pyarrow_and_pandas(results):
+def test_a_bundle_with_pandas(results):
     _needs("pyarrow", "pandas")
-    assert _python("pyarrow and pandas", results) == [
-        f"({ARTICLES}, {DIM}) ({ARTICLES}, 4) ['id', 'title', 'url', 'text']"]
+    assert _python("pandas", results) == [
+        f"({ARTICLES}, {DIM}) ({ARTICLES}, 5) ['row', 'id', 'title', 'url', 'text']"]
+
+
+def test_embedding_reader_as_shown(results):
+    _needs("embedding_reader")
+    assert _python("embedding-reader", results) == [f"({ARTICLES}, {DIM}) Synthetic article 0"]
+
+
+def test_dask_as_shown(results):
+    _needs("dask")
+    assert _python("dask", results) == [f"({ARTICLES}, {DIM}) 1.000"]
+
+
+def test_hugging_face_datasets_as_shown(results, tmp_path):
+    _needs("datasets")
+    # Its cache in the test's folder, not the user's home; no network.
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    assert _python("datasets", results, env=env) == [f"{ARTICLES} ['row', 'id', 'title', 'url', 'text']"]
+
+
+def test_faiss_over_the_shards_as_shown(results):
+    _needs("faiss")
+    assert _python("faiss over the shards", results) == ["[0 1 2]"]
 
 
 def test_a_faiss_index(results):
@@ -126,13 +152,17 @@ def test_the_python_api_as_shown(openssh, tmp_path, write_config):
     assert len(list((tmp_path / "embeddings" / "checkpoints").glob("tensor0?/*.pkl"))) == 8
 
 
-def test_verifying_with_sha256sum(results):
-    block = next(block for block in blocks() if "sha256sum" in block)
-    npy_line, manifest_line, check_line = _run(["bash", "-euo", "pipefail", "-c", block], results)
-    digest = _sha256(results / "embeddings" / "merged" / "embeddings.npy")
-    assert npy_line == f"{digest}  embeddings/merged/embeddings.npy"
-    assert manifest_line.strip() == f'"embeddings_sha256": "{digest}",'  # the same hash
-    assert check_line == "embeddings/wikipedia_merged.pkl: OK"
+def test_verifying_with_sha256sum(results, tmp_path):
+    block = next(block for block in blocks() if "sha256sum -c --quiet SHA256SUMS" in block)
+    assert _run(["bash", "-euo", "pipefail", "-c", block], results) == [
+        "bundle: OK", "embeddings/wikipedia_merged.pkl: OK"]
+    # A shard changed after the merge is caught.
+    shutil.copytree(results / "embeddings", tmp_path / "embeddings")
+    with open(tmp_path / "embeddings" / "merged" / "embeddings" / "part-00000.npy", "r+b") as shard:
+        shard.seek(-1, os.SEEK_END)
+        shard.write(b"\x01")
+    damaged = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=tmp_path, capture_output=True, text=True)
+    assert damaged.returncode != 0 and "part-00000.npy: FAILED" in damaged.stdout + damaged.stderr
 
 
 def test_verifying_the_checkpoints_against_chunk_info(results, tmp_path):
