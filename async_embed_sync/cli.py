@@ -181,7 +181,7 @@ def _add_merge_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default=DEFAULT_OUTPUT, metavar="PATH",
                         help="a .pkl or .pickle path (any case) for the legacy pickle, any other path "
                              "for a memory-mappable bundle directory (default: %(default)s)")
-    parser.add_argument("--articles-format", choices=ARTICLES_FORMATS, default=None,
+    parser.add_argument("--articles-format", choices=ARTICLES_FORMATS, default=None, metavar="FORMAT",
                         help="a bundle's metadata shards: parquet (every row has the keys of the first "
                              "4,096), jsonl (keeps any row), or parquet-embeddings (parquet that also "
                              "holds the vectors) (default: parquet)")

@@ -55,10 +55,14 @@ def test_metadata_shards_get_the_rows_of_every_span_in_order(tmp_path: Path) -> 
     question = len('{"id": "1", "kind": "question"}\n')
     (tmp_path / "metadata").mkdir()
 
+    spans = [(first, [(0, skip, 1), (skip + question, first_size - skip - question, 3)]), (second, [(0, second_size, 1)])]
+
     with ArticleWorker() as worker:
+        for path, path_spans in spans:
+            worker.survey(path, path_spans)
         worker.write_metadata(tmp_path, ShardPlan(rows=3, shard_rows=2), "parquet", group_rows=1)
-        worker.submit(first, [(0, skip, 1), (skip + question, first_size - skip - question, 3)])
-        worker.submit(second, [(0, second_size, 1)])
+        for path, path_spans in spans:
+            worker.submit(path, path_spans)
         shards = worker.finish()
 
     paths = [tmp_path / "metadata" / "part-00000.parquet", tmp_path / "metadata" / "part-00001.parquet"]
@@ -69,21 +73,44 @@ def test_metadata_shards_get_the_rows_of_every_span_in_order(tmp_path: Path) -> 
                       (1, hashlib.sha256(paths[1].read_bytes()).hexdigest())]
 
 
-@pytest.mark.parametrize(
-    "late_row, message",
-    [
-        # A parquet file has one set of columns: a new key is refused, not dropped.
-        ('{"id": "2", "lang": "en"}', r"a\.jsonl: .*keys \(lang\) that the first rows .*--articles-format jsonl"),
-        ('{"id": {"nested": 2}}', r"a\.jsonl: .*do not fit the parquet columns.*--articles-format jsonl"),
-    ],
-)
-def test_rows_that_do_not_fit_the_parquet_columns_are_refused_by_name(tmp_path: Path, late_row: str, message: str) -> None:
-    pytest.importorskip("pyarrow.parquet")
-    rows, size = _lines(tmp_path / "a.jsonl", *(f'{{"id": "{i}"}}' for i in range(BATCH_ROWS)), late_row)
+def test_parquet_columns_are_every_key_any_article_has(tmp_path: Path) -> None:
+    pq = pytest.importorskip("pyarrow.parquet")
+    rows, size = _lines(tmp_path / "a.jsonl", *(f'{{"id": "{i}"}}' for i in range(BATCH_ROWS)),
+                        '{"id": "x", "lang": "en", "score": 1}', '{"id": "y", "score": 2.5}')
     (tmp_path / "metadata").mkdir()
 
     with ArticleWorker() as worker:
-        worker.write_metadata(tmp_path, ShardPlan(rows=BATCH_ROWS + 1, shard_rows=10_000), "parquet", group_rows=2)
+        worker.survey(rows, [(0, size, 1)])
+        worker.write_metadata(tmp_path, ShardPlan(rows=BATCH_ROWS + 2, shard_rows=10_000), "parquet", group_rows=100)
+        worker.submit(rows, [(0, size, 1)])
+        worker.finish()
+
+    table = pq.read_table(tmp_path / "metadata" / "part-00000.parquet")
+    assert table.column_names == ["row", "id", "lang", "score"]
+    assert table.slice(BATCH_ROWS - 1).to_pylist() == [
+        {"row": BATCH_ROWS - 1, "id": str(BATCH_ROWS - 1), "lang": None, "score": None},
+        {"row": BATCH_ROWS, "id": "x", "lang": "en", "score": 1.0},  # ints beside floats: floats
+        {"row": BATCH_ROWS + 1, "id": "y", "lang": None, "score": 2.5},
+    ]
+
+
+@pytest.mark.parametrize(
+    "late_row, message",
+    [
+        # A parquet column holds one type: a key's values that share none are refused by name.
+        ('{"id": 2}', r"a\.jsonl: the article key 'id' holds values of kinds that no one parquet column holds "
+                      r"\(str first in .*a\.jsonl; int first in .*a\.jsonl: .*--articles-format jsonl"),
+        ('{"id": "2", "meta": {"a": [1]}}', r"a\.jsonl: the article key 'meta' holds values of kinds .*\(dict first in"),
+    ],
+)
+def test_keys_whose_values_share_no_parquet_type_are_refused_by_name(tmp_path: Path, late_row: str, message: str) -> None:
+    pytest.importorskip("pyarrow.parquet")
+    rows, size = _lines(tmp_path / "a.jsonl", '{"id": "0", "meta": {"a": "x"}}', '{"id": "1"}', late_row)
+    (tmp_path / "metadata").mkdir()
+
+    with ArticleWorker() as worker:
+        worker.survey(rows, [(0, size, 1)])
+        worker.write_metadata(tmp_path, ShardPlan(rows=3, shard_rows=10_000), "parquet", group_rows=2)
         worker.submit(rows, [(0, size, 1)])
         with pytest.raises(CheckpointError, match=message):
             worker.finish()
@@ -99,6 +126,7 @@ def test_a_key_the_metadata_keeps_for_itself_is_refused_by_name(tmp_path: Path, 
     key = json.loads(row).keys() - {"id"}
 
     with ArticleWorker() as worker:
+        worker.survey(rows, [(0, size, 1)])
         worker.write_metadata(tmp_path, ShardPlan(rows=1, shard_rows=10), articles_format, group_rows=2)
         worker.submit(rows, [(0, size, 1)])
         with pytest.raises(CheckpointError, match=rf"a\.jsonl: its article rows have a '{key.pop()}' key"):

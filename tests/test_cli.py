@@ -100,17 +100,22 @@ def test_bundle_output_and_float16(tmp_path):
     assert str(result["embeddings"].dtype) == "float16" and len(result["articles"]) == 590
 
 
-@pytest.mark.parametrize("articles_format", ["jsonl", "parquet"])
-def test_bundle_articles_format_flag(tmp_path, articles_format):
-    if articles_format == "parquet" and os.environ.get("CI") != "true":
-        pytest.importorskip("pyarrow")  # the test extra installs it: CI always runs this
+@pytest.mark.parametrize(("articles_format", "suffix"), [("jsonl", "jsonl"), ("parquet", "parquet"),
+                                                       ("parquet-embeddings", "parquet")])
+def test_bundle_articles_format_and_shard_rows_flags(tmp_path, articles_format, suffix):
     download_dir = _local_run(tmp_path, fmt="npy")
     bundle, legacy = tmp_path / "bundle", tmp_path / "legacy.pkl"
-    for output, extra in ((bundle, ["--articles-format", articles_format]), (legacy, [])):
+    for output, extra in ((bundle, ["--articles-format", articles_format, "--shard-rows", "200"]), (legacy, [])):
         assert main(["merge", "--download-dir", str(download_dir), "--output", str(output),
                      "--quiet", *extra]) == 0
-    assert (bundle / f"articles.{articles_format}").is_file()
+    assert sorted(os.listdir(bundle / "metadata")) == [f"part-0000{i}.{suffix}" for i in range(3)]  # 590 rows
     assert load(bundle)["articles"] == load(legacy)["articles"]
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "1.5", "many"])
+def test_shard_rows_must_be_a_positive_whole_number(value, capsys):
+    assert main(["merge", "--shard-rows", value]) == 2
+    assert "error: argument --shard-rows" in capsys.readouterr().err
 
 
 def test_merge_error_is_one_paragraph_and_leaves_nothing(tmp_path, capsys):

@@ -205,8 +205,8 @@ def test_an_unwritable_merge_output_is_one_paragraph(tmp_path, capsys, where):
                          ids=["umask 002", "umask 022", "umask 077"])
 def test_the_output_modes_follow_the_umask(tmp_path, umask, folder_mode, file_mode):
     """A result on a shared file system is as readable as the user's umask
-    allows, as any file they make: the bundle folder and every file in it,
-    and the legacy pickle."""
+    allows, as any file they make: the bundle folder and every folder and
+    file in it, and the legacy pickle."""
     download_dir = tmp_path / "dl"
     generate_run(download_dir, rows=300, dim=8, gpus_per_cluster=1, fmt="mixed")
     outputs = {"merged.pkl": [], "jsonl": ["--articles-format", "jsonl"],
@@ -222,11 +222,10 @@ def test_the_output_modes_follow_the_umask(tmp_path, umask, folder_mode, file_mo
     assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == folder_mode
     assert stat.S_IMODE((tmp_path / "out" / "merged.pkl").stat().st_mode) == file_mode
     for bundle in ("jsonl", "parquet"):
-        assert stat.S_IMODE((tmp_path / "out" / bundle).stat().st_mode) == folder_mode
-        files = list((tmp_path / "out" / bundle).iterdir())
-        assert len(files) == 3, files
-        assert {path.name: stat.S_IMODE(path.stat().st_mode) for path in files} == \
-            {path.name: file_mode for path in files}
+        entries = [tmp_path / "out" / bundle, *(tmp_path / "out" / bundle).rglob("*")]
+        assert len(entries) == 7, entries  # the folder, its two shard folders, two shards, manifest, SHA256SUMS
+        assert {str(path): stat.S_IMODE(path.stat().st_mode) for path in entries} == \
+            {str(path): folder_mode if path.is_dir() else file_mode for path in entries}
 
 
 def _tree(root: Path) -> dict[str, bytes | None]:

@@ -6,7 +6,8 @@ In it:
 
 - a ``.pkl`` merged here (numpy 2) loads with plain ``pickle.load``;
 - a pipeline's own numpy 1.26 checkpoints (numpy scalars in their rows,
-  pickle protocols 2 and 5) merge into both output forms and load back;
+  pickle protocols 2 and 5) merge into both output forms and load back,
+  and a bundle's parquet shards are written by the pyarrow pip picks there;
 - and here, the same checkpoints (numpy 1.x pickles) pass the restricted
   unpickler and merge to the same result, whose numpy 1.26 ``.pkl`` loads here.
 
@@ -161,14 +162,19 @@ run_rows = make_rows(0, 120, text_bytes=200, question_indices=questions, seed=0)
 expected_articles = [row for index, row in enumerate(run_rows) if index not in questions] + scalar_rows
 expected = np.concatenate([make_vectors(0, 110, dim=8, seed=0), make_vectors(120, 150, dim=8, seed=5),
                            make_vectors(150, 180, dim=8, seed=5)])
-for output in (root / "numpy1.pkl", root / "numpy1-bundle"):
-    merge_checkpoints(downloads, output)
+# Its ids are str and int: a bundle keeps them in JSON lines (a parquet column holds one type).
+for output, articles_format in ((root / "numpy1.pkl", None), (root / "numpy1-bundle", "jsonl")):
+    merge_checkpoints(downloads, output, articles_format=articles_format)
     merged = load(output)
     assert np.array_equal(merged["embeddings"], expected), output
     assert merged["articles"] == expected_articles, output
     assert all(type(article["id"]) is int for article in merged["articles"][-len(scalar_rows):]), output
 with open(root / "numpy1.pkl", "rb") as stream:
     assert np.array_equal(pickle.load(stream)["embeddings"], expected)
+# Parquet shards, written by the worker's pyarrow beside numpy 1.26.
+generate_run(root / "plain", rows=120, dim=8, fmt="mixed", gpus_per_cluster=2)
+merge_checkpoints(root / "plain", root / "numpy1-parquet", shard_rows=50)
+assert list(load(root / "numpy1-parquet")["articles"]) == expected_articles[:110]
 np.save(root / "expected.npy", expected)
 print(np.__version__)
 """

@@ -96,6 +96,11 @@ class ArticleWorker:
         ``directory`` (see ``output/metadata_shards.py``)."""
         self._connection.send(("metadata", directory, plan, articles_format, group_rows))
 
+    def survey(self, path: Path, spans: Iterable[tuple[int, int, int]], source: Path | None = None) -> None:
+        """Parse every line of ``spans`` of ``path`` (as :meth:`submit` has them) for the keys and kinds of
+        values of the articles, which then make the columns of the parquet shards."""
+        self._connection.send(("survey", path, list(spans), source or path))
+
     def submit(self, path: Path, spans: Iterable[tuple[int, int, int]], source: Path | None = None) -> None:
         """Parse every line of ``spans`` of ``path``: ``(offset, length, number of its first line)``.
 
@@ -158,6 +163,9 @@ def _serve(connection: Connection) -> None:
 
 
 def _serve_until_finished(connection: Connection) -> None:
+    from ..output.metadata_shards import ArticleKeys, MetadataShards
+
+    keys = ArticleKeys()
     writer = None
     problem = None
     shards: list[tuple[int, str]] = []
@@ -166,14 +174,14 @@ def _serve_until_finished(connection: Connection) -> None:
             continue  # the parent hears of the first problem when it finishes
         try:
             if task[0] == "metadata":
-                from ..output.metadata_shards import MetadataShards
-
-                writer = MetadataShards(*task[1:])
+                writer = MetadataShards(*task[1:], keys=keys)
             else:
-                _, path, spans, source = task
+                kind, path, spans, source = task
                 for offset, length, first_line in spans:
                     for rows in parse_jsonl_span(path, offset, length, first_line, source):
-                        if writer is not None:
+                        if kind == "survey":
+                            keys.add(rows, source)
+                        elif writer is not None:
                             writer.add(rows, source)
         except Exception as exc:
             problem = _problem(exc)

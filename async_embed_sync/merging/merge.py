@@ -159,7 +159,7 @@ def merge_checkpoints(
         recorded_sha256 = DownloadLayout(download_dir).verified_sha256
         spill = cleanup.enter_context(Spill(staging, spec, strict, recorded_sha256))
         paths, left_out = select_checkpoints(Path(download_dir), clusters)
-        parts = read_all(paths, spill, on_read)
+        parts = read_all(paths, spill, worker if spec.surveys_article_keys else None, on_read)
         infos = [part.info for part in parts]
         missing_ranges = missing_rows(left_out, infos, expect_articles, expect_rows, partial)
         copy_pass = CopyPass(parts, recorded_sha256, spec.dtype, strict, on_progress)

@@ -10,10 +10,11 @@ lines) for the copy pass.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from ..fileio import file_sha256
 from ..output.scratch import StagedCheckpoint
@@ -22,6 +23,11 @@ from ..output.staging import StagingArea
 from .checkpoints import LEGACY_SUFFIX, CheckpointInfo, LegacyCheckpoint, NpyCheckpoint
 from .copy_pass import block_rows, sha256_of, write_article_rows, writing
 from .metrics import QualityMetrics
+
+
+class ArticleSurvey(Protocol):
+    # merging/article_worker.ArticleWorker: what the parquet columns will be, learnt as the checkpoints are read.
+    def survey(self, path: Path, spans: Iterable[tuple[int, int, int]], source: Path | None = None) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -89,16 +95,28 @@ class Spill:
 ReadCheckpoint = NpyCheckpoint | SpilledCheckpoint
 
 
-def read_all(paths: Sequence[Path], spill: Spill,
+def read_all(paths: Sequence[Path], spill: Spill, survey: ArticleSurvey | None = None,
              on_read: Callable[[int, int], None] | None = None) -> list[ReadCheckpoint]:
     """Read the checkpoints at ``paths``, one at a time; by start index.
 
     A legacy checkpoint is read through ``spill`` and dropped at once, so
-    memory holds at most one loaded pickle.
+    memory holds at most one loaded pickle. With ``survey``, the article
+    lines of each checkpoint (a ``.jsonl``'s, or a pickle's as staged) are
+    given to it as soon as they are known, so that it runs beside the rest
+    of the read.
     """
     parts = []
     for path in paths:
-        parts.append(spill.read(path) if path.suffix == LEGACY_SUFFIX else NpyCheckpoint(path))
+        if path.suffix == LEGACY_SUFFIX:
+            part = spill.read(path)
+            if survey is not None:
+                survey.survey(spill.scratch.articles.path,
+                              [(part.staged.articles_offset, part.staged.articles_length, 1)], path)
+        else:
+            part = NpyCheckpoint(path)
+            if survey is not None:
+                survey.survey(part.articles_path, part.article_spans())
+        parts.append(part)
         if on_read is not None:
             on_read(len(parts), len(paths))
     return sorted(parts, key=lambda part: part.info.start_index)

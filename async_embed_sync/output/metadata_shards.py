@@ -52,6 +52,59 @@ def _low_retention_memory_pool(pa: Any) -> Any:
         return pa.default_memory_pool()
 
 
+class ArticleKeys:
+    """The top-level keys of every article, in the order first seen, and a few of each key's values.
+
+    Learnt from every article before the first row is written (the worker's
+    survey), so that the parquet columns hold every key, whichever rows
+    have it. A key's values are kept while they bring a kind not seen yet,
+    and containers (whose own keys may vary) up to :data:`SAMPLES` each.
+    """
+
+    SAMPLES = 64
+
+    def __init__(self) -> None:
+        self._samples: dict[str, list[Any]] = {}
+        self._kinds: dict[str, dict[type, Path]] = {}  # each kind of a key's values: where it was first seen
+
+    def add(self, rows: list[dict], source: Path) -> None:
+        for row in rows:
+            for key, value in row.items():
+                samples = self._samples.get(key)
+                if samples is None:
+                    samples = self._samples[key] = []
+                    self._kinds[key] = {type(None): source}
+                if value is None or len(samples) >= self.SAMPLES:
+                    continue
+                kinds = self._kinds[key]
+                if type(value) not in kinds or type(value) in (dict, list):
+                    kinds.setdefault(type(value), source)
+                    samples.append(value)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._samples
+
+    def source(self, key: str) -> Path:
+        """The first checkpoint whose articles have ``key``."""
+        return self._kinds[key][type(None)]
+
+    def struct_type(self, pa: Any) -> Any:
+        """The Arrow struct of an article: a column for each key, of the type its values share."""
+        fields = []
+        for key, samples in self._samples.items():
+            try:
+                fields.append(pa.field(key, pa.array(samples).type))
+            except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+                kinds = {kind: path for kind, path in self._kinds[key].items() if kind is not type(None)}
+                where = "; ".join(f"{kind.__name__} first in {path}" for kind, path in kinds.items())
+                raise CheckpointError(
+                    str(list(kinds.values())[-1]),
+                    f"the article key {key!r} holds values of kinds that no one parquet column holds "
+                    f"({where}: {exc}); --articles-format jsonl keeps rows of any shape.",
+                ) from exc
+        return pa.struct(fields)
+
+
 class _JsonlShard:
     def __init__(self, path: Path):
         self.path = path
@@ -71,35 +124,30 @@ class _JsonlShard:
 
 
 class _ParquetColumns:
-    """What every parquet shard holds: ``row``, the article columns (the keys of the first rows), the vectors."""
+    """What every parquet shard holds: ``row``, a column for each article key (``keys``), the vectors."""
 
-    def __init__(self) -> None:
+    def __init__(self, keys: ArticleKeys) -> None:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         pa.set_memory_pool(_low_retention_memory_pool(pa))
         self.pa, self.pq = pa, pq
+        self.keys = keys
         self.articles_type: Any = None
 
     def batch(self, rows: list[dict], first_row: int, source: Path, vectors: np.ndarray | None) -> Any:
         pa = self.pa
+        if self.articles_type is None:
+            for name in (ROW_COLUMN, VECTOR_COLUMN):
+                if name in self.keys and (name == ROW_COLUMN or vectors is not None):
+                    raise _refuse_reserved_key(name, self.keys.source(name))
+            self.articles_type = self.keys.struct_type(pa)
+        extra = set().union(*rows).difference(field.name for field in self.articles_type)
+        if extra:  # the survey saw every row: only a file that changed since has others
+            raise CheckpointError(str(source), f"its article rows have keys ({', '.join(sorted(extra))}) that "
+                                               f"they had not when it was read; run the merge again.")
         try:
-            if self.articles_type is None:
-                articles = pa.array(rows)
-                self.articles_type = articles.type
-                for name in (ROW_COLUMN, VECTOR_COLUMN):
-                    if self.articles_type.get_field_index(name) >= 0 and (name == ROW_COLUMN or vectors is not None):
-                        raise _refuse_reserved_key(name, source)
-            else:
-                extra = set().union(*rows).difference(field.name for field in self.articles_type)
-                if extra:
-                    raise CheckpointError(
-                        str(source),
-                        f"article rows up to this checkpoint's have keys ({', '.join(sorted(extra))}) that the "
-                        f"first rows (the parquet columns) did not have, and a parquet file has one set of "
-                        f"columns; --articles-format jsonl keeps every key.",
-                    )
-                articles = pa.array(rows, type=self.articles_type)
+            articles = pa.array(rows, type=self.articles_type)
         except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
             raise CheckpointError(
                 str(source),
@@ -170,19 +218,20 @@ class _ParquetShard:
 class MetadataShards:
     """The metadata shards of ``plan`` in ``directory``, filled in row order by :meth:`add`.
 
-    Parquet shards' columns are ``row`` then the keys of the first
-    :data:`BATCH_ROWS` rows; a key missing from a row is stored as null and
-    reads back as ``None``. A parquet file has one set of columns: a later
-    row with a key that the first rows had not is refused, not dropped.
+    Parquet shards' columns are ``row`` then every key that ``keys`` saw
+    in the articles; a key missing from a row is stored as null and reads
+    back as ``None``. Values of a key must fit one column type (ints and
+    floats do, as floats); others are refused, naming the checkpoint.
     """
 
-    def __init__(self, directory: Path, plan: ShardPlan, articles_format: ArticlesFormat, group_rows: int):
+    def __init__(self, directory: Path, plan: ShardPlan, articles_format: ArticlesFormat, group_rows: int,
+                 keys: ArticleKeys | None = None):
         self.directory = directory
         self.plan = plan
         self.articles_format = articles_format
         self.group_rows = group_rows
         self._suffix = metadata_suffix(articles_format)
-        self._columns = None if articles_format == "jsonl" else _ParquetColumns()
+        self._columns = None if articles_format == "jsonl" else _ParquetColumns(keys or ArticleKeys())
         self._index = -1  # the shard open now
         self._shard: _JsonlShard | _ParquetShard | None = None
         self._next_row = 0

@@ -108,6 +108,12 @@ class OutputSpec:
         """A bundle's articles are parsed, and written into its metadata shards, in the worker process."""
         return not self.is_pickle
 
+    @property
+    def surveys_article_keys(self) -> bool:
+        """Parquet metadata has one set of columns for every shard: the worker learns them from every
+        article before the first row is written (``output/metadata_shards.py``)."""
+        return self.articles_format in ("parquet", "parquet-embeddings")
+
     def open_scratch(self, directory: Path) -> Scratch:
         """The scratch files of legacy checkpoints, in ``directory``: their rows start where the
         legacy pickle's do, their articles are encoded as this output takes them."""
