@@ -28,6 +28,7 @@ from typing import Any
 
 from ..layout import DownloadLayout
 from ..output import OUTPUT_DTYPES, ArticlesFormat, OutputSpec
+from ..output.forms import DEFAULT_ARTICLES_FORMAT, metadata_suffix
 from ..output.scratch import StagedCheckpoint
 from ..output.staging import StagingArea, publish
 from .article_worker import ArticleWorker
@@ -57,6 +58,8 @@ class MergeReport:
     missing_ranges: tuple[tuple[int, int], ...] = ()
     # Checkpoints here that their cluster no longer held at the last sync.
     left_out: tuple[Path, ...] = ()
+    # A bundle's: how many shards, of how many rows at most, and its metadata files' suffix.
+    shards: tuple[int, int, str] | None = None
 
     def summary(self) -> str:
         """A few lines that fit an 80-column terminal (the output's path on a line of its own)."""
@@ -75,10 +78,17 @@ class MergeReport:
                 f"  quality  {metrics['nan_values']:,} NaN, {metrics['inf_values']:,} Inf, "
                 f"{metrics['zero_norm_rows']:,} zero-norm rows, {metrics['duplicate_rows']:,} duplicate rows",
                 f"  L2 norm  {norms}",
+                *self._shards(),
                 f"  took     {self.elapsed_seconds:.1f} s; peak memory {self.peak_rss_bytes / 2**20:,.0f} MiB",
                 *self._warnings(),
             ]
         )
+
+    def _shards(self) -> list[str]:
+        if self.shards is None:
+            return []
+        count, rows, suffix = self.shards
+        return [f"  shards   {count:,} of up to {rows:,} rows: embeddings/*.npy, metadata/*{suffix}"]
 
     def _warnings(self) -> list[str]:
         lines = []
@@ -176,6 +186,7 @@ def merge_checkpoints(
         quality_metrics=quality_metrics,
         elapsed_seconds=time.perf_counter() - started,
         peak_rss_bytes=_peak_rss_bytes(),
+        shards=_shards(spec, copy_pass.metrics.rows, infos[0].dim),
         missing_ranges=tuple(missing_ranges),
         left_out=tuple(left_out),
     )
@@ -213,6 +224,13 @@ def _write(spec: OutputSpec, staging: StagingArea, spill: Spill, copy_pass: Copy
         spill.remove()
         publish(staging)
     return quality_metrics
+
+
+def _shards(spec: OutputSpec, rows: int, dim: int) -> tuple[int, int, str] | None:
+    if spec.is_pickle:
+        return None
+    plan = spec.shard_plan(rows, dim)
+    return plan.count, plan.shard_rows, metadata_suffix(spec.articles_format or DEFAULT_ARTICLES_FORMAT)
 
 
 def _staged_in_index_order(parts: Sequence[ReadCheckpoint]) -> list[StagedCheckpoint]:
