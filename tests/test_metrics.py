@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from async_embed_sync.merging.metrics import QualityMetrics, RowHasher
+from async_embed_sync.merging.metrics import QualityMetrics, RowHashBuckets, RowHasher
 
 
 def _sample() -> np.ndarray:
@@ -121,3 +121,24 @@ def test_absorbed_parts_count_as_one_accumulator(order: list[int]) -> None:
     }
     for key in _NORM_KEYS:
         assert result[key] == pytest.approx(whole[key], rel=1e-12)
+
+
+@pytest.mark.parametrize("pending_rows", [1, 7, 1 << 20])
+def test_duplicates_counted_in_buckets_on_disk_equal_those_counted_in_memory(tmp_path, pending_rows: int) -> None:
+    rng = np.random.default_rng(3)
+    rows = rng.integers(0, 4, size=(3000, 5)).astype(np.float32)  # few distinct values: many repeats
+    expected = len(rows) - len(np.unique(rows, axis=0))
+    buckets = RowHashBuckets(tmp_path / "hashes")
+    buckets.PENDING_ROWS = pending_rows  # flushed after every block, or once at the end
+    total = QualityMetrics(row_bytes=20, hashes=buckets)
+    in_memory = QualityMetrics(row_bytes=20)
+    for part in np.array_split(rows, 9):
+        checkpoint = QualityMetrics(row_bytes=20, hashes=buckets)
+        checkpoint.add_rows(part)
+        total.absorb(checkpoint)
+        in_memory.add_rows(part)
+
+    assert total.rows == 3000 and total.duplicate_rows() == in_memory.duplicate_rows() == expected > 0
+    assert 1 < len(list((tmp_path / "hashes").iterdir())) <= RowHashBuckets.BUCKETS
+    buckets.remove()
+    assert not (tmp_path / "hashes").exists()

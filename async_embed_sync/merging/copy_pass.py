@@ -26,7 +26,7 @@ from ..fileio import file_sha256
 from ..output.writer import OutputWriter
 from .checkpoints import NpyCheckpoint
 from .digest import BackgroundDigest
-from .metrics import QualityMetrics
+from .metrics import QualityMetrics, RowHashBuckets
 from .row_blocks import RowBlock
 
 if TYPE_CHECKING:
@@ -113,7 +113,8 @@ class CopyPass:
     """Fills the output writer with the article rows of every checkpoint, in index order.
 
     Each checkpoint's sha256 comes from the sync's journal where it
-    recorded one (``recorded_sha256``), else is computed on the way.
+    recorded one (``recorded_sha256``), else is computed on the way. Row
+    hashes, for the duplicate count, go to ``hashes`` (else stay in memory).
     """
 
     def __init__(
@@ -123,15 +124,17 @@ class CopyPass:
         dtype: np.dtype,
         strict: bool,
         on_progress: Callable[[MergeProgress], None] | None,
+        hashes: RowHashBuckets | None = None,
     ):
         self.parts = parts
+        self.hashes = hashes
         self.dtype = dtype
         self.strict = strict
         self.on_progress = on_progress
         self.rows_total = sum(part.info.rows for part in parts)
         self.recorded_sha256 = recorded_sha256
         self.rows_done = 0
-        self.metrics = QualityMetrics(row_bytes=parts[0].info.dim * dtype.itemsize)
+        self.metrics = QualityMetrics(row_bytes=parts[0].info.dim * dtype.itemsize, hashes=hashes)
 
     def run(self, writer: OutputWriter) -> list[Callable[[], str]]:
         """Copy everything into ``writer``; how to get each checkpoint's sha256, in index order."""
@@ -166,7 +169,7 @@ class CopyPass:
 
     def _copy(self, checkpoint: NpyCheckpoint, digest: BackgroundDigest | None) -> QualityMetrics:
         info = checkpoint.info
-        metrics = QualityMetrics(row_bytes=info.dim * self.dtype.itemsize)
+        metrics = QualityMetrics(row_bytes=info.dim * self.dtype.itemsize, hashes=self.hashes)
         for block in checkpoint.blocks(block_rows(info.dim, self.dtype, info.dtype)):
             if digest is not None:
                 digest.update(block.embeddings)

@@ -34,6 +34,7 @@ from ..output.staging import StagingArea, publish
 from .article_worker import ArticleWorker
 from .checkpoints import CheckpointInfo
 from .copy_pass import CopyPass, MergeProgress, writing
+from .metrics import RowHashBuckets
 from .plan import missing_rows, select_checkpoints
 from .spill import ReadCheckpoint, Spill, SpilledCheckpoint, read_all
 
@@ -167,12 +168,16 @@ def merge_checkpoints(
         # A checkpoint that the sync downloaded and verified, untouched since,
         # has its sha256 (for chunk_info) in the sync's journal.
         recorded_sha256 = DownloadLayout(download_dir).verified_sha256
-        spill = cleanup.enter_context(Spill(staging, spec, strict, recorded_sha256))
+        # Row hashes for the duplicate count, on disk: 16 bytes a row is no constant at 25M rows.
+        with writing(spec.path):
+            hashes = RowHashBuckets(staging.path / "row-hashes")
+        cleanup.callback(hashes.remove)
+        spill = cleanup.enter_context(Spill(staging, spec, strict, recorded_sha256, hashes))
         paths, left_out = select_checkpoints(Path(download_dir), clusters)
         parts = read_all(paths, spill, worker if spec.surveys_article_keys else None, on_read)
         infos = [part.info for part in parts]
         missing_ranges = missing_rows(left_out, infos, expect_articles, expect_rows, partial)
-        copy_pass = CopyPass(parts, recorded_sha256, spec.dtype, strict, on_progress)
+        copy_pass = CopyPass(parts, recorded_sha256, spec.dtype, strict, on_progress, hashes)
         quality_metrics = _write(spec, staging, spill, copy_pass, worker)
     return MergeReport(
         output=spec.path,
@@ -222,6 +227,8 @@ def _write(spec: OutputSpec, staging: StagingArea, spill: Spill, copy_pass: Copy
             writer.close()
         # Before the publish: a bundle's staging directory becomes the output.
         spill.remove()
+        if copy_pass.hashes is not None:
+            copy_pass.hashes.remove()
         publish(staging)
     return quality_metrics
 

@@ -2,12 +2,16 @@
 
 Memory stays bounded whatever the number of rows: norm statistics are
 running sums merged with Chan et al.'s parallel update (numerically sound for
-mean and variance), and duplicate detection keeps 16 bytes per row.
+mean and variance), and duplicate detection keeps 16 bytes per row, on disk
+in buckets during a merge (:class:`RowHashBuckets`), so that counting
+needs one bucket in memory at a time.
 """
 
 from __future__ import annotations
 
 import math
+import shutil
+from pathlib import Path
 
 import numpy as np
 
@@ -63,10 +67,79 @@ class RowHasher:
         np.multiply(words, coefficients, out=np.empty(words.shape, np.uint64)).sum(axis=1, out=out)
 
 
-class QualityMetrics:
-    """Accumulates NaN/Inf counts, norms and duplicates over the merged rows."""
+def _count_duplicates(hashes: np.ndarray) -> int:
+    """Rows of ``(n, 2)`` ``hashes`` that repeat an earlier one."""
+    # Sorting one column is several times faster than unique() over row
+    # pairs; only rows whose first hash repeats need the second one.
+    first = np.sort(hashes[:, 0])
+    repeats = np.unique(first[1:][first[1:] == first[:-1]])
+    candidates = hashes[np.isin(hashes[:, 0], repeats)]
+    return int(len(candidates) - len(np.unique(candidates, axis=0)))
 
-    def __init__(self, row_bytes: int):
+
+class RowHashBuckets:
+    """Row hashes in :data:`BUCKETS` files in ``directory``, by the top bits of the first hash.
+
+    Equal rows land in the same bucket, so duplicates are counted a bucket at
+    a time: memory holds one bucket (1/64 of the rows' 16 bytes) and up to
+    :data:`PENDING_ROWS` hashes waiting to be written.
+    """
+
+    BUCKETS = 64
+    PENDING_ROWS = 1 << 20
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        directory.mkdir()
+        self._pending: list[np.ndarray] = []
+        self._pending_rows = 0
+
+    def _path(self, bucket: int) -> Path:
+        return self.directory / f"{bucket:02d}.hashes"
+
+    def add(self, hashes: np.ndarray) -> None:
+        self._pending.append(hashes)
+        self._pending_rows += len(hashes)
+        if self._pending_rows >= self.PENDING_ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        hashes = np.concatenate(self._pending)
+        self._pending, self._pending_rows = [], 0
+        buckets = (hashes[:, 0] >> np.uint64(58)).astype(np.intp)
+        order = np.argsort(buckets, kind="stable")
+        ends = np.cumsum(np.bincount(buckets, minlength=self.BUCKETS))
+        hashes = hashes[order]
+        start = 0
+        for bucket, end in enumerate(ends.tolist()):
+            if end > start:
+                with open(self._path(bucket), "ab") as stream:
+                    stream.write(hashes[start:end].tobytes())
+            start = end
+
+    def duplicates(self) -> int:
+        self._flush()
+        total = 0
+        for bucket in range(self.BUCKETS):
+            if self._path(bucket).exists():
+                total += _count_duplicates(np.fromfile(self._path(bucket), dtype=np.uint64).reshape(-1, 2))
+        return total
+
+    def remove(self) -> None:
+        self._pending = []
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+class QualityMetrics:
+    """Accumulates NaN/Inf counts, norms and duplicates over the merged rows.
+
+    With ``hashes``, the rows' hashes go there as they come (metrics that
+    share it count their duplicates together); else they are kept here.
+    """
+
+    def __init__(self, row_bytes: int, hashes: RowHashBuckets | None = None):
         self.rows = 0
         self.dropped_rows = 0
         self.nan_values = 0
@@ -80,6 +153,7 @@ class QualityMetrics:
         self._norm_max = -math.inf
         self._hasher = RowHasher(row_bytes)
         self._hash_blocks: list[np.ndarray] = []
+        self._hash_buckets = hashes
 
     def add_dropped(self, count: int) -> None:
         """Rows that were not articles and were left out of the output."""
@@ -100,7 +174,13 @@ class QualityMetrics:
             self._add_squares(squares)
         else:
             self._add_rows_with_nonfinite_sums(block, accumulate)
-        self._hash_blocks.append(self._hasher.hash_rows(block))
+        self._keep_hashes(self._hasher.hash_rows(block))
+
+    def _keep_hashes(self, hashes: np.ndarray) -> None:
+        if self._hash_buckets is not None:
+            self._hash_buckets.add(hashes)
+        else:
+            self._hash_blocks.append(hashes)
 
     def _add_rows_with_nonfinite_sums(self, block: np.ndarray, accumulate: np.dtype) -> None:
         # Rare path: NaN or Inf values, or finite values whose squares overflow.
@@ -155,20 +235,21 @@ class QualityMetrics:
         self._merge_norm_statistics(
             other._norm_count, other._norm_mean, other._norm_m2, other._norm_min, other._norm_max
         )
-        self._hash_blocks.extend(other._hash_blocks)
+        if other._hash_buckets is None:  # its hashes are in memory
+            for block in other._hash_blocks:
+                self._keep_hashes(block)
+        elif other._hash_buckets is not self._hash_buckets:
+            raise ValueError("the metrics keep their row hashes in different buckets")
 
     def duplicate_rows(self) -> int:
-        """Rows that repeat an earlier row byte for byte."""
+        """Rows that repeat an earlier row byte for byte (of these rows and those of metrics sharing their hashes)."""
+        if self._hash_buckets is not None:
+            return self._hash_buckets.duplicates()
         if not self._hash_blocks:
             return 0
         hashes = np.concatenate(self._hash_blocks)
         self._hash_blocks = [hashes]
-        # Sorting one column is several times faster than unique() over row
-        # pairs; only rows whose first hash repeats need the second one.
-        first = np.sort(hashes[:, 0])
-        repeats = np.unique(first[1:][first[1:] == first[:-1]])
-        candidates = hashes[np.isin(hashes[:, 0], repeats)]
-        return int(len(candidates) - len(np.unique(candidates, axis=0)))
+        return _count_duplicates(hashes)
 
     def result(self) -> dict[str, int | float | None]:
         """Plain Python numbers, as ``quality_metrics`` holds them.

@@ -22,7 +22,7 @@ from ..output.spec import OutputSpec
 from ..output.staging import StagingArea
 from .checkpoints import LEGACY_SUFFIX, CheckpointInfo, LegacyCheckpoint, NpyCheckpoint
 from .copy_pass import block_rows, sha256_of, write_article_rows, writing
-from .metrics import QualityMetrics
+from .metrics import QualityMetrics, RowHashBuckets
 
 
 class ArticleSurvey(Protocol):
@@ -54,8 +54,10 @@ class Spill:
 
     def __init__(
         self, staging: StagingArea, spec: OutputSpec, strict: bool, recorded_sha256: Callable[[Path], str | None],
+        hashes: RowHashBuckets | None = None,
     ):
         self.output = spec.path
+        self.hashes = hashes
         self.recorded_sha256 = recorded_sha256
         self.dtype = spec.dtype
         self.strict = strict
@@ -71,7 +73,7 @@ class Spill:
         sha256 = sha256_of(path, self.recorded_sha256) or self._hasher.submit(file_sha256, path).result
         checkpoint = LegacyCheckpoint(path)
         info = checkpoint.info
-        metrics = QualityMetrics(row_bytes=info.dim * self.dtype.itemsize)
+        metrics = QualityMetrics(row_bytes=info.dim * self.dtype.itemsize, hashes=self.hashes)
         position = self.scratch.position()
         with writing(self.output):
             for block in checkpoint.blocks(block_rows(info.dim, self.dtype, info.dtype)):
