@@ -86,7 +86,7 @@ class RowHashBuckets:
     """
 
     BUCKETS = 64
-    PENDING_ROWS = 1 << 20
+    PENDING_ROWS = 1 << 16
 
     def __init__(self, directory: Path):
         self.directory = directory
