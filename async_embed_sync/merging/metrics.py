@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -88,8 +89,10 @@ class RowHashBuckets:
     BUCKETS = 64
     PENDING_ROWS = 1 << 16
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, columns: int = 2):
+        # columns: the two hashes, and (3) the row number, for repeats().
         self.directory = directory
+        self.columns = columns
         directory.mkdir()
         self._pending: list[np.ndarray] = []
         self._pending_rows = 0
@@ -119,13 +122,23 @@ class RowHashBuckets:
                     stream.write(hashes[start:end].tobytes())
             start = end
 
-    def duplicates(self) -> int:
+    def _buckets(self) -> Iterator[np.ndarray]:
         self._flush()
-        total = 0
         for bucket in range(self.BUCKETS):
             if self._path(bucket).exists():
-                total += _count_duplicates(np.fromfile(self._path(bucket), dtype=np.uint64).reshape(-1, 2))
-        return total
+                yield np.fromfile(self._path(bucket), dtype=np.uint64).reshape(-1, self.columns)
+
+    def duplicates(self) -> int:
+        return sum(_count_duplicates(hashes[:, :2]) for hashes in self._buckets())
+
+    def repeats(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Per bucket, each row that repeats an earlier row, and the first row it repeats (``columns=3``)."""
+        for entries in self._buckets():
+            entries = entries[np.lexsort((entries[:, 2], entries[:, 1], entries[:, 0]))]
+            same = (entries[1:, 0] == entries[:-1, 0]) & (entries[1:, 1] == entries[:-1, 1])
+            starts_group = np.concatenate([[True], ~same])
+            first = entries[np.flatnonzero(starts_group)[np.cumsum(starts_group) - 1], 2]
+            yield entries[~starts_group, 2].astype(np.int64), first[~starts_group].astype(np.int64)
 
     def remove(self) -> None:
         self._pending = []
@@ -136,10 +149,11 @@ class QualityMetrics:
     """Accumulates NaN/Inf counts, norms and duplicates over the merged rows.
 
     With ``hashes``, the rows' hashes go there as they come (metrics that
-    share it count their duplicates together); else they are kept here.
+    share it count their duplicates together); else they are kept here,
+    unless ``count_duplicates`` is False (whoever counts them elsewhere).
     """
 
-    def __init__(self, row_bytes: int, hashes: RowHashBuckets | None = None):
+    def __init__(self, row_bytes: int, hashes: RowHashBuckets | None = None, count_duplicates: bool = True):
         self.rows = 0
         self.dropped_rows = 0
         self.nan_values = 0
@@ -154,6 +168,7 @@ class QualityMetrics:
         self._hasher = RowHasher(row_bytes)
         self._hash_blocks: list[np.ndarray] = []
         self._hash_buckets = hashes
+        self._count_duplicates = count_duplicates
 
     def add_dropped(self, count: int) -> None:
         """Rows that were not articles and were left out of the output."""
@@ -174,7 +189,8 @@ class QualityMetrics:
             self._add_squares(squares)
         else:
             self._add_rows_with_nonfinite_sums(block, accumulate)
-        self._keep_hashes(self._hasher.hash_rows(block))
+        if self._count_duplicates:
+            self._keep_hashes(self._hasher.hash_rows(block))
 
     def _keep_hashes(self, hashes: np.ndarray) -> None:
         if self._hash_buckets is not None:
