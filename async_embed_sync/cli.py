@@ -46,6 +46,8 @@ _EXAMPLES = {
               "merge --output merged/ --shard-rows 100000  # a bundle in shards of 100,000 rows"],
     "status": ["status                               # what is remote, what is here"],
     "init": ["init                                 # write credentials.json to fill in"],
+    "report": ["report embeddings/wikipedia_merged.pkl  # a page beside it: wikipedia_merged.report.html",
+               "report merged/ --sample 5000 --output merged.html"],
 }
 _EXIT_CODES = "exit codes: 0 done, 1 failed, 2 usage error, 130 interrupted, 143 terminated."
 
@@ -135,6 +137,13 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     merge.set_defaults(after_stop=_AFTER_MERGE_STOP)
     command("status", "show per cluster what is remote, complete here, partial or changed", _status,
             _add_connection_arguments, _add_common_arguments)
+    report = command("report", "write one self-contained HTML page that shows whether a merged result "
+                               "is sound", _report, _add_report_arguments)
+    report.add_argument("result", metavar="RESULT", help="a merged .pkl or bundle folder")
+    report.add_argument("--output", dest="report_output", default=None, metavar="PATH",
+                        help="where the page goes (default: beside the result, NAME.report.html)")
+    report.add_argument("--quiet", action="store_true", help="print errors and warnings only")
+    report.set_defaults(after_stop="Nothing was written at the report's path; the result is as it was.")
     init = command("init", "write a credentials.json to fill in (mode 600), from the example", _init)
     init.add_argument("--config", default=DEFAULT_CONFIG_FILE, metavar="FILE",
                       help="where to write it (default: ./%(default)s; the user's is "
@@ -188,10 +197,18 @@ def _add_merge_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shard-rows", type=_positive_int, default=None, metavar="N",
                         help="rows per shard of a bundle (default: about 1 GiB of vectors a shard, "
                              "e.g. 400,000 rows of 768 float32)")
+    parser.add_argument("--report", action="store_true",
+                        help="also write the result's report beside it (NAME.report.html; see `report`)")
+    _add_report_arguments(parser)
     parser.add_argument("--partial", action="store_true",
                         help="merge what is there even if rows of the run are missing (a cluster left "
                              "out of --clusters, checkpoints short of total_rows); the summary names them")
     _add_merge_arguments_without_output(parser)
+
+
+def _add_report_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sample", type=_positive_int, default=2_000, metavar="N",
+                        help="rows of the sample for the maps and similarities (default: %(default)s)")
 
 
 def _add_merge_arguments_without_output(parser: argparse.ArgumentParser) -> None:
@@ -311,6 +328,21 @@ def _merge_phase(args: argparse.Namespace, progress: Progress, clusters: list[st
                        partial=args.partial, shard_rows=args.shard_rows)
     if not args.quiet:
         print(report.summary(), file=sys.stderr)
+    if args.report:
+        _write_report(args, args.output)
+
+
+def _report(args: argparse.Namespace) -> int:
+    _write_report(args, args.result, args.report_output)
+    return EXIT_OK
+
+
+def _write_report(args: argparse.Namespace, result: str, output: str | None = None) -> None:
+    from .report import write_report
+
+    path = write_report(result, output, sample=args.sample)
+    if not args.quiet:
+        print(f"Report: {path} (open it in a browser; it needs no network)", file=sys.stderr)
 
 
 def _init(args: argparse.Namespace) -> int:

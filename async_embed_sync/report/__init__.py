@@ -1,5 +1,59 @@
-"""The report on a merged result: its numbers per checkpoint, the checkpoints that stand out and why.
+"""The report on a merged result: one self-contained HTML page that shows whether the run is sound.
 
 ``statistics.py`` measures a result as ``load()`` returns it, in one
-streaming pass and one sample.
+streaming pass and one sample; ``plots.py`` draws it (matplotlib, the
+``report`` extra); ``page.py`` writes the page. :func:`write_report` is
+the whole of it, for ``report`` and ``merge --report``.
 """
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+from ..errors import OutputError, translating_local_errors
+from ..fileio import file_sha256
+from ..output import load
+from ..output.forms import CHECKSUMS_FILE, PICKLE_SUFFIXES
+
+DEFAULT_SAMPLE = 2_000
+
+
+def default_report_path(result: str | os.PathLike[str]) -> Path:
+    """Beside the result, not in it: ``merged.pkl`` -> ``merged.report.html``, ``merged/`` -> ``merged.report.html``."""
+    result = Path(result)
+    stem = result.stem if result.suffix.lower() in PICKLE_SUFFIXES else result.name
+    return result.with_name(f"{stem}.report.html")
+
+
+def _digest(result: Path) -> str:
+    if result.is_dir():
+        sums = result / CHECKSUMS_FILE
+        return f"{file_sha256(sums)} (of {CHECKSUMS_FILE}, which holds every shard's)" if sums.is_file() else "-"
+    return file_sha256(result)
+
+
+def write_report(result: str | os.PathLike[str], output: str | os.PathLike[str] | None = None,
+                 sample: int = DEFAULT_SAMPLE) -> Path:
+    """Write the report of the merged ``result`` (a ``.pkl`` or a bundle) to ``output`` (default: beside
+    it, :func:`default_report_path`); the page's path. Memory: one block of rows and ``sample`` rows."""
+    if importlib.util.find_spec("matplotlib") is None:
+        raise OutputError(str(result), "its report draws with matplotlib, which is not installed: "
+                                       "pip install 'async_embed_sync[report]'.")
+    from . import page, plots
+    from .statistics import flag_outliers, measure
+
+    result = Path(result)
+    target = Path(output) if output is not None else default_report_path(result)
+    document = load(result)
+    statistics = measure(document, sample=sample)
+    flag_outliers(statistics)
+    figures = {"norms": plots.norm_distributions(statistics), "similarities": plots.similarities(statistics)}
+    figures.update((f"map {name}", png) for name, png in plots.maps(statistics))
+    text = page.render(document, statistics, source=str(result), sha256=_digest(result), figures=figures)
+    with translating_local_errors(target, "write", "The result itself is as it was."):
+        partial = target.with_name(f".{target.name}.partial")
+        partial.write_text(text, encoding="utf-8")
+        os.replace(partial, target)
+    return target

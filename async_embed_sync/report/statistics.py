@@ -213,7 +213,7 @@ def flag_outliers(statistics: ResultStatistics) -> None:
     rows or of repeated rows more than a point above the others'; with a
     mean norm more than 10 % from theirs; or with sample rows whose mean
     direction is more than :data:`APART` times farther from the others' than
-    chance puts it.
+    chance puts it (and than the others' own distances).
     """
     checkpoints = statistics.checkpoints
     zero_share = [c.zero_norm_rows / c.rows if c.rows else 0.0 for c in checkpoints]
@@ -236,6 +236,8 @@ def flag_outliers(statistics: ResultStatistics) -> None:
         if mine is not None and others and abs(mine - others) > 0.1 * others:
             flags.append(f"its mean L2 norm is {mine:.4g}, {mine / others:.2f} times the others' ({others:.4g})")
         distance = checkpoint.direction_distance
-        if distance is not None and distance > APART:
+        # Against the others' distances too: one checkpoint far off moves the mean they are measured from.
+        usual = _others_median([c.direction_distance for c in checkpoints], index) or 1.0
+        if distance is not None and distance > APART * max(1.0, usual):
             flags.append(f"its vectors lie apart: their mean direction is {distance:,.0f} times farther from the "
                          f"others' than chance puts it (another model, precision, or part of the corpus?)")
