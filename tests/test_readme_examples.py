@@ -177,3 +177,12 @@ def test_verifying_the_checkpoints_against_chunk_info(results, tmp_path):
     victim.write_bytes(data)
     bad = [line for line in _python("chunk_info", tmp_path) if not line.startswith("ok ")]
     assert bad == [f"BAD {victim.relative_to(tmp_path)}"]
+
+
+def test_the_report_command_as_shown(results):
+    _needs("matplotlib")
+    shown = [command for command in commands() if command.startswith("python -m async_embed_sync report")]
+    assert len(shown) == 1, shown
+    _run([sys.executable, *shlex.split(shown[0])[1:], "--sample", "300", "--quiet"], results, timeout=200)
+    page = (results / "embeddings" / "wikipedia_merged.report.html").read_text()
+    assert "No checkpoint stands out among the 8." in page
