@@ -340,7 +340,12 @@ def _report(args: argparse.Namespace) -> int:
 def _write_report(args: argparse.Namespace, result: str, output: str | None = None) -> None:
     from .report import write_report
 
-    path = write_report(result, output, sample=args.sample)
+    progress = choose_progress(args.quiet)
+    try:
+        path = write_report(result, output, sample=args.sample,
+                            on_rows=lambda done, total: progress.step("report: rows read", done, total))
+    finally:
+        progress.close()
     if not args.quiet:
         print(f"Report: {path} (open it in a browser; it needs no network)", file=sys.stderr)
 

@@ -196,3 +196,17 @@ def test_a_report_of_a_result_larger_than_its_memory_bound(tmp_path: Path) -> No
     assert child.returncode == 0, child.stderr
     assert int(child.stdout.split()[-1]) < 120 * 2**20, child.stdout  # its heap: not the vectors
     assert "No checkpoint stands out" in (tmp_path / "page.html").read_text()
+
+
+def test_without_matplotlib_the_report_says_which_extra_to_install(tmp_path: Path) -> None:
+    generate_run(tmp_path / "downloads", rows=100, dim=8, fmt="npy")
+    merge_checkpoints(tmp_path / "downloads", tmp_path / "merged.pkl")
+    code = ("import sys; sys.modules['matplotlib'] = None\n"
+            "from async_embed_sync.cli import main\n"
+            f"sys.exit(main(['report', {str(tmp_path / 'merged.pkl')!r}]))")
+
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+
+    assert child.returncode == 1, child.stderr
+    assert "pip install 'async_embed_sync[report]'" in child.stderr and "Traceback" not in child.stderr
+    assert sorted(os.listdir(tmp_path)) == ["downloads", "merged.pkl"]

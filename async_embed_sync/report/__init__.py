@@ -8,8 +8,8 @@ the whole of it, for ``report`` and ``merge --report``.
 
 from __future__ import annotations
 
-import importlib.util
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import OutputError, translating_local_errors
@@ -35,25 +35,31 @@ def _digest(result: Path) -> str:
 
 
 def write_report(result: str | os.PathLike[str], output: str | os.PathLike[str] | None = None,
-                 sample: int = DEFAULT_SAMPLE) -> Path:
+                 sample: int = DEFAULT_SAMPLE, on_rows: Callable[[int, int], None] | None = None) -> Path:
     """Write the report of the merged ``result`` (a ``.pkl`` or a bundle) to ``output`` (default: beside
-    it, :func:`default_report_path`); the page's path. Memory: one block of rows and ``sample`` rows."""
-    if importlib.util.find_spec("matplotlib") is None:
+    it, :func:`default_report_path`); the page's path. Memory: one block of rows and ``sample`` rows.
+    ``on_rows(done, total)`` as the rows are read."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
         raise OutputError(str(result), "its report draws with matplotlib, which is not installed: "
-                                       "pip install 'async_embed_sync[report]'.")
+                                       "pip install 'async_embed_sync[report]'.") from exc
     from . import page, plots
     from .statistics import flag_outliers, measure
 
     result = Path(result)
     target = Path(output) if output is not None else default_report_path(result)
     document = load(result)
-    statistics = measure(document, sample=sample)
+    statistics = measure(document, sample=sample, on_rows=on_rows)
     flag_outliers(statistics)
     figures = {"norms": plots.norm_distributions(statistics), "similarities": plots.similarities(statistics)}
     figures.update((f"map {name}", png) for name, png in plots.maps(statistics))
     text = page.render(document, statistics, source=str(result), sha256=_digest(result), figures=figures)
-    with translating_local_errors(target, "write", "The result itself is as it was."):
-        partial = target.with_name(f".{target.name}.partial")
-        partial.write_text(text, encoding="utf-8")
-        os.replace(partial, target)
+    partial = target.with_name(f".{target.name}.partial")
+    try:
+        with translating_local_errors(target, "write", "The result itself is as it was."):
+            partial.write_text(text, encoding="utf-8")
+            os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)  # a page is whole at its path, or not there
     return target

@@ -13,7 +13,7 @@ the sample, and one bucket of hashes.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,8 +91,10 @@ def _checkpoints(chunk_info: Sequence[Mapping[str, Any]]) -> list[CheckpointStat
     return found
 
 
-def measure(result: Mapping[str, Any], sample: int = 2_000, seed: int = 0) -> ResultStatistics:
-    """The statistics of a merged ``result`` (as ``load()`` returns it), with a sample of ``sample`` rows."""
+def measure(result: Mapping[str, Any], sample: int = 2_000, seed: int = 0,
+            on_rows: Callable[[int, int], None] | None = None) -> ResultStatistics:
+    """The statistics of a merged ``result`` (as ``load()`` returns it), with a sample of ``sample`` rows;
+    ``on_rows(done, total)`` after each block read."""
     embeddings = result["embeddings"]
     rows, dim = len(embeddings), embeddings.shape[1]
     checkpoints = _checkpoints(result["chunk_info"])
@@ -123,6 +125,8 @@ def measure(result: Mapping[str, Any], sample: int = 2_000, seed: int = 0) -> Re
                 kept_norms.append(np.linalg.norm(wide[kept], axis=1))
                 if len(queries):
                     _keep_nearest(query_vectors, queries, _unit(wide), first, best_rows, best_scores)
+                if on_rows is not None:
+                    on_rows(first + len(block), rows)
             numbers = metrics.result()
             checkpoint.nan_values, checkpoint.inf_values = numbers["nan_values"], numbers["inf_values"]
             checkpoint.zero_norm_rows = numbers["zero_norm_rows"]
