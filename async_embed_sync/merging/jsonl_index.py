@@ -58,7 +58,6 @@ class JsonlIndex:
 
     line_ends: np.ndarray  # int64: the offset just after each line, its newline included
     dropped: np.ndarray  # int64: the rows that are not articles, ascending
-    ends_with_newline: bool
 
     @property
     def rows(self) -> int:
@@ -122,9 +121,7 @@ def index_jsonl(stream: BinaryIO, path: Path) -> JsonlIndex:
     line_ends: list[np.ndarray] = []
     dropped: list[int] = []
     base = rows = 0
-    last = b""
     for text, cut in _whole_line_chunks(stream):
-        last = text[cut - 1 : cut]
         ends = np.array(_line_ends(text, cut), dtype=np.int64)
         for offset in sorted(_rows_needing_a_parse(text, ends)):
             start = int(ends[offset - 1]) if offset else 0
@@ -137,7 +134,6 @@ def index_jsonl(stream: BinaryIO, path: Path) -> JsonlIndex:
     return JsonlIndex(
         line_ends=np.concatenate(line_ends) if line_ends else np.zeros(0, np.int64),
         dropped=np.array(dropped, dtype=np.int64),
-        ends_with_newline=last in (b"", b"\n"),
     )
 
 
