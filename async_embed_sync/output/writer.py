@@ -17,7 +17,6 @@ import numpy as np
 
 from ..merging.checkpoints import NpyCheckpoint
 from ..merging.row_blocks import RowBlock
-from .files import EmbeddingsRegion
 from .scratch import Scratch, ScratchFile, StagedCheckpoint
 
 
@@ -31,10 +30,20 @@ class Articles(Protocol):
     def close(self) -> None: ...
 
 
+class EmbeddingRows(Protocol):
+    """Where the rows go: one file's region (:class:`~.files.EmbeddingsRegion`), or a bundle's shards
+    (``output/bundle.py``)."""
+
+    def append(self, rows: np.ndarray) -> None: ...
+    def wait(self) -> None: ...
+    def copy_from(self, source_fd: int, offset: int, rows: int) -> None: ...
+    def check_complete(self) -> None: ...
+
+
 class OutputWriter:
     """The rows into :attr:`embeddings`, the articles into :attr:`articles`, staged bytes from :attr:`scratch`."""
 
-    embeddings: EmbeddingsRegion
+    embeddings: EmbeddingRows
     articles: Articles
     scratch: Scratch
 
