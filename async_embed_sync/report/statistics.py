@@ -118,10 +118,10 @@ def measure(result: Mapping[str, Any], sample: int = 2_000, seed: int = 0,
             for first in range(checkpoint.first_row, end, block_rows):
                 block = np.ascontiguousarray(embeddings[first : min(end, first + block_rows)])
                 metrics.add_rows(block)
-                numbers = np.arange(first, first + len(block), dtype=np.uint64)
-                hashes.add(np.column_stack([hasher.hash_rows(block), numbers]))
+                row_numbers = np.arange(first, first + len(block), dtype=np.uint64)
+                hashes.add(np.column_stack([hasher.hash_rows(block), row_numbers]))
                 wide = block.astype(np.float32)
-                kept = (np.arange(first, first + len(block)) - checkpoint.first_row) % step == 0
+                kept = (row_numbers.astype(np.int64) - checkpoint.first_row) % step == 0
                 kept_norms.append(np.linalg.norm(wide[kept], axis=1))
                 if len(queries):
                     _keep_nearest(query_vectors, queries, _unit(wide), first, best_rows, best_scores)
