@@ -8,10 +8,12 @@ which shows errors only.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import TYPE_CHECKING, TextIO
 
 if TYPE_CHECKING:
@@ -140,6 +142,7 @@ class TqdmProgress(Progress):
 
     def __init__(self, stream: TextIO | None = None):
         super().__init__(stream)
+        self._restore_terminal = _keep_output_on_interrupt(self.stream)
         self._total_bar: tqdm | None = None
         self._file_bars: dict[tuple[str, str], tqdm] = {}
         self._unshown: dict[tuple[str, str], int] = {}  # files in flight without a bar: their sizes
@@ -269,6 +272,42 @@ class TqdmProgress(Progress):
         self._unshown.clear()
         self._step_bars.clear()
         self._total_bar = self._merge_bar = None
+        self._restore_terminal()
+        self._restore_terminal = _nothing
+
+
+def _nothing() -> None:
+    pass
+
+
+def _keep_output_on_interrupt(stream: TextIO) -> Callable[[], None]:
+    """Set the terminal's NOFLSH while bars are drawn; how to set it back.
+
+    By default a terminal discards the output not yet shown when Ctrl-C
+    is typed. That can be the cursor moves of a bar's redraw: the cursor is
+    then left on a file bar's row, and the total bar is drawn again there.
+    """
+    try:
+        import termios
+
+        fd = stream.fileno()
+        before = termios.tcgetattr(fd)
+    except (ImportError, AttributeError, OSError, ValueError):
+        return _nothing
+    if before[3] & termios.NOFLSH:
+        return _nothing
+    after = list(before)
+    after[3] |= termios.NOFLSH
+    try:
+        termios.tcsetattr(fd, termios.TCSANOW, after)
+    except (OSError, termios.error):
+        return _nothing
+
+    def restore() -> None:
+        with contextlib.suppress(OSError, termios.error):
+            termios.tcsetattr(fd, termios.TCSANOW, before)
+
+    return restore
 
 
 # File bars at most, however many files are in flight (--max-parallel is 128 by default).

@@ -2,6 +2,7 @@
 
 import importlib
 import io
+import os
 import re
 
 import pytest
@@ -185,3 +186,24 @@ def test_the_sync_summary_says_rates_in_mib_per_second_within_80_columns():
     assert all(len(line) <= 80 for line in lines), lines
     assert " 1190 MiB/s " in lines[1] and " 0.82 MiB/s " in lines[2], lines
     assert "KiB/s" not in "".join(lines)
+
+
+def test_bars_keep_the_terminal_from_discarding_their_output_on_ctrl_c_and_give_it_back() -> None:
+    """A terminal flushes the output not yet shown when Ctrl-C is typed: the cursor moves of a redraw
+    can go, leaving the cursor on a file bar's row, where the total bar was then drawn again."""
+    import termios
+
+    leader, follower = os.openpty()
+    try:
+        with os.fdopen(follower, "w", closefd=False) as stream:
+            before = termios.tcgetattr(follower)[3]
+            progress = TqdmProgress(stream)
+            during = termios.tcgetattr(follower)[3]
+            progress.close()
+            after = termios.tcgetattr(follower)[3]
+    finally:
+        os.close(leader)
+        os.close(follower)
+
+    assert not before & termios.NOFLSH and during & termios.NOFLSH
+    assert after == before
