@@ -8,6 +8,7 @@ which shows errors only.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import sys
@@ -281,11 +282,13 @@ def _nothing() -> None:
 
 
 def _keep_output_on_interrupt(stream: TextIO) -> Callable[[], None]:
-    """Set the terminal's NOFLSH while bars are drawn; how to set it back.
+    """Set the terminal's NOFLSH while bars are drawn; how to let go of it.
 
     By default a terminal discards the output not yet shown when Ctrl-C
     is typed. That can be the cursor moves of a bar's redraw: the cursor is
     then left on a file bar's row, and the total bar is drawn again there.
+    The terminal gets its settings back when the last holder lets go, or
+    when the process exits, whichever comes first.
     """
     try:
         import termios
@@ -294,20 +297,42 @@ def _keep_output_on_interrupt(stream: TextIO) -> Callable[[], None]:
         before = termios.tcgetattr(fd)
     except (ImportError, AttributeError, OSError, ValueError):
         return _nothing
-    if before[3] & termios.NOFLSH:
-        return _nothing
-    after = list(before)
-    after[3] |= termios.NOFLSH
-    try:
-        termios.tcsetattr(fd, termios.TCSANOW, after)
-    except (OSError, termios.error):
-        return _nothing
+    if fd not in _NOFLSH_HELD:
+        if before[3] & termios.NOFLSH:
+            return _nothing  # the user's own setting: nothing to set, nothing to give back
+        after = list(before)
+        after[3] |= termios.NOFLSH
+        try:
+            termios.tcsetattr(fd, termios.TCSANOW, after)
+        except (OSError, termios.error):
+            return _nothing
+        _NOFLSH_HELD[fd] = [before, 0]
+        atexit.register(_give_back, fd)
+    _NOFLSH_HELD[fd][1] += 1
+    released = False
 
-    def restore() -> None:
+    def release() -> None:
+        nonlocal released
+        if not released:
+            released = True
+            _NOFLSH_HELD[fd][1] -= 1
+            if not _NOFLSH_HELD[fd][1]:
+                _give_back(fd)
+
+    return release
+
+
+# A terminal's settings before the bars set NOFLSH, and how many bars' owners hold it.
+_NOFLSH_HELD: dict[int, list] = {}
+
+
+def _give_back(fd: int) -> None:
+    import termios
+
+    held = _NOFLSH_HELD.pop(fd, None)
+    if held is not None:
         with contextlib.suppress(OSError, termios.error):
-            termios.tcsetattr(fd, termios.TCSANOW, before)
-
-    return restore
+            termios.tcsetattr(fd, termios.TCSANOW, held[0])
 
 
 # File bars at most, however many files are in flight (--max-parallel is 128 by default).

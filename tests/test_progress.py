@@ -207,3 +207,23 @@ def test_bars_keep_the_terminal_from_discarding_their_output_on_ctrl_c_and_give_
 
     assert not before & termios.NOFLSH and during & termios.NOFLSH
     assert after == before
+
+
+def test_the_terminal_gets_its_settings_back_when_the_last_bars_go() -> None:
+    import termios
+
+    leader, follower = os.openpty()
+    try:
+        with os.fdopen(follower, "w", closefd=False) as stream:
+            before = termios.tcgetattr(follower)[3]
+            first, second = TqdmProgress(stream), TqdmProgress(stream)
+            first.close()
+            still = termios.tcgetattr(follower)[3]
+            second.close()
+            second.close()
+            after = termios.tcgetattr(follower)[3]
+    finally:
+        os.close(leader)
+        os.close(follower)
+
+    assert still & termios.NOFLSH and after == before
