@@ -102,17 +102,20 @@ class EmbeddingsRegion:
             raise OutputError(str(self.file.path), f"{self.rows_written} rows written, {self.shape[0]} planned.")
 
 
-class RowSink(Protocol):
-    """Where merged rows go, hashed: an :class:`EmbeddingsRegion`, or a bundle's shards."""
+class EmbeddingRows(Protocol):
+    """Where the merged rows go: one file's :class:`EmbeddingsRegion`, or a bundle's shards
+    (``output/bundle.py``)."""
 
     shape: tuple[int, int]
     dtype: np.dtype
 
     def append(self, rows: np.ndarray) -> None: ...
     def wait(self) -> None: ...
+    def copy_from(self, source_fd: int, offset: int, rows: int) -> None: ...
+    def check_complete(self) -> None: ...
 
 
-def copy_rows_hashed(sink: RowSink, source_fd: int, offset: int, rows: int) -> None:
+def copy_rows_hashed(sink: EmbeddingRows, source_fd: int, offset: int, rows: int) -> None:
     """Append to ``sink`` ``rows`` rows stored back to back, in its dtype, from ``offset`` of ``source_fd``.
 
     The digest needs the bytes: they pass through one reusable buffer.

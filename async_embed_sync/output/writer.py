@@ -17,6 +17,7 @@ import numpy as np
 
 from ..merging.checkpoints import NpyCheckpoint
 from ..merging.row_blocks import RowBlock
+from .files import EmbeddingRows
 from .scratch import Scratch, ScratchFile, StagedCheckpoint
 
 
@@ -28,16 +29,6 @@ class Articles(Protocol):
     def add_encoded(self, scratch: ScratchFile, offset: int, length: int, source: Path) -> None: ...
     def finish(self) -> None: ...
     def close(self) -> None: ...
-
-
-class EmbeddingRows(Protocol):
-    """Where the rows go: one file's region (:class:`~.files.EmbeddingsRegion`), or a bundle's shards
-    (``output/bundle.py``)."""
-
-    def append(self, rows: np.ndarray) -> None: ...
-    def wait(self) -> None: ...
-    def copy_from(self, source_fd: int, offset: int, rows: int) -> None: ...
-    def check_complete(self) -> None: ...
 
 
 class OutputWriter:
