@@ -26,6 +26,7 @@ from .errors import AsyncEmbedSyncError, ClustersLeftOutError, Terminated
 from .logs import configure_logging
 from .output import ARTICLES_FORMATS
 from .progress import Progress, choose_progress
+from .report import DEFAULT_SAMPLE
 from .termination import stop_on_sigterm
 from .transfer.prompts import TerminalPrompter
 from .transfer.sync import DEFAULT_DOWNLOAD_DIR, SyncOptions, sync
@@ -191,9 +192,9 @@ def _add_merge_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a .pkl or .pickle path (any case) for the legacy pickle, any other path "
                              "for a memory-mappable bundle directory (default: %(default)s)")
     parser.add_argument("--articles-format", choices=ARTICLES_FORMATS, default=None, metavar="FORMAT",
-                        help="a bundle's metadata shards: parquet (every row has the keys of the first "
-                             "4,096), jsonl (keeps any row), or parquet-embeddings (parquet that also "
-                             "holds the vectors) (default: parquet)")
+                        help="a bundle's metadata shards: parquet (a column for every key any article "
+                             "has; a key's values share one type), jsonl (keeps any row), or "
+                             "parquet-embeddings (parquet that also holds the vectors) (default: parquet)")
     parser.add_argument("--shard-rows", type=_positive_int, default=None, metavar="N",
                         help="rows per shard of a bundle (default: about 1 GiB of vectors a shard, "
                              "e.g. 400,000 rows of 768 float32)")
@@ -207,7 +208,7 @@ def _add_merge_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_report_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--sample", type=_positive_int, default=2_000, metavar="N",
+    parser.add_argument("--sample", type=_positive_int, default=DEFAULT_SAMPLE, metavar="N",
                         help="rows of the sample for the maps and similarities (default: %(default)s)")
 
 
