@@ -151,8 +151,8 @@ class _ParquetColumns:
         except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
             raise CheckpointError(
                 str(source),
-                f"article rows up to this checkpoint's do not fit the parquet columns of the rows before "
-                f"them ({exc}); --articles-format jsonl keeps rows of any shape.",
+                f"its article rows do not fit the parquet columns that all the articles' values make "
+                f"({exc}); --articles-format jsonl keeps rows of any shape.",
             ) from exc
         names = [ROW_COLUMN, *(field.name for field in self.articles_type)]
         arrays = [pa.array(np.arange(first_row, first_row + len(rows), dtype=np.int64)),
