@@ -33,10 +33,11 @@ from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import Any, Self
 
-import asyncssh
-
+from ..dependencies import import_asyncssh
 from ..fileio import file_sha256
 from ..known_hosts import known_hosts_line
+
+asyncssh = import_asyncssh()
 
 CLOSE_TIMEOUT = 5.0
 COMMAND_NOT_FOUND = 127

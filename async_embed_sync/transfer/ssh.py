@@ -26,10 +26,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
-import asyncssh
-from asyncssh.config import SSHClientConfig
 
 from ..config import ClusterConfig
+from ..dependencies import import_asyncssh
 from ..errors import (
     AsyncEmbedSyncError,
     AuthenticationError,
@@ -47,6 +46,9 @@ from .prompts import NoTerminal, Prompter
 
 if TYPE_CHECKING:
     from .target import SSHTarget
+
+asyncssh = import_asyncssh()
+from asyncssh.config import SSHClientConfig  # noqa: E402 (asyncssh is imported above)
 
 logger = logging.getLogger(__name__)
 
