@@ -26,7 +26,7 @@ def __getattr__(name: str):
 
         return getattr(api, name)
     if name == "load":
-        from .output import load
+        from .output.load import load
 
         return load
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

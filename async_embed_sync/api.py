@@ -32,11 +32,11 @@ from .config import ClusterConfig, Config, load_config
 from .progress import Progress, QuietProgress, TqdmProgress
 from .transfer.lock import DownloadDirLock
 from .transfer.prompts import Prompter, TerminalPrompter
-from .transfer.sync import DEFAULT_DOWNLOAD_DIR, SyncOptions, SyncReport, sync_clusters
-from .transfer.sync import sync as sync_download_dir
+from .transfer.options import DEFAULT_DOWNLOAD_DIR, SyncOptions
 
 if TYPE_CHECKING:
     from .merging.merge import MergeReport
+    from .transfer.sync import SyncReport
 
 DEFAULT_OUTPUT = "embeddings/wikipedia_merged.pkl"
 PathLike = str | os.PathLike[str]
@@ -53,6 +53,8 @@ def sync(config: PathLike | Config | None = None, *, clusters: Sequence[str] | N
     sync completely is in it (``report.ok``, ``report.raise_for_failures()``),
     not raised, so that the others' results are there to see.
     """
+    from .transfer.sync import sync as sync_download_dir  # the SSH stack loads with the first sync
+
     run = functools.partial(sync_download_dir, *_prepare(config, clusters, max_parallel, timeout, retries,
                                                          progress, prompter, download_dir))
     try:
@@ -69,6 +71,8 @@ async def sync_async(config: PathLike | Config | None = None, *, clusters: Seque
                      timeout: float = SyncOptions.timeout, retries: int = SyncOptions.retries,
                      progress: Progress | None = None, prompter: Prompter | None = None) -> SyncReport:
     """:func:`sync`, awaited in the caller's event loop."""
+    from .transfer.sync import sync_clusters
+
     selected, directory, chosen_progress, options = _prepare(
         config, clusters, max_parallel, timeout, retries, progress, prompter, download_dir)
     with DownloadDirLock(directory):

@@ -29,7 +29,7 @@ from .progress import Progress, choose_progress
 from .report import DEFAULT_SAMPLE
 from .termination import stop_on_sigterm
 from .transfer.prompts import TerminalPrompter
-from .transfer.sync import DEFAULT_DOWNLOAD_DIR, SyncOptions, sync
+from .transfer.options import DEFAULT_DOWNLOAD_DIR, SyncOptions
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
 
@@ -313,6 +313,8 @@ def _sync_phase(args: argparse.Namespace, progress: Progress, config: Config | N
         config = load_config(args.config, args.credentials_dir)
     if clusters is None:
         clusters = config.select(args.clusters)
+    from .transfer.sync import sync  # the SSH stack: only for the commands that connect
+
     options = SyncOptions(max_parallel=args.max_parallel, timeout=args.timeout, retries=args.retries,
                           prompter=TerminalPrompter())
     report = sync(clusters, args.download_dir, progress, options)

@@ -25,7 +25,7 @@ from reliability_helpers import REPO_ROOT, MiB, assert_mirrored, make_files
 
 from async_embed_sync.cli import main
 from async_embed_sync.layout import DownloadLayout
-from async_embed_sync.output import load
+from async_embed_sync import load
 from async_embed_sync.testing.synthetic import generate_run
 
 CLUSTERS = ("tensor01", "tensor02")

@@ -23,7 +23,8 @@ from async_embed_sync.errors import (
     OutputError,
 )
 from async_embed_sync.merging.merge import MergeProgress, merge_checkpoints
-from async_embed_sync.output import OutputSpec, load
+from async_embed_sync import load
+from async_embed_sync.output import OutputSpec
 from async_embed_sync.output.writer import OutputWriter
 from async_embed_sync.testing.synthetic import (
     generate_run,

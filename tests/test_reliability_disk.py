@@ -25,7 +25,7 @@ from reliability_helpers import (
 from async_embed_sync.cli import main
 from async_embed_sync.config import load_config
 from async_embed_sync.layout import DownloadLayout
-from async_embed_sync.output import load
+from async_embed_sync import load
 from async_embed_sync.progress import QuietProgress
 from async_embed_sync.testing.synthetic import generate_run
 from async_embed_sync.transfer.sync import SyncOptions, sync

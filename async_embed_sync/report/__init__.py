@@ -14,7 +14,6 @@ from pathlib import Path
 
 from ..errors import OutputError, translating_local_errors
 from ..fileio import file_sha256
-from ..output import load
 from ..output.forms import CHECKSUMS_FILE, PICKLE_SUFFIXES
 
 DEFAULT_SAMPLE = 2_000
@@ -44,6 +43,7 @@ def write_report(result: str | os.PathLike[str], output: str | os.PathLike[str] 
     except ImportError as exc:
         raise OutputError(str(result), "its report draws with matplotlib, which is not installed: "
                                        "pip install 'async_embed_sync[report]'.") from exc
+    from ..output.load import load
     from . import page, plots
     from .statistics import flag_outliers, measure
 

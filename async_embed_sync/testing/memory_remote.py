@@ -1,6 +1,6 @@
 """Clusters served from memory, with scripted faults: the sync without SSH.
 
-The other end of the seam that ``transfer/sync.py``'s ``SyncOptions.connect``
+The other end of the seam that ``transfer/options.py``'s ``SyncOptions.connect``
 fills, as httpx's ``MockTransport`` is of its transport: ``MemoryServer.connect``
 makes one ``MemoryRemote`` (``transfer/remote.py``'s ``Remote``) per connection.
 A fault raises the error, class and words, that ``transfer/ssh.py``'s

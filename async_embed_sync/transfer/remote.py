@@ -28,16 +28,10 @@ from .files import (
 )
 from .hashes import Sha256Batcher
 from .prompts import NoPrompter, Prompter
-from .sftp_files import (
-    CHUNK_BYTES,
-    DEFAULT_SFTP_CHANNELS,
-    MAX_BLOCK_SIZE,
-    READ_AHEAD_BYTES,
-    SftpFiles,
-)
+from .options import DEFAULT_SFTP_CHANNELS, DEFAULT_WINDOW, READ_AHEAD_BYTES
+from .sftp_files import CHUNK_BYTES, MAX_BLOCK_SIZE, SftpFiles
 from .shell import ShellFiles
 from .ssh import (
-    DEFAULT_WINDOW,
     ChannelOpenError,
     Connection,
     SFTPError,

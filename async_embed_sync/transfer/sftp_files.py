@@ -23,17 +23,12 @@ import anyio
 
 from ..config import ClusterConfig
 from .files import FileRead, RemoteFile, observe_outcome, remote_path
+from .options import DEFAULT_SFTP_CHANNELS, READ_AHEAD_BYTES
 from .ssh import CLOSE_TIMEOUT, FILE_TYPE_SYMLINK, REGULAR_FILE_TYPES
 
-# OpenSSH's default MaxSessions is 10 channels per connection: SFTP channels
-# plus exec channels for sha256sum must stay below it.
-DEFAULT_SFTP_CHANNELS = 4
 # OpenSSH's sftp-server advertises 261,120 bytes; asyncssh's own server 4 MiB.
 # Larger blocks gain nothing past ~256 KiB and cost memory per request.
 MAX_BLOCK_SIZE = 256 * 1024
-# Bytes requested ahead of the write position, per file: enough to fill a
-# 400 Mbit/s x 50 ms link (2.5 MB) with room to spare.
-READ_AHEAD_BYTES = 8 * 1024 * 1024
 # How long the reads still in flight when a file ends early or the link drops
 # may take to come back: on a live link, about one RTT. Reads given up by a
 # stop (Ctrl-C, SIGTERM) are not waited for: a slow link would keep

@@ -52,9 +52,6 @@ from asyncssh.config import SSHClientConfig  # noqa: E402 (asyncssh is imported 
 
 logger = logging.getLogger(__name__)
 
-# 16 MiB per channel: at 50 ms RTT one channel then carries up to 320 MiB/s,
-# instead of the 40 MiB/s that asyncssh's 2 MiB default allows.
-DEFAULT_WINDOW = 16 * 1024 * 1024
 # AES-GCM first: with AES-NI, decrypting it costs far less CPU than asyncssh's
 # default first choice, chacha20-poly1305 (1.08 GB over loopback: 8.9 s ->
 # 7.7 s). The rest of asyncssh's defaults follow, for servers without it.

@@ -16,7 +16,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -42,49 +42,10 @@ from ..termination import run_stoppable
 from .download import FileOutcome, download_file
 from .lock import DownloadDirLock
 from .prompts import Prompter
-from .remote import (
-    DEFAULT_SFTP_CHANNELS,
-    DEFAULT_WINDOW,
-    READ_AHEAD_BYTES,
-    ClusterRemote,
-    Remote,
-    RemoteFile,
-)
+from .options import SyncOptions
+from .remote import Remote, RemoteFile
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_DOWNLOAD_DIR = "embeddings/checkpoints"
-
-
-@dataclass(frozen=True)
-class SyncOptions:
-    # The user's cap on files in flight; the bytes in flight are capped too
-    # (``FairSlots``' budget), so many small files fill a link whose round
-    # trips a few would leave idle, and large ones stay bounded in memory.
-    # 128: 2,000 files of 64 KB over 200 ms took 30.7 s at 32, 18.9 s at 64,
-    # 15.0 s at 128 (a small file spends about two round trips in flight).
-    max_parallel: int = 128
-    # Bytes of read window in flight over all files: each file counts
-    # min(its size, read_ahead). 8 read windows, as 8 large files in flight.
-    bytes_in_flight: int = 8 * READ_AHEAD_BYTES
-    # Connect/login timeout, and how long a silent link may go unnoticed.
-    timeout: float = 30.0
-    # Attempts per file that make no progress before it is given up.
-    retries: int = 5
-    backoff: float = 0.5
-    max_backoff: float = 8.0
-    window: int = DEFAULT_WINDOW
-    sftp_channels: int = DEFAULT_SFTP_CHANNELS
-    # Bytes of block reads in flight per file, ahead of the write position.
-    read_ahead: int = READ_AHEAD_BYTES
-    # Who answers password, passphrase and 2FA prompts; None: nobody.
-    prompter: Prompter | None = None
-    # How a cluster's remote is made: over SSH, or (in tests) any other ``remote.Remote``.
-    connect: Callable[[ClusterConfig, SyncOptions], Awaitable[Remote]] = ClusterRemote.connect_with
-
-    def delay(self, attempt: int) -> float:
-        return min(self.backoff * 2 ** attempt, self.max_backoff)
-
 
 @dataclass
 class ClusterReport:
