@@ -3,8 +3,10 @@
 Its rows have a known place in the file, :data:`ROWS_OFFSET`, known before
 its size: they are written there as they arrive (or were already, in the
 scratch rows file that becomes the output), while the articles are appended
-after them; nothing is staged twice. It loads with plain ``pickle.load``,
-under numpy 1.x and 2.x alike.
+after them; nothing is staged twice. It loads with plain ``pickle.load``
+under any numpy from 1.23.2 (the first for Python 3.11) to 2.x, whichever
+numpy wrote it: numpy's objects in it are named as numpy 1.x named them
+(:data:`_RECONSTRUCT`, ``numpy.ndarray``, ``numpy.dtype``), never ``numpy._core``.
 """
 
 from __future__ import annotations
@@ -32,12 +34,35 @@ class _NumpyScalarFound(Exception):
     pass
 
 
+# numpy's own name for the function that rebuilds a pickled array, as every
+# numpy loads it: numpy 2 writes ``numpy._core.multiarray``, a module numpy
+# 1.25 and older do not have, and keeps ``numpy.core.multiarray._reconstruct``
+# loadable without a warning, for the pickles numpy 1.x wrote.
+_RECONSTRUCT = pickle.GLOBAL + b"numpy.core.multiarray\n_reconstruct\n"
+
+
+def _array_reduce(array: np.ndarray) -> tuple[Any, ...]:
+    """An array in a row, rebuilt by ``numpy.ndarray``: the reduce numpy 2 gives names ``numpy._core``.
+
+    ``ndarray((0,))`` then ``__setstate__`` with numpy's own state is what
+    ``_reconstruct`` does: the same writable array, under any numpy. The
+    items of an object array are written as :func:`_pickle_body` writes any
+    value (a numpy scalar among them as the Python scalar of its value).
+    """
+    _, _, state = np.ndarray.__reduce__(array)
+    if array.dtype.hasobject:
+        state = (*state[:4], python_values(state[4]))
+    return np.ndarray, ((0,),), state
+
+
 class _PlainValuesPickler(pickle.Pickler):
     # Still the C pickler: it asks reducer_override only about objects that
-    # are not plain Python values, so rows without numpy scalars cost nothing more.
+    # are not plain Python values, so rows without numpy values cost nothing more.
     def reducer_override(self, obj: Any) -> Any:
         if isinstance(obj, np.generic):
             raise _NumpyScalarFound
+        if isinstance(obj, np.ndarray):
+            return _array_reduce(obj)
         return NotImplemented
 
 
@@ -47,8 +72,9 @@ def _pickle_body(value: Any) -> bytes:
     Protocol 3 has no frames, so such bodies can be laid end to end inside
     a larger stream; no memo (``fast``), so none refers to another. A numpy
     scalar in ``value`` is written as the Python scalar of its value, as a
-    bundle's JSON has it: the output loads the same under any numpy, and an
-    ``np.int64`` id stays an ``int``.
+    bundle's JSON has it, and an array as :func:`_array_reduce` rebuilds it:
+    the output loads the same under any numpy, and an ``np.int64`` id stays
+    an ``int``.
     """
     stream = io.BytesIO()
     pickler = _PlainValuesPickler(stream, protocol=3)
@@ -118,14 +144,14 @@ def _legacy_pickle_head(nbytes: int) -> bytes:
 def _legacy_pickle_array(shape: tuple[int, int], dtype: np.dtype) -> bytes:
     """What follows the rows: they are memoized and dropped, then the dict opens with the array made of them.
 
-    The array is rebuilt as ``ndarray.__reduce_ex__(4)`` describes one
-    (``_reconstruct``, then ``__setstate__`` with the raw bytes), a form that
-    numpy 1.x and 2.x both load; protocol 5's ``_frombuffer`` is named
-    ``numpy._core.numeric`` by numpy 2, a module numpy 1.x does not have.
-    Every name is the installed numpy's own; only the shape and the bytes are ours.
+    The array is rebuilt as numpy 1.x's ``ndarray.__reduce_ex__(4)``
+    describes one: :data:`_RECONSTRUCT` of ``(numpy.ndarray, (0,), b'b')``,
+    then ``__setstate__`` with the state ``(1, shape, dtype, False, rows)``.
+    The names are written as numpy 1.x wrote them, not taken from the
+    installed numpy: numpy 2's are ``numpy._core.multiarray._reconstruct``
+    here and ``numpy._core.numeric._frombuffer`` in protocol 5, which numpy
+    1.25 and older cannot load.
     """
-    template = np.empty((0, shape[1]), dtype)
-    reconstruct, arguments, (version, _, state_dtype, fortran_order, _) = template.__reduce_ex__(4)
     return b"".join(
         [
             pickle.BINPUT + _ROWS_MEMO,
@@ -133,14 +159,14 @@ def _legacy_pickle_array(shape: tuple[int, int], dtype: np.dtype) -> bytes:
             pickle.EMPTY_DICT,
             pickle.MARK,
             _pickle_body("embeddings"),
-            _pickle_body(reconstruct),
-            _pickle_body(arguments),
+            _RECONSTRUCT,
+            _pickle_body((np.ndarray, (0,), b"b")),
             pickle.REDUCE,
             pickle.MARK,
-            _pickle_body(version),
+            _pickle_body(1),
             _pickle_body(tuple(int(size) for size in shape)),
-            _pickle_body(state_dtype),
-            _pickle_body(fortran_order),
+            _pickle_body(np.dtype(dtype)),
+            _pickle_body(False),
             pickle.BINGET + _ROWS_MEMO,
             pickle.TUPLE,
             pickle.BUILD,
@@ -159,14 +185,17 @@ class LegacyPickleWriter(OutputWriter):
     Layout (protocol 4, no frames)::
 
         <padding> BINBYTES8 <rows> -> memo 0
-        {'embeddings': _reconstruct(ndarray, (0,), b'b') + __setstate__((1, shape, dtype, False, memo 0)),
+        {'embeddings': numpy.core.multiarray._reconstruct(numpy.ndarray, (0,), b'b')
+                       + __setstate__((1, shape, numpy.dtype(...), False, memo 0)),
          'articles': [APPENDS batches ...], 'total_articles': ..., ...}
 
     which is what ``pickle.dump`` of the legacy merge's array gave (protocol
-    4), so it loads as a writable ndarray as that one did, under numpy 1.x
-    and 2.x alike. The array bytes sit at a known offset: rows are written
-    there as they come while the articles are appended after the array, so
-    nothing is staged twice.
+    4, numpy 1.x), so it loads as a writable ndarray as that one did, under
+    any numpy from 1.23.2 to 2.x, whichever numpy writes it: no name in it
+    is ``numpy._core``, the articles' and other values' included (see
+    :func:`_pickle_body`). The array bytes sit at a known offset: rows are
+    written there as they come while the articles are appended after the
+    array, so nothing is staged twice.
 
     Where the scratch rows file already holds every row, in order, from
     :data:`ROWS_OFFSET` (the legacy checkpoints ``staged`` there, in index
