@@ -21,13 +21,12 @@ import logging
 import os
 import re
 import socket
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import anyio
 
-from ..config import ClusterConfig
 from ..dependencies import import_asyncssh
 from ..errors import (
     AsyncEmbedSyncError,
@@ -48,7 +47,6 @@ if TYPE_CHECKING:
     from .target import SSHTarget
 
 asyncssh = import_asyncssh()
-from asyncssh.config import SSHClientConfig  # noqa: E402 (asyncssh is imported above)
 
 logger = logging.getLogger(__name__)
 
@@ -73,16 +71,6 @@ REGULAR_FILE_TYPES = (asyncssh.FILEXFER_TYPE_REGULAR, asyncssh.FILEXFER_TYPE_UNK
 def closed_connection_error() -> Exception:
     """What a request still waiting at close learns (``translate_errors`` words it)."""
     return asyncssh.ConnectionLost("the connection was closed")
-
-
-def load_ssh_config(cluster: ClusterConfig, paths: list[str], local_username: str) -> Mapping[str, Any]:
-    """The OpenSSH client config's options for the cluster's host, as ``ssh`` reads them."""
-    try:
-        return SSHClientConfig.load(None, paths, False, False, False, local_username,
-                                    cluster.username or (), cluster.host, cluster.port or ())
-    except (OSError, ValueError, asyncssh.Error) as exc:
-        raise ConfigError(cluster.source, f"cluster {cluster.name!r}: the ssh config "
-                                          f"{', '.join(paths)} cannot be read ({exc}).") from exc
 
 
 # ------------------------------------------------------------------ connect
@@ -479,7 +467,8 @@ def translate_errors(target: SSHTarget, *, connecting: bool = False,
         yield
     except RemoteError:
         raise
-    except (asyncssh.Error, asyncssh.KeyImportError, asyncssh.KeyEncryptionError, OSError, asyncio.TimeoutError) as exc:
+    except (asyncssh.Error, asyncssh.KeyImportError, asyncssh.KeyEncryptionError, asyncssh.ConfigParseError,
+            OSError, asyncio.TimeoutError) as exc:
         ours = _translation(exc, target, connecting=connecting, name=name, remote_dir=remote_dir, auth=auth)
         if ours is None:
             raise
@@ -504,6 +493,11 @@ def _translation(exc: Exception, target: SSHTarget, *, connecting: bool, name: s
         keys = ", ".join(target.identity_files or _unreadable_default_keys()) or "in ~/.ssh"
         return ConfigError(cluster.source, f"cluster {cluster.name!r}: the key {keys} cannot be used "
                                            f"({exc}{hint}).")
+    if isinstance(exc, asyncssh.ConfigParseError):
+        # A line `ssh -G` takes (target.py) and asyncssh, which applies the
+        # rest of the ssh config as it connects, does not (ConnectTimeout 1m).
+        return ConfigError(cluster.source, f"cluster {cluster.name!r}: the ssh config "
+                                           f"{', '.join(target.ssh_config)} cannot be read by asyncssh ({exc}).")
     if isinstance(exc, asyncssh.SFTPError):
         return _sftp_error(target, exc, name, remote_dir)
     if isinstance(exc, (asyncssh.DisconnectError, asyncssh.ChannelOpenError)):
