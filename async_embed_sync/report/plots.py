@@ -84,7 +84,10 @@ def maps(statistics: ResultStatistics) -> list[tuple[str, bytes]]:
         return []
     found = [("PCA", _pca(unit))]
     try:
-        import umap
+        with warnings.catch_warnings():
+            # umap-learn's import says that TensorFlow, for its ParametricUMAP (not used here), is missing.
+            warnings.filterwarnings("ignore", message="Tensorflow not installed", category=ImportWarning)
+            import umap
     except ImportError:
         pass
     else:
