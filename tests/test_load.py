@@ -60,6 +60,10 @@ def _trees(root, count: int, smallest: int, largest: int, seed: int) -> dict:
             for cluster in CLUSTERS}
 
 
+# One file at a time, and every large file in flight at once (8 a cluster): the two ends of the bound.
+PARALLELISM = (1, 32)
+
+
 async def test_many_small_and_several_large_files_identical_and_memory_bounded(
         tmp_path, embedded_server, write_config):
     """Peak memory of a run over large files, less that of a run over small
@@ -76,7 +80,7 @@ async def test_many_small_and_several_large_files_identical_and_memory_bounded(
     async with embedded_server(tmp_path) as server:
         for kind, dirs in trees.items():
             config = write_config(tmp_path / kind, {c: server.cluster_entry(f"/{kind}/{c}") for c in dirs})
-            for max_parallel in (1, 4, 32):
+            for max_parallel in PARALLELISM:
                 download_dir = tmp_path / f"dl_{kind}_{max_parallel}"
                 peaks[kind, max_parallel] = await _sync_in_child(config, download_dir, max_parallel)
                 for cluster, remote_dir in dirs.items():
@@ -85,7 +89,7 @@ async def test_many_small_and_several_large_files_identical_and_memory_bounded(
         peaks["huge", 1] = await _sync_in_child(config, tmp_path / "dl_huge", 1)
         assert_mirrored(huge, tmp_path / "dl_huge" / "tensor01")
 
-    for max_parallel in (1, 4, 32):
+    for max_parallel in PARALLELISM:
         files_in_flight = min(max_parallel, 8 * len(CLUSTERS))
         growth = peaks["large", max_parallel] - peaks["small", max_parallel]
         assert growth <= files_in_flight * READ_AHEAD_BYTES + MEMORY_SLACK, (max_parallel, growth, peaks)
