@@ -9,6 +9,7 @@ connection problem.
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -39,6 +40,17 @@ def _sync(tmp_path: Path, write_config, entry: dict) -> int:
     return main(["sync", "--config", str(config), "--download-dir", str(tmp_path / "dl"), "--quiet"])
 
 
+def _sync_without_a_terminal(tmp_path: Path, write_config, entry: dict) -> tuple[int, str]:
+    """The CLI with nobody to ask, as under cron or in CI, however pytest was
+    started: a session of its own (no controlling terminal) and no stdin."""
+    config = write_config(tmp_path, {"tensor01": entry})
+    child = subprocess.run([sys.executable, "-m", "async_embed_sync", "sync", "--config", str(config),
+                            "--download-dir", str(tmp_path / "dl"), "--quiet"],
+                           stdin=subprocess.DEVNULL, capture_output=True, text=True, start_new_session=True,
+                           timeout=60)
+    return child.returncode, child.stderr
+
+
 def _one_paragraph(err: str) -> str:
     errors = [line for line in err.splitlines() if line.startswith("Cluster 'tensor01'")]
     assert len(errors) == 1, err
@@ -46,11 +58,12 @@ def _one_paragraph(err: str) -> str:
     return errors[0]
 
 
-def test_a_rejected_key_says_authentication_not_connection(kbdint_sshd, tmp_path, write_config, capsys):
+def test_a_rejected_key_says_authentication_not_connection(kbdint_sshd, tmp_path, write_config):
     stranger = tmp_path / "stranger_key"
     keygen(stranger)
-    assert _sync(tmp_path, write_config, kbdint_sshd.cluster_entry(str(tmp_path), key_file=str(stranger))) == 1
-    err = capsys.readouterr().err
+    code, err = _sync_without_a_terminal(tmp_path, write_config,
+                                         kbdint_sshd.cluster_entry(str(tmp_path), key_file=str(stranger)))
+    assert code == 1, err
     message = _one_paragraph(err)
     # Nothing arrived: no "what was verified is kept".
     assert err.rstrip().endswith("tensor01: the server refused the login (fix this first: a rerun alone will "
@@ -69,12 +82,14 @@ def test_a_rejected_key_says_authentication_not_connection(kbdint_sshd, tmp_path
     assert "host name and port" not in message and "cannot connect" not in message
 
 
-def test_an_encrypted_key_without_a_passphrase_or_terminal_names_the_fix(kbdint_sshd, tmp_path, write_config, capsys):
+def test_an_encrypted_key_without_a_passphrase_or_terminal_names_the_fix(kbdint_sshd, tmp_path, write_config):
     key = tmp_path / "encrypted_key"
     keygen(key, passphrase=PASSPHRASE)
     kbdint_sshd.authorize(key.with_suffix(".pub"))
-    assert _sync(tmp_path, write_config, kbdint_sshd.cluster_entry(str(tmp_path), key_file=str(key))) == 1
-    message = _one_paragraph(capsys.readouterr().err)
+    code, err = _sync_without_a_terminal(tmp_path, write_config,
+                                         kbdint_sshd.cluster_entry(str(tmp_path), key_file=str(key)))
+    assert code == 1, err
+    message = _one_paragraph(err)
 
     # The key is the cause, said first; not the generic advice about username and key_file.
     assert message.startswith(f"Cluster 'tensor01': the key {key} cannot be used: it is encrypted, and there "
