@@ -55,6 +55,10 @@ class Terminal:
         self._read(lambda: self.child.poll() is not None, timeout)
         return self.child.wait(timeout)
 
+    def echoes(self) -> bool:
+        """Whether the terminal echoes what is typed (a pty's master reads its settings)."""
+        return bool(termios.tcgetattr(self._fd)[3] & termios.ECHO)
+
     def text(self) -> str:
         return self.screen.decode(errors="replace")
 

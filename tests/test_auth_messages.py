@@ -116,10 +116,10 @@ def test_a_wrong_passphrase_says_so(kbdint_sshd, tmp_path, write_config, capsys)
     assert "not it" not in err and PASSPHRASE not in err
 
 
-def _sync_at_a_terminal(tmp_path: Path, write_config, entry: dict) -> Terminal:
+def _sync_at_a_terminal(tmp_path: Path, write_config, entry: dict, *options: str) -> Terminal:
     config = write_config(tmp_path, {"tensor01": entry})
     return Terminal([sys.executable, "-m", "async_embed_sync", "sync", "--config", str(config),
-                     "--download-dir", str(tmp_path / "dl")])
+                     "--download-dir", str(tmp_path / "dl"), *options])
 
 
 def test_a_passphrase_mistyped_at_the_terminal_is_asked_again(kbdint_sshd, tmp_path, write_config):
@@ -227,3 +227,58 @@ def test_too_many_agent_keys_without_a_key_file_says_max_auth_tries(
     assert "too many attempts (its MaxAuthTries)" in message and "IdentitiesOnly yes" in message
     assert "cannot connect" not in message and "host name and port" not in message
     assert "tensor01: the server refused the login (fix this first" in err
+
+
+# ------------------------------------------------ a prompt whose connection is given up
+#
+# Nobody answers; the login ends without the answer (it times out, the
+# server gives up, Ctrl-C). The question ends with it: the command exits by
+# itself, with the terminal's echo back on, and no thread is left reading
+# the terminal until Enter is pressed.
+
+
+def _encrypted_key(server: OpenSSHServer, tmp_path: Path) -> Path:
+    key = tmp_path / "encrypted_key"
+    keygen(key, passphrase=PASSPHRASE)
+    server.authorize(key.with_suffix(".pub"))
+    return key
+
+
+def test_a_passphrase_prompt_ends_when_the_login_times_out(kbdint_sshd, tmp_path, write_config):
+    key = _encrypted_key(kbdint_sshd, tmp_path)
+    entry = kbdint_sshd.cluster_entry(str(tmp_path), key_file=str(key))
+    with _sync_at_a_terminal(tmp_path, write_config, entry, "--timeout", "2", "--retries", "0") as terminal:
+        terminal.read_until(b"Passphrase for key")
+        assert terminal.wait(timeout=30) == 1, terminal.text()
+        assert terminal.echoes()
+    assert "timed out" in terminal.text(), terminal.text()
+    assert "Traceback" not in terminal.text()
+
+
+@pytest.fixture(scope="module")
+def impatient_sshd(tmp_path_factory: pytest.TempPathFactory, kbdint_sshd):
+    """Hangs up on a client that has not logged in after 2 seconds."""
+    with OpenSSHServer(tmp_path_factory.mktemp("impatient_sshd"), extra_config={"LoginGraceTime": "2"}) as server:
+        yield server
+
+
+def test_a_passphrase_prompt_ends_when_the_server_gives_up(impatient_sshd, tmp_path, write_config):
+    key = _encrypted_key(impatient_sshd, tmp_path)
+    entry = impatient_sshd.cluster_entry(str(tmp_path), key_file=str(key))
+    with _sync_at_a_terminal(tmp_path, write_config, entry, "--timeout", "60", "--retries", "0") as terminal:
+        terminal.read_until(b"Passphrase for key")
+        assert terminal.wait(timeout=30) == 1, terminal.text()
+        assert terminal.echoes()
+    assert "Cluster 'tensor01'" in terminal.text() and "Traceback" not in terminal.text(), terminal.text()
+
+
+def test_ctrl_c_at_a_passphrase_prompt_stops_at_once(kbdint_sshd, tmp_path, write_config):
+    key = _encrypted_key(kbdint_sshd, tmp_path)
+    entry = kbdint_sshd.cluster_entry(str(tmp_path), key_file=str(key))
+    with _sync_at_a_terminal(tmp_path, write_config, entry, "--timeout", "60") as terminal:
+        terminal.read_until(b"Passphrase for key")
+        terminal.type("half typed")  # no Enter
+        terminal.press_ctrl_c()
+        assert terminal.wait(timeout=30) == 130, terminal.text()
+        assert terminal.echoes()
+    assert "Traceback" not in terminal.text() and "half typed" not in terminal.text(), terminal.text()

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import functools
 import logging
 import os
 import re
@@ -41,7 +40,7 @@ from ..errors import (
     TransferError,
 )
 from ..known_hosts import append_known_host, host_pattern
-from .prompts import NoTerminal, Prompter
+from .prompts import NoTerminal, Prompter, Questions, Withdrawn
 
 if TYPE_CHECKING:
     from .target import SSHTarget
@@ -181,22 +180,25 @@ async def _host_key_error(target: SSHTarget, tunnel: asyncssh.SSHClientConnectio
 
 async def _connect(target: SSHTarget, options: dict, prompter: Prompter, trusted: list[Path],
                    tunnel: asyncssh.SSHClientConnection | None) -> asyncssh.SSHClientConnection:
-    identities = _Identities(target, prompter)
-    # In a thread: a key's passphrase may be asked at the terminal, and its
-    # KDF takes a while; other clusters connect meanwhile.
-    client_keys = await anyio.to_thread.run_sync(identities.load)
-    client = _AuthClient(target, prompter, identities)
-    with translate_errors(target, connecting=True, auth=client):
-        return await asyncssh.connect(
-            target.host, target.port, username=target.username, tunnel=tunnel,
-            config=list(target.ssh_config) or None,
-            client_keys=client_keys,
-            agent_identities=identities.public_keys() or (),
-            # For the default keys (~/.ssh/id_*), which asyncssh loads itself.
-            passphrase=identities.passphrase,
-            # Empty lists of trusted keys, never None: None turns checking off.
-            known_hosts=[str(p) for p in trusted] if trusted else ([], [], []),
-            client_factory=lambda: client, **options)
+    # The attempt's questions (passphrases, passwords, 2FA codes) end with
+    # it, however it ends: none is left waiting at the terminal.
+    with Questions(prompter) as questions:
+        identities = _Identities(target, questions)
+        # In a thread: a key's passphrase may be asked at the terminal, and its
+        # KDF takes a while; other clusters connect meanwhile.
+        client_keys = await questions.run_sync(identities.load)
+        client = _AuthClient(target, questions, identities)
+        with translate_errors(target, connecting=True, auth=client):
+            return await asyncssh.connect(
+                target.host, target.port, username=target.username, tunnel=tunnel,
+                config=list(target.ssh_config) or None,
+                client_keys=client_keys,
+                agent_identities=identities.public_keys() or (),
+                # For the default keys (~/.ssh/id_*), which asyncssh loads itself.
+                passphrase=identities.passphrase,
+                # Empty lists of trusted keys, never None: None turns checking off.
+                known_hosts=[str(p) for p in trusted] if trusted else ([], [], []),
+                client_factory=lambda: client, **options)
 
 
 # ------------------------------------------------------------------ log in
@@ -216,9 +218,9 @@ class _Identities:
 
     MAX_PASSPHRASE_PROMPTS = 3
 
-    def __init__(self, target: SSHTarget, prompter: Prompter):
+    def __init__(self, target: SSHTarget, questions: Questions):
         self._target = target
-        self._prompter = prompter
+        self._questions = questions
         self._unloadable: dict[str, KeyProblem] = {}
         self._loaded: dict[str, list[asyncssh.SSHKeyPair]] = {}
         self._passphrases: dict[str, str | None] = {}  # key file -> passphrase given for it
@@ -274,8 +276,8 @@ class _Identities:
         answer = None
         for _ in range(self.MAX_PASSPHRASE_PROMPTS):
             try:
-                answer = self._prompter.ask(prompt)
-            except NoTerminal:
+                answer = self._questions.ask(prompt)  # on a worker thread: the load's, or asyncssh's
+            except (NoTerminal, Withdrawn):
                 return None
             if not answer or _opens(filename, answer):
                 break
@@ -340,9 +342,9 @@ class _AuthClient(asyncssh.SSHClient):
 
     MAX_PROMPTED_ATTEMPTS = 3
 
-    def __init__(self, target: SSHTarget, prompter: Prompter, identities: _Identities):
+    def __init__(self, target: SSHTarget, questions: Questions, identities: _Identities):
         self._target = target
-        self._prompter = prompter
+        self._questions = questions
         self.identities = identities
         self._connection: asyncssh.SSHClientConnection | None = None
         self._passwords_given = 0
@@ -373,9 +375,11 @@ class _AuthClient(asyncssh.SSHClient):
 
     async def _ask(self, prompt: str, *, secret: bool, what: str) -> str | None:
         try:
-            return await anyio.to_thread.run_sync(functools.partial(self._prompter.ask, prompt, secret=secret))
+            return await self._questions.ask_async(prompt, secret=secret)
         except NoTerminal:
             self.unanswered = what
+            return None
+        except Withdrawn:  # the attempt has ended (a timeout, the server gave up)
             return None
 
     async def password_auth_requested(self) -> str | None:
@@ -397,7 +401,7 @@ class _AuthClient(asyncssh.SSHClient):
 
     def kbdint_auth_requested(self) -> str | None:
         self._requested()
-        if self._target.cluster.password is None and not self._prompter.can_ask():
+        if self._target.cluster.password is None and not self._questions.can_ask():
             self.tried["keyboard-interactive"] = "not attempted: no terminal to answer it on"
             return None
         if self._kbdint_rounds and not self._kbdint_questions:
