@@ -244,32 +244,27 @@ def _encrypted_key(server: OpenSSHServer, tmp_path: Path) -> Path:
     return key
 
 
-def test_a_passphrase_prompt_ends_when_the_login_times_out(kbdint_sshd, tmp_path, write_config):
-    key = _encrypted_key(kbdint_sshd, tmp_path)
-    entry = kbdint_sshd.cluster_entry(str(tmp_path), key_file=str(key))
-    with _sync_at_a_terminal(tmp_path, write_config, entry, "--timeout", "2", "--retries", "0") as terminal:
-        terminal.read_until(b"Passphrase for key")
-        assert terminal.wait(timeout=30) == 1, terminal.text()
-        assert terminal.echoes()
-    assert "timed out" in terminal.text(), terminal.text()
-    assert "Traceback" not in terminal.text()
-
-
 @pytest.fixture(scope="module")
 def impatient_sshd(tmp_path_factory: pytest.TempPathFactory, kbdint_sshd):
-    """Hangs up on a client that has not logged in after 2 seconds."""
+    """Hangs up on a client that has not logged in after 2 seconds (``kbdint_sshd``: sshd is installed)."""
     with OpenSSHServer(tmp_path_factory.mktemp("impatient_sshd"), extra_config={"LoginGraceTime": "2"}) as server:
         yield server
 
 
-def test_a_passphrase_prompt_ends_when_the_server_gives_up(impatient_sshd, tmp_path, write_config):
-    key = _encrypted_key(impatient_sshd, tmp_path)
-    entry = impatient_sshd.cluster_entry(str(tmp_path), key_file=str(key))
-    with _sync_at_a_terminal(tmp_path, write_config, entry, "--timeout", "60", "--retries", "0") as terminal:
+@pytest.mark.parametrize(("server", "timeout", "words"), [
+    ("kbdint_sshd", "2", "timed out"),
+    ("impatient_sshd", "60", "the connection was closed from the other end"),
+], ids=["the-login-times-out", "the-server-gives-up"])
+def test_a_passphrase_prompt_ends_with_its_login(request, server, timeout, words, tmp_path, write_config):
+    sshd = request.getfixturevalue(server)
+    key = _encrypted_key(sshd, tmp_path)
+    entry = sshd.cluster_entry(str(tmp_path), key_file=str(key))
+    with _sync_at_a_terminal(tmp_path, write_config, entry, "--timeout", timeout, "--retries", "0") as terminal:
         terminal.read_until(b"Passphrase for key")
-        assert terminal.wait(timeout=30) == 1, terminal.text()
+        assert terminal.wait(timeout=30) == 1, terminal.text()  # nobody pressed Enter
         assert terminal.echoes()
-    assert "Cluster 'tensor01'" in terminal.text() and "Traceback" not in terminal.text(), terminal.text()
+    assert words in terminal.text(), terminal.text()
+    assert "Traceback" not in terminal.text()
 
 
 def test_ctrl_c_at_a_passphrase_prompt_stops_at_once(kbdint_sshd, tmp_path, write_config):
