@@ -28,6 +28,31 @@ TIMESTAMP_FORMAT = "%Y-%m-%d %H:%M:%S"
 PLAIN = "Warning: %(message)s"
 
 
+class _LogFile(logging.FileHandler):
+    """A ``FileHandler`` that stays closed.
+
+    ``FileHandler`` in append mode reopens its file when a record arrives
+    after ``close()``. One can: another thread may have taken the logger's
+    handler list just before ``restore()`` swapped it (an in-process server
+    in the same interpreter, a library caller's threads). That reopened file
+    is then never closed. Late records are dropped instead; ``emit`` runs
+    under the handler's lock, as ``close`` does, so the flag cannot race.
+    """
+
+    def __init__(self, filename: str) -> None:
+        super().__init__(filename, encoding="utf-8")
+        self._stays_closed = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self._stays_closed:
+            super().emit(record)
+
+    def close(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            self._stays_closed = True
+            super().close()
+
+
 def configure_logging(verbosity: int = 0, log_file: str | None = None) -> Callable[[], None]:
     """``verbosity``: 0 warnings, 1 (-v) decisions, 2 (--debug) asyncssh's debug log too.
 
@@ -44,7 +69,7 @@ def configure_logging(verbosity: int = 0, log_file: str | None = None) -> Callab
     handlers[0].setLevel(logging.WARNING if verbosity <= 0 else logging.NOTSET)
     if log_file is not None:
         with translating_local_errors(Path(log_file), "write the log file", NOTHING_CHANGED):
-            handlers.append(logging.FileHandler(log_file, encoding="utf-8"))
+            handlers.append(_LogFile(log_file))
         handlers[-1].setFormatter(logging.Formatter(TIMESTAMPED, TIMESTAMP_FORMAT))
     package.setLevel(level)
     package.propagate = False
@@ -55,11 +80,12 @@ def configure_logging(verbosity: int = 0, log_file: str | None = None) -> Callab
         logger.handlers = list(handlers)
 
     def restore() -> None:
-        for handler in handlers:
-            handler.close()
+        # The loggers first, so that no new record reaches a handler being closed.
         for logger, old_level, old_propagate, old_handlers in saved:
             logger.setLevel(old_level)
             logger.propagate = old_propagate
             logger.handlers = old_handlers
+        for handler in handlers:
+            handler.close()
 
     return restore

@@ -101,3 +101,21 @@ async def test_logs_at_every_level_say_what_was_decided_and_no_secret(
         assert "INFO" not in err  # a log file alone leaves stderr as it was
     assert ("DEBUG asyncssh" in decisions) == ("--debug" in flags)
     assert logging.getLogger("async_embed_sync").handlers == []  # main() put the loggers back
+
+
+def test_a_record_that_arrives_after_the_log_file_is_closed_does_not_reopen_it(tmp_path):
+    # Another thread may hold the handler list main() installed (here: an
+    # in-process server logging its teardown) and emit after main() returned.
+    from async_embed_sync.logs import configure_logging
+
+    log_file = tmp_path / "sync.log"
+    restore = configure_logging(0, str(log_file))
+    late_handlers = list(logging.getLogger("asyncssh").handlers)
+    logging.getLogger("async_embed_sync").warning("before the end")
+    restore()
+    record = logging.LogRecord("asyncssh", logging.WARNING, __file__, 1, "after the end", None, None)
+    for handler in late_handlers:
+        handler.handle(record)
+    assert all(getattr(handler, "stream", None) is None for handler in late_handlers if isinstance(handler, logging.FileHandler))
+    assert "before the end" in log_file.read_text()
+    assert "after the end" not in log_file.read_text()
