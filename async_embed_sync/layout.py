@@ -21,6 +21,7 @@ import errno
 import json
 import os
 import stat
+import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -53,6 +54,16 @@ class FileState:
     # The finished local file's identity (see ``file_identity``) when
     # ``sha256`` was taken: while it holds, the file is the one hashed.
     local_identity: list[int] | None = None
+    # When the file was verified and moved into place (seconds since the
+    # epoch, this machine's clock): said when the cluster no longer has it.
+    verified_at: float = 0.0
+    # Complete, but its mtime was too close to the listing that saw it to
+    # tell a rewrite in the same second from this version: the next sync
+    # fetches it again rather than trust its size and mtime.
+    recheck: bool = False
+    # Part of the prefix was fetched while the file was still being written:
+    # only the server's sha256 of the whole file can vouch for it.
+    hash_needed: bool = False
 
     def matches(self, size: int, mtime: int) -> bool:
         return self.remote_size == size and self.remote_mtime == mtime
@@ -154,6 +165,7 @@ class DownloadLayout:
         state.sha256 = sha256
         state.verified_by = verified_by
         state.local_identity = file_identity(self.final_path(cluster, name))
+        state.verified_at = time.time()
         self.save_state(cluster, name, state)
 
     def verified_sha256(self, path: Path) -> str | None:
