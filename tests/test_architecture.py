@@ -10,7 +10,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "async_embed_sync"
-BASE = {"errors", "config", "layout", "fileio", "known_hosts", "progress", "logs", "termination", "dependencies"}
+BASE = {"errors", "config", "layout", "gone", "fileio", "known_hosts", "progress", "logs", "termination",
+        "dependencies"}
 
 
 def _modules() -> dict[str, Path]:

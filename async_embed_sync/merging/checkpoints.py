@@ -24,6 +24,7 @@ import numpy as np
 from numpy.lib import format as npy_format
 
 from ..errors import CheckpointError
+from ..gone import articles_file_name
 from ..layout import DownloadLayout
 from .digest import as_bytes
 from .jsonl_index import index_jsonl
@@ -226,11 +227,10 @@ class NpyCheckpoint(Checkpoint):
         return sidecar
 
     def _articles_path(self, sidecar: dict) -> Path:
-        name = sidecar.get("articles_file", self.path.with_suffix(".jsonl").name)
-        # The name comes from the remote machine: only a file beside the array.
-        if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name:
+        name = articles_file_name(sidecar, self.path)
+        if name is None:
             raise CheckpointError(
-                str(self.sidecar_path), f"'articles_file' {name!r} is not a plain file name."
+                str(self.sidecar_path), f"'articles_file' {sidecar.get('articles_file')!r} is not a plain file name."
             )
         return self.path.with_name(name)
 
