@@ -185,6 +185,10 @@ def _add_sync_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--retries", type=_whole_number, default=SyncOptions.retries, metavar="N",
                         help="retries in a row without progress before a file is given up; after a "
                              "drop, reconnects: one, then up to N more (default: %(default)s)")
+    parser.add_argument("--settle", type=_seconds_or_zero, default=None, metavar="SECONDS",
+                        help="a file last written less than this long before it is listed may still be "
+                             "being written: it is kept as a partial, not put in place (default: "
+                             "settle_seconds in the config, else 60)")
 
 
 def _add_merge_arguments(parser: argparse.ArgumentParser) -> None:
@@ -247,6 +251,10 @@ def _whole_number(text: str, least: int = 0) -> int:
 
 def _positive_int(text: str) -> int:
     return _whole_number(text, least=1)
+
+
+def _seconds_or_zero(text: str) -> float:
+    return 0.0 if text.strip() in ("0", "0.0") else _positive_seconds(text)
 
 
 def _positive_seconds(text: str) -> float:
@@ -315,8 +323,9 @@ def _sync_phase(args: argparse.Namespace, progress: Progress, config: Config | N
         clusters = config.select(args.clusters)
     from .transfer.sync import sync  # the SSH stack: only for the commands that connect
 
+    settle = next(value for value in (args.settle, config.settle_seconds, SyncOptions.settle) if value is not None)
     options = SyncOptions(max_parallel=args.max_parallel, timeout=args.timeout, retries=args.retries,
-                          prompter=TerminalPrompter())
+                          settle=settle, prompter=TerminalPrompter())
     report = sync(clusters, args.download_dir, progress, options)
     if not args.quiet:
         print(report.summary(), file=sys.stderr)

@@ -12,6 +12,9 @@ Two layouts are read:
 
   ``total_rows`` (optional): the rows of the whole run, articles and
   others; a run whose checkpoints stop short of it does not merge.
+  ``settle_seconds`` (optional, default 60): a file last written less than
+  this long before the sync lists it may still be being written, and is
+  not put in place yet (``transfer/settle.py``); ``--settle`` overrides it.
 
 * the legacy ``.credentials/`` folder of ``<cluster>.credentials`` JSON files,
   one cluster per file, same fields.
@@ -99,6 +102,7 @@ class Config:
     source: str
     warnings: tuple[str, ...] = ()
     total_rows: int | None = None
+    settle_seconds: float | None = None
 
     def select(self, names: list[str] | None) -> list[ClusterConfig]:
         """The clusters named by ``--clusters`` (all when ``names`` is empty).
@@ -189,10 +193,16 @@ def _load_json_file(path: Path) -> Config:
     clusters_doc = document.get("clusters") if isinstance(document, dict) else None
     if not isinstance(clusters_doc, dict) or not clusters_doc:
         raise ConfigError(str(path), 'expected an object {"clusters": {"<name>": {...}, ...}} with at least one cluster.')
-    unknown = sorted(set(document) - {"clusters", "total_rows"})
+    unknown = sorted(set(document) - {"clusters", "total_rows", "settle_seconds"})
     if unknown:
         raise ConfigError(str(path), f"unknown top-level field(s) {', '.join(map(repr, unknown))}; "
-                                     f"the file holds \"clusters\" and, optionally, \"total_rows\".")
+                                     f"the file holds \"clusters\" and, optionally, \"total_rows\" "
+                                     f"and \"settle_seconds\".")
+    settle = document.get("settle_seconds")
+    if settle is not None and (not isinstance(settle, (int, float)) or isinstance(settle, bool)
+                               or not 0 <= settle < float("inf")):
+        raise ConfigError(str(path), "\"settle_seconds\" must be a number of seconds, 0 or more: how long "
+                                     "after its last write a file counts as finished.")
     total_rows = document.get("total_rows")
     if total_rows is not None and (not isinstance(total_rows, int) or isinstance(total_rows, bool) or total_rows < 1):
         raise ConfigError(str(path), "\"total_rows\" must be a positive whole number: the rows of the "
@@ -202,7 +212,8 @@ def _load_json_file(path: Path) -> Config:
     for name, entry in clusters_doc.items():
         clusters[name] = _parse_cluster(name, entry, str(path))
         warnings += _secret_permission_warnings(path, clusters[name])
-    return Config(clusters, str(path), tuple(dict.fromkeys(warnings)), total_rows)
+    return Config(clusters, str(path), tuple(dict.fromkeys(warnings)), total_rows,
+                  None if settle is None else float(settle))
 
 
 def _load_credentials_dir(directory: Path) -> Config:

@@ -26,7 +26,7 @@ secret (no class here takes a password or key material as a field).
     │   ├── TransferError                link dropped or the server failed a read
     │   │   └── ConnectionDroppedError   the connection under a transfer went away
     │   ├── LinkLostError                reached in this run, then dropped and every reconnect failed
-    │   └── RemoteFileChangedError       remote file changed size/mtime mid-copy
+    │   └── StillBeingWrittenError       a file changed mid-copy, or was written too recently
     ├── VerificationError                downloaded bytes do not match the remote
     ├── SyncFailedError                  summary: some clusters did not sync
     ├── CheckpointError                  one checkpoint file is unreadable or unsafe
@@ -35,8 +35,9 @@ secret (no class here takes a password or key material as a field).
     │   └── RowsMissingError             the checkpoints stop short of the run's declared rows
     └── OutputError                      the output path is refused, or a result is unreadable
 
-``TransferError`` and ``RemoteFileChangedError`` are the retryable ones: the
-sync scheduler reconnects and resumes on them; everything else is final.
+``TransferError`` is the retryable one: the sync scheduler reconnects and
+resumes on it; everything else is final within a run. A file
+``StillBeingWrittenError`` names is resumed by the next run (or poll).
 
 ``Terminated`` stands outside the tree: SIGTERM's stop, a ``BaseException``
 as ``KeyboardInterrupt`` is (see ``termination.py``).
@@ -428,17 +429,25 @@ class LinkLostError(RemoteError):
         )
 
 
-class RemoteFileChangedError(RemoteError):
-    retryable = True
-    rerun_fixes = True
-    cause = "a file kept changing on the server (still being written?)"
+class StillBeingWrittenError(RemoteError):
+    """The file is being written on the cluster: it changed while it was
+    copied, or its last write is within the settle window. Not retried in
+    this run (it would change under the next copy too): its verified bytes
+    stay a partial, which the next sync, or ``--follow``'s next poll, resumes.
+    ``why``: what showed it ("it grew from 6.0 MiB to 8.5 MiB while it was
+    copied"); ``kept``: the bytes kept as a partial."""
 
-    def __init__(self, cluster: str, name: str, what: str):
+    rerun_fixes = True
+    cause = "files still being written on the server"
+
+    def __init__(self, cluster: str, name: str, why: str, kept: str = ""):
         self.name = name
+        self.why = why
+        kept_here = f"{kept} of it is kept as a partial" if kept else "what was copied is kept as a partial"
         super().__init__(
             cluster,
-            f"{name} changed on the server while it was being copied ({what}); "
-            f"nothing was put in its place. Is it still being written?",
+            f"{name} is still being written ({why}): {kept_here}, and nothing was put in its place. "
+            f"Run again once its job has finished writing it, or add --follow to wait for it.",
         )
 
 
@@ -457,18 +466,26 @@ class VerificationError(AsyncEmbedSyncError):
 
 class SyncFailedError(AsyncEmbedSyncError):
     """Raised after the per-cluster errors were shown: it sums them up, it does
-    not repeat them. ``failures``: per cluster, its first error and what it lacks."""
+    not repeat them. ``failures``: per cluster, its first error and what it
+    lacks; ``still_writing``: per cluster, the files still being written
+    there, named (the closing line is what a user reads last)."""
 
-    def __init__(self, failures: dict[str, tuple[AsyncEmbedSyncError, str]], *, anything_fetched: bool = True):
+    def __init__(self, failures: dict[str, tuple[AsyncEmbedSyncError, str]], *, anything_fetched: bool = True,
+                 still_writing: dict[str, list[str]] | None = None):
         """``anything_fetched``: whether this run downloaded, resumed or found any file (a
         login refused everywhere has nothing to keep, and saying so would be noise)."""
         self.failures = failures
+        self.still_writing = still_writing or {}
         self.rerun_fixes = all(error.rerun_fixes for error, _ in failures.values())
         parts = []
         for cluster, (error, lacking) in sorted(failures.items()):
             advice = getattr(error, "rerun_advice", None) or (
                 "a rerun resumes" if error.rerun_fixes else "fix this first: a rerun alone will not")
             parts.append(f"{cluster}: {error.cause}{f', {lacking}' if lacking else ''} ({advice})")
+        for cluster, names in sorted(self.still_writing.items()):
+            shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+            parts.append(f"{cluster}: still being written there: {shown} (run again once their jobs have "
+                         f"written them, or add --follow to wait for them)")
         if self.rerun_fixes:
             closing = ("What was verified is kept: running the same command again resumes where it stopped."
                        if anything_fetched else "Nothing was downloaded: run the same command again.")

@@ -25,6 +25,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Protocol
 
 from .errors import AFTER_SYNC, translating_local_errors
 from .fileio import fsync_directory
@@ -69,6 +70,14 @@ class FileState:
         return self.remote_size == size and self.remote_mtime == mtime
 
 
+class Listed(Protocol):
+    """A listed remote file, as the sync records its listing."""
+
+    name: str
+    size: int
+    mtime: int
+
+
 @dataclass(frozen=True)
 class LocalCopy:
     """What the download directory holds of one remote file, against its size and mtime there."""
@@ -77,6 +86,9 @@ class LocalCopy:
     # Complete here, the size and mtime the ones recorded, the file in place
     # of that size: the sync skips it, the status counts it complete.
     up_to_date: bool
+    # As up_to_date, but also when it is to be checked again (``FileState.recheck``):
+    # the copy of the version listed, which the sync that fetched it need not fetch again.
+    complete_as_listed: bool = False
 
     @property
     def kept(self) -> int:
@@ -118,7 +130,7 @@ class DownloadLayout:
             in_place = self.final_path(cluster, name).stat().st_size == size
         except OSError:
             in_place = False
-        return LocalCopy(state, up_to_date=in_place)
+        return LocalCopy(state, up_to_date=in_place and not state.recheck, complete_as_listed=in_place)
 
     def is_up_to_date(self, cluster: str, name: str, size: int, mtime: int) -> bool:
         """Complete locally and unchanged remotely (size and mtime)."""
@@ -225,9 +237,14 @@ class DownloadLayout:
     def listing_path(self, cluster: str) -> Path:
         return self.state_root / f"{cluster}.listing.json"
 
-    def save_listing(self, cluster: str, names: Iterable[str]) -> None:
-        """Record the names a complete listing of ``cluster`` found: what it holds now."""
-        document = {"version": _FORMAT_VERSION, "names": sorted(names)}
+    def save_listing(self, cluster: str, files: Iterable[str | Listed]) -> None:
+        """Record what a complete listing of ``cluster`` found: what it holds now.
+
+        ``files``: names, or listed files with their size and mtime, which the
+        merge then checks every file here against (``changed_since_listing``)."""
+        files = list(files)
+        document = {"version": _FORMAT_VERSION, "names": sorted(f if isinstance(f, str) else f.name for f in files),
+                    "files": {f.name: [f.size, f.mtime] for f in files if not isinstance(f, str)}}
         with translating_local_errors(self.listing_path(cluster), "write", AFTER_SYNC):
             write_atomically(self.listing_path(cluster), json.dumps(document).encode("utf-8"))
 
@@ -240,6 +257,26 @@ class DownloadLayout:
             return frozenset(str(name) for name in document["names"])
         except (OSError, ValueError, TypeError, KeyError, AttributeError):
             return None
+
+    def changed_since_listing(self, path: Path) -> str | None:
+        """Why the file at ``path`` (one of :meth:`complete_files`) is not the version its cluster's
+        last listing saw, in a few words; None if it is, or if no listing recorded its size and mtime.
+
+        A sync puts a file in place only as the listing saw it, and lists
+        again until nothing changed; this catches what came after: a sync
+        stopped between its listings, a file completed by an older version."""
+        cluster, name = self.cluster_of(path), Path(path).name
+        try:
+            document = json.loads(self.listing_path(cluster).read_text(encoding="utf-8"))
+            size, mtime = document["files"][name]
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+            return None
+        state = self.load_state(cluster, name)
+        if state is None or not state.complete:
+            return "it is not recorded as verified here"
+        if not state.matches(size, mtime):
+            return "the cluster's last listing saw another version (its size or modification time differs)"
+        return None
 
     def local_only(self, cluster: str, listed: Iterable[str]) -> list[str]:
         """Files in ``<download-dir>/<cluster>/`` that are not in ``listed``: the cluster no longer

@@ -26,6 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from ..gone import VerifiedCopy
 from ..layout import DownloadLayout
 from ..output import OUTPUT_DTYPES, ArticlesFormat, OutputSpec
 from ..output.forms import DEFAULT_ARTICLES_FORMAT, metadata_suffix
@@ -35,7 +36,7 @@ from .article_worker import ArticleWorker
 from .checkpoints import CheckpointInfo
 from .copy_pass import CopyPass, MergeProgress, writing
 from .metrics import RowHashBuckets
-from .plan import missing_rows, select_checkpoints
+from .plan import keep_verified_copies, missing_rows, select_checkpoints, verified_copies
 from .spill import ReadCheckpoint, Spill, SpilledCheckpoint, read_all
 
 # OUTPUT_DTYPES: the dtypes a merge writes, named where merge_checkpoints is.
@@ -57,8 +58,10 @@ class MergeReport:
     peak_rss_bytes: int
     # With ``partial``: the index ranges [start, end) that the result lacks.
     missing_ranges: tuple[tuple[int, int], ...] = ()
-    # Checkpoints here that their cluster no longer held at the last sync.
+    # Checkpoints here that their cluster no longer held at the last sync, not merged.
     left_out: tuple[Path, ...] = ()
+    # Checkpoints gone from their cluster (purged from scratch), merged from the copy a sync verified here.
+    kept: tuple[VerifiedCopy, ...] = ()
     # A bundle's: how many shards, of how many rows at most, and its metadata files' suffix.
     shards: tuple[int, int, str] | None = None
 
@@ -92,7 +95,7 @@ class MergeReport:
         return [f"  shards   {count:,} of up to {rows:,} rows: embeddings/*.npy, metadata/*{suffix}"]
 
     def _warnings(self) -> list[str]:
-        lines = []
+        lines = [f"  {copy.kept_line()}" for copy in self.kept]
         if self.missing_ranges:
             ranges = ", ".join(f"{start:,}..{end - 1:,}" for start, end in self.missing_ranges)
             lines.append(f"  PARTIAL (--partial): this result lacks the rows at indices {ranges}")
@@ -141,8 +144,10 @@ def merge_checkpoints(
 ) -> MergeReport:
     """Merge every checkpoint under ``<download_dir>/*/`` into ``output``.
 
-    ``clusters`` limits it to those folders; checkpoints that their cluster
-    no longer held at the last sync are left out (``left_out``). The rows
+    ``clusters`` limits it to those folders; of the checkpoints that their
+    cluster no longer held at the last sync, those a sync verified here are
+    merged from here unless the cluster's current files overlap them
+    (``kept``), the others are left out (``left_out``). The rows
     must cover the whole run (see :func:`~.plan.validate_plan`: ``expect_rows``,
     ``partial``).
 
@@ -173,10 +178,13 @@ def merge_checkpoints(
             hashes = RowHashBuckets(staging.path / "row-hashes")
         cleanup.callback(hashes.remove)
         spill = cleanup.enter_context(Spill(staging, spec, strict, recorded_sha256, hashes))
-        paths, left_out = select_checkpoints(Path(download_dir), clusters)
-        parts = read_all(paths, spill, worker if spec.surveys_article_keys else None, on_read)
+        paths, gone = select_checkpoints(Path(download_dir), clusters)
+        parts, kept, overlapped = _read(paths, verified_copies(Path(download_dir), gone), spill,
+                                        worker if spec.surveys_article_keys else None, on_read)
         infos = [part.info for part in parts]
-        missing_ranges = missing_rows(left_out, infos, expect_articles, expect_rows, partial)
+        kept_paths = {copy.path for copy in kept}
+        left_out = [path for path in gone if path not in kept_paths]
+        missing_ranges = missing_rows(left_out, infos, expect_articles, expect_rows, partial, overlapped)
         copy_pass = CopyPass(parts, recorded_sha256, spec.dtype, strict, on_progress, hashes)
         quality_metrics = _write(spec, staging, spill, copy_pass, worker)
     return MergeReport(
@@ -194,7 +202,28 @@ def merge_checkpoints(
         shards=_shards(spec, copy_pass.metrics.rows, infos[0].dim),
         missing_ranges=tuple(missing_ranges),
         left_out=tuple(left_out),
+        kept=tuple(kept),
     )
+
+
+def _read(paths: Sequence[Path], copies: Sequence[VerifiedCopy], spill: Spill, survey: ArticleWorker | None,
+          on_read: Callable[[int, int], None] | None
+          ) -> tuple[list[ReadCheckpoint], list[VerifiedCopy], list[Path]]:
+    """Read the checkpoints the clusters hold now (``paths``), then those of the verified
+    ``copies`` of gone ones that none of them overlaps: all of them read, by start index; the
+    copies kept; the paths of the copies left out. ``on_read`` counts the copies left out as
+    read once they are known (each was opened for its index range)."""
+    total = len(paths) + len(copies)
+
+    def counted(before: int) -> Callable[[int, int], None] | None:
+        return None if on_read is None else (lambda done, _: on_read(before + done, total))
+
+    parts = read_all(paths, spill, survey, counted(0))
+    kept, overlapped = keep_verified_copies(copies, [part.info for part in parts])
+    parts += read_all([copy.path for copy in kept], spill, survey, counted(len(paths) + len(overlapped)))
+    if on_read is not None and overlapped and not kept:
+        on_read(total, total)
+    return sorted(parts, key=lambda part: part.info.start_index), kept, overlapped
 
 
 def _write(spec: OutputSpec, staging: StagingArea, spill: Spill, copy_pass: CopyPass,

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CheckpointError, MergeValidationError, RowsMissingError
+from ..gone import VerifiedCopy, verified_copy
 from ..layout import DownloadLayout
 from .checkpoints import CheckpointInfo, find_checkpoints, open_checkpoint
 
@@ -28,8 +29,10 @@ def select_checkpoints(download_dir: Path, clusters: Collection[str] | None = No
 
     Only the folders of ``clusters`` (all, when None). Where the sync
     recorded what a cluster held at its last listing, a file it no longer
-    held (deleted or re-split there since) is left out, never merged
-    silently: the caller reports it. Read in natural order, checkpoints
+    held (purged, deleted or re-split there since) is not among the first,
+    never merged silently: of those, :func:`keep_verified_copies` takes the
+    verified copies that no current file overlaps, and the caller reports
+    the rest as left out. Read in natural order, checkpoints
     usually come in index order, which lets a ``.pkl`` output keep the rows
     where they were first written.
     """
@@ -46,11 +49,38 @@ def select_checkpoints(download_dir: Path, clusters: Collection[str] | None = No
             continue
         listed = listings[layout.cluster_of(path)]
         (selected if listed is None or path.name in listed else left_out).append(path)
-    if not selected:
+    if not selected and not any(verified_copy(layout, path) for path in left_out):
         where = f"{download_dir}/{{{','.join(sorted(clusters))}}}/" if clusters is not None else f"{download_dir}/*/"
         also = f" ({len(left_out)} more are no longer on their cluster)" if left_out else ""
         raise MergeValidationError(f"no checkpoints (*.pkl, *.npy) under {where}{also}.")
     return sorted(selected, key=_natural_order), sorted(left_out, key=_natural_order)
+
+
+def verified_copies(download_dir: Path, gone: Sequence[Path]) -> list[VerifiedCopy]:
+    """Of ``gone``, the checkpoints here that their cluster no longer held at the last sync, the
+    copies a sync verified (all their parts), in the order given."""
+    layout = DownloadLayout(download_dir)
+    return [copy for path in gone if (copy := verified_copy(layout, path)) is not None]
+
+
+def keep_verified_copies(copies: Sequence[VerifiedCopy], current: Sequence[CheckpointInfo]
+                         ) -> tuple[list[VerifiedCopy], list[Path]]:
+    """Of ``copies`` (verified, gone from their cluster), those that no ``current`` checkpoint
+    (what the selected clusters hold now) overlaps, to merge from here, and the paths of the
+    others, left out: the run was re-split there, and the current files win.
+
+    Each copy is opened for its index range: one that cannot be read is an
+    error naming it, as it would be on the cluster."""
+    kept: list[VerifiedCopy] = []
+    overlapped: list[Path] = []
+    for copy in copies:
+        info = open_checkpoint(copy.path).info
+        covered = any(info.start_index < other.end_index and other.start_index < info.end_index for other in current)
+        if covered:
+            overlapped.append(copy.path)
+        else:
+            kept.append(copy)
+    return kept, overlapped
 
 
 def validate_plan(
@@ -124,11 +154,12 @@ def _check_alike(infos: Sequence[CheckpointInfo]) -> None:
             raise MergeValidationError(f"{info.path} holds {info.dtype} values, not floats.")
 
 
-def _rows_only_left_out(left_out: Sequence[Path], infos: Sequence[CheckpointInfo], partial: bool
-                        ) -> list[tuple[int, int]]:
+def _rows_only_left_out(left_out: Sequence[Path], infos: Sequence[CheckpointInfo], partial: bool,
+                        overlapped: Collection[Path] = ()) -> list[tuple[int, int]]:
     """Rows that only checkpoints the cluster no longer holds carry: a GPU's file deleted
     there (not re-split) would otherwise leave a result short with nothing to tell. Raises
-    unless ``partial``, which gets their ranges ``[start, end)``."""
+    unless ``partial``, which gets their ranges ``[start, end)``. ``overlapped``: those of
+    ``left_out`` that are verified copies, left out because current files cover part of them."""
     missing: list[tuple[int, int]] = []
     for path in left_out:
         try:
@@ -139,12 +170,17 @@ def _rows_only_left_out(left_out: Sequence[Path], infos: Sequence[CheckpointInfo
         for merged in infos:
             uncovered = [piece for start, end in uncovered for piece in (
                 (start, min(end, merged.start_index)), (max(start, merged.end_index), end)) if piece[0] < piece[1]]
+        cluster = DownloadLayout.cluster_of(path)
+        why = (f"its verified copy here is not merged, because files {cluster} holds now cover its other rows "
+               f"(re-split there?) and none holds these. Run `sync` again once the new files are all written"
+               if path in overlapped else
+               f"no sync verified its copy here (put here by hand?), so it is not merged. Run `sync` again "
+               f"if it is back on the cluster")
         for start, end in uncovered:
             if not partial:
                 raise MergeValidationError(
-                    f"indices {start:,}..{end - 1:,} are only in {path}, which {DownloadLayout.cluster_of(path)} no longer held "
-                    f"at the last sync: was it deleted there? Run `sync` again if it is back on the cluster, "
-                    f"or add --partial to merge without those rows.")
+                    f"indices {start:,}..{end - 1:,} are only in {path}, which {cluster} no longer held at the "
+                    f"last sync: {why}, or add --partial to merge without those rows.")
             missing.append((start, end))
     return missing
 
@@ -183,11 +219,12 @@ def _declared_rows(infos: Sequence[CheckpointInfo], expect_rows: int | None) -> 
 
 def missing_rows(
     left_out: Sequence[Path], infos: Sequence[CheckpointInfo], expect_articles: int | None,
-    expect_rows: int | None, partial: bool,
+    expect_rows: int | None, partial: bool, overlapped: Collection[Path] = (),
 ) -> list[tuple[int, int]]:
     """Raise unless ``infos`` (by start index) form the whole run; with ``partial``, the ranges
-    ``[start, end)`` that the result will lack, joined and sorted."""
+    ``[start, end)`` that the result will lack, joined and sorted. ``overlapped``: as for
+    :func:`_rows_only_left_out`."""
     # The file a cluster no longer holds first: it names where the rows are, which
     # the general "rows missing" (past total_rows, or a gap) cannot.
-    only_left_out = _rows_only_left_out(left_out, infos, partial)
+    only_left_out = _rows_only_left_out(left_out, infos, partial, overlapped)
     return _union(only_left_out + validate_plan(infos, expect_articles, expect_rows=expect_rows, partial=partial))

@@ -37,6 +37,7 @@ from typing import Any, Self
 from ..dependencies import import_asyncssh
 from ..fileio import file_sha256
 from ..known_hosts import known_hosts_line
+from .synthetic import finish_writing
 
 asyncssh = import_asyncssh()
 
@@ -59,6 +60,10 @@ class LoopbackSSHAccess:
     host_public_key: str
     username: str
 
+    def local_path(self, remote_path: str) -> Path | None:
+        """Where a path as a client names it lives on this machine (the server's root is "/")."""
+        return Path(remote_path)
+
     @property
     def known_hosts_path(self) -> Path:
         """The known_hosts file for the server's own port (written when it starts)."""
@@ -76,8 +81,13 @@ class LoopbackSSHAccess:
 
     def cluster_entry(self, remote_dir: str = "/", *, port: int | None = None,
                       **overrides: Any) -> dict[str, Any]:
-        """The ``credentials.json`` entry for this server (through ``port`` if given)."""
+        """The ``credentials.json`` entry for this server (through ``port`` if given).
+
+        The files already under ``remote_dir`` are made to look as a finished
+        run leaves them (``finish_writing``): a test that wants a file still
+        being written writes it after this call."""
         port = self.port if port is None else port
+        finish_writing(self.local_path(remote_dir))
         entry: dict[str, Any] = {
             "host": self.host,
             "port": port,

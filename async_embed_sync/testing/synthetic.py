@@ -15,7 +15,9 @@ worth of memory.
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import time
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Literal
@@ -36,6 +38,22 @@ _WORDS = (
     "railway station museum novel film album species genus climate economy "
     "university council election party bridge harbour festival painter poet"
 ).split()
+
+
+# How long ago a finished run last wrote its checkpoints, as ``finish_writing`` dates them.
+FINISHED_AGO_SECONDS = 3600
+
+
+def finish_writing(folder: Path | None) -> None:
+    """Date every file under ``folder`` as a finished run leaves it: last written
+    an hour ago, long past the sync's settle window (``transfer/settle.py``).
+    Files written a moment ago would be taken as still being written."""
+    if folder is None or not folder.is_dir():
+        return
+    finished = time.time() - FINISHED_AGO_SECONDS
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            os.utime(path, (finished, finished))
 
 
 def _text_pool(text_bytes: int, seed: int) -> str:

@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,14 +27,15 @@ import anyio.lowlevel
 from ..errors import (
     AFTER_SYNC,
     AsyncEmbedSyncError,
-    RemoteFileChangedError,
+    StillBeingWrittenError,
     VerificationError,
     translating_local_errors,
 )
 from ..fileio import fsync_directory
 from ..layout import DownloadLayout, FileState
-from ..progress import Progress
+from ..progress import Progress, format_bytes
 from .remote import Remote, RemoteFile, observe_outcome
+from .settle import ListingTime
 
 logger = logging.getLogger(__name__)
 
@@ -61,14 +63,19 @@ class FileOutcome:
 
 
 async def download_file(remote: Remote, layout: DownloadLayout, remote_file: RemoteFile,
-                        progress: Progress) -> FileOutcome:
+                        progress: Progress, listed: ListingTime | None = None) -> FileOutcome:
     """Bring one remote file into place, resuming from a verified prefix.
 
+    ``listed``: when the listing that saw ``remote_file`` was taken, and the
+    settle window (None: now, with the default window).
+
     An error of ours ends the attempt as a "failed" outcome that carries
-    it: ``TransferError``/``RemoteFileChangedError`` (retryable: the
-    verified prefix survives for the next attempt), ``VerificationError``
-    (the partial is discarded), ``LocalFileError``. A stop propagates.
+    it: ``TransferError`` (retryable: the verified prefix survives for the
+    next attempt), ``StillBeingWrittenError`` (the prefix survives for the
+    next run), ``VerificationError`` (the partial is discarded),
+    ``LocalFileError``. A stop propagates.
     """
+    listed = listed if listed is not None else ListingTime(time.time())
     cluster, name = remote.cluster.name, remote_file.name
     local = layout.local_copy(cluster, name, remote_file.size, remote_file.mtime)
     if local.up_to_date:
@@ -78,7 +85,7 @@ async def download_file(remote: Remote, layout: DownloadLayout, remote_file: Rem
     partial = PartialFile(layout, cluster, remote_file, local.state)
     try:
         await partial.open()
-        verified_by = await _transfer(remote, partial, progress)
+        verified_by = await _transfer(remote, partial, progress, listed)
     except AsyncEmbedSyncError as exc:
         return partial.outcome("failed", error=exc)
     finally:
@@ -91,8 +98,13 @@ async def download_file(remote: Remote, layout: DownloadLayout, remote_file: Rem
                            verified_by=verified_by)
 
 
-async def _transfer(remote: Remote, partial: PartialFile, progress: Progress) -> str:
-    """Fetch the rest of ``partial``, check it, move it into place; how it was verified."""
+async def _transfer(remote: Remote, partial: PartialFile, progress: Progress, listed: ListingTime) -> str:
+    """Fetch the rest of ``partial``, check it, move it into place; how it was verified.
+
+    A file that changed during the copy, or whose last write is within the
+    settle window, is still being written: its bytes stay a partial (the
+    next run resumes them, and the server's hash of the finished file
+    vouches for them), and it is not put in place."""
     cluster, name, remote_file = partial.cluster, partial.name, partial.remote_file
     remote_hash = asyncio.ensure_future(remote.sha256(name))
     progress.file_started(cluster, name, remote_file.size, partial.resumed_from)
@@ -114,11 +126,11 @@ async def _transfer(remote: Remote, partial: PartialFile, progress: Progress) ->
                            and partial.position == remote_file.size <= CHECKPOINT_BYTES and unchanged)
         if not whole_and_small:
             await partial.checkpoint()
-        if partial.position != remote_file.size:
-            raise RemoteFileChangedError(cluster, name, f"it ended at byte {partial.position}, "
-                                                        f"expected {remote_file.size}")
-        if not unchanged:
-            raise RemoteFileChangedError(cluster, name, "its size or modification time changed")
+        changed = _change_during_copy(remote_file, after, partial.position)
+        if changed or listed.still_settling(remote_file.mtime):
+            await partial.checkpoint()
+            raise StillBeingWrittenError(cluster, name, changed or listed.settling_reason(remote_file.mtime),
+                                         kept=format_bytes(partial.position))
         digest = partial.hasher.hexdigest()
         try:
             expected = await remote_hash
@@ -130,7 +142,14 @@ async def _transfer(remote: Remote, partial: PartialFile, progress: Progress) ->
             await anyio.to_thread.run_sync(partial.discard)
             raise VerificationError(cluster, name, f"sha256 {digest[:16]}... locally, "
                                                    f"{expected[:16]}... on the server")
+        if expected is None and partial.state.hash_needed:
+            await anyio.to_thread.run_sync(partial.discard)
+            raise VerificationError(cluster, name, "part of it was copied while it was still being written, "
+                                                   "and the server has no shell to hash it: fetched again whole")
         verified_by = "sha256" if expected is not None else "size"
+        # A version this close to its listing could be rewritten in the same
+        # second at the same size: the next sync fetches it again.
+        partial.state.recheck = listed.too_recent_to_trust(remote_file.mtime)
         await anyio.to_thread.run_sync(partial.move_into_place, digest, verified_by)
     except BaseException:
         progress.file_finished(cluster, name, "failed")
@@ -139,6 +158,18 @@ async def _transfer(remote: Remote, partial: PartialFile, progress: Progress) ->
         await _discard(remote_hash)
     progress.file_finished(cluster, name, "downloaded")
     return verified_by
+
+
+def _change_during_copy(listed: RemoteFile, after: RemoteFile, position: int) -> str:
+    """How the file changed between its listing and the end of its copy, in words; "" if it did not."""
+    if position != listed.size:
+        return f"it ended at {format_bytes(position)} while it was copied, not at the {format_bytes(listed.size)} listed"
+    if after.size != listed.size:
+        verb = "grew" if after.size > listed.size else "shrank"
+        return f"it {verb} from {format_bytes(listed.size)} to {format_bytes(after.size)} while it was copied"
+    if after.mtime != listed.mtime:
+        return "it was modified while it was copied"
+    return ""
 
 
 async def _receive(remote: Remote, partial: PartialFile, progress: Progress) -> RemoteFile | None:
@@ -287,13 +318,15 @@ class PartialFile:
 
 
 def _verified_prefix(path: Path, state: FileState | None, remote_file: RemoteFile):
-    """``state`` and a hasher over the partial's verified prefix, or None: start at 0.
+    """The state to resume from and a hasher over the partial's verified prefix, or None: start at 0.
 
-    The prefix is trusted only when the remote file still has the size and
-    mtime it had, and the local bytes still hash to what was recorded: a
-    partial damaged on disk, or one of another version, starts again at 0.
+    The prefix is trusted only while the local bytes still hash to what was
+    recorded (a partial damaged on disk starts again at 0). Where the remote
+    file changed since (it grew while it was being written), the prefix is
+    kept if the file is still at least that long, and marked: only the
+    server's sha256 of the whole file can then vouch for it.
     """
-    if state is None or state.complete or not state.matches(remote_file.size, remote_file.mtime):
+    if state is None or state.complete or remote_file.size < state.verified_offset:
         return None
     hasher = hashlib.sha256()
     remaining = state.verified_offset
@@ -309,4 +342,7 @@ def _verified_prefix(path: Path, state: FileState | None, remote_file: RemoteFil
         return None
     if remaining or hasher.hexdigest() != state.prefix_sha256:
         return None
+    if not state.matches(remote_file.size, remote_file.mtime):
+        state = dataclasses.replace(state, remote_size=remote_file.size, remote_mtime=remote_file.mtime,
+                                    hash_needed=state.hash_needed or state.verified_offset > 0)
     return state, hasher

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from ..config import ClusterConfig
 from .prompts import Prompter
+from .settle import DEFAULT_SETTLE_SECONDS
 
 if TYPE_CHECKING:
     from .remote import Remote
@@ -59,6 +60,9 @@ class SyncOptions:
     sftp_channels: int = DEFAULT_SFTP_CHANNELS
     # Bytes of block reads in flight per file, ahead of the write position.
     read_ahead: int = READ_AHEAD_BYTES
+    # A file last written less than this many seconds before its listing
+    # may still be being written: it is not put in place (``settle.py``).
+    settle: float = DEFAULT_SETTLE_SECONDS
     # Who answers password, passphrase and 2FA prompts; None: nobody.
     prompter: Prompter | None = None
     # How a cluster's remote is made: over SSH, or (in tests) any other ``remote.Remote``.

@@ -8,12 +8,12 @@ import anyio
 
 from ..config import ClusterConfig
 from ..errors import NOTHING_CHANGED, AsyncEmbedSyncError, NoCheckpointsError
+from ..gone import gone_from_cluster_notice, sort_gone
 from ..layout import DownloadLayout
 from ..progress import format_bytes
 from ..termination import run_stoppable
 from .prompts import Prompter
 from .remote import ClusterRemote
-from .sync import local_only_notice
 
 
 @dataclass
@@ -28,6 +28,7 @@ class ClusterStatus:
     changed: int = 0
     missing: int = 0
     local_only: int = 0  # here, but no longer on the cluster
+    kept: int = 0  # of those, the copies a sync verified (kept here, gone from the cluster): the merge takes them
     error: str | None = None
     notes: list[str] = field(default_factory=list)  # refused names, local-only files
 
@@ -42,7 +43,8 @@ class ClusterStatus:
 
 
 def header(width: int = 8) -> str:
-    """The columns, within 80 for names up to 8 characters; "local": here, no longer on the cluster."""
+    """The columns, within 80 for names up to 8 characters; "local": here, no longer on the cluster
+    (the notes below the table tell the verified copies, which the merge takes, from the others)."""
     return (f"{'cluster':<{width}} {'remote':>6} {'size':>9} {'complete':>8} {'partial':>7} "
             f"{'partial bytes':>15} {'changed':>7} {'missing':>7} {'local':>5}")
 
@@ -78,14 +80,15 @@ async def _cluster_status(cluster: ClusterConfig, layout: DownloadLayout, timeou
         status.error = str(NoCheckpointsError(cluster.name, cluster.remote_dir, cluster.patterns))
     local_only = layout.local_only(cluster.name, (f.name for f in listing.files))
     status.local_only = len(local_only)
+    status.kept = len(sort_gone(layout, cluster.name, local_only)[0])
     if local_only:
-        status.notes.append(local_only_notice(cluster.name, local_only))
+        status.notes += gone_from_cluster_notice(layout, cluster.name, local_only).splitlines()
     for remote_file in listing.files:
         status.remote_files += 1
         status.remote_bytes += remote_file.size
         local = layout.local_copy(cluster.name, remote_file.name, remote_file.size, remote_file.mtime)
         state = local.state
-        if local.up_to_date:
+        if local.complete_as_listed:
             status.complete += 1
         elif state is None:
             status.missing += 1

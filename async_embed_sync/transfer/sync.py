@@ -30,7 +30,7 @@ from ..errors import (
     LinkLostError,
     NoCheckpointsError,
     RemoteError,
-    RemoteFileChangedError,
+    StillBeingWrittenError,
     SyncFailedError,
     TransferError,
     UnsafeRemoteNameError,
@@ -44,6 +44,7 @@ from .lock import DownloadDirLock
 from .prompts import Prompter
 from .options import SyncOptions
 from .remote import Remote, RemoteFile
+from .settle import ListingTime
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +64,9 @@ class ClusterReport:
     failures: list[AsyncEmbedSyncError] = field(default_factory=list)
     # Files here that the cluster no longer holds: kept, but never merged.
     local_only: list[str] = field(default_factory=list)
+    # Files still being written on the cluster: kept as partials, not in place.
+    still_writing: list[StillBeingWrittenError] = field(default_factory=list)
+    fetched_names: set[str] = field(default_factory=set)
 
     @property
     def errors(self) -> list[str]:
@@ -70,7 +74,7 @@ class ClusterReport:
 
     @property
     def ok(self) -> bool:
-        return not self.failures
+        return not self.failures and not self.still_writing
 
     def lacking(self) -> str:
         """What a failed cluster lacks, in a few words ("" before its listing)."""
@@ -81,7 +85,9 @@ class ClusterReport:
         if outcome.status == "skipped":
             self.skipped += 1
             return
-        self.downloaded += 1
+        if outcome.name not in self.fetched_names:  # fetched again after a change: one file still
+            self.fetched_names.add(outcome.name)
+            self.downloaded += 1
         self.transferred += outcome.transferred
         self.resumed += outcome.resumed
         self.verified_by.add(outcome.verified_by)
@@ -99,11 +105,16 @@ class SyncReport:
     def transferred(self) -> int:
         return sum(c.transferred for c in self.clusters.values())
 
+    @property
+    def still_writing(self) -> dict[str, list[str]]:
+        """Per cluster, the files still being written there (none: not in it)."""
+        return {name: [e.name for e in c.still_writing] for name, c in self.clusters.items() if c.still_writing}
+
     def raise_for_failures(self) -> None:
         failures = {name: (c.failures[0], c.lacking()) for name, c in self.clusters.items() if c.failures}
-        if failures:
+        if failures or self.still_writing:
             fetched = any(c.transferred or c.downloaded or c.skipped or c.resumed for c in self.clusters.values())
-            raise SyncFailedError(failures, anything_fetched=fetched)
+            raise SyncFailedError(failures, anything_fetched=fetched, still_writing=self.still_writing)
 
     def summary(self) -> str:
         """One row per cluster, within 80 columns for names up to 8 characters."""
@@ -164,6 +175,10 @@ class _ClusterRun:
     # Verified bytes kept of each file still to fetch: the journal's at the
     # listing, then what each attempt reports.
     kept: dict[str, int] = field(default_factory=dict)
+    # Files this run does not fetch again: still being written, or given up.
+    not_again: set[str] = field(default_factory=set)
+    rounds: int = 0  # listings taken
+    planned: int = 0  # files started, over every round
 
     def kept_summary(self) -> str:
         """What a cluster given up keeps, verified: "2 file(s) complete and 1.8 MiB of big.npy"; "" for nothing."""
@@ -179,48 +194,33 @@ class _ClusterRun:
 
 async def _sync_cluster(cluster: ClusterConfig, layout: DownloadLayout, slots: FairSlots,
                         progress: Progress, options: SyncOptions, report: ClusterReport) -> None:
+    """List, fetch what is not here, then list again until a listing finds every file here
+    as the cluster holds it: a file rewritten on the cluster after its copy (a job re-run
+    mid-sync) is fetched again, so that what the merge takes is one version of the set,
+    the one the last listing saw. A file that keeps changing is still being written."""
     started = time.monotonic()
     link = ClusterLink(cluster, options, progress, report, kept=lambda: run.kept_summary())
     run = _ClusterRun(link, layout, slots, progress, options, report)
     slots.register(cluster.name)
     try:
-        remote = await link.get()
-        pending = 0
-        listed: list[str] = []
-        listing_error: AsyncEmbedSyncError | None = None
-        async with anyio.create_task_group() as tasks:
-            try:
-                async with contextlib.aclosing(remote.scan_checkpoints()) as entries:
-                    async for entry in entries:
-                        if isinstance(entry, UnsafeRemoteNameError):
-                            _fail(report, progress, entry)
-                            continue
-                        listed.append(entry.name)
-                        report.files += 1
-                        report.total_bytes += entry.size
-                        local = layout.local_copy(cluster.name, entry.name, entry.size, entry.mtime)
-                        if local.up_to_date:
-                            report.skipped += 1
-                            continue
-                        pending += 1
-                        run.kept[entry.name] = local.kept
-                        progress.add_total(entry.size)
-                        # Hashed on the server while the files travel, in a few large batches.
-                        remote.prefetch_sha256(entry.name, entry.size)
-                        tasks.start_soon(_sync_file, run, entry)
-            except AsyncEmbedSyncError as exc:
-                # Raised here, it would reach the caller wrapped in the task
-                # group's ExceptionGroup; files already started still finish.
-                listing_error = exc
-            slots.set_need(cluster.name, pending)
-            if listing_error is None:  # said now, not once the files are done
-                logger.info("cluster %r: %d file(s) listed in %s, %d to fetch", cluster.name, len(listed),
-                            cluster.remote_dir, pending)
-        if listing_error is not None:
-            raise listing_error
+        listing, fetched = await _sync_round(run, fetch=True)
+        rounds = 1
+        while fetched:
+            # The last round checks only: what changed yet again is named, not chased.
+            fetch = rounds <= options.retries
+            listing, fetched = await _sync_round(run, fetch=fetch)
+            rounds += 1
+            if not fetch:
+                for entry in fetched:
+                    _still_writing(run, StillBeingWrittenError(
+                        cluster.name, entry.name, f"it changed on the cluster again after each of {rounds - 1} "
+                                                  f"copies in this run", kept=""))
+                break
+        report.files = len(listing)
+        report.total_bytes = sum(entry.size for entry in listing.values())
         # What the cluster holds now, so that the merge takes exactly that.
-        layout.save_listing(cluster.name, listed)
-        report.local_only = layout.local_only(cluster.name, listed)
+        layout.save_listing(cluster.name, listing.values())
+        report.local_only = layout.local_only(cluster.name, listing)
         if not report.files and report.ok:
             raise NoCheckpointsError(cluster.name, cluster.remote_dir, cluster.patterns)
     except AsyncEmbedSyncError as exc:
@@ -231,28 +231,94 @@ async def _sync_cluster(cluster: ClusterConfig, layout: DownloadLayout, slots: F
         await link.close()
 
 
-async def _sync_file(run: _ClusterRun, remote_file: RemoteFile) -> None:
+async def _sync_round(run: _ClusterRun, fetch: bool) -> tuple[dict[str, RemoteFile], list[RemoteFile]]:
+    """One listing, and (``fetch``) the download of every listed file not here as listed,
+    as the listing arrives. The listing by name, and the files not here as listed (fetched,
+    or to fetch). Raises the listing's error once the files already started are done."""
+    cluster, layout, progress, report = run.link.cluster, run.layout, run.progress, run.report
+    remote = await run.link.get()
+    listed_at = ListingTime(time.time(), run.options.settle)
+    first = not run.rounds
+    run.rounds += 1
+    listing: dict[str, RemoteFile] = {}
+    changed: list[RemoteFile] = []
+    listing_error: AsyncEmbedSyncError | None = None
+    run.slots.listing(cluster.name)
+    async with anyio.create_task_group() as tasks:
+        try:
+            async with contextlib.aclosing(remote.scan_checkpoints()) as entries:
+                async for entry in entries:
+                    if isinstance(entry, UnsafeRemoteNameError):
+                        if first:
+                            _fail(report, progress, entry)
+                        continue
+                    listing[entry.name] = entry
+                    if first:
+                        report.files += 1
+                        report.total_bytes += entry.size
+                    if entry.name in run.not_again:
+                        continue  # said once in this run; the next run (or poll) resumes it
+                    local = layout.local_copy(cluster.name, entry.name, entry.size, entry.mtime)
+                    if local.up_to_date or (local.complete_as_listed and entry.name in report.fetched_names):
+                        if first:
+                            report.skipped += 1
+                        continue
+                    changed.append(entry)
+                    if not fetch:
+                        continue
+                    run.planned += 1
+                    run.kept[entry.name] = local.kept
+                    progress.add_total(entry.size)
+                    # Hashed on the server while the files travel, in a few large batches.
+                    remote.prefetch_sha256(entry.name, entry.size)
+                    tasks.start_soon(_sync_file, run, entry, listed_at)
+        except AsyncEmbedSyncError as exc:
+            # Raised here, it would reach the caller wrapped in the task
+            # group's ExceptionGroup; files already started still finish.
+            listing_error = exc
+        run.slots.set_need(cluster.name, run.planned)
+        if listing_error is None:  # said now, not once the files are done
+            logger.info("cluster %r: %d file(s) listed in %s, %d to fetch%s", cluster.name, len(listing),
+                        cluster.remote_dir, len(changed) if fetch else 0,
+                        "" if first else " (changed or new since the last listing)")
+    if listing_error is not None:
+        raise listing_error
+    return listing, changed
+
+
+async def _sync_file(run: _ClusterRun, remote_file: RemoteFile, listed_at: ListingTime) -> None:
     window = min(remote_file.size, run.options.read_ahead)
     async with run.slots.slot(run.link.cluster.name, window):
         try:
-            run.report.record(await _download_with_retries(run, remote_file))
+            run.report.record(await _download_with_retries(run, remote_file, listed_at))
+        except StillBeingWrittenError as exc:
+            _still_writing(run, exc)
         except AsyncEmbedSyncError as exc:
+            run.not_again.add(remote_file.name)
             _fail(run.report, run.progress, exc)
 
 
-async def _download_with_retries(run: _ClusterRun, remote_file: RemoteFile) -> FileOutcome:
+def _still_writing(run: _ClusterRun, exc: StillBeingWrittenError) -> None:
+    """One line per file, shown even with --quiet: the run cannot end complete without it."""
+    run.not_again.add(exc.name)
+    run.report.still_writing.append(exc)
+    run.progress.error(str(exc))
+    logger.info("cluster %r: %s is still being written (%s): kept as a partial", exc.cluster, exc.name, exc.why)
+
+
+async def _download_with_retries(run: _ClusterRun, remote_file: RemoteFile, listed_at: ListingTime) -> FileOutcome:
     """Attempts continue while they make progress; ``retries`` in a row
     without a byte gained give the file up. A verification failure earns
     one fresh download (the partial was discarded), not more. A file given
     up still adds what it fetched and kept in this run to the report's
     bytes fetched."""
     cluster, name, options = run.link.cluster.name, remote_file.name, run.options
-    stalled_attempts = changed_in_a_row = 0
-    verification_failed = changed_on_server = False
+    stalled_attempts = 0
+    verification_failed = False
     fetched_by_failed_attempts = 0
     try:
         while True:
-            remote_file, outcome = await _attempt(run, remote_file, changed_on_server)
+            outcome = await _attempt(run, remote_file, listed_at)
             exc = outcome.error
             if exc is None:
                 del run.kept[name]
@@ -260,7 +326,6 @@ async def _download_with_retries(run: _ClusterRun, remote_file: RemoteFile) -> F
                 outcome.resumed = outcome.resumed or fetched_by_failed_attempts > 0
                 return outcome
             run.kept[name] = outcome.verified
-            changed_on_server = isinstance(exc, RemoteFileChangedError)  # the next attempt copies the new version
             if isinstance(exc, VerificationError):
                 fetched_by_failed_attempts = 0  # discarded with the partial
                 if verification_failed:
@@ -268,12 +333,8 @@ async def _download_with_retries(run: _ClusterRun, remote_file: RemoteFile) -> F
                 verification_failed = True
                 continue
             fetched_by_failed_attempts += outcome.gained
-            # A file still being written changes under every copy; each copy
-            # "gains" bytes, so changes are counted on their own.
             stalled_attempts = 0 if outcome.gained else stalled_attempts + 1
-            changed_in_a_row = changed_in_a_row + 1 if changed_on_server else 0
-            if not (isinstance(exc, RemoteError) and exc.retryable) or \
-                    stalled_attempts > options.retries or changed_in_a_row > options.retries:
+            if not (isinstance(exc, RemoteError) and exc.retryable) or stalled_attempts > options.retries:
                 raise exc
             if not run.link.lost and not isinstance(exc, ConnectionDroppedError):
                 # A drop fails every file in flight at once: the link says it, once.
@@ -286,18 +347,14 @@ async def _download_with_retries(run: _ClusterRun, remote_file: RemoteFile) -> F
         raise
 
 
-async def _attempt(run: _ClusterRun, remote_file: RemoteFile,
-                   changed_on_server: bool) -> tuple[RemoteFile, FileOutcome]:
-    """One attempt at the file, on the link as it is now: the file as
-    attempted (stat again if it changed on the server), and the outcome."""
+async def _attempt(run: _ClusterRun, remote_file: RemoteFile, listed_at: ListingTime) -> FileOutcome:
+    """One attempt at the file, on the link as it is now."""
     try:
         remote = await run.link.get()
-        if changed_on_server:
-            remote_file = await remote.stat(remote_file.name)  # copy the new version
     except RemoteError as exc:  # as a failed download: retried if it may pass
-        return remote_file, FileOutcome(remote_file.name, "failed", remote_file.size,
-                                        verified=run.kept[remote_file.name], error=exc)
-    return remote_file, await download_file(remote, run.layout, remote_file, run.progress)
+        return FileOutcome(remote_file.name, "failed", remote_file.size,
+                           verified=run.kept[remote_file.name], error=exc)
+    return await download_file(remote, run.layout, remote_file, run.progress, listed_at)
 
 
 def _fail(report: ClusterReport, progress: Progress, exc: AsyncEmbedSyncError) -> None:
@@ -419,8 +476,13 @@ class FairSlots:
         self._finished[owner] = 0
         self._waiting[owner] = deque()
 
+    def listing(self, owner: str) -> None:
+        """``owner`` lists again: until ``set_need``, it may need a full share."""
+        self._files[owner] = None
+        self._dispatch()
+
     def set_need(self, owner: str, files: int) -> None:
-        """``owner`` has ``files`` to fetch in all (its listing is complete)."""
+        """``owner`` has ``files`` to fetch in all, counting those already fetched (its listing is complete)."""
         self._files[owner] = files
         self._dispatch()
 
