@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from async_embed_sync.testing.embedded_server import (
     LoopbackSSHAccess,
 )
 from async_embed_sync.testing.netproxy import LinkProxy
+from async_embed_sync.testing.synthetic import finish_writing
 
 
 @pytest.fixture
@@ -77,7 +79,15 @@ def link_proxy() -> Callable[..., LinkProxy]:
     return make
 
 
+_TEMP = Path(tempfile.gettempdir())
+
+
 def _write_config(directory: Path, clusters: dict[str, dict[str, Any]]) -> Path:
+    # What the clusters hold by now is a finished run's (a local remote_dir: OpenSSH's).
+    for entry in clusters.values():
+        remote_dir = Path(str(entry.get("remote_dir", "")))
+        if remote_dir.is_relative_to(_TEMP) and remote_dir != _TEMP:  # never the embedded server's "/"
+            finish_writing(remote_dir)
     path = Path(directory) / "credentials.json"
     path.write_text(json.dumps({"clusters": clusters}, indent=2))
     os.chmod(path, 0o600)
@@ -86,5 +96,7 @@ def _write_config(directory: Path, clusters: dict[str, dict[str, Any]]) -> Path:
 
 @pytest.fixture
 def write_config() -> Callable[[Path, dict[str, dict[str, Any]]], Path]:
-    """``write_config(directory, {name: entry})``: writes credentials.json, returns its path."""
+    """``write_config(directory, {name: entry})``: writes credentials.json, returns its path.
+    Files already in a ``remote_dir`` that is a local path are dated as a finished run leaves
+    them (a test that wants one still being written writes it afterwards)."""
     return _write_config

@@ -17,6 +17,7 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -89,6 +90,12 @@ class OpenSSHServer(LoopbackSSHAccess):
         self.log_path = self.workdir / "sshd.log"
         self.host_public_key = ""
         self._process: subprocess.Popen[bytes] | None = None
+
+    def local_path(self, remote_path: str) -> Path | None:
+        """The same path: the server is this machine (only under the temp dir, where tests write)."""
+        path = Path(remote_path)
+        temp = Path(tempfile.gettempdir())
+        return path if path.is_relative_to(temp) and path != temp else None
 
     def __enter__(self) -> Self:
         self.start()

@@ -131,7 +131,8 @@ def test_run_merges_what_the_clusters_hold_now_after_a_re_split(openssh, tmp_pat
     assert main(["run", "--config", str(config), "--download-dir", str(tmp_path / "dl"),
                  "--output", str(tmp_path / "again.pkl")]) == 0
     err = capsys.readouterr().err
-    assert f"tensor02: 1 file(s) here are no longer on the cluster ({old[0].name})" in err
+    assert "tensor02: 1 file(s) kept here, gone from the cluster (purged from scratch?): " in err
+    assert old[0].name in err.split("kept here, gone from the cluster")[1]
     assert f"left out 1 checkpoint(s) that their cluster no longer held at the last sync: tensor02/{old[0].name}" in err
     # A copy the first sync verified, but the cluster's current files cover its rows: they win.
     assert DownloadLayout(tmp_path / "dl").load_state("tensor02", old[0].name).complete

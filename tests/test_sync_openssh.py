@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from pathlib import Path
 
 from openssh import keygen
@@ -69,7 +70,7 @@ def test_two_clusters_byte_identical_then_incremental(openssh, tmp_path, write_c
     # A file changed remotely (new content, same size, new mtime) is fetched again.
     changed = dirs["tensor02"] / "emb_gpu1.pkl"
     changed.write_bytes(os.urandom(changed.stat().st_size))
-    os.utime(changed, (changed.stat().st_atime, changed.stat().st_mtime + 10))
+    os.utime(changed, (time.time() - 1800, time.time() - 1800))  # rewritten, and finished, half an hour ago
     report = _sync(config, download_dir)
     assert report.ok
     assert report.clusters["tensor02"].downloaded == 1

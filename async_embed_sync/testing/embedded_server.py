@@ -61,8 +61,8 @@ class LoopbackSSHAccess:
     username: str
 
     def local_path(self, remote_path: str) -> Path | None:
-        """Where a path as a client names it lives on this machine (the server's root is "/")."""
-        return Path(remote_path)
+        """Where a path as a client names it lives on this machine; None: not known here."""
+        return None
 
     @property
     def known_hosts_path(self) -> Path:

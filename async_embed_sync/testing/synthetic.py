@@ -236,4 +236,5 @@ def generate_run(
                 written.append(write_legacy_checkpoint(path, embeddings, articles, **metadata))
             if on_file is not None:
                 on_file(len(written), (len(pieces) - 1) * files_per_gpu)
+    finish_writing(root)  # a finished run's checkpoints
     return written

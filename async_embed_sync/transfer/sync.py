@@ -36,6 +36,7 @@ from ..errors import (
     UnsafeRemoteNameError,
     VerificationError,
 )
+from ..gone import gone_from_cluster_notice
 from ..layout import DownloadLayout
 from ..progress import Progress, format_bytes, format_rate
 from ..termination import run_stoppable
@@ -62,8 +63,10 @@ class ClusterReport:
     method: str = ""  # "sftp", or "exec" where the server has no SFTP
     verified_by: set[str] = field(default_factory=set)
     failures: list[AsyncEmbedSyncError] = field(default_factory=list)
-    # Files here that the cluster no longer holds: kept, but never merged.
+    # Files here that the cluster no longer holds, and what is said of them
+    # (``gone.py``: verified copies are merged, others left out).
     local_only: list[str] = field(default_factory=list)
+    local_only_notice: str = ""
     # Files still being written on the cluster: kept as partials, not in place.
     still_writing: list[StillBeingWrittenError] = field(default_factory=list)
     fetched_names: set[str] = field(default_factory=set)
@@ -129,15 +132,8 @@ class SyncReport:
             lines.append(f"{c.name:<{width}} {c.files:>5} {format_bytes(c.total_bytes):>9} "
                          f"{format_bytes(c.transferred):>9} {c.seconds:>5.1f}s {rate:>10} "
                          f"{c.resumed:>7} {c.skipped:>7} {how}")
-        lines += [local_only_notice(c.name, c.local_only) for c in self.clusters.values() if c.local_only]
+        lines += [c.local_only_notice for c in self.clusters.values() if c.local_only_notice]
         return "\n".join(lines)
-
-
-def local_only_notice(cluster: str, names: list[str]) -> str:
-    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-    return (f"{cluster}: {len(names)} file(s) here are no longer on the cluster ({shown}): deleted or "
-            f"re-split there since an earlier sync. They are kept, and left out of the merge; delete "
-            f"them by hand once you no longer need them.")
 
 
 def sync(clusters: list[ClusterConfig], download_dir: str, progress: Progress,
@@ -221,6 +217,7 @@ async def _sync_cluster(cluster: ClusterConfig, layout: DownloadLayout, slots: F
         # What the cluster holds now, so that the merge takes exactly that.
         layout.save_listing(cluster.name, listing.values())
         report.local_only = layout.local_only(cluster.name, listing)
+        report.local_only_notice = gone_from_cluster_notice(layout, cluster.name, report.local_only)
         if not report.files and report.ok:
             raise NoCheckpointsError(cluster.name, cluster.remote_dir, cluster.patterns)
     except AsyncEmbedSyncError as exc:
