@@ -44,13 +44,14 @@ _WORDS = (
 FINISHED_AGO_SECONDS = 3600
 
 
-def finish_writing(folder: Path | None) -> None:
+def finish_writing(folder: Path | None, ago: float = FINISHED_AGO_SECONDS) -> None:
     """Date every file under ``folder`` as a finished run leaves it: last written
-    an hour ago, long past the sync's settle window (``transfer/settle.py``).
-    Files written a moment ago would be taken as still being written."""
+    ``ago`` seconds ago (an hour), long past the sync's settle window
+    (``transfer/settle.py``). Files written a moment ago would be taken as
+    still being written."""
     if folder is None or not folder.is_dir():
         return
-    finished = time.time() - FINISHED_AGO_SECONDS
+    finished = time.time() - ago
     for path in folder.rglob("*"):
         if path.is_file() and not path.is_symlink():
             os.utime(path, (finished, finished))

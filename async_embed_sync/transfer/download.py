@@ -166,7 +166,10 @@ def _change_during_copy(listed: RemoteFile, after: RemoteFile, position: int) ->
         return f"it ended at {format_bytes(position)} while it was copied, not at the {format_bytes(listed.size)} listed"
     if after.size != listed.size:
         verb = "grew" if after.size > listed.size else "shrank"
-        return f"it {verb} from {format_bytes(listed.size)} to {format_bytes(after.size)} while it was copied"
+        before, now = format_bytes(listed.size), format_bytes(after.size)
+        if before == now:  # a few KiB: the rounded sizes would read alike
+            before, now = f"{listed.size:,}", f"{after.size:,} bytes"
+        return f"it {verb} from {before} to {now} while it was copied"
     if after.mtime != listed.mtime:
         return "it was modified while it was copied"
     return ""
