@@ -114,7 +114,8 @@ class PlainProgress(Progress):
         if now - self._last_line >= self.interval:
             self._last_line = now
             rate = self.done / max(now - self.started, 1e-9)
-            self._line(f"total: {format_bytes(self.resumed + self.done)} of {format_bytes(self.total)}"
+            so_far = self.resumed + self.done
+            self._line(f"total: {format_bytes(so_far)} of {format_bytes(max(self.total, so_far))}"
                        f" at {format_rate(rate)}")
 
     def file_finished(self, cluster: str, name: str, outcome: str) -> None:
@@ -228,11 +229,9 @@ class TqdmProgress(Progress):
 
     def advance(self, cluster: str, name: str, nbytes: int) -> None:
         self._positions.advance(cluster, name, nbytes)
-        if self._total_bar is not None:
-            self._total_bar.update(nbytes / _MiB)
-        bar = self._file_bars.get((cluster, name))
-        if bar is not None:
-            bar.update(nbytes / _MiB)
+        for bar in (self._total_bar, self._file_bars.get((cluster, name))):
+            if bar is not None:
+                _update_within_total(bar, nbytes / _MiB)
 
     def file_finished(self, cluster: str, name: str, outcome: str) -> None:
         self._unshown.pop((cluster, name), None)
@@ -279,6 +278,18 @@ class TqdmProgress(Progress):
 
 def _nothing() -> None:
     pass
+
+
+def _update_within_total(bar: tqdm, amount: float) -> None:
+    """``bar.update(amount)``, the total raised first if the count would pass it.
+
+    A file can hold more than its listing said (it grew while it was
+    written); tqdm then drops ``total`` to None, and a bar format that
+    prints ``{total:.1f}`` fails on every redraw. The bar stays at or below
+    100 % instead."""
+    if bar.total is not None and bar.n + amount > bar.total:
+        bar.total = bar.n + amount
+    bar.update(amount)
 
 
 def _keep_output_on_interrupt(stream: TextIO) -> Callable[[], None]:

@@ -64,6 +64,26 @@ def test_tqdm_bars_show_total_and_files():
     assert "a note" in text and "an error" in text and "failed" not in text
 
 
+@pytest.mark.parametrize("kind", [TqdmProgress, PlainProgress])
+def test_a_file_that_brings_more_than_its_listed_size_never_shows_more_than_100_percent(kind):
+    # More bytes than the listing said (a file still growing): tqdm would drop its
+    # total to None, and the bar format's {total:.1f} failed on every redraw.
+    stream = FakeTerminal()
+    progress = kind(stream) if kind is TqdmProgress else kind(stream, interval=0)
+    progress.add_total(1024 * 1024)
+    progress.file_started("tensor01", "a.pkl", 1024 * 1024, 0)
+    for _ in range(3):
+        progress.advance("tensor01", "a.pkl", 1024 * 1024)
+    progress.file_finished("tensor01", "a.pkl", "failed")
+    progress.close()
+    text = stream.getvalue()
+    if kind is TqdmProgress:
+        percents = [int(p) for p in re.findall(r"(\d+)%", text)]
+        assert percents and max(percents) <= 100 and "3.0/3.0 MiB" in text, text
+    else:
+        assert "total: 3.0 MiB of 3.0 MiB" in text, text
+
+
 def test_the_rate_is_about_what_this_run_fetched():
     stream = FakeTerminal()
     progress = TqdmProgress(stream)
