@@ -272,10 +272,12 @@ class DownloadLayout:
         except (OSError, ValueError, TypeError, KeyError, AttributeError):
             return None
         state = self.load_state(cluster, name)
-        if state is None or not state.complete:
-            return "it is not recorded as verified here"
+        if state is None:
+            return "no sync recorded verifying it"
+        if not state.complete:
+            return "a newer version is partly fetched: still being written there, or the sync stopped"
         if not state.matches(size, mtime):
-            return "the cluster's last listing saw another version (its size or modification time differs)"
+            return "the cluster's last listing saw another version"
         return None
 
     def local_only(self, cluster: str, listed: Iterable[str]) -> list[str]:

@@ -156,3 +156,27 @@ def test_the_configs_total_rows_must_be_a_positive_whole_number(tmp_path, write_
     config.write_text(json.dumps({**json.loads(config.read_text()), "total_rows": bad}))
     assert main(["run", "--config", str(config), "--download-dir", str(tmp_path / "dl")]) == 1
     assert '"total_rows" must be a positive whole number' in capsys.readouterr().err
+
+
+def test_a_merge_after_a_sync_that_found_a_file_still_being_written_refuses_to_mix_versions(
+        openssh, tmp_path, write_config, capsys):
+    remote, config = _two_clusters(tmp_path, openssh, write_config)
+    assert _run(config, tmp_path) == 0
+    # The job of GPU 0 on tensor01 writes its piece again: the old copy here is no longer
+    # the run's, and the new one is still being written.
+    [piece] = sorted((remote / "tensor01").glob("embeddings_gpu0_*.pkl"))
+    piece.write_bytes(piece.read_bytes()[: piece.stat().st_size // 2])
+    capsys.readouterr()
+    assert _run(config, tmp_path, output="again.pkl") == 1
+    err = capsys.readouterr().err
+    assert f"Cluster 'tensor01': {piece.name} is still being written (last modified " in err
+    assert f"error: The sync did not finish. tensor01: still being written there: {piece.name} (run again" in err
+    assert not (tmp_path / "again.pkl").exists()
+
+    # `merge` alone does not take the old copy beside the cluster's other files.
+    assert main(["merge", "--download-dir", str(tmp_path / "dl"), "--output", str(tmp_path / "again.pkl")]) == 1
+    err = capsys.readouterr().err
+    assert (f"error: 1 file(s) here are not the version their cluster's last sync listed: tensor01/{piece.name} "
+            f"(a newer version is partly fetched: still being written there, or the sync stopped). Merging them "
+            f"would mix versions of the run.") in err
+    assert "Traceback" not in err and not (tmp_path / "again.pkl").exists()
