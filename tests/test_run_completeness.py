@@ -176,7 +176,7 @@ def test_a_merge_after_a_sync_that_found_a_file_still_being_written_refuses_to_m
     # `merge` alone does not take the old copy beside the cluster's other files.
     assert main(["merge", "--download-dir", str(tmp_path / "dl"), "--output", str(tmp_path / "again.pkl")]) == 1
     err = capsys.readouterr().err
-    assert (f"error: 1 file(s) here are not the version their cluster's last sync listed: tensor01/{piece.name} "
+    assert (f"error: The checkpoints cannot be merged: 1 file(s) here are not the version their cluster's last sync listed: tensor01/{piece.name} "
             f"(a newer version is partly fetched: still being written there, or the sync stopped). Merging them "
             f"would mix versions of the run.") in err
     assert "Traceback" not in err and not (tmp_path / "again.pkl").exists()
