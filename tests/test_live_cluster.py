@@ -16,6 +16,7 @@ growing file is paced in time, as a job's flushes are.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -23,6 +24,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import anyio
@@ -50,6 +52,7 @@ CLUSTER = "tensor01"
 STILL_WRITTEN_TAIL = (": {kept} of it is kept as a partial, and nothing was put in its place. Run again once "
                       "its job has finished writing it, or add --follow to wait for it.")
 SETTLE_WHY = re.compile(r"last modified \d+ s before it was listed, within the settle window of 60 s \(--settle\)")
+WHY = r"\((?:[^()]|\([^()]*\))+\)"  # "(why)", which may hold "(--settle)"
 GREW_WHY = re.compile(r"it grew from .+ to .+ while it was copied")
 
 
@@ -300,30 +303,33 @@ def _assert_shown_on_rows_of_its_own(rows: list[str], columns: int, pattern: str
     assert not screen[found.end():row_end].strip(), "\n".join(rows)  # nothing after it on its last row
 
 
-def test_a_checkpoint_still_growing_at_a_terminal_keeps_its_bars_within_100_percent(openssh, tmp_path, write_config):
-    """The growing .jsonl at a pseudo-terminal (tqdm bars), through a 2 MiB/s link: no bar
-    ever shows more than 100 % or more MiB than its total, nothing crashes, and the
-    screen ends with the line for the file and the closing line naming it. Then, its job
-    done, the same command at the terminal merges (exit 0), bars still within 100 %."""
+@pytest.mark.parametrize("case", list(GROWING))
+def test_a_checkpoint_still_growing_at_a_terminal_keeps_its_bars_within_100_percent(
+        openssh, tmp_path, write_config, case):
+    """The growing file at a pseudo-terminal (tqdm bars), against the real sshd through a
+    slow link: no bar ever shows more than 100 % or more MiB than its total, nothing
+    crashes, exit 1, nothing merged. Then, its job done, the same command at the terminal
+    merges (exit 0), bars still within 100 %. Last, what the first run's screen showed
+    at its end: the line for the file and the closing line, each on rows of its own."""
+    build, start, rate = GROWING[case]
     columns, rows = 80, 60
-    growing = _small_growing_run(tmp_path / "remote")
+    growing = build(tmp_path / "remote")
     final = growing.read_bytes()
-    with run_in_thread(openssh.host, openssh.port, rate=2 * MiB) as proxy:
+    with run_in_thread(openssh.host, openssh.port, rate=rate) as proxy:
         config = write_config(tmp_path, {CLUSTER: openssh.cluster_entry(str(growing.parent), port=proxy.port)})
         command = [sys.executable, "-m", "async_embed_sync", *_run_argv(config, tmp_path)]
-        writer = SlowWriter(growing, final, 64 * KiB, rate=1 * MiB)
+        writer = SlowWriter(growing, final, start, rate=1 * MiB)
         writer.start()
         try:
             with Terminal(command, columns=columns, lines=rows) as terminal:
                 code = terminal.wait(timeout=60)
         finally:
             writer.wait_finished()
-        text = terminal.text()
-        assert code == 1, text
+        assert code == 1, terminal.text()
         _assert_bars_within_100_percent(terminal)
         shown = _screen(terminal, columns, rows)
         state = DownloadLayout(tmp_path / "dl").load_state(CLUSTER, growing.name)
-        assert state is not None and not state.complete
+        assert state is not None and not state.complete and state.verified_offset >= start
         tail = STILL_WRITTEN_TAIL.format(kept=format_bytes(state.verified_offset))
         assert not (tmp_path / "merged.pkl").exists()
 
@@ -333,9 +339,8 @@ def test_a_checkpoint_still_growing_at_a_terminal_keeps_its_bars_within_100_perc
         assert code == 0, terminal.text()
         _assert_bars_within_100_percent(terminal)
     _assert_same_result(load(tmp_path / "merged.pkl"), _merge_of({CLUSTER: growing.parent}, tmp_path))
-    # What the first run's screen showed at its end: each line on rows of its own.
     _assert_shown_on_rows_of_its_own(shown, columns, rf"Cluster '{CLUSTER}': {re.escape(growing.name)} is "
-                                                     rf"still being written \([^)]+\){re.escape(tail)}")
+                                                     rf"still being written {WHY}{re.escape(tail)}")
     _assert_shown_on_rows_of_its_own(shown, columns, re.escape(
         f"error: The sync did not finish. {CLUSTER}: still being written there: {growing.name} (run again "
         f"once their jobs have written them, or add --follow to wait for them). What was verified is kept: "
@@ -379,6 +384,24 @@ def _rewrite(remote: Path, new: Path, how: str) -> Callable[[], None]:
     return rewrite
 
 
+def _a_set_and_its_rerun(tmp_path: Path, root: Path) -> tuple[Path, Path, list[str], Path, dict]:
+    """Three GPUs' checkpoints (.pkl, .npy + .json + .jsonl, .pkl) under ``root/tensor01``, and
+    a re-run's (other values, the same names and sizes) beside them. Returns the cluster's
+    folder, the re-run's, the names, the .npy, and the merge of the re-run's files."""
+    remote = root / CLUSTER
+    old_paths = generate_run(root, rows=ROWS, dim=256, clusters=(CLUSTER,), gpus_per_cluster=3, fmt="mixed", seed=0)
+    generate_run(tmp_path / "rerun", rows=ROWS, dim=256, clusters=(CLUSTER,), gpus_per_cluster=3, fmt="mixed", seed=1)
+    new = tmp_path / "rerun" / CLUSTER
+    names = sorted(p.name for p in remote.iterdir())
+    assert [p.suffix for p in old_paths] == [".pkl", ".npy", ".pkl"] and len(names) == 5
+    assert names == sorted(p.name for p in new.iterdir())
+    assert all((remote / n).stat().st_size == (new / n).stat().st_size for n in names)  # same sizes
+    old_result = _merge_of({CLUSTER: remote}, tmp_path / "old")
+    new_result = _merge_of({CLUSTER: new}, tmp_path / "new")
+    assert not np.array_equal(old_result["embeddings"], new_result["embeddings"])
+    return remote, new, names, old_paths[1].resolve(), new_result
+
+
 @pytest.mark.anyio
 @pytest.mark.parametrize("settle", ["default", "0"])
 @pytest.mark.parametrize("how", ["in-place", "rename"])
@@ -394,19 +417,7 @@ async def test_a_set_rewritten_during_a_run_never_merges_as_a_mix_of_versions(
     after the copies is fetched again and the result is all of the new version, and a
     rewrite mid-copy either ends the same way or is named. Once the re-run is done, the
     next run's result is the merge of the new files."""
-    remote = tmp_path / "srv" / CLUSTER
-    old_paths = generate_run(tmp_path / "srv", rows=ROWS, dim=256, clusters=(CLUSTER,), gpus_per_cluster=3,
-                             fmt="mixed", seed=0)
-    generate_run(tmp_path / "rerun", rows=ROWS, dim=256, clusters=(CLUSTER,), gpus_per_cluster=3, fmt="mixed", seed=1)
-    new = tmp_path / "rerun" / CLUSTER
-    names = sorted(p.name for p in remote.iterdir())
-    assert [p.suffix for p in old_paths] == [".pkl", ".npy", ".pkl"] and len(names) == 5
-    assert names == sorted(p.name for p in new.iterdir())
-    assert all((remote / n).stat().st_size == (new / n).stat().st_size for n in names)  # same sizes
-    old_result = _merge_of({CLUSTER: remote}, tmp_path / "old")
-    new_result = _merge_of({CLUSTER: new}, tmp_path / "new")
-    assert not np.array_equal(old_result["embeddings"], new_result["embeddings"])
-    npy = old_paths[1].resolve()
+    remote, new, names, npy, new_result = _a_set_and_its_rerun(tmp_path, tmp_path / "srv")
     change = _rewrite(remote, new, how)
     server_class, fired = (_server_changing(at_read=(npy, npy.stat().st_size // 2), change=change)
                            if when == "mid-copy" else _server_changing(at_listing=2, change=change))
@@ -450,17 +461,88 @@ async def test_a_set_rewritten_during_a_run_never_merges_as_a_mix_of_versions(
     _assert_same_result(load(output), new_result)
 
 
+def test_a_set_rewritten_in_place_mid_copy_on_the_real_sshd_is_named_then_taken_whole(
+        openssh, tmp_path, write_config, capsys):
+    """The same rewrite against OpenSSH's sftp-server (which answers in order: the closing
+    stat rides right behind the last read), triggered by the link: it stalls after
+    2 MiB have reached the client, the re-run rewrites the set in place, the link
+    resumes. Every file is named (exit 1, nothing merged); once the re-run is done, the
+    next run's result is all of the new version."""
+    remote, new, names, _, new_result = _a_set_and_its_rerun(tmp_path, tmp_path / "remote")
+    output = tmp_path / "merged.pkl"
+    with run_in_thread(openssh.host, openssh.port, rate=4 * MiB, stall_after=2 * MiB) as proxy, \
+            ThreadPoolExecutor(1) as pool:
+        config = write_config(tmp_path, {CLUSTER: openssh.cluster_entry(str(remote), port=proxy.port)})
+        run = pool.submit(main, _run_argv(config, tmp_path))
+        deadline = time.monotonic() + 30
+        while not proxy.stalled and not run.done() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert proxy.stalled, "the link never reached 2 MiB"
+        _rewrite(remote, new, "in-place")()
+        proxy.loop.call_soon_threadsafe(proxy.resume)
+        code = run.result(60)
+        err = capsys.readouterr().err
+        assert code == 1, err
+        assert sorted(_still_written_lines(err)) == names, err
+        _assert_closing_line_names(err, names)
+        assert not output.exists() and "Traceback" not in err
+
+        finish_writing(remote, ago=1800)
+        assert main(_run_argv(config, tmp_path, "--quiet")) == 0, capsys.readouterr().err
+    _assert_same_result(load(output), new_result)
+
+
+def _at_terminal(command: list[str], columns: int, rows: int) -> tuple[int, Terminal]:
+    with Terminal(command, columns=columns, lines=rows) as terminal:
+        code = terminal.wait(timeout=60)
+    return code, terminal
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("when", ["mid-copy", "after-the-copies"])
+async def test_a_set_fetched_twice_in_a_run_at_a_terminal_keeps_its_bars_within_100_percent(
+        tmp_path, embedded_server, link_proxy, write_config, when):
+    """--settle 0 at a pseudo-terminal: the set rewritten by rename mid-copy or after the
+    copies, so that files are fetched again within the run (their bars and the total
+    moved back and up): no bar ever shows more than 100 % or more MiB than its total,
+    nothing crashes; exit 0 with the new version's result, or exit 1 naming files, with
+    the closing line on rows of its own."""
+    columns, rows = 80, 60
+    remote, new, names, npy, new_result = _a_set_and_its_rerun(tmp_path, tmp_path / "srv")
+    change = _rewrite(remote, new, "rename")
+    server_class, fired = (_server_changing(at_read=(npy, npy.stat().st_size // 2), change=change)
+                           if when == "mid-copy" else _server_changing(at_listing=2, change=change))
+    async with embedded_server(tmp_path / "srv", sftp_factory=server_class) as server, \
+            link_proxy(server, rate=4 * MiB) as proxy:
+        config = write_config(tmp_path, {CLUSTER: server.cluster_entry(f"/{CLUSTER}", port=proxy.port)})
+        command = [sys.executable, "-m", "async_embed_sync", *_run_argv(config, tmp_path, "--settle", "0")]
+        code, terminal = await anyio.to_thread.run_sync(_at_terminal, command, columns, rows)
+    assert fired, "the rewrite never happened"
+    _assert_bars_within_100_percent(terminal)
+    if when == "after-the-copies":
+        assert code == 0, terminal.text()
+    if code == 0:
+        _assert_same_result(load(tmp_path / "merged.pkl"), new_result)
+    else:
+        assert code == 1, terminal.text()
+        shown = _screen(terminal, columns, rows)
+        _assert_shown_on_rows_of_its_own(shown, columns, rf"error: The sync did not finish\. {CLUSTER}: still being "
+                                                         r"written there: .+ resumes where it stopped\.")
+
+
 # ------------------------------------ 4: a rewrite in the same second, same size
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("shell", [True, False], ids=["sha256sum", "no-shell"])
+@pytest.mark.parametrize(("shell", "settle_from"), [(True, "flag"), (False, "config")],
+                         ids=["sha256sum-settle-flag", "no-shell-settle-seconds-in-config"])
 async def test_a_rewrite_in_the_same_second_at_the_same_size_is_fetched_again(
-        tmp_path, embedded_server, write_config, capsys, shell):
-    """--settle 0: a checkpoint synced the second it was written is recorded to be
-    checked again; rewritten in that second at the same size (so its size and mtime
-    are as listed), the next sync fetches it again and the copy is the new content.
-    Once it is old, it is trusted on its size and mtime again: skipped."""
+        tmp_path, embedded_server, write_config, capsys, shell, settle_from):
+    """A settle window of 0 (--settle 0, or "settle_seconds": 0 in credentials.json): a
+    checkpoint synced the second it was written is recorded to be checked again;
+    rewritten in that second at the same size (so its size and mtime are as listed),
+    the next sync fetches it again and the copy is the new content, with or without a
+    server hash to tell. Once it is old, it is trusted on its size and mtime: skipped."""
     remote = tmp_path / "srv" / "ckpt"
     path = remote / "embeddings_gpu0_00000000_00000500.pkl"
     versions = []
@@ -472,10 +554,13 @@ async def test_a_rewrite_in_the_same_second_at_the_same_size_is_fetched_again(
     assert len(first) == len(second) and first != second
     layout = DownloadLayout(tmp_path / "dl")
     local = layout.final_path(CLUSTER, path.name)
-    argv = lambda: _run_argv(config, tmp_path, "--settle", "0", "--quiet", command="sync")  # noqa: E731
+    settle = ["--settle", "0"] if settle_from == "flag" else []
+    argv = lambda: _run_argv(config, tmp_path, *settle, "--quiet", command="sync")  # noqa: E731
 
     async with embedded_server(tmp_path / "srv", allow_exec=shell) as server:
         config = write_config(tmp_path, {CLUSTER: server.cluster_entry("/ckpt")})
+        if settle_from == "config":
+            config.write_text(json.dumps({**json.loads(config.read_text()), "settle_seconds": 0}))
         path.write_bytes(first)
         written_at = int(time.time())
         os.utime(path, (written_at, written_at))
