@@ -29,7 +29,7 @@ from .progress import Progress, choose_progress
 from .report import DEFAULT_SAMPLE
 from .termination import stop_on_sigterm
 from .transfer.prompts import TerminalPrompter
-from .transfer.options import DEFAULT_DOWNLOAD_DIR, SyncOptions
+from .transfer.options import DEFAULT_DOWNLOAD_DIR, DEFAULT_POLL_SECONDS, DEFAULT_QUIET_PERIOD_SECONDS, SyncOptions
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
 
@@ -40,6 +40,7 @@ _EXAMPLES = {
     "run": ["run                                  # sync every cluster, then merge",
             "run --output embeddings/merged/      # a memory-mappable bundle instead of a .pkl",
             "run --clusters tensor01 --partial    # one cluster's rows only, on purpose",
+            "run --follow                         # beside the GPU jobs: merge once the set is complete",
             "--sync-only                          # legacy flags mean `run`"],
     "sync": ["sync --max-parallel 16               # download only",
              "sync --clusters tensor01 tensor02"],
@@ -68,6 +69,8 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     parser = build_parser(prog)
     try:
         args = parser.parse_args(_with_default_command(argv))
+        if getattr(args, "follow", False) and getattr(args, "merge_only", False):
+            args.usage_error("--follow waits for the clusters; --merge-only does not look at them")
     except SystemExit as exc:  # -h, --version (0) or a usage error (2): argparse printed it
         return int(exc.code or 0)
     # A scheduler's or a kill's SIGTERM cleans up like Ctrl-C: partials stay
@@ -121,7 +124,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                                   epilog=_epilog(prog, [name]), formatter_class=argparse.RawDescriptionHelpFormatter)
         for add_group in (*groups, _add_log_arguments):
             add_group(sub)
-        sub.set_defaults(handler=handler, after_stop=_AFTER_STOP, prog=prog)
+        sub.set_defaults(handler=handler, after_stop=_AFTER_STOP, prog=prog, usage_error=sub.error)
         return sub
 
     run = command("run", "sync every selected cluster, then merge (the whole job)", _run,
@@ -185,6 +188,19 @@ def _add_sync_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--retries", type=_whole_number, default=SyncOptions.retries, metavar="N",
                         help="retries in a row without progress before a file is given up; after a "
                              "drop, reconnects: one, then up to N more (default: %(default)s)")
+    follow = parser.add_argument_group("follow a run that is still writing")
+    follow.add_argument("--follow", action="store_true",
+                        help="keep the connections and list again every --poll seconds, fetching files as "
+                             "they appear and settle, until the set is complete (rows 0 to total_rows with "
+                             "no gap; without a total, no gap and nothing new for --quiet-period)")
+    follow.add_argument("--poll", type=_positive_seconds, default=DEFAULT_POLL_SECONDS, metavar="SECONDS",
+                        help="with --follow: seconds between listings (default: %(default)s)")
+    follow.add_argument("--quiet-period", type=_positive_seconds, default=DEFAULT_QUIET_PERIOD_SECONDS,
+                        metavar="SECONDS", help="with --follow and no known total: the set is complete once no "
+                                                "file appeared or changed for this long (default: %(default)s)")
+    follow.add_argument("--max-wait", type=_positive_seconds, default=None, metavar="SECONDS",
+                        help="with --follow: give up after this long, naming what is missing (default: wait "
+                             "until complete)")
     parser.add_argument("--settle", type=_seconds_or_zero, default=None, metavar="SECONDS",
                         help="a file last written less than this long before it is listed may still be "
                              "being written: it is kept as a partial, not put in place (default: "
@@ -326,10 +342,19 @@ def _sync_phase(args: argparse.Namespace, progress: Progress, config: Config | N
     settle = next(value for value in (args.settle, config.settle_seconds, SyncOptions.settle) if value is not None)
     options = SyncOptions(max_parallel=args.max_parallel, timeout=args.timeout, retries=args.retries,
                           settle=settle, prompter=TerminalPrompter())
-    report = sync(clusters, args.download_dir, progress, options)
+    watch = None
+    if args.follow:
+        from .follow import Follow
+
+        watch = Follow(args.download_dir, [c.name for c in clusters], progress, poll=args.poll,
+                       quiet_period=args.quiet_period, max_wait=args.max_wait, expect_rows=config.total_rows,
+                       expect_articles=getattr(args, "expect_articles", None))
+    report = sync(clusters, args.download_dir, progress, options, watch)
     if not args.quiet:
         print(report.summary(), file=sys.stderr)
     report.raise_for_failures()
+    if watch is not None:
+        watch.raise_if_gave_up()
 
 
 def _merge_phase(args: argparse.Namespace, progress: Progress, clusters: list[str] | None = None,

@@ -29,6 +29,7 @@ secret (no class here takes a password or key material as a field).
     │   └── StillBeingWrittenError       a file changed mid-copy, or was written too recently
     ├── VerificationError                downloaded bytes do not match the remote
     ├── SyncFailedError                  summary: some clusters did not sync
+    ├── FollowGaveUpError                --follow waited --max-wait and the set is not complete
     ├── CheckpointError                  one checkpoint file is unreadable or unsafe
     │   └── UnsafePickleError            pickle asks for a global we do not allow
     ├── MergeValidationError             shards disagree: gap, overlap, dim, model
@@ -495,6 +496,19 @@ class SyncFailedError(AsyncEmbedSyncError):
         else:
             closing = "Nothing was downloaded; fix the errors above as they say, then run the same command again."
         super().__init__(f"The sync did not finish. {'; '.join(parts)}. {closing}")
+
+
+class FollowGaveUpError(AsyncEmbedSyncError):
+    """``--follow`` waited ``--max-wait`` and the set is still not complete. ``lacking``:
+    what is missing, in a few words each (files still being written, rows not here)."""
+
+    rerun_fixes = True
+    cause = "the set was not complete when --max-wait ran out"
+
+    def __init__(self, waited: str, lacking: list[str]):
+        self.lacking = lacking
+        super().__init__(f"Gave up waiting after {waited} (--max-wait): {'; '.join(lacking)}. Nothing was "
+                         f"merged; what was verified is kept, and the same command goes on from there.")
 
 
 # ---------------------------------------------------------------------- merge

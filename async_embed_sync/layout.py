@@ -258,6 +258,16 @@ class DownloadLayout:
         except (OSError, ValueError, TypeError, KeyError, AttributeError):
             return None
 
+    def listed_files(self, cluster: str) -> dict[str, tuple[int, int]] | None:
+        """Name -> (size, mtime) as ``cluster``'s last complete listing saw them; None if not recorded."""
+        try:
+            document = json.loads(self.listing_path(cluster).read_text(encoding="utf-8"))
+            if document.get("version") != _FORMAT_VERSION or "files" not in document:
+                return None
+            return {str(name): (int(size), int(mtime)) for name, (size, mtime) in document["files"].items()}
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+            return None
+
     def changed_since_listing(self, path: Path) -> str | None:
         """Why the file at ``path`` (one of :meth:`complete_files`) is not the version its cluster's
         last listing saw, in a few words; None if it is, or if no listing recorded its size and mtime.
@@ -267,9 +277,8 @@ class DownloadLayout:
         stopped between its listings, a file completed by an older version."""
         cluster, name = self.cluster_of(path), Path(path).name
         try:
-            document = json.loads(self.listing_path(cluster).read_text(encoding="utf-8"))
-            size, mtime = document["files"][name]
-        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+            size, mtime = (self.listed_files(cluster) or {})[name]
+        except (KeyError, TypeError, ValueError):
             return None
         state = self.load_state(cluster, name)
         if state is None:

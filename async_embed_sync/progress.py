@@ -389,3 +389,14 @@ def format_rate(bytes_per_second: float) -> str:
     """Always in MiB/s, as the bars say it; at most 10 characters below 100 GiB/s."""
     mib = bytes_per_second / _MiB
     return f"{mib:.{2 if mib < 10 else 1 if mib < 100 else 0}f} MiB/s"
+
+
+def format_duration(seconds: float) -> str:
+    """"45 s", "3 min", "1 h 20 min": a wait, as a person says it."""
+    seconds = max(0, round(seconds))
+    if seconds < 120:
+        return f"{seconds} s"
+    minutes = seconds // 60
+    if minutes < 120:
+        return f"{minutes} min"
+    return f"{minutes // 60} h {minutes % 60} min" if minutes % 60 else f"{minutes // 60} h"

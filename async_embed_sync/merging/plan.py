@@ -8,6 +8,7 @@ overlaps, by checkpoints of one dimension, one model and float dtypes.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 
@@ -76,6 +77,45 @@ def verified_copies(download_dir: Path, gone: Sequence[Path]) -> list[VerifiedCo
     copies a sync verified (all their parts), in the order given."""
     layout = DownloadLayout(download_dir)
     return [copy for path in gone if (copy := verified_copy(layout, path)) is not None]
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """What the checkpoints here cover of the run, as ``--follow`` judges it between polls."""
+
+    rows: int  # rows of the checkpoints here that the merge would take
+    articles: int
+    rows_by_cluster: dict[str, int]
+    # The run's rows, where the config or the checkpoints declare them ("" when not).
+    total: int | None
+    missing: list[tuple[int, int]]  # gaps, and what is missing up to ``total``
+    # Why the files here cannot be merged as they are: none yet, an overlap (a re-split
+    # half-way), a file that is not the version listed. None when they can.
+    problem: str | None = None
+
+
+def coverage(download_dir: Path, clusters: Collection[str] | None, expect_rows: int | None,
+             info: Callable[[Path], CheckpointInfo] = lambda path: open_checkpoint(path).info) -> Coverage:
+    """What a merge of ``download_dir`` now would take, without writing anything.
+
+    ``info``: how a checkpoint's range is read (``--follow`` keeps them per
+    file version: a legacy pickle is read whole to know it)."""
+    try:
+        paths, gone = select_checkpoints(Path(download_dir), clusters)
+        current = [info(path) for path in paths]
+        kept, overlapped = keep_verified_copies(verified_copies(Path(download_dir), gone), current)
+        infos = sorted(current + [info(copy.path) for copy in kept], key=lambda i: i.start_index)
+        kept_paths = {copy.path for copy in kept}
+        left_out = [path for path in gone if path not in kept_paths]
+        missing = missing_rows(left_out, infos, None, expect_rows, partial=True, overlapped=overlapped)
+        declared = _declared_rows(infos, expect_rows)
+    except (MergeValidationError, CheckpointError) as exc:
+        return Coverage(0, 0, {}, expect_rows, [], problem=str(exc))
+    by_cluster: dict[str, int] = {}
+    for checkpoint in infos:
+        by_cluster[checkpoint.cluster] = by_cluster.get(checkpoint.cluster, 0) + checkpoint.rows
+    return Coverage(sum(i.rows for i in infos), sum(i.article_rows for i in infos), by_cluster,
+                    declared[0] if declared else None, missing)
 
 
 def keep_verified_copies(copies: Sequence[VerifiedCopy], current: Sequence[CheckpointInfo]

@@ -30,6 +30,11 @@ DEFAULT_SFTP_CHANNELS = 4
 # Bytes requested ahead of the write position, per file: enough to fill a
 # 400 Mbit/s x 50 ms link (2.5 MB) with room to spare.
 READ_AHEAD_BYTES = 8 * 1024 * 1024
+# --follow: seconds between listings; and, where the run's total is not known,
+# how long nothing may appear or change before the set counts as complete:
+# longer than the gap between a run's periodic checkpoints.
+DEFAULT_POLL_SECONDS = 60
+DEFAULT_QUIET_PERIOD_SECONDS = 600
 
 
 async def connect_over_ssh(cluster: ClusterConfig, options: SyncOptions) -> Remote:

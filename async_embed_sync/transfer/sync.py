@@ -19,6 +19,7 @@ from collections import deque
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import anyio
 
@@ -70,6 +71,8 @@ class ClusterReport:
     # Files still being written on the cluster: kept as partials, not in place.
     still_writing: list[StillBeingWrittenError] = field(default_factory=list)
     fetched_names: set[str] = field(default_factory=set)
+    polls: int = 0  # listings of the cluster started afresh: 1, or each poll of --follow
+    said_writing: set[str] = field(default_factory=set)  # still being written, and said so
 
     @property
     def errors(self) -> list[str]:
@@ -78,6 +81,12 @@ class ClusterReport:
     @property
     def ok(self) -> bool:
         return not self.failures and not self.still_writing
+
+    def start_poll(self) -> None:
+        """``--follow`` polls again: what the last poll found still being written, or failed
+        in a way a new attempt may mend, is judged anew."""
+        self.still_writing = []
+        self.failures = [failure for failure in self.failures if not failure.rerun_fixes]
 
     def lacking(self) -> str:
         """What a failed cluster lacks, in a few words ("" before its listing)."""
@@ -88,6 +97,7 @@ class ClusterReport:
         if outcome.status == "skipped":
             self.skipped += 1
             return
+        self.said_writing.discard(outcome.name)  # complete: if it is written again, that is said again
         if outcome.name not in self.fetched_names:  # fetched again after a change: one file still
             self.fetched_names.add(outcome.name)
             self.downloaded += 1
@@ -137,25 +147,50 @@ class SyncReport:
 
 
 def sync(clusters: list[ClusterConfig], download_dir: str, progress: Progress,
-         options: SyncOptions = SyncOptions()) -> SyncReport:
-    """Sync every cluster into ``download_dir``; holds the directory's lock."""
+         options: SyncOptions = SyncOptions(), watch: Watch | None = None) -> SyncReport:
+    """Sync every cluster into ``download_dir`` (``watch``: polled, see ``sync_clusters``); holds the directory's lock."""
     with DownloadDirLock(download_dir):
-        return run_stoppable(sync_clusters, clusters, download_dir, progress, options)
+        return run_stoppable(sync_clusters, clusters, download_dir, progress, options, watch)
 
 
 async def sync_clusters(clusters: list[ClusterConfig], download_dir: str, progress: Progress,
-                        options: SyncOptions = SyncOptions()) -> SyncReport:
+                        options: SyncOptions = SyncOptions(), watch: Watch | None = None) -> SyncReport:
+    """Sync every cluster once; with ``watch`` (``--follow``), again every ``watch.poll``
+    seconds over the same connections, until ``watch.settled`` says the wait is over."""
     layout = DownloadLayout(download_dir)
     slots = FairSlots(options.max_parallel, options.bytes_in_flight)
     report = SyncReport({c.name: ClusterReport(c.name) for c in clusters})
+    links = {c.name: ClusterLink(c, options, progress, report.clusters[c.name]) for c in clusters}
     try:
-        async with anyio.create_task_group() as tasks:
-            for cluster in clusters:
-                tasks.start_soon(_sync_cluster, cluster, layout, slots, progress, options,
-                                 report.clusters[cluster.name])
+        while True:
+            async with anyio.create_task_group() as tasks:
+                for cluster in clusters:
+                    tasks.start_soon(_sync_cluster, cluster, layout, slots, progress, options,
+                                     report.clusters[cluster.name], links[cluster.name], watch is not None)
+            if watch is None or watch.settled(report):
+                return report
+            await anyio.sleep(watch.poll)
+            for cluster_report in report.clusters.values():
+                cluster_report.start_poll()
+            for link in links.values():
+                link.revive()
     finally:
+        with anyio.CancelScope(shield=True):
+            for link in links.values():
+                await link.close()
         progress.close()
-    return report
+
+
+class Watch(Protocol):
+    """What ``--follow`` decides between polls (``follow.py``)."""
+
+    poll: float  # seconds from the end of one poll to the next
+
+    def settled(self, report: SyncReport) -> bool:
+        """After each poll: True when the wait is over (the set is complete, a failure a
+        new poll cannot mend, or the wait gave up); else the status is said and the
+        clusters are polled again."""
+        ...
 
 
 @dataclass
@@ -189,14 +224,18 @@ class _ClusterRun:
 
 
 async def _sync_cluster(cluster: ClusterConfig, layout: DownloadLayout, slots: FairSlots,
-                        progress: Progress, options: SyncOptions, report: ClusterReport) -> None:
+                        progress: Progress, options: SyncOptions, report: ClusterReport, link: ClusterLink,
+                        empty_is_fine: bool = False) -> None:
     """List, fetch what is not here, then list again until a listing finds every file here
     as the cluster holds it: a file rewritten on the cluster after its copy (a job re-run
     mid-sync) is fetched again, so that what the merge takes is one version of the set,
-    the one the last listing saw. A file that keeps changing is still being written."""
+    the one the last listing saw. A file that keeps changing is still being written.
+    ``empty_is_fine``: a folder with no checkpoint yet is not an error (``--follow``:
+    the jobs have not written one yet)."""
     started = time.monotonic()
-    link = ClusterLink(cluster, options, progress, report, kept=lambda: run.kept_summary())
     run = _ClusterRun(link, layout, slots, progress, options, report)
+    link.kept = run.kept_summary
+    report.polls += 1
     slots.register(cluster.name)
     try:
         listing, fetched = await _sync_round(run, fetch=True)
@@ -218,14 +257,13 @@ async def _sync_cluster(cluster: ClusterConfig, layout: DownloadLayout, slots: F
         layout.save_listing(cluster.name, listing.values())
         report.local_only = layout.local_only(cluster.name, listing)
         report.local_only_notice = gone_from_cluster_notice(layout, cluster.name, report.local_only)
-        if not report.files and report.ok:
+        if not report.files and report.ok and not empty_is_fine:
             raise NoCheckpointsError(cluster.name, cluster.remote_dir, cluster.patterns)
     except AsyncEmbedSyncError as exc:
         _fail(report, progress, exc)
     finally:
         slots.unregister(cluster.name)
-        report.seconds = time.monotonic() - started
-        await link.close()
+        report.seconds += time.monotonic() - started
 
 
 async def _sync_round(run: _ClusterRun, fetch: bool) -> tuple[dict[str, RemoteFile], list[RemoteFile]]:
@@ -237,6 +275,8 @@ async def _sync_round(run: _ClusterRun, fetch: bool) -> tuple[dict[str, RemoteFi
     listed_at = ListingTime(time.time(), run.options.settle)
     first = not run.rounds
     run.rounds += 1
+    if first:  # counted anew at each poll
+        report.files = report.total_bytes = 0
     listing: dict[str, RemoteFile] = {}
     changed: list[RemoteFile] = []
     listing_error: AsyncEmbedSyncError | None = None
@@ -257,8 +297,17 @@ async def _sync_round(run: _ClusterRun, fetch: bool) -> tuple[dict[str, RemoteFi
                         continue  # said once in this run; the next run (or poll) resumes it
                     local = layout.local_copy(cluster.name, entry.name, entry.size, entry.mtime)
                     if local.up_to_date or (local.complete_as_listed and entry.name in report.fetched_names):
-                        if first:
+                        if first and report.polls == 1:
                             report.skipped += 1
+                        continue
+                    if local.state is not None and local.kept == entry.size \
+                            and local.state.matches(entry.size, entry.mtime) \
+                            and listed_at.still_settling(entry.mtime):
+                        # Copied whole at this size already, and still within its settle window:
+                        # nothing to fetch until it settles or changes.
+                        _still_writing(run, StillBeingWrittenError(
+                            cluster.name, entry.name, listed_at.settling_reason(entry.mtime),
+                            kept=format_bytes(entry.size)))
                         continue
                     changed.append(entry)
                     if not fetch:
@@ -296,10 +345,13 @@ async def _sync_file(run: _ClusterRun, remote_file: RemoteFile, listed_at: Listi
 
 
 def _still_writing(run: _ClusterRun, exc: StillBeingWrittenError) -> None:
-    """One line per file, shown even with --quiet: the run cannot end complete without it."""
+    """One line per file, shown even with --quiet: the run cannot end complete without it
+    (with --follow, once, not at every poll that finds it still being written)."""
     run.not_again.add(exc.name)
     run.report.still_writing.append(exc)
-    run.progress.error(str(exc))
+    if exc.name not in run.report.said_writing:
+        run.report.said_writing.add(exc.name)
+        run.progress.error(str(exc))
     logger.info("cluster %r: %s is still being written (%s): kept as a partial", exc.cluster, exc.name, exc.why)
 
 
@@ -376,7 +428,7 @@ class ClusterLink:
         self._options = options
         self._progress = progress
         self._report = report
-        self._kept = kept  # what is kept and verified, for the error that gives up
+        self.kept = kept  # what is kept and verified, for the error that gives up
         self._remote: Remote | None = None
         self._lock = asyncio.Lock()
         self._drops = 0
@@ -411,7 +463,7 @@ class ClusterLink:
                     target = self._remote.target
                     self._given_up = LinkLostError(name, target.hostname, target.port, drops=self._drops,
                                                    attempts=retries + 1, last_cause=exc.reason,
-                                                   kept=self._kept())
+                                                   kept=self.kept())
                     raise self._given_up from exc
                 delay = self._options.delay(attempt)
                 self._progress.note(f"{name}: reconnecting failed ({exc.reason}); retry {attempt + 1} "
@@ -421,6 +473,10 @@ class ClusterLink:
             self._progress.note(f"{name}: reconnected; the files in flight resume at their verified offsets.")
             return self._remote
         raise AssertionError("unreachable")
+
+    def revive(self) -> None:
+        """A new poll (``--follow``) tries a link given up again: the network may be back."""
+        self._given_up = None
 
     @property
     def lost(self) -> bool:
