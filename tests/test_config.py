@@ -158,3 +158,20 @@ def test_init_writes_the_example_privately_and_never_over_a_file(tmp_path, monke
     assert main(["init"]) == 1
     assert "Cannot write the example to" in capsys.readouterr().err
     assert written.read_text() == "{}  # edited by hand"
+
+
+@pytest.mark.parametrize("value", [-1, "60", True, float("inf")])
+def test_settle_seconds_must_be_a_number_of_seconds(tmp_path, value):
+    path = tmp_path / "credentials.json"
+    document = {"clusters": {"tensor01": {"host": "h", "remote_dir": "/d"}}, "settle_seconds": value}
+    path.write_text(json.dumps(document, allow_nan=True))
+    with pytest.raises(ConfigError, match='"settle_seconds" must be a number of seconds, 0 or more'):
+        load_config(str(path))
+
+
+def test_settle_seconds_is_read_from_the_config(tmp_path):
+    path = tmp_path / "credentials.json"
+    path.write_text(json.dumps({"clusters": {"tensor01": {"host": "h", "remote_dir": "/d"}}, "settle_seconds": 5}))
+    assert load_config(str(path)).settle_seconds == 5.0
+    path.write_text(json.dumps({"clusters": {"tensor01": {"host": "h", "remote_dir": "/d"}}}))
+    assert load_config(str(path)).settle_seconds is None
