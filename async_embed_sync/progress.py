@@ -26,9 +26,17 @@ class Progress:
 
     def __init__(self, stream: TextIO | None = None):
         self.stream = stream if stream is not None else sys.stderr
+        self._planned: dict[tuple[str, str], int] = {}
 
     def add_total(self, nbytes: int) -> None:
         """``nbytes`` more are to be transferred (a cluster was planned)."""
+
+    def file_planned(self, cluster: str, name: str, size: int) -> None:
+        """The file is to be fetched, ``size`` bytes in all. Planned again (a later round or
+        poll of the same run), it counts at its new size, once."""
+        before = self._planned.get((cluster, name), 0)
+        self._planned[(cluster, name)] = size
+        self.add_total(size - before)
 
     def file_started(self, cluster: str, name: str, size: int, offset: int) -> None:
         """A file's transfer starts, at ``offset`` when it resumes."""
@@ -262,6 +270,10 @@ class TqdmProgress(Progress):
         from tqdm import tqdm
 
         tqdm.write(text, file=self.stream)
+
+    def error(self, text: str) -> None:
+        # Above the bars, as a note: printed plainly, it would land inside a bar's row.
+        self.note(text)
 
     def close(self) -> None:
         bars = [*self._file_bars.values(), *self._step_bars.values(), self._total_bar, self._merge_bar]

@@ -84,6 +84,16 @@ def test_a_file_that_brings_more_than_its_listed_size_never_shows_more_than_100_
         assert "total: 3.0 MiB of 3.0 MiB" in text, text
 
 
+def test_a_file_planned_again_counts_once_at_its_latest_size():
+    # --follow plans a file still being written at every poll; a later round fetches a changed one again.
+    stream = io.StringIO()
+    progress = PlainProgress(stream, interval=0)
+    progress.file_planned("tensor01", "a.pkl", 1024 * 1024)
+    progress.file_planned("tensor01", "b.pkl", 1024 * 1024)
+    progress.file_planned("tensor01", "a.pkl", 3 * 1024 * 1024)
+    assert progress.total == 4 * 1024 * 1024
+
+
 def test_the_rate_is_about_what_this_run_fetched():
     stream = FakeTerminal()
     progress = TqdmProgress(stream)

@@ -138,7 +138,8 @@ class SyncReport:
         for c in self.clusters.values():
             rate = format_rate(c.transferred / c.seconds) if c.seconds > 0 and c.transferred else "-"
             verified = "+".join(sorted(v for v in c.verified_by if v)) or "-"
-            how = f"{c.method or '-'}/{verified}" if c.ok else "FAILED"
+            how = f"{c.method or '-'}/{verified}" if not c.failures else "FAILED"
+            how += f" ({len(c.still_writing)} writing)" if c.still_writing and not c.failures else ""
             lines.append(f"{c.name:<{width}} {c.files:>5} {format_bytes(c.total_bytes):>9} "
                          f"{format_bytes(c.transferred):>9} {c.seconds:>5.1f}s {rate:>10} "
                          f"{c.resumed:>7} {c.skipped:>7} {how}")
@@ -314,7 +315,7 @@ async def _sync_round(run: _ClusterRun, fetch: bool) -> tuple[dict[str, RemoteFi
                         continue
                     run.planned += 1
                     run.kept[entry.name] = local.kept
-                    progress.add_total(entry.size)
+                    progress.file_planned(cluster.name, entry.name, entry.size)
                     # Hashed on the server while the files travel, in a few large batches.
                     remote.prefetch_sha256(entry.name, entry.size)
                     tasks.start_soon(_sync_file, run, entry, listed_at)
