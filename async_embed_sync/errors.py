@@ -444,12 +444,17 @@ class StillBeingWrittenError(RemoteError):
     def __init__(self, cluster: str, name: str, why: str, kept: str = ""):
         self.name = name
         self.why = why
-        kept_here = f"{kept} of it is kept as a partial" if kept else "what was copied is kept as a partial"
+        self.kept_here = f"{kept} of it is kept as a partial" if kept else "what was copied is kept as a partial"
         super().__init__(
             cluster,
-            f"{name} is still being written ({why}): {kept_here}, and nothing was put in its place. "
+            f"{name} is still being written ({why}): {self.kept_here}, and nothing was put in its place. "
             f"Run again once its job has finished writing it, or add --follow to wait for it.",
         )
+
+    def while_following(self) -> str:
+        """The same, as ``--follow`` says it: it is waiting for the file already."""
+        return (f"Cluster {self.cluster!r}: {self.name} is still being written ({self.why}): {self.kept_here}; "
+                f"it is fetched once it settles.")
 
 
 class VerificationError(AsyncEmbedSyncError):

@@ -209,6 +209,7 @@ class _ClusterRun:
     kept: dict[str, int] = field(default_factory=dict)
     # Files this run does not fetch again: still being written, or given up.
     not_again: set[str] = field(default_factory=set)
+    following: bool = False  # --follow: files still being written are waited for
     rounds: int = 0  # listings taken
     planned: int = 0  # files started, over every round
 
@@ -226,15 +227,15 @@ class _ClusterRun:
 
 async def _sync_cluster(cluster: ClusterConfig, layout: DownloadLayout, slots: FairSlots,
                         progress: Progress, options: SyncOptions, report: ClusterReport, link: ClusterLink,
-                        empty_is_fine: bool = False) -> None:
+                        following: bool = False) -> None:
     """List, fetch what is not here, then list again until a listing finds every file here
     as the cluster holds it: a file rewritten on the cluster after its copy (a job re-run
     mid-sync) is fetched again, so that what the merge takes is one version of the set,
     the one the last listing saw. A file that keeps changing is still being written.
-    ``empty_is_fine``: a folder with no checkpoint yet is not an error (``--follow``:
-    the jobs have not written one yet)."""
+    ``following`` (``--follow``): a folder with no checkpoint yet is not an error (the
+    jobs have not written one yet), and a file still being written is waited for."""
     started = time.monotonic()
-    run = _ClusterRun(link, layout, slots, progress, options, report)
+    run = _ClusterRun(link, layout, slots, progress, options, report, following=following)
     link.kept = run.kept_summary
     report.polls += 1
     slots.register(cluster.name)
@@ -258,7 +259,7 @@ async def _sync_cluster(cluster: ClusterConfig, layout: DownloadLayout, slots: F
         layout.save_listing(cluster.name, listing.values())
         report.local_only = layout.local_only(cluster.name, listing)
         report.local_only_notice = gone_from_cluster_notice(layout, cluster.name, report.local_only)
-        if not report.files and report.ok and not empty_is_fine:
+        if not report.files and report.ok and not following:
             raise NoCheckpointsError(cluster.name, cluster.remote_dir, cluster.patterns)
     except AsyncEmbedSyncError as exc:
         _fail(report, progress, exc)
@@ -352,7 +353,7 @@ def _still_writing(run: _ClusterRun, exc: StillBeingWrittenError) -> None:
     run.report.still_writing.append(exc)
     if exc.name not in run.report.said_writing:
         run.report.said_writing.add(exc.name)
-        run.progress.error(str(exc))
+        run.progress.error(exc.while_following() if run.following else str(exc))
     logger.info("cluster %r: %s is still being written (%s): kept as a partial", exc.cluster, exc.name, exc.why)
 
 
