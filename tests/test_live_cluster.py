@@ -141,6 +141,13 @@ def _still_written_lines(err: str) -> dict[str, list[str]]:
     return lines
 
 
+def _named_once(err: str) -> list[str]:
+    """The files said to be still being written, each in one line only, sorted."""
+    lines = _still_written_lines(err)
+    assert all(len(said) == 1 for said in lines.values()), err
+    return sorted(lines)
+
+
 def _closing_line(err: str) -> str:
     return err.strip().splitlines()[-1]
 
@@ -431,7 +438,7 @@ async def test_a_set_rewritten_during_a_run_never_merges_as_a_mix_of_versions(
         err = capsys.readouterr().err
         assert fired, "the rewrite never happened"
         assert "Traceback" not in err, err
-        named = sorted(_still_written_lines(err))
+        named = _named_once(err)
         if settle == "default":
             # Every file has a fresh mtime now: none can be taken yet.
             assert code == 1, err
@@ -483,7 +490,7 @@ def test_a_set_rewritten_in_place_mid_copy_on_the_real_sshd_is_named_then_taken_
         code = run.result(60)
         err = capsys.readouterr().err
         assert code == 1, err
-        assert sorted(_still_written_lines(err)) == names, err
+        assert _named_once(err) == names, err
         _assert_closing_line_names(err, names)
         assert not output.exists() and "Traceback" not in err
 
@@ -630,7 +637,7 @@ async def test_a_file_re_split_into_two_mid_run_never_merges_overlapping_or_miss
         assert fired and not replaced.exists()
         assert "Traceback" not in err, err
         final = _merge_of({CLUSTER: remote}, tmp_path / "final")
-        named = sorted(_still_written_lines(err))
+        named = _named_once(err)
         if settle == "default":  # the new files were written a moment ago
             assert code == 1, err
             assert named == sorted(p.name for p in new_parts), err
