@@ -261,7 +261,8 @@ async def test_a_checkpoint_still_growing_stops_the_run_and_the_next_run_merges_
         assert not (tmp_path / "merged.pkl").exists()
         assert not layout.final_path(CLUSTER, growing.name).exists()
         partial = layout.partial_path(CLUSTER, growing.name).read_bytes()
-        assert len(partial) >= state.verified_offset and partial[:state.verified_offset] == final[:state.verified_offset]
+        kept = state.verified_offset
+        assert len(partial) >= kept and partial[:kept] == final[:kept]
         for other in remote.iterdir():
             if other != growing:
                 assert layout.final_path(CLUSTER, other.name).read_bytes() == other.read_bytes(), other.name
