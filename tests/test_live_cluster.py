@@ -667,3 +667,27 @@ async def test_a_file_re_split_into_two_mid_run_never_merges_overlapping_or_miss
                                                    f"the new files partly fetched here). The merge said:\n{err}")
         else:
             assert code == 1 and not here.exists(), err
+
+
+# ------------------------- --follow, when its --max-wait runs out on a live file
+
+
+@pytest.mark.anyio
+async def test_follow_that_runs_out_of_max_wait_says_it_gave_up_waiting_not_to_add_follow(
+        tmp_path, embedded_server, write_config, capsys):
+    """`run --follow --max-wait 2` while a checkpoint was written a moment ago (within the
+    settle window): it waits, then gives up. Exit 1, nothing merged, and the closing line
+    says it gave up waiting (--max-wait), naming the file; it does not tell a user who
+    gave --follow to add --follow."""
+    paths = generate_run(tmp_path / "srv", rows=400, dim=16, clusters=(CLUSTER,), gpus_per_cluster=2)
+    async with embedded_server(tmp_path / "srv") as server:
+        config = write_config(tmp_path, {CLUSTER: server.cluster_entry(f"/{CLUSTER}")})
+        _written_ago(paths[1], 0)  # its job wrote it just now
+        code = await _main(_run_argv(config, tmp_path, "--follow", "--poll", "1", "--max-wait", "2"))
+        err = capsys.readouterr().err
+    assert code == 1, err
+    assert not (tmp_path / "merged.pkl").exists()
+    closing = _closing_line(err)
+    assert closing.startswith("error: Gave up waiting after ") and "(--max-wait)" in closing, closing
+    assert paths[1].name in closing, closing
+    assert "add --follow" not in closing, closing
