@@ -352,9 +352,9 @@ def _sync_phase(args: argparse.Namespace, progress: Progress, config: Config | N
     report = sync(clusters, args.download_dir, progress, options, watch)
     if not args.quiet:
         print(report.summary(), file=sys.stderr)
-    report.raise_for_failures()
     if watch is not None:
-        watch.raise_if_gave_up()
+        watch.raise_if_gave_up()  # it names what is missing, the files still being written too
+    report.raise_for_failures()
 
 
 def _merge_phase(args: argparse.Namespace, progress: Progress, clusters: list[str] | None = None,

@@ -281,10 +281,12 @@ class DownloadLayout:
         except (KeyError, TypeError, ValueError):
             return None
         state = self.load_state(cluster, name)
+        if state is not None and not state.complete:
+            return "a newer version is partly fetched: still being written there, or the sync stopped"
+        if not Path(path).exists():
+            return "not here: still being written there, or the sync stopped before it"
         if state is None:
             return "no sync recorded verifying it"
-        if not state.complete:
-            return "a newer version is partly fetched: still being written there, or the sync stopped"
         if not state.matches(size, mtime):
             return "the cluster's last listing saw another version"
         return None

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CheckpointError, MergeValidationError, RowsMissingError
-from ..gone import VerifiedCopy, checkpoint_parts, verified_copy
+from ..gone import VerifiedCopy, verified_copy
 from ..layout import DownloadLayout
 from .checkpoints import CheckpointInfo, find_checkpoints, open_checkpoint
 
@@ -54,16 +54,18 @@ def select_checkpoints(download_dir: Path, clusters: Collection[str] | None = No
         where = f"{download_dir}/{{{','.join(sorted(clusters))}}}/" if clusters is not None else f"{download_dir}/*/"
         also = f" ({len(left_out)} more are no longer on their cluster)" if left_out else ""
         raise MergeValidationError(f"no checkpoints (*.pkl, *.npy) under {where}{also}.")
-    _refuse_other_versions(layout, selected)
+    _refuse_other_versions(layout, {layout.cluster_of(path) for path in [*selected, *left_out]})
     return sorted(selected, key=_natural_order), sorted(left_out, key=_natural_order)
 
 
-def _refuse_other_versions(layout: DownloadLayout, selected: Sequence[Path]) -> None:
-    """Raise unless every part of every checkpoint to merge is the version its cluster's last
-    listing saw, verified: a result is one version of the run, never a mix of an older file
-    here with newer ones (a sync stopped between its listings, a file still being written)."""
-    stale = [f"{layout.cluster_of(part)}/{part.name} ({why})" for path in selected for part in checkpoint_parts(path)
-             if (why := layout.changed_since_listing(part)) is not None]
+def _refuse_other_versions(layout: DownloadLayout, clusters: Collection[str]) -> None:
+    """Raise unless every file the last listing of each of ``clusters`` saw is here, complete,
+    as that listing saw it: a result is one version of the run, never a mix of older files here
+    with newer ones (a sync stopped between its listings; files still being written, whose rows
+    an older copy here would stand in for, as after a re-split)."""
+    stale = [f"{cluster}/{name} ({why})" for cluster in sorted(clusters)
+             for name in sorted(layout.listed_files(cluster) or ())
+             if (why := layout.changed_since_listing(layout.final_path(cluster, name))) is not None]
     if stale:
         shown = "; ".join(stale[:5]) + (f"; and {len(stale) - 5} more" if len(stale) > 5 else "")
         raise MergeValidationError(
