@@ -44,19 +44,20 @@ PathLike = str | os.PathLike[str]
 
 def sync(config: PathLike | Config | None = None, *, clusters: Sequence[str] | None = None,
          download_dir: PathLike = DEFAULT_DOWNLOAD_DIR, max_parallel: int = SyncOptions.max_parallel,
-         timeout: float = SyncOptions.timeout, retries: int = SyncOptions.retries,
+         timeout: float = SyncOptions.timeout, retries: int = SyncOptions.retries, settle: float | None = None,
          progress: Progress | None = None, prompter: Prompter | None = None) -> SyncReport:
     """Download every checkpoint of the configured clusters (or of ``clusters``).
 
     ``config``: a ``credentials.json`` path, a loaded :class:`~.config.Config`,
-    or None for the CLI's search. Returns the report; a cluster that did not
+    or None for the CLI's search. ``settle``: as ``--settle`` (None: the config's
+    ``settle_seconds``, else 60). Returns the report; a cluster that did not
     sync completely is in it (``report.ok``, ``report.raise_for_failures()``),
     not raised, so that the others' results are there to see.
     """
     from .transfer.sync import sync as sync_download_dir  # the SSH stack loads with the first sync
 
     run = functools.partial(sync_download_dir, *_prepare(config, clusters, max_parallel, timeout, retries,
-                                                         progress, prompter, download_dir))
+                                                         settle, progress, prompter, download_dir))
     try:
         asyncio.get_running_loop()
     except RuntimeError:
@@ -69,22 +70,25 @@ def sync(config: PathLike | Config | None = None, *, clusters: Sequence[str] | N
 async def sync_async(config: PathLike | Config | None = None, *, clusters: Sequence[str] | None = None,
                      download_dir: PathLike = DEFAULT_DOWNLOAD_DIR, max_parallel: int = SyncOptions.max_parallel,
                      timeout: float = SyncOptions.timeout, retries: int = SyncOptions.retries,
-                     progress: Progress | None = None, prompter: Prompter | None = None) -> SyncReport:
+                     settle: float | None = None, progress: Progress | None = None,
+                     prompter: Prompter | None = None) -> SyncReport:
     """:func:`sync`, awaited in the caller's event loop."""
     from .transfer.sync import sync_clusters
 
     selected, directory, chosen_progress, options = _prepare(
-        config, clusters, max_parallel, timeout, retries, progress, prompter, download_dir)
+        config, clusters, max_parallel, timeout, retries, settle, progress, prompter, download_dir)
     with DownloadDirLock(directory):
         return await sync_clusters(selected, directory, chosen_progress, options)
 
 
 def _prepare(config: PathLike | Config | None, clusters: Sequence[str] | None, max_parallel: int, timeout: float,
-             retries: int, progress: Progress | None, prompter: Prompter | None, download_dir: PathLike
+             retries: int, settle: float | None, progress: Progress | None, prompter: Prompter | None,
+             download_dir: PathLike
              ) -> tuple[list[ClusterConfig], str, Progress, SyncOptions]:
     if not isinstance(config, Config):
         config = load_config(config)
     options = SyncOptions(max_parallel=max_parallel, timeout=timeout, retries=retries,
+                          settle=SyncOptions.settle_for(config, settle),
                           prompter=prompter if prompter is not None else TerminalPrompter())
     return (config.select(list(clusters) if clusters else None), str(download_dir),
             progress if progress is not None else _default_progress(), options)

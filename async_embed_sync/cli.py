@@ -339,9 +339,8 @@ def _sync_phase(args: argparse.Namespace, progress: Progress, config: Config | N
         clusters = config.select(args.clusters)
     from .transfer.sync import sync  # the SSH stack: only for the commands that connect
 
-    settle = next(value for value in (args.settle, config.settle_seconds, SyncOptions.settle) if value is not None)
     options = SyncOptions(max_parallel=args.max_parallel, timeout=args.timeout, retries=args.retries,
-                          settle=settle, prompter=TerminalPrompter())
+                          settle=SyncOptions.settle_for(config, args.settle), prompter=TerminalPrompter())
     watch = None
     if args.follow:
         from .follow import Follow

@@ -51,6 +51,8 @@ class Follow:
     gave_up: FollowGaveUpError | None = field(default=None, init=False)
     _seen: dict[str, object] = field(default_factory=dict, init=False)
     _said: list[str] = field(default_factory=list, init=False)
+    # Per cluster, this machine's time when its last change was seen (a file new, grown, rewritten).
+    changed_at: dict[str, str] = field(default_factory=dict, init=False)
     _infos: dict[tuple[Path, tuple[int, ...]], CheckpointInfo] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
@@ -61,6 +63,9 @@ class Follow:
         if any(not failure.rerun_fixes for c in report.clusters.values() for failure in c.failures):
             return True  # said by the sync's report: a new poll would meet it again
         seen = self._fingerprint(report)
+        for cluster, what in seen.items():
+            if what != self._seen.get(cluster):
+                self.changed_at[cluster] = time.strftime("%H:%M:%S")
         if seen != self._seen:
             self._seen, self.last_change = seen, now
         cover = coverage(Path(self.download_dir), self.clusters, self.expect_rows, self._info)
@@ -115,7 +120,8 @@ class Follow:
             writing = len(c.still_writing)
             rows = "" if cover.problem else f", {cover.rows_by_cluster.get(name, 0):,} rows"
             state = f"; {c.failures[0].cause}, tried again at the next poll" if c.failures else ""
-            lines.append(f"{name}: {c.files - writing} file(s) here, {writing} still being written{rows}{state}")
+            lines.append(f"{name}: {c.files - writing} file(s) here, {writing} still being written{rows}, "
+                         f"last change seen at {self.changed_at.get(name, '-')}{state}")
         if cover.total is None and self.expect_articles is None and cover.problem is None and not cover.missing:
             until = f"; complete once nothing changes for {format_duration(self.quiet_period)} (--quiet-period)"
         else:

@@ -154,7 +154,7 @@ async def test_follow_waits_for_staged_growing_and_resplit_files_then_merges_the
     # Said while it waited: per cluster, and the set.
     assert "tensor02: 0 file(s) here, 0 still being written, 0 rows" in err
     assert f"{stages.gpu0.name} is still being written (" in err
-    assert "tensor02: 0 file(s) here, 1 still being written, 0 rows" in err
+    assert "tensor02: 0 file(s) here, 1 still being written, 0 rows, last change seen at " in err
     if complete_when == "total_rows":
         assert "waiting: 200 of 400 rows here, rows 200..399 missing. Looking again every 0 s (--poll)" in err
     else:

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..config import ClusterConfig
+from ..config import ClusterConfig, Config
 from .prompts import Prompter
 from .settle import DEFAULT_SETTLE_SECONDS
 
@@ -72,6 +72,11 @@ class SyncOptions:
     prompter: Prompter | None = None
     # How a cluster's remote is made: over SSH, or (in tests) any other ``remote.Remote``.
     connect: Callable[[ClusterConfig, SyncOptions], Awaitable[Remote]] = connect_over_ssh
+
+    @staticmethod
+    def settle_for(config: Config, given: float | None) -> float:
+        """The settle window: ``given`` (``--settle``, ``settle=``), else the config's ``settle_seconds``, else 60."""
+        return next(value for value in (given, config.settle_seconds, DEFAULT_SETTLE_SECONDS) if value is not None)
 
     def delay(self, attempt: int) -> float:
         return min(self.backoff * 2 ** attempt, self.max_backoff)

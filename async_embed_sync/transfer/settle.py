@@ -15,6 +15,13 @@ after the last job ended takes everything. The server's mtimes are compared
 with this machine's clock, as ``make`` and ``rsync --update`` do: clusters and
 laptops keep theirs by NTP, and a server clock that runs ahead only makes
 files look newer, so they wait longer, never less.
+
+Why the server's sha256 vouches for the version listed: it is computed
+between the listing and the stat that closes the copy, and a file is put in
+place only when that stat equals the listing's. A write in between would
+have moved the mtime, except within the same second at the same size: a
+file that close to its listing is recorded ``recheck``, and fetched again by
+the next sync rather than trusted on its size and mtime.
 """
 
 from __future__ import annotations
