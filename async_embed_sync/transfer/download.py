@@ -227,7 +227,8 @@ class PartialFile:
         self.name = remote_file.name
         self.path = layout.partial_path(cluster, self.name)
         self._journal = journal  # as loaded when the attempt began
-        self.recorded = self._recorded_at_start = journal.verified_offset if journal else 0
+        # A complete journal vouches for the file in place, not for a partial: nothing of this one yet.
+        self.recorded = self._recorded_at_start = journal.verified_offset if journal and not journal.complete else 0
         self.state = FileState(remote_file.size, remote_file.mtime)
         self.hasher = hashlib.sha256()
         self.position = self.resumed_from = 0
