@@ -86,7 +86,7 @@ class Follow:
             raise self.gave_up
 
     def _complete(self, cover: Coverage, now: float) -> bool:
-        if cover.problem is not None or cover.missing or not cover.rows:
+        if cover.problem is not None or cover.missing or not cover.rows or cover.pending:
             return False
         if cover.total is not None:
             return cover.rows == cover.total
@@ -137,4 +137,5 @@ def _rows_said(cover: Coverage) -> str:
     of = f" of {cover.total:,}" if cover.total is not None else ""
     gaps = ", ".join(f"{start:,}..{end - 1:,}" for start, end in cover.missing[:3])
     more = f" and {len(cover.missing) - 3} more ranges" if len(cover.missing) > 3 else ""
-    return f"{cover.rows:,}{of} rows here" + (f", rows {gaps}{more} missing" if gaps else "")
+    pending = f", {cover.pending} file(s) still to arrive as the clusters list them" if cover.pending else ""
+    return f"{cover.rows:,}{of} rows here" + (f", rows {gaps}{more} missing" if gaps else "") + pending

@@ -25,7 +25,8 @@ def _natural_order(path: Path) -> list[int | str]:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))]
 
 
-def select_checkpoints(download_dir: Path, clusters: Collection[str] | None = None) -> tuple[list[Path], list[Path]]:
+def select_checkpoints(download_dir: Path, clusters: Collection[str] | None = None, *,
+                       check_versions: bool = True) -> tuple[list[Path], list[Path]]:
     """The checkpoints to merge under ``download_dir``, in natural order of their names, and those left out.
 
     Only the folders of ``clusters`` (all, when None). Where the sync
@@ -54,18 +55,23 @@ def select_checkpoints(download_dir: Path, clusters: Collection[str] | None = No
         where = f"{download_dir}/{{{','.join(sorted(clusters))}}}/" if clusters is not None else f"{download_dir}/*/"
         also = f" ({len(left_out)} more are no longer on their cluster)" if left_out else ""
         raise MergeValidationError(f"no checkpoints (*.pkl, *.npy) under {where}{also}.")
-    _refuse_other_versions(layout, {layout.cluster_of(path) for path in [*selected, *left_out]})
+    if check_versions:
+        _refuse_other_versions(not_as_listed(layout, {layout.cluster_of(path) for path in [*selected, *left_out]}))
     return sorted(selected, key=_natural_order), sorted(left_out, key=_natural_order)
 
 
-def _refuse_other_versions(layout: DownloadLayout, clusters: Collection[str]) -> None:
-    """Raise unless every file the last listing of each of ``clusters`` saw is here, complete,
-    as that listing saw it: a result is one version of the run, never a mix of older files here
-    with newer ones (a sync stopped between its listings; files still being written, whose rows
-    an older copy here would stand in for, as after a re-split)."""
-    stale = [f"{cluster}/{name} ({why})" for cluster in sorted(clusters)
-             for name in sorted(layout.listed_files(cluster) or ())
-             if (why := layout.changed_since_listing(layout.final_path(cluster, name))) is not None]
+def not_as_listed(layout: DownloadLayout, clusters: Collection[str]) -> list[str]:
+    """The files that the last listing of each of ``clusters`` saw, and that are not here,
+    complete, as it saw them: "cluster/name (why)"."""
+    return [f"{cluster}/{name} ({why})" for cluster in sorted(clusters)
+            for name in sorted(layout.listed_files(cluster) or ())
+            if (why := layout.changed_since_listing(layout.final_path(cluster, name))) is not None]
+
+
+def _refuse_other_versions(stale: Sequence[str]) -> None:
+    """Raise unless ``stale`` (``not_as_listed``) is empty: a result is one version of the run,
+    never a mix of older files here with newer ones (a sync stopped between its listings; files
+    still being written, whose rows an older copy here would stand in for, as after a re-split)."""
     if stale:
         shown = "; ".join(stale[:5]) + (f"; and {len(stale) - 5} more" if len(stale) > 5 else "")
         raise MergeValidationError(
@@ -92,8 +98,11 @@ class Coverage:
     total: int | None
     missing: list[tuple[int, int]]  # gaps, and what is missing up to ``total``
     # Why the files here cannot be merged as they are: none yet, an overlap (a re-split
-    # half-way), a file that is not the version listed. None when they can.
+    # half-way). None when they can.
     problem: str | None = None
+    # Files the clusters' last listings saw that are not here as listed (still being
+    # written, or fetched again): the merge refuses the set until they are.
+    pending: int = 0
 
 
 def coverage(download_dir: Path, clusters: Collection[str] | None, expect_rows: int | None,
@@ -103,7 +112,9 @@ def coverage(download_dir: Path, clusters: Collection[str] | None, expect_rows: 
     ``info``: how a checkpoint's range is read (``--follow`` keeps them per
     file version: a legacy pickle is read whole to know it)."""
     try:
-        paths, gone = select_checkpoints(Path(download_dir), clusters)
+        paths, gone = select_checkpoints(Path(download_dir), clusters, check_versions=False)
+        layout = DownloadLayout(download_dir)
+        pending = len(not_as_listed(layout, {layout.cluster_of(path) for path in [*paths, *gone]}))
         current = [info(path) for path in paths]
         kept, overlapped = keep_verified_copies(verified_copies(Path(download_dir), gone), current)
         infos = sorted(current + [info(copy.path) for copy in kept], key=lambda i: i.start_index)
@@ -117,7 +128,7 @@ def coverage(download_dir: Path, clusters: Collection[str] | None, expect_rows: 
     for checkpoint in infos:
         by_cluster[checkpoint.cluster] = by_cluster.get(checkpoint.cluster, 0) + checkpoint.rows
     return Coverage(sum(i.rows for i in infos), sum(i.article_rows for i in infos), by_cluster,
-                    declared[0] if declared else None, missing)
+                    declared[0] if declared else None, missing, pending=pending)
 
 
 def keep_verified_copies(copies: Sequence[VerifiedCopy], current: Sequence[CheckpointInfo]
