@@ -167,3 +167,29 @@ async def test_follow_waits_for_staged_growing_and_resplit_files_then_merges_the
     expected = load(reference)
     np.testing.assert_array_equal(merged["embeddings"], expected["embeddings"])
     assert merged["articles"] == expected["articles"]
+
+
+def test_follow_ends_at_once_on_a_failure_no_poll_can_mend(tmp_path, openssh, write_config, capsys):
+    remote = tmp_path / "remote"
+    generate_run(remote, rows=ROWS, dim=8, gpus_per_cluster=2)
+    config = write_config(tmp_path, {"tensor01": openssh.cluster_entry(str(remote / "tensor01")),
+                                     "tensor02": openssh.cluster_entry(str(remote / "no-such-folder"))})
+    started = time.monotonic()
+    code = main(["sync", "--config", str(config), "--download-dir", str(tmp_path / "dl"), "--follow",
+                 "--poll", "0.2", "--max-wait", "30"])
+    err = capsys.readouterr().err
+    assert code == 1 and time.monotonic() - started < 15, err
+    assert "tensor02: remote_dir cannot be listed (fix this first: a rerun alone will not)" in err
+    assert "waiting:" not in err  # not polled again: a missing folder does not appear by waiting
+
+
+def test_sync_follow_ends_once_the_set_is_complete_and_merges_nothing(tmp_path, openssh, write_config, capsys):
+    remote = tmp_path / "remote"
+    generate_run(remote, rows=ROWS, dim=8, gpus_per_cluster=2, declare_total=True)
+    config = write_config(tmp_path, {name: openssh.cluster_entry(str(remote / name))
+                                     for name in ("tensor01", "tensor02")})
+    assert main(["sync", "--config", str(config), "--download-dir", str(tmp_path / "dl"), "--follow",
+                 "--poll", "0.2", "--max-wait", "30"]) == 0
+    err = capsys.readouterr().err
+    assert "waiting:" not in err and "Merged" not in err  # complete at the first look: total_rows in the checkpoints
+    assert len(list((tmp_path / "dl").glob("*/*.pkl"))) == 4
