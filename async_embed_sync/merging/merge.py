@@ -64,6 +64,9 @@ class MergeReport:
     kept: tuple[VerifiedCopy, ...] = ()
     # A bundle's: how many shards, of how many rows at most, and its metadata files' suffix.
     shards: tuple[int, int, str] | None = None
+    # Neither the configuration (``expect_rows``, ``expect_articles``) nor any checkpoint
+    # (``total_rows``) said how large the run is: a missing last piece could not be noticed.
+    completeness_unchecked: bool = False
 
     def summary(self) -> str:
         """A few lines that fit an 80-column terminal (the output's path on a line of its own)."""
@@ -103,6 +106,12 @@ class MergeReport:
             names = ", ".join(f"{DownloadLayout.cluster_of(path)}/{path.name}" for path in self.left_out)
             lines.append(f"  left out {len(self.left_out)} checkpoint(s) that their cluster no longer held at "
                          f"the last sync: {names}")
+        if self.completeness_unchecked:
+            lines += [
+                "  UNCHECKED: nothing gave the run's total rows, so rows missing after the last",
+                "  checkpoint would go unnoticed: set \"total_rows\": N in credentials.json, or",
+                "  have the embedding job write total_rows in its checkpoints",
+            ]
         return lines
 
 
@@ -203,6 +212,8 @@ def merge_checkpoints(
         missing_ranges=tuple(missing_ranges),
         left_out=tuple(left_out),
         kept=tuple(kept),
+        completeness_unchecked=(expect_rows is None and expect_articles is None
+                                and all(info.total_rows is None for info in infos)),
     )
 
 

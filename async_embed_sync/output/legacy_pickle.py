@@ -236,3 +236,138 @@ class LegacyPickleWriter(OutputWriter):
         self._stream.close()
         self._file.close()
 
+
+
+# How much of a pickle :func:`is_merged_result` reads, payloads skipped, before it gives up.
+_RECOGNISE_BYTES = 1 << 16
+_RECOGNISE_OPCODES = 4096
+# A string opcode's argument read to see whether it is a key; longer ones are skipped.
+_KEY_BYTES = 64
+_MARK = object()
+
+
+def _first_keys(stream: Any, wanted: Sequence[str]) -> list[str]:
+    """The first keys of the dict a pickle stream holds at its top, as far as they are ``wanted``
+    and can be told cheaply: fewer (or none) if the top object is no dict, its first key is
+    not ``wanted[0]``, or the next ones are too far in. A key after the first is told by its
+    name: a string pushed where the dict's next key may go (a value's own parts on the stack
+    may look the same, but none of a result's is such a name), after a first value that asks
+    for numpy first (the result's embeddings are an array).
+
+    Walks the opcodes with :mod:`pickletools`' own table, keeping only a token per stack entry:
+    payloads (an array's bytes, long strings) are skipped with a seek, never read, so a 2 GB
+    result costs a few reads. Both this tool's writer (its rows before the dict, see
+    :class:`LegacyPickleWriter`) and ``pickle.dump`` of a dict (any protocol) open the dict
+    with its first keys.
+    """
+    import pickletools
+
+    stack: list[Any] = []
+    top_dict = object()
+    keys: list[str] = []
+    first_global: str | None = None
+    read = 0
+    for _ in range(_RECOGNISE_OPCODES):
+        code = stream.read(1)
+        read += 1
+        if not code or read > _RECOGNISE_BYTES:
+            return keys
+        op = pickletools.code2op.get(code.decode("latin-1"))
+        if op is None:
+            return keys
+        value: Any = None
+        if op.arg is not None:
+            n = op.arg.n
+            if n == pickletools.UP_TO_NEWLINE:
+                # One line, or two (GLOBAL's module and name), each bounded.
+                lines = [stream.readline(_KEY_BYTES * 8) for _ in range(op.arg.name.count("pair") + 1)]
+                read += sum(map(len, lines))
+                if not all(line.endswith(b"\n") for line in lines):
+                    return keys
+                try:
+                    value = op.arg.reader(io.BytesIO(b"".join(lines)))
+                except ValueError:
+                    return keys
+            elif n in (pickletools.TAKEN_FROM_ARGUMENT1, pickletools.TAKEN_FROM_ARGUMENT4,
+                       pickletools.TAKEN_FROM_ARGUMENT4U, pickletools.TAKEN_FROM_ARGUMENT8U):
+                width = {pickletools.TAKEN_FROM_ARGUMENT1: 1, pickletools.TAKEN_FROM_ARGUMENT8U: 8}.get(n, 4)
+                size_bytes = stream.read(width)
+                read += width
+                if len(size_bytes) != width:
+                    return keys
+                length = int.from_bytes(size_bytes, "little", signed=n == pickletools.TAKEN_FROM_ARGUMENT4)
+                if length < 0:
+                    return keys
+                if length <= _KEY_BYTES:
+                    data = stream.read(length)
+                    read += length
+                    if "UNICODE" in op.name:
+                        value = data.decode("utf-8", "surrogatepass")
+                else:
+                    stream.seek(length, os.SEEK_CUR)  # a payload: not read
+            else:
+                data = stream.read(n)
+                read += n
+                if len(data) != n:
+                    return keys
+                try:
+                    value = op.arg.reader(io.BytesIO(data))
+                except ValueError:
+                    return keys
+        if op.name == "FRAME" or op.name == "PROTO":
+            continue
+        if op.name == "STOP":
+            return keys
+        if op.name in ("MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT"):
+            continue  # the stack is as it was
+        if keys and first_global is None and op.name in ("GLOBAL", "INST", "STACK_GLOBAL"):
+            # The result's embeddings are an array: the first name its value asks for is numpy's.
+            module = value if op.name != "STACK_GLOBAL" else stack[-2] if len(stack) > 1 else None
+            first_global = module.split(" ")[0] if isinstance(module, str) else ""
+        # Pop what the opcode takes.
+        before = op.stack_before
+        if pickletools.markobject in before:
+            while stack and stack[-1] is not _MARK:
+                stack.pop()
+            if not stack:
+                return keys
+            stack.pop()
+            below = before.index(pickletools.markobject)
+        else:
+            below = len(before)
+        if op.name == "DUP":
+            below = 0
+        if below > len(stack):
+            return keys
+        del stack[len(stack) - below:]
+        for pushed in op.stack_after:
+            if pushed is pickletools.markobject:
+                stack.append(_MARK)
+                continue
+            if op.name in ("EMPTY_DICT", "DICT") and not stack:
+                stack.append(top_dict)
+                continue
+            if stack and stack[0] is top_dict:
+                rest = stack[1:]
+                if not rest or (rest[0] is _MARK and len(rest) % 2 == 1):
+                    # Where the dict's next key goes, once its last value is complete: the
+                    # first key is the first push; a later one is told by its name.
+                    is_string = isinstance(value, str) and ("UNICODE" in op.name or "STRING" in op.name)
+                    if not keys and not is_string:
+                        return keys
+                    numpy_value = first_global is not None and first_global.partition(".")[0] == "numpy"
+                    if is_string and (not keys or (value == wanted[len(keys)] and numpy_value)):
+                        keys.append(value)
+                        if len(keys) >= len(wanted) or keys[0] != wanted[0]:
+                            return keys
+            stack.append(value if isinstance(value, str) else None)
+    return keys
+
+
+def is_merged_result(path: Path) -> bool:
+    """Whether the file at ``path`` is a merged result in the legacy form, told from its first bytes:
+    a pickled dict whose first keys are the result's first two, ``embeddings`` then ``articles``,
+    as this tool's writer and the legacy script's ``pickle.dump`` both write them. Raises ``OSError``
+    if it cannot be read."""
+    with open(path, "rb") as stream:
+        return _first_keys(stream, LEGACY_KEYS[:2]) == list(LEGACY_KEYS[:2])

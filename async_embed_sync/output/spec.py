@@ -29,13 +29,21 @@ from .forms import (
     PICKLE_SUFFIXES,
     ArticlesFormat,
 )
-from .legacy_pickle import ROWS_OFFSET, LegacyPickleWriter, PickledArticles
+from .legacy_pickle import ROWS_OFFSET, LegacyPickleWriter, PickledArticles, is_merged_result
 from .metadata_shards import DEFAULT_GROUP_ROWS
 from .scratch import Scratch, StagedCheckpoint
 from .shards import MAX_SHARDS, ShardPlan, default_shard_rows
 from .writer import OutputWriter
 
 OUTPUT_DTYPES = ("float32", "float16")
+
+
+def _replaceable_pickle(path: Path) -> bool:
+    """A file at a pickle output's path is replaced only if it is a merged result (a symlink never is:
+    the merge would replace the link, not what it points to)."""
+    if path.is_symlink() or not path.is_file():
+        return False
+    return is_merged_result(path)
 
 Form = Literal["pickle", "bundle"]
 
@@ -97,6 +105,12 @@ class OutputSpec:
             if self.is_pickle:
                 if output.is_dir():
                     raise OutputError(str(output), "is a directory; a .pkl or .pickle output must be a file.")
+                if (output.exists() or output.is_symlink()) and not _replaceable_pickle(output):
+                    raise OutputError(
+                        str(output),
+                        "exists and is not a merged result (a pickle of the result's dict, as this tool "
+                        "or the legacy script writes it, starting with 'embeddings' then 'articles'); "
+                        "refusing to replace it. Delete it first, or choose another --output.")
             elif output.exists() or output.is_symlink():
                 if not output.is_dir():
                     raise OutputError(str(output), "exists and is not a directory; refusing to replace it.")
