@@ -10,8 +10,10 @@ Two layouts are read:
                                  "known_hosts": ...}},
        "total_rows": 250010}
 
-  ``total_rows`` (optional): the rows of the whole run, articles and
-  others; a run whose checkpoints stop short of it does not merge.
+  ``total_rows`` (optional; ``null`` is "not set", as ``init`` writes it):
+  the rows of the whole run, articles and others; a run whose checkpoints
+  stop short of it does not merge. A field whose name starts with ``_``
+  is a comment, ignored (at the top level and in a cluster's entry).
   ``settle_seconds`` (optional, default 60): a file last written less than
   this long before the sync lists it may still be being written, and is
   not put in place yet (``transfer/settle.py``); ``--settle`` overrides it.
@@ -47,6 +49,8 @@ CONFIG_ENV = "ASYNC_EMBED_SYNC_CONFIG"
 # A minimal working entry, for the message that says none was found.
 MINIMAL_ENTRY = ('{"clusters": {"tensor01": {"host": "tensor01.example.org", '
                  '"remote_dir": "/scratch/you/embeddings/checkpoints"}}}')
+# How the message that says none was found names ``init``; the command line puts the name typed instead.
+INIT_COMMAND = "python -m async_embed_sync init"
 DEFAULT_PATTERNS = ("*.pkl", "*.npy", "*.json", "*.jsonl")
 DEFAULT_KNOWN_HOSTS = "~/.ssh/known_hosts"
 # Where the opt-in ``accept-new`` policy records keys it saw first: the
@@ -166,7 +170,7 @@ def _find_config(config_file: str | os.PathLike | None, credentials_dir: str | o
     raise NoConfigError(
         f"No --config given, ${CONFIG_ENV} is not set, and there is no {DEFAULT_CONFIG_FILE} "
         f"or {DEFAULT_CREDENTIALS_DIR}/ in {Path.cwd()}, nor {user_config_file()}. "
-        f"Run `python -m async_embed_sync init` to write one to fill in "
+        f"Run `{INIT_COMMAND}` to write one to fill in "
         f"(mode 600), or pass --config FILE. A minimal working one: {MINIMAL_ENTRY}",
     )
 
@@ -193,11 +197,11 @@ def _load_json_file(path: Path) -> Config:
     clusters_doc = document.get("clusters") if isinstance(document, dict) else None
     if not isinstance(clusters_doc, dict) or not clusters_doc:
         raise ConfigError(str(path), 'expected an object {"clusters": {"<name>": {...}, ...}} with at least one cluster.')
-    unknown = sorted(set(document) - {"clusters", "total_rows", "settle_seconds"})
+    unknown = sorted(set(document) - {"clusters", "total_rows", "settle_seconds"} - set(_comments(document)))
     if unknown:
         raise ConfigError(str(path), f"unknown top-level field(s) {', '.join(map(repr, unknown))}; "
                                      f"the file holds \"clusters\" and, optionally, \"total_rows\" "
-                                     f"and \"settle_seconds\".")
+                                     f"and \"settle_seconds\" (and comments: fields whose name starts with _).")
     settle = document.get("settle_seconds")
     if settle is not None and (not isinstance(settle, (int, float)) or isinstance(settle, bool)
                                or not 0 <= settle < float("inf")):
@@ -248,7 +252,7 @@ def _parse_cluster(name: str, entry, source: str) -> ClusterConfig:
     where = f"cluster {name!r}"
     if not isinstance(entry, dict):
         raise ConfigError(source, f"{where} must be a JSON object of settings.")
-    unknown = set(entry) - _KNOWN_FIELDS
+    unknown = set(entry) - _KNOWN_FIELDS - set(_comments(entry))
     if unknown:
         raise ConfigError(source, f"{where} has unknown field(s) {', '.join(sorted(unknown))}; "
                                   f"the known ones are {', '.join(sorted(_KNOWN_FIELDS))}.")
@@ -289,6 +293,11 @@ def _parse_cluster(name: str, entry, source: str) -> ClusterConfig:
         proxy_jump=entry.get("proxy_jump"),
         source=source,
     )
+
+
+def _comments(document: dict) -> list[str]:
+    """JSON has no comments: a field whose name starts with ``_`` (``"_total_rows"``) is one, and ignored."""
+    return [key for key in document if isinstance(key, str) and key.startswith("_")]
 
 
 def _check_key_file(source: str, cluster: str, key_file: str) -> None:
