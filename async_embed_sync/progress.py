@@ -148,11 +148,16 @@ class PlainProgress(Progress):
 
 class TqdmProgress(Progress):
     """A total bar (bytes, rate, ETA) above a bar per file in flight (as many
-    as the terminal has rows for, 8 at most); a rows bar for the merge."""
+    as the terminal has rows for, 8 at most); a rows bar for the merge.
 
-    def __init__(self, stream: TextIO | None = None):
+    ``bar_class``: the tqdm class that draws them (``tqdm.auto.tqdm`` in a
+    notebook); by default ``tqdm.tqdm``, sized to the terminal. A class of
+    one's own sizes its bars itself."""
+
+    def __init__(self, stream: TextIO | None = None, bar_class: type | None = None):
         super().__init__(stream)
-        self._restore_terminal = _keep_output_on_interrupt(self.stream)
+        self._bar_class = bar_class
+        self._restore_terminal = _keep_output_on_interrupt(self.stream) if bar_class is None else _nothing
         self._total_bar: tqdm | None = None
         self._file_bars: dict[tuple[str, str], tqdm] = {}
         self._unshown: dict[tuple[str, str], int] = {}  # files in flight without a bar: their sizes
@@ -163,11 +168,17 @@ class TqdmProgress(Progress):
         self._next_position = 1
 
     def _bar(self, **options) -> tqdm:
+        if self._bar_class is not None:
+            return self._bar_class(file=self.stream, **options)
         from tqdm import (
             tqdm,  # only a terminal needs it; the import costs start-up time
         )
 
         return tqdm(file=self.stream, ncols=self._bar_columns(), **options)
+
+    def _resize(self, bar: tqdm) -> None:
+        if self._bar_class is None:  # the bars live on: they follow a resize
+            bar.ncols = self._bar_columns()
 
     def _terminal_size(self) -> tuple[int, int]:
         try:
@@ -182,15 +193,19 @@ class TqdmProgress(Progress):
         # bar was then drawn again and the closing line glued to the "C".
         return max(20, self._terminal_size()[0] - 2)
 
-    def _bytes_bar(self, **options) -> tqdm:
-        # Counted in MiB, not scaled by tqdm: its unit_scale leaves `initial` unscaled,
-        # and a resumed bar's rate came out negative.
-        return self._bar(unit="MiB", bar_format=_BYTES_BAR_FORMAT, **options)
+    def _bytes_bar(self, unit: str = "MiB", **options) -> tqdm:
+        # Counted in MiB (a file under 1 MiB in KiB, under 1 KiB in bytes: not "0.0/0.0 MiB"),
+        # not scaled by tqdm: its unit_scale leaves `initial` unscaled, and a resumed bar's rate
+        # came out negative.
+        bar = self._bar(unit=unit, bar_format=_BYTES_BAR_FORMAT.format(
+            decimals=0 if unit == "B" else 1, unit=unit), **options)
+        bar.bytes_per_unit = _UNITS[unit]
+        return bar
 
     def add_total(self, nbytes: int) -> None:
         if self._total_bar is None:
             self._total_bar = self._bytes_bar(total=0, desc="total", position=0)
-        self._total_bar.total += nbytes / _MiB
+        self._total_bar.total += nbytes / self._total_bar.bytes_per_unit
         self._total_bar.refresh()
 
     def file_started(self, cluster: str, name: str, size: int, offset: int) -> None:
@@ -222,11 +237,12 @@ class TqdmProgress(Progress):
                 position = self._free_positions.pop(0)
             else:
                 position, self._next_position = self._next_position, self._next_position + 1
+            unit = _unit_for(size)
             self._file_bars[(cluster, name)] = self._bytes_bar(
-                total=size / _MiB, initial=self._positions.at(cluster, name) / _MiB,
+                unit, total=size / _UNITS[unit], initial=self._positions.at(cluster, name) / _UNITS[unit],
                 desc=_short(f"{cluster}/{name}"), position=position, leave=False)
         if self._total_bar is not None:
-            self._total_bar.ncols = self._bar_columns()  # the bars live on: they follow a resize
+            self._resize(self._total_bar)
             desc = f"total (+{len(self._unshown)} in flight)" if self._unshown else "total"
             if self._total_bar.desc != desc:
                 self._total_bar.set_description_str(desc)
@@ -239,7 +255,7 @@ class TqdmProgress(Progress):
         self._positions.advance(cluster, name, nbytes)
         for bar in (self._total_bar, self._file_bars.get((cluster, name))):
             if bar is not None:
-                _update_within_total(bar, nbytes / _MiB)
+                _update_within_total(bar, nbytes / bar.bytes_per_unit)
 
     def file_finished(self, cluster: str, name: str, outcome: str) -> None:
         self._unshown.pop((cluster, name), None)
@@ -253,7 +269,7 @@ class TqdmProgress(Progress):
     def rows_merged(self, done: int, total: int) -> None:
         if self._merge_bar is None:
             self._merge_bar = self._bar(total=total, unit="rows", unit_scale=True, desc="merge")
-        self._merge_bar.ncols = self._bar_columns()
+        self._resize(self._merge_bar)
         self._merge_bar.update(done - self._merge_bar.n)
 
     def step(self, what: str, done: int, total: int) -> None:
@@ -267,6 +283,9 @@ class TqdmProgress(Progress):
             del self._step_bars[what]
 
     def note(self, text: str) -> None:
+        if self._bar_class is not None:
+            self._bar_class.write(text, file=self.stream)
+            return
         from tqdm import tqdm
 
         tqdm.write(text, file=self.stream)
@@ -364,11 +383,21 @@ _ASSUMED_TERMINAL_SIZE = (80, 24)  # columns, rows: a stream without a terminal 
 # A file bar's label, so that an 80-column terminal keeps the counts and the ETA.
 _LABEL_CHARS = 28
 _MiB = 1024 * 1024
+_UNITS = {"B": 1, "KiB": 1024, "MiB": _MiB}
+
+
+def _unit_for(size: int) -> str:
+    """A file bar's unit: one its size reads in with a digit that is not 0 ("12.0/180.5 KiB")."""
+    return "B" if size < 1024 else "KiB" if size < _MiB else "MiB"
+
+
 # Amounts and rates in MiB, as the summary says them ("12.3/135.0 MiB",
 # "2.85MiB/s"): tqdm's own scaling mixes k and M, and turns a slow rate into s/MiB.
 # A step counts things of its own kind (checkpoints written, read): no "it/s".
 _STEP_BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}]"
-_BYTES_BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} MiB [{elapsed}<{remaining}, {rate_noinv_fmt}]"
+# Filled in with the bar's unit (MiB; KiB or B for a small file) and its decimals, then by tqdm.
+_BYTES_BAR_FORMAT = ("{{desc}}: {{percentage:3.0f}}%|{{bar}}| {{n:.{decimals}f}}/{{total:.{decimals}f}} {unit} "
+                     "[{{elapsed}}<{{remaining}}, {{rate_noinv_fmt}}]")
 
 
 def _short(label: str) -> str:
