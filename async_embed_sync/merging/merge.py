@@ -67,6 +67,8 @@ class MergeReport:
     # Neither the configuration (``expect_rows``, ``expect_articles``) nor any checkpoint
     # (``total_rows``) said how large the run is: a missing last piece could not be noticed.
     completeness_unchecked: bool = False
+    # Staging areas beside the output that another machine's merge made: named, never removed here.
+    staging_elsewhere: tuple[Path, ...] = ()
 
     def summary(self) -> str:
         """A few lines that fit an 80-column terminal (the output's path on a line of its own)."""
@@ -106,6 +108,9 @@ class MergeReport:
             names = ", ".join(f"{DownloadLayout.cluster_of(path)}/{path.name}" for path in self.left_out)
             lines.append(f"  left out {len(self.left_out)} checkpoint(s) that their cluster no longer held at "
                          f"the last sync: {names}")
+        for path in self.staging_elsewhere:
+            lines += [f"  another machine's merge left {path}",
+                      "  (not removed: it may still run there); remove it once that merge is gone"]
         if self.completeness_unchecked:
             lines += [
                 "  UNCHECKED: nothing gave the run's total rows, so rows missing after the last",
@@ -212,6 +217,7 @@ def merge_checkpoints(
         missing_ranges=tuple(missing_ranges),
         left_out=tuple(left_out),
         kept=tuple(kept),
+        staging_elsewhere=tuple(staging.foreign),
         completeness_unchecked=(expect_rows is None and expect_articles is None
                                 and all(info.total_rows is None for info in infos)),
     )

@@ -2,24 +2,49 @@
 
 Nothing appears at the output path until :func:`publish` renames the staged
 result into place; the staging area is removed on any exception, Ctrl-C
-included, and one left by a killed merge is removed by the next merge to the
-same output (:func:`remove_stale_staging`).
+included. What a killed merge left beside its output is dealt with by the
+next merge that sees it (:func:`remove_stale_staging`): its staging area is
+removed once its process is gone, whatever output it was for, and a previous
+result it had moved aside is put back where it was, never deleted while
+nothing stands at its path.
+
+A bundle replaces the previous one with one ``renameat2(RENAME_EXCHANGE)``
+where the kernel and file system have it: at every instant one complete
+result is at the output path. Elsewhere the previous result is moved aside
+first (``.NAME.HOST.PID.previous``), and the next merge puts it back if a
+kill came between the two renames.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import errno
+import logging
 import os
+import re
 import secrets
 import shutil
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
 from ..errors import AFTER_MERGE, translating_local_errors
+from .forms import PICKLE_SUFFIXES
 from .spec import OutputSpec
+
+logger = logging.getLogger(__name__)
 
 _STAGING_SUFFIX = ".merging"
 _PREVIOUS_SUFFIX = ".previous"
+
+# A seam for the tests of a publish cut short: called with the step just done
+# ("exchanged": the new bundle is in place, the old one in the staging area;
+# "moved aside": the old one is at its .previous name, nothing at the output).
+on_publish_step: Callable[[str], None] | None = None
+# Whether to try renameat2(RENAME_EXCHANGE): a test turns it off to take the fallback.
+use_exchange = True
 
 
 def _owner_tag() -> str:
@@ -41,28 +66,84 @@ def _owner_is_gone(tag: str) -> bool:
     return False
 
 
+def _own_entry(name: str, output: str) -> tuple[str, str, str] | None:
+    """``(output name, owner tag, kind)`` of a name this tool gives its staging areas and
+    moved-aside results on this host: ``.NAME.HOST.PID.RANDOM.merging`` (RANDOM eight
+    characters, as every version made it; any for ``output``'s own, as earlier merges read
+    them) and ``.NAME.HOST.PID.previous``; None for any other name. The host is known
+    (ours), which cuts the dotted name apart."""
+    host = re.escape(socket.gethostname())
+    found = re.fullmatch(rf"\.(?P<output>.+)\.(?P<tag>{host}\.\d+)(?:\.(?P<random>[^.]+)(?P<merging>\.merging)|\.previous)",
+                         name)
+    if found is None:
+        return None
+    if found["merging"] and found["output"] != output and not re.fullmatch(r"[a-z0-9_]{8}", found["random"]):
+        return None
+    return found["output"], found["tag"], "merging" if found["merging"] else "previous"
+
+
+def _put_back(previous: Path, output: Path) -> bool:
+    """Rename ``previous`` back to ``output`` if nothing is there (no rename over anything); whether it was."""
+    if output.exists() or output.is_symlink():
+        return False
+    try:
+        os.rename(previous, output)  # nothing at output: a folder lands there, or this fails
+    except OSError:
+        return False
+    logger.warning(
+        "Put back %s: a merge to it was killed while it published, after it had moved the previous result "
+        "aside to %s; that result is at %s again.", output, previous.name, output)
+    return True
+
+
 def remove_stale_staging(output: Path) -> list[Path]:
-    """Remove what killed merges to ``output`` left beside it (their process is gone); return it."""
-    prefix = f".{output.name}."
+    """Deal with what killed merges left beside ``output``, in its folder; return what was removed.
+
+    Only names this tool makes (:func:`_own_entry`), on this host, whose
+    process is gone, are touched: a previous result moved aside goes back to
+    its path if nothing is there (said on the log), or is removed once a
+    result stands there; a staging area is removed, whichever output it was for.
+    Others' (another machine's, or a merge still running) are left; see :func:`foreign_staging`.
+    """
     removed = []
     try:
-        names = os.listdir(output.parent)
+        names = sorted(os.listdir(output.parent))
     except OSError:
         return removed
-    for name in names:
-        if not name.startswith(prefix):
+    # Moved-aside results first: one put back makes its .previous siblings removable.
+    for name in sorted(names, key=lambda name: not name.endswith(_PREVIOUS_SUFFIX)):
+        entry = _own_entry(name, output.name)
+        if entry is None or not _owner_is_gone(entry[1]):
             continue
-        rest = name[len(prefix) :]
-        if rest.endswith(_STAGING_SUFFIX):
-            tag = rest[: -len(_STAGING_SUFFIX)].rpartition(".")[0]  # drop mkdtemp's random part
-        elif rest.endswith(_PREVIOUS_SUFFIX):
-            tag = rest[: -len(_PREVIOUS_SUFFIX)]
-        else:
+        path = output.parent / name
+        if not path.is_dir() or path.is_symlink():
             continue
-        if _owner_is_gone(tag):
-            shutil.rmtree(output.parent / name, ignore_errors=True)
-            removed.append(output.parent / name)
+        # Only a bundle is ever moved aside: a .previous of a pickle's name is no result.
+        if entry[2] == "previous" and Path(entry[0]).suffix.lower() not in PICKLE_SUFFIXES:
+            target = output.parent / entry[0]
+            if _put_back(path, target):
+                continue
+            if not (target.exists() or target.is_symlink()):
+                continue  # could not be put back: kept, never deleted
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
     return removed
+
+
+def foreign_staging(output: Path) -> list[Path]:
+    """Staging areas and moved-aside results beside ``output`` that another machine's merge
+    made (the name says so): never removed here, only named."""
+    found = []
+    try:
+        names = sorted(os.listdir(output.parent))
+    except OSError:
+        return found
+    for name in names:
+        # ".NAME.HOST" then the pid: ours if it ends with this host's name.
+        match = re.fullmatch(r"\.(?P<stem>.+\..+)\.\d+(?:\.[0-9a-f]{8}\.merging|\.previous)", name)
+        if match is not None and not match["stem"].endswith(f".{socket.gethostname()}"):
+            found.append(output.parent / name)
+    return found
 
 
 def _make_staging_directory(output: Path) -> Path:
@@ -90,14 +171,18 @@ class StagingArea:
         self.output = spec.path
         self.path = self.output  # replaced on entry
         self._made_folders: list[Path] = []  # the output's missing parents, made here, innermost first
+        self.foreign: list[Path] = []  # other machines' staging beside the output: named, never removed
 
     def __enter__(self) -> StagingArea:
+        with translating_local_errors(self.output, "write", AFTER_MERGE):
+            # Before anything else: a previous result a killed publish moved aside goes back first.
+            remove_stale_staging(self.output)
         self.spec.check_path()
         with translating_local_errors(self.output, "write", AFTER_MERGE):
             parent = self.output.parent
             self._made_folders = [folder for folder in (parent, *parent.parents) if not folder.exists()]
             self.output.parent.mkdir(parents=True, exist_ok=True)
-            remove_stale_staging(self.output)
+            self.foreign = foreign_staging(self.output)
             self.path = _make_staging_directory(self.output)
         return self
 
@@ -119,14 +204,52 @@ class StagingArea:
                     break
 
 
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(source: Path, target: Path) -> bool:
+    """Swap ``source`` and ``target`` in one step (``renameat2(RENAME_EXCHANGE)``); False where the
+    kernel, the C library or the file system has no such call (nothing was done then)."""
+    if not use_exchange:
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(code, os.strerror(code), os.fspath(target))
+
+
+def _step(name: str) -> None:
+    if on_publish_step is not None:
+        on_publish_step(name)
+
+
 def _replace_directory(source: Path, target: Path) -> None:
-    previous = None
-    if target.exists():
-        previous = target.with_name(f".{target.name}.{_owner_tag()}{_PREVIOUS_SUFFIX}")
-        os.replace(target, previous)
-    os.replace(source, target)
-    if previous is not None:
-        shutil.rmtree(previous, ignore_errors=True)
+    if not (target.exists() or target.is_symlink()):
+        os.replace(source, target)
+        return
+    if _exchange(source, target):
+        # The new result is at target, the previous one at source, which the staging area removes.
+        _step("exchanged")
+        shutil.rmtree(source, ignore_errors=True)
+        return
+    previous = target.with_name(f".{target.name}.{_owner_tag()}{_PREVIOUS_SUFFIX}")
+    os.replace(target, previous)
+    _step("moved aside")
+    try:
+        os.replace(source, target)
+    except BaseException:
+        _put_back(previous, target)
+        raise
+    shutil.rmtree(previous, ignore_errors=True)
 
 
 def publish(staging: StagingArea) -> None:

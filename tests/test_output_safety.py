@@ -1,20 +1,24 @@
-"""Nothing lost and nothing misleading: the user's files at --output, the publish, what a killed
-merge leaves, free space, damaged local files, hostile sizes, completeness left unchecked.
+"""The merge's output, nothing lost and nothing misleading: the user's files at --output, the publish,
+what a killed merge leaves, free space, damaged local files, hostile sizes, completeness left unchecked.
 
 Real files, real pickles, the real CLI: nothing under test is mocked.
 """
 
 from __future__ import annotations
 
+import os
 import pickle
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from merge_fixtures import DIM
+from merge_fixtures import DIM, entries
 
 from async_embed_sync import load
-from async_embed_sync.errors import AsyncEmbedSyncError, OutputError
+from async_embed_sync.errors import AsyncEmbedSyncError, MergeValidationError, OutputError
 from async_embed_sync.merging.merge import merge_checkpoints
 from async_embed_sync.testing.synthetic import generate_run, make_vectors
 
@@ -183,3 +187,164 @@ def test_the_summary_says_nothing_of_it_when_a_total_is_known(tmp_path: Path, de
 
     assert not report.completeness_unchecked
     assert "UNCHECKED" not in report.summary()
+
+
+# ------------------------------------------------------------ 2. publish a bundle atomically
+
+
+# A merge in a fresh interpreter, SIGKILLed at a publish step (the staging seam), after the
+# whole result was written: argv[3] is the step, argv[4] "1" to take the fallback (no exchange).
+_KILLED_AT_PUBLISH = """
+import os, signal, sys
+from async_embed_sync.merging.merge import merge_checkpoints
+from async_embed_sync.output import staging
+
+def kill(step):
+    if step == sys.argv[3]:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+staging.on_publish_step = kill
+staging.use_exchange = sys.argv[4] != "1"
+merge_checkpoints(sys.argv[1], sys.argv[2])
+"""
+
+
+def _killed_at_publish(downloads: Path, output: Path, step: str, fallback: bool) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", _KILLED_AT_PUBLISH, str(downloads), str(output), step, "1" if fallback else "0"],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120,
+    )
+
+
+def _titles(output: Path) -> list[str]:
+    return [article["title"] for article in load(output)["articles"]]
+
+
+def test_a_bundle_is_swapped_in_one_step_and_a_kill_right_after_leaves_the_new_one(tmp_path: Path) -> None:
+    _run(tmp_path / "downloads")
+    output = tmp_path / "out" / "merged"
+    merge_checkpoints(tmp_path / "downloads", output)
+    _run(tmp_path / "downloads", seed=1)
+
+    killed = _killed_at_publish(tmp_path / "downloads", output, "exchanged", fallback=False)
+
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert np.array_equal(load(output)["embeddings"][0], make_vectors(0, 1, dim=DIM, seed=1)[0])
+    # The previous bundle was in the killed merge's staging area: the next merge removes it.
+    left = [name for name in entries(tmp_path / "out") if name != "merged"]
+    assert len(left) == 1 and left[0].endswith(".merging")
+    merge_checkpoints(tmp_path / "downloads", output)
+    assert entries(tmp_path / "out") == ["merged"]
+
+
+@pytest.mark.parametrize("next_merge", ["fails", "succeeds"])
+def test_a_publish_killed_between_its_renames_loses_nothing(tmp_path: Path, caplog, next_merge: str) -> None:
+    """The fallback without RENAME_EXCHANGE: killed with the old bundle moved aside, nothing at
+    the output; the next merge puts it back before anything else, and says so."""
+    paths = _run(tmp_path / "downloads")
+    output = tmp_path / "out" / "merged"
+    merge_checkpoints(tmp_path / "downloads", output)
+    old = load(output)["embeddings"][:].copy()
+    _run(tmp_path / "downloads", seed=1)
+
+    killed = _killed_at_publish(tmp_path / "downloads", output, "moved aside", fallback=True)
+
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not output.exists()
+    previous = [name for name in entries(tmp_path / "out") if name.endswith(".previous")]
+    assert len(previous) == 1
+    if next_merge == "fails":
+        paths[1].unlink()  # a gap: refused before any output
+        with caplog.at_level("WARNING", logger="async_embed_sync"):
+            with pytest.raises(MergeValidationError):
+                merge_checkpoints(tmp_path / "downloads", output)
+        assert np.array_equal(load(output)["embeddings"][:], old)
+    else:
+        with caplog.at_level("WARNING", logger="async_embed_sync"):
+            merge_checkpoints(tmp_path / "downloads", output)
+        assert np.array_equal(load(output)["embeddings"][0], make_vectors(0, 1, dim=DIM, seed=1)[0])
+    assert f"Put back {output}" in caplog.text and previous[0] in caplog.text
+    assert entries(tmp_path / "out") == ["merged"]
+
+
+def test_a_moved_aside_result_whose_merge_still_runs_is_left_alone(tmp_path: Path) -> None:
+    import socket
+
+    _run(tmp_path / "downloads")
+    output = tmp_path / "out" / "merged"
+    merge_checkpoints(tmp_path / "downloads", output)
+    # As a running merge (this process's parent, alive) leaves it between its renames.
+    aside = output.with_name(f".merged.{socket.gethostname()}.{os.getppid()}.previous")
+    output.rename(aside)
+
+    merge_checkpoints(tmp_path / "downloads", output)
+
+    assert aside.is_dir() and output.is_dir()
+
+
+# ------------------------------------------------------------ 3. staging left by a killed merge
+
+
+def _staging_names(folder: Path) -> list[str]:
+    return [name for name in entries(folder) if name.startswith(".")]
+
+
+def test_a_killed_merges_staging_is_removed_by_the_next_merge_into_its_folder(tmp_path: Path) -> None:
+    """Whatever output the next merge is for: it sees the staging, its owner is dead, it goes."""
+    _run(tmp_path / "downloads")
+    killed = _killed_at_publish(tmp_path / "downloads", tmp_path / "out" / "first", "never", fallback=False)
+    assert killed.returncode == 0, killed.stderr  # a merge to 'first' that completed, then:
+    child = subprocess.run(
+        [sys.executable, "-c", _KILLED_MID_COPY, str(tmp_path / "downloads"), str(tmp_path / "out" / "other.pkl")],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120,
+    )
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    assert len(_staging_names(tmp_path / "out")) == 1
+
+    merge_checkpoints(tmp_path / "downloads", tmp_path / "out" / "third")
+
+    assert entries(tmp_path / "out") == ["first", "third"]
+
+
+_KILLED_MID_COPY = """
+import os, signal, sys
+from async_embed_sync.merging.merge import merge_checkpoints
+
+def kill(progress):
+    if progress.rows_done > 50:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+merge_checkpoints(sys.argv[1], sys.argv[2], on_progress=kill)
+"""
+
+
+def test_staging_the_tool_did_not_make_or_of_a_live_merge_or_of_another_machine_is_kept(tmp_path: Path) -> None:
+    import socket
+
+    _run(tmp_path / "downloads")
+    out = tmp_path / "out"
+    out.mkdir()
+    host = socket.gethostname()
+    dead = _dead_pid()
+    kept = [
+        f".notes.{host}.{dead}.merging",  # no random part: not a name the tool makes
+        f".notes.{host}.{dead}.0123abcd.merging.bak",
+        f".other.{host}.{os.getpid()}.0123abcd.merging",  # a live merge (this process)
+        f".other.elsewhere.example.org.{dead}.0123abcd.merging",  # another machine's
+    ]
+    for name in kept:
+        (out / name).mkdir()
+    (out / f".file.{host}.{dead}.0123abcd.merging").write_text("a file, not a staging folder")
+    kept.append(f".file.{host}.{dead}.0123abcd.merging")
+
+    report = merge_checkpoints(tmp_path / "downloads", out / "merged")
+
+    assert sorted(_staging_names(out)) == sorted(kept)
+    assert report.staging_elsewhere == (out / f".other.elsewhere.example.org.{dead}.0123abcd.merging",)
+    assert f"another machine's merge left {out}/.other.elsewhere.example.org" in report.summary()
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
