@@ -325,8 +325,9 @@ class HostKeyError(RemoteError):
             detail = (
                 f"WARNING: the host key of {target} does not match the one "
                 f"recorded in {known_hosts}. Someone may be intercepting the "
-                f"connection, or the host was reinstalled. Nothing was "
-                f"downloaded.{offers} If the change is expected, remove the old entry "
+                f"connection, or the host was reinstalled. The connection was "
+                f"closed before the login: no password or key was offered to it, "
+                f"and nothing was read from it.{offers} If the change is expected, remove the old entry "
                 f"with: ssh-keygen -R '{target}' -f {known_hosts}, then add "
                 f"the new key."
             )
@@ -334,7 +335,8 @@ class HostKeyError(RemoteError):
             offers = f"The server offers the {offered}; after" if offered else "After"
             detail = (
                 f"the host key of {target} is not in {known_hosts}, so the "
-                f"server cannot be verified and nothing was downloaded. "
+                f"server cannot be verified: the connection was closed before "
+                f"the login, and nothing was read from it. "
                 f"{offers} checking it with the cluster's admins, add it "
                 f"with: ssh-keyscan -p {port} {host} >> {known_hosts} (or, to "
                 f"trust a cluster's key on first use, set \"host_key_policy\": "
