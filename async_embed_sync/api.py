@@ -30,7 +30,7 @@ import anyio
 
 from .config import ClusterConfig, Config, load_config
 from .progress import Progress, QuietProgress, TqdmProgress
-from .transfer.lock import DownloadDirLock
+from .transfer.lock import DownloadDirLock, reading_lock
 from .transfer.prompts import Prompter, TerminalPrompter
 from .transfer.options import DEFAULT_DOWNLOAD_DIR, SyncOptions
 
@@ -95,28 +95,33 @@ def _prepare(config: PathLike | Config | None, clusters: Sequence[str] | None, m
 
 
 def merge(download_dir: PathLike = DEFAULT_DOWNLOAD_DIR, output: PathLike = DEFAULT_OUTPUT, *,
-          progress: Progress | None = None, **options: Any) -> MergeReport:
+          progress: Progress | None = None, break_lock: bool = False, **options: Any) -> MergeReport:
     """Merge the downloaded checkpoints into ``output`` (a ``.pkl`` path or a bundle directory).
 
-    ``options`` are :func:`~.merge.merge_checkpoints`'s: ``dtype``,
-    ``expect_articles``, ``strict``, ``articles_format``, ``clusters``,
-    ``expect_rows``, ``partial``.
+    Holds the download directory's lock as a sync does: a merge never reads
+    files a sync is still writing (``DownloadDirLockedError`` names the
+    run). ``break_lock``: as ``--break-lock``. ``options`` are
+    :func:`~.merge.merge_checkpoints`'s: ``dtype``, ``expect_articles``,
+    ``strict``, ``articles_format``, ``clusters``, ``expect_rows``, ``partial``.
     """
     from .merging.merge import merge_checkpoints
 
     progress = progress if progress is not None else _default_progress()
     try:
-        return merge_checkpoints(download_dir, output, **options,
-                                 on_progress=lambda p: progress.rows_merged(p.rows_done, p.rows_total),
-                                 on_read=lambda done, total: progress.step("merge: checkpoints read", done, total))
+        with reading_lock(download_dir, "merge", break_lock=break_lock):
+            return merge_checkpoints(download_dir, output, **options,
+                                     on_progress=lambda p: progress.rows_merged(p.rows_done, p.rows_total),
+                                     on_read=lambda done, total: progress.step("merge: checkpoints read",
+                                                                               done, total))
     finally:
         progress.close()
 
 
 async def merge_async(download_dir: PathLike = DEFAULT_DOWNLOAD_DIR, output: PathLike = DEFAULT_OUTPUT, *,
-                      progress: Progress | None = None, **options: Any) -> MergeReport:
+                      progress: Progress | None = None, break_lock: bool = False, **options: Any) -> MergeReport:
     """:func:`merge` on a worker thread, so that the caller's event loop goes on."""
-    return await anyio.to_thread.run_sync(lambda: merge(download_dir, output, progress=progress, **options))
+    return await anyio.to_thread.run_sync(
+        lambda: merge(download_dir, output, progress=progress, break_lock=break_lock, **options))
 
 
 def _default_progress() -> Progress:

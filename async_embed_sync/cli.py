@@ -140,7 +140,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     # A merge does not resume: it starts over, and an earlier result stays as it was.
     merge.set_defaults(after_stop=_AFTER_MERGE_STOP)
     command("status", "show per cluster what is remote, complete here, partial or changed", _status,
-            _add_connection_arguments, _add_common_arguments)
+            _add_connection_arguments, _add_common_arguments).add_argument(
+        "--json", action="store_true", dest="status_json",  # its own document, not main()'s
+        help="the statuses as one JSON document on stdout (errors still on stderr)")
     report = command("report", "write one self-contained HTML page that shows whether a merged result "
                                "is sound", _report, _add_report_arguments)
     report.add_argument("result", metavar="RESULT", help="a merged .pkl or bundle folder")
@@ -253,6 +255,9 @@ def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--download-dir", default=DEFAULT_DOWNLOAD_DIR, metavar="DIR",
                         help="where checkpoints are kept, one folder per cluster (default: %(default)s)")
     parser.add_argument("--quiet", action="store_true", help="print errors and warnings only")
+    parser.add_argument("--break-lock", action="store_true",
+                        help="take over a download directory whose lock record names a run on another host, "
+                             "after checking what can be checked")
 
 
 def _whole_number(text: str, least: int = 0) -> int:
@@ -361,7 +366,7 @@ def _merge_phase(args: argparse.Namespace, progress: Progress, clusters: list[st
     report = api_merge(args.download_dir, args.output, progress=progress, dtype=args.dtype,
                        expect_articles=args.expect_articles, strict=args.strict,
                        articles_format=args.articles_format, clusters=clusters, expect_rows=expect_rows,
-                       partial=args.partial, shard_rows=args.shard_rows)
+                       partial=args.partial, shard_rows=args.shard_rows, break_lock=args.break_lock)
     if not args.quiet:
         print(report.summary(), file=sys.stderr)
     if args.report:
@@ -395,12 +400,27 @@ def _init(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from .transfer.status import collect_status, format_status
+    import json
 
+    from .transfer.status import collect_status, errors, format_status, running_here, status_document
+
+    if args.break_lock:
+        print(f"{args.prog} status: error: status takes no lock and changes nothing; --break-lock is for "
+              f"sync, run and merge", file=sys.stderr)
+        return EXIT_USAGE
     config = load_config(args.config, args.credentials_dir)
+    # Read without the lock: a run going meanwhile is said, not waited for.
+    in_flight = running_here(args.download_dir)
     statuses = collect_status(config.select(args.clusters), args.download_dir, args.timeout,
                               TerminalPrompter())
-    print(format_status(statuses))
+    in_flight = in_flight or running_here(args.download_dir)
+    if args.status_json:
+        print(json.dumps(status_document(args.download_dir, statuses, in_flight), indent=2))
+    else:
+        print(format_status(statuses, in_flight))
+    sys.stdout.flush()  # the table first, then the errors below it on a terminal
+    for error in errors(statuses):
+        print(f"error: {error}", file=sys.stderr)
     return EXIT_FAILED if any(s.error for s in statuses) else EXIT_OK
 
 

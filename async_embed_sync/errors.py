@@ -116,13 +116,14 @@ class KeyPermissionError(ConfigError):
 
 
 class DownloadDirLockedError(AsyncEmbedSyncError):
-    def __init__(self, directory: str, holder: str):
+    def __init__(self, directory: str, holder: str, hint: str = ""):
         self.directory = directory
         self.holder = holder
         super().__init__(
             f"The download directory {directory} is in use by another run "
-            f"({holder}). Wait for it to finish, or stop it; two runs must "
-            f"never write the same partial files."
+            f"({holder}). Wait for it to finish, or stop it: one run at a time "
+            f"uses a download directory (two would write the same partial files, "
+            f"or merge files still being written). {hint}".strip()
         )
 
 

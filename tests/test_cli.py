@@ -201,7 +201,7 @@ def test_status_and_sync_name_files_the_cluster_no_longer_holds(openssh, tmp_pat
     assert main(["status", "--config", str(config), "--download-dir", str(download_dir)]) == 0
     out = capsys.readouterr().out
     header, line = out.splitlines()[:2]
-    assert header.split()[-1] == "local" and line.split()[-1] == "1" and len(header) <= 80
+    assert header.endswith(" only here") and line.split()[-1] == "1" and len(header) <= 80
     # b.pkl was verified by the sync: kept here, and the merge takes it (tests/test_purged_checkpoints.py).
     assert "tensor01: 1 file(s) kept here, gone from the cluster (purged from scratch?): b.pkl, verified here on" in out
 
@@ -301,6 +301,6 @@ def test_status_says_when_remote_dir_holds_no_checkpoints_as_sync_does(openssh, 
     (tmp_path / "data" / "checkpoints" / "a.pkl").write_bytes(b"x")
     config = write_config(tmp_path, {"tensor01": openssh.cluster_entry(str(tmp_path / "data"))})
     assert main(["status", "--config", str(config), "--download-dir", str(tmp_path / "dl")]) == 1
-    out = capsys.readouterr().out
-    assert "tensor01 error (see below)" in out
-    assert f"Cluster 'tensor01': no checkpoint files matching *.pkl, *.npy, *.json, *.jsonl in {tmp_path / 'data'}." in out, out
+    out, err = capsys.readouterr()
+    assert "tensor01 error (see below)" in out and "no checkpoint" not in out  # the table on stdout, errors on stderr
+    assert f"error: Cluster 'tensor01': no checkpoint files matching *.pkl, *.npy, *.json, *.jsonl in {tmp_path / 'data'}." in err, err

@@ -96,10 +96,10 @@ async def test_status_names_a_blocked_cluster_folder_and_lists_the_others(
         # main() in a worker thread: the server lives on the test's loop.
         code = await anyio.to_thread.run_sync(
             main, ["status", "--config", str(config), "--download-dir", str(download_dir)])
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert code == 1
-    _assert_one_paragraph(out, f"Cannot read the folder {download_dir / 'tensor01'}: it is a file where a "
-                               f"folder is needed", "tensor01")
+    _assert_one_paragraph(err, f"Cannot read the folder {download_dir / 'tensor01'}: it is a file where a "
+                               f"folder is needed", "tensor01")  # errors on stderr, the table on stdout
     tensor02 = next(line for line in out.splitlines() if line.startswith("tensor02"))
     assert tensor02.split()[1:2] == ["2"], out  # both remote files listed
 
@@ -120,12 +120,12 @@ async def test_a_download_directory_under_a_plain_file_is_one_paragraph(
 
         status = await anyio.to_thread.run_sync(
             main, ["status", "--config", str(config), "--download-dir", str(download_dir)])
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert status == 1
     for name in CLUSTERS:
         row = next(line for line in out.splitlines() if line.startswith(name))
         assert row.split()[1:] == ["error", "(see", "below)"], out  # the paragraph would wrap across the columns
-        _assert_one_paragraph(out, f"Cannot read the folder {download_dir / name}: {blocker} is a file where a "
+        _assert_one_paragraph(err, f"Cannot read the folder {download_dir / name}: {blocker} is a file where a "
                                    f"folder is needed")
     assert blocker.read_text() == "not a folder"
 

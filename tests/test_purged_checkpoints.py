@@ -120,7 +120,7 @@ def test_status_tells_verified_copies_gone_from_the_cluster_from_files_put_here_
     assert main(["status", "--config", str(config), "--download-dir", str(tmp_path / "dl")]) == 0
     out = capsys.readouterr().out
     header, first, second = out.splitlines()[:3]
-    assert header.split()[-1] == "local" and len(header) <= 80
+    assert header.endswith(" only here") and len(header) <= 80
     assert second.split()[0] == "tensor02" and second.split()[-1] == "2" and first.split()[-1] == "0"
     verified_at = DownloadLayout(tmp_path / "dl").load_state("tensor02", purged.name).verified_at
     assert (f"tensor02: 1 file(s) kept here, gone from the cluster (purged from scratch?): {purged.name}, "

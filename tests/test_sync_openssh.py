@@ -172,13 +172,13 @@ def test_unreachable_host_fails_alone(openssh, tmp_path, write_config, capsys):
 def test_status_shows_the_table_then_each_error_once_below_it(openssh, tmp_path, write_config, capsys):
     dirs, closed_port, config = _tensor01_on_a_closed_port(openssh, tmp_path, write_config)
     assert main(["status", "--config", str(config), "--download-dir", str(tmp_path / "dl"), "--timeout", "5"]) == 1
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     header, tensor01, tensor02, *below = out.splitlines()
     assert header.startswith("cluster ") and tensor02.split()[0] == "tensor02" and tensor02.split()[1].isdigit(), out
     # The row points below; a paragraph in the row would wrap across the 80 columns.
     assert tensor01 == "tensor01 error (see below)", out
     assert all(len(line) <= 80 for line in (header, tensor01, tensor02)), out
-    assert below == [f"Cluster 'tensor01': cannot connect to 127.0.0.1:{closed_port} (connection refused: nothing "
+    assert below == [] and err.splitlines() == [f"error: Cluster 'tensor01': cannot connect to 127.0.0.1:{closed_port} (connection refused: nothing "
                      f"listens on 127.0.0.1:{closed_port}). Check the host name and port in the configuration, "
                      f"and that the machine is reachable (for example with: ssh -p {closed_port} 127.0.0.1)."], out
 
