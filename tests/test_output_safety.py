@@ -348,3 +348,93 @@ def _dead_pid() -> int:
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()
     return child.pid
+
+
+# ------------------------------------------------------------ 6. hostile sizes in a checkpoint
+
+
+class _Calls:
+    """Pickles as ``function(*arguments)``: what a hostile checkpoint asks the unpickler to call."""
+
+    def __init__(self, function, *arguments):
+        self.function, self.arguments = function, arguments
+
+    def __reduce__(self):
+        return self.function, self.arguments
+
+
+def _reconstruct():
+    return np.ndarray.__reduce__(np.zeros(1))[0]  # numpy's _reconstruct, by whichever name this numpy has
+
+
+_shared = list(range(20_000))
+_blob = bytes(50_000)
+_HOSTILE = {
+    "bytearray(2**31)": lambda: {"embeddings": _Calls(bytearray, 2**31)},
+    "bytearray(2**40)": lambda: {"embeddings": _Calls(bytearray, 2**40)},
+    "ndarray(shape)": lambda: {"embeddings": _Calls(np.ndarray, (2**31,), np.dtype("u1"))},
+    "_reconstruct(shape)": lambda: {"embeddings": _Calls(_reconstruct(), np.ndarray, (2**16, 2**16), b"b")},
+    "list copies": lambda: {"embeddings": [_Calls(list, _shared) for _ in range(2_000)]},  # 40M items from 100 KB
+    "bytearray copies": lambda: {"embeddings": [_Calls(bytearray, _blob) for _ in range(2_000)]},  # 100 MB from 50 KB
+}
+
+
+@pytest.mark.parametrize("case", sorted(_HOSTILE))
+def test_a_hostile_checkpoint_asking_for_more_than_its_size_is_refused_before_allocating(tmp_path: Path, case: str) -> None:
+    from async_embed_sync.errors import CheckpointError
+    from async_embed_sync.merging.safe_pickle import restricted_load, restricted_load_mapped
+
+    path = tmp_path / "evil.pkl"
+    path.write_bytes(pickle.dumps(_HOSTILE[case](), protocol=4))
+
+    for load_it in (restricted_load, restricted_load_mapped):
+        with pytest.raises(CheckpointError) as caught:
+            load_it(path)
+        message = str(caught.value)
+        assert message.startswith(f"Checkpoint {path}: the pickle holds a request for ")
+        assert f"more than the file's own {path.stat().st_size:,} bytes can account for" in message
+
+
+_MERGE_AND_SAY_PEAK_MEMORY = """
+import resource, sys
+from async_embed_sync.errors import CheckpointError
+from async_embed_sync.merging.merge import merge_checkpoints
+try:
+    merge_checkpoints(sys.argv[1], sys.argv[2])
+except CheckpointError as exc:
+    print(exc)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+"""
+
+
+def test_a_57_byte_checkpoint_asking_for_2_gib_fails_the_merge_in_little_memory(tmp_path: Path) -> None:
+    path = tmp_path / "downloads" / "tensor01" / "embeddings_gpu0_00000000_00000010.pkl"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(pickle.dumps(_Calls(bytearray, 2**31), protocol=2))
+    assert path.stat().st_size < 64
+
+    child = subprocess.run([sys.executable, "-c", _MERGE_AND_SAY_PEAK_MEMORY, str(tmp_path / "downloads"),
+                            str(tmp_path / "merged.pkl")],
+                           cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
+
+    message, peak_mib = child.stdout.strip().rsplit("\n", 1)
+    assert child.returncode == 0, child.stderr
+    assert "a request for 2,147,483,648 bytes (bytearray(n))" in message and str(path) in message
+    assert int(peak_mib) < 400
+    assert not (tmp_path / "merged.pkl").exists()
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_what_numpy_and_python_pickle_still_loads_under_the_bound(tmp_path: Path, protocol: int) -> None:
+    from async_embed_sync.merging.safe_pickle import restricted_load
+
+    document = {"embeddings": np.arange(4096, dtype=">f8").reshape(64, 64), "ids": set(range(100)),
+                "frozen": frozenset({1}), "raw": bytearray(b"abc" * 1000), "scalar": np.float32(3),
+                "array_in_article": [{"v": np.zeros(3, np.float16)}], "empty": b""}
+    path = tmp_path / "ok.pkl"
+    path.write_bytes(pickle.dumps(document, protocol=protocol))
+
+    loaded = restricted_load(path)
+
+    assert np.array_equal(loaded["embeddings"], document["embeddings"])
+    assert loaded["ids"] == document["ids"] and loaded["raw"] == document["raw"] and loaded["empty"] == b""

@@ -4,11 +4,18 @@ Every global a pickle names is looked up in one allow-list; any other is
 refused (:class:`UnsafePickleError`) before anything runs. Every failure
 names the file (:class:`CheckpointError`). A large array payload may be
 mapped from the file instead of read (:func:`restricted_load_mapped`).
+
+What the allowed constructors make is bounded by the file's own size, over
+the whole load (:class:`_Allocations`): ``bytearray(n)``, ``numpy.ndarray(shape)``
+and ``_reconstruct``'s shape, a scalar's dtype, copies of containers, text made
+bytes. A 57-byte pickle asking for ``bytearray(2**31)`` is refused before
+anything is allocated, and so is one that copies a list it holds again and again.
 """
 
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import pickle
 from collections.abc import Callable
@@ -41,15 +48,104 @@ class _RefusedContent(pickle.UnpicklingError):
     """An allowed constructor was asked for something we do not accept."""
 
 
-def _reconstruct(subtype: type, shape: tuple[int, ...], dtype_code: Any) -> np.ndarray:
-    # numpy's own ``_reconstruct`` would build any ndarray subclass named in
-    # the stream; only the base class is accepted.
-    if subtype is not np.ndarray:
-        raise _RefusedContent(f"an array of type {subtype!r}")
-    return np.ndarray.__new__(np.ndarray, shape, dtype_code)
+class _Allocations:
+    """What the allowed constructors may allocate in one load: at most the file's own size in
+    all (plus a little, for the empty and tiny values every pickle holds), charged before each call.
+
+    Every value a pickle builds from its own opcodes costs at least a byte of the file; only a
+    constructor can make more than it was given (``bytearray(n)``, an array of a shape, a copy
+    of a list made again and again). Charged in bytes for arrays and byte strings, in items
+    for the copies of containers (each item was at least a byte of the file once).
+    """
+
+    SLACK = 4096
+
+    def __init__(self, file_size: int):
+        self.file_size = file_size
+        self.left = file_size + self.SLACK
+
+    def charge(self, amount: int, what: str) -> None:
+        if amount > self.left:
+            raise _RefusedContent(
+                f"a request for {amount:,} {'items' if what.startswith('a copy') else 'bytes'} ({what}), more "
+                f"than the file's own {self.file_size:,} bytes can account for")
+        self.left -= amount
+
+
+def _shape_bytes(shape: Any, dtype: Any) -> int:
+    # What numpy would allocate for an array of ``shape`` in ``dtype``; numpy itself refuses odd arguments.
+    sizes = (shape,) if isinstance(shape, int) else tuple(shape) if isinstance(shape, (tuple, list)) else ()
+    if not all(isinstance(size, int) for size in sizes):
+        return 0
+    if any(size < 0 for size in sizes):
+        raise _RefusedContent("an array of a negative size")
+    return math.prod(sizes) * np.dtype(dtype).itemsize
+
+
+def _container_length(argument: Any) -> int:
+    if isinstance(argument, (str, bytes, bytearray, list, tuple, set, frozenset, dict)):
+        return len(argument)
+    raise _RefusedContent(f"a container built from {type(argument).__name__}")
+
+
+def _bounded_globals(allocations: _Allocations) -> dict[tuple[str, str], Any]:
+    """The allow-list's constructors for one load, each charging ``allocations`` before it allocates."""
+
+    def new_array(shape: Any, dtype: Any = float, buffer: Any = None, *arguments: Any, **options: Any) -> np.ndarray:
+        if buffer is None and options.get("buffer") is None:
+            allocations.charge(_shape_bytes(shape, dtype), "numpy.ndarray(shape)")
+        return np.ndarray(shape, dtype, buffer, *arguments, **options)
+
+    def reconstruct(subtype: Any, shape: Any, dtype_code: Any) -> np.ndarray:
+        # numpy's own ``_reconstruct`` would build any ndarray subclass named in
+        # the stream; only the base class is accepted.
+        if subtype is not np.ndarray and subtype is not new_array:
+            raise _RefusedContent(f"an array of type {subtype!r}")
+        allocations.charge(_shape_bytes(shape, dtype_code), "numpy _reconstruct(shape)")
+        return np.ndarray.__new__(np.ndarray, shape, dtype_code)
+
+    def scalar(dtype: np.dtype, data: bytes | None = None) -> Any:
+        # Only an object scalar's second argument is not its bytes.
+        if np.dtype(dtype).hasobject or not isinstance(data, bytes):
+            raise _RefusedContent("an object scalar")
+        if np.dtype(dtype).itemsize > len(data):
+            raise _RefusedContent(f"a numpy scalar of {np.dtype(dtype).itemsize:,} bytes made of {len(data):,}")
+        return _numpy_scalar(dtype, data)
+
+    def latin1_encode(text: str, encoding: str = "utf-8") -> bytes:
+        # Protocol 2 carries bytes as latin-1 text plus a call to _codecs.encode.
+        if encoding.lower().replace("-", "") != "latin1":
+            raise _RefusedContent(f"bytes in encoding {encoding!r}")
+        allocations.charge(len(text), "bytes made of text")
+        return text.encode("latin-1")
+
+    def new_bytearray(*arguments: Any) -> bytearray:
+        if arguments and isinstance(arguments[0], int):
+            allocations.charge(arguments[0], "bytearray(n)")
+        elif arguments:
+            allocations.charge(_container_length(arguments[0]), "bytearray(...)")
+        return bytearray(*arguments)
+
+    def copying(container: type) -> Callable[..., Any]:
+        def build(*arguments: Any) -> Any:
+            if arguments:
+                allocations.charge(_container_length(arguments[0]), f"a copy made by {container.__name__}()")
+            return container(*arguments)
+        return build
+
+    containers = {"list": copying(list), "dict": copying(dict), "set": copying(set),
+                  "frozenset": copying(frozenset), "bytearray": new_bytearray}
+    return {
+        **_numpy_names("_reconstruct", reconstruct, "numpy._core.multiarray", "numpy.core.multiarray"),
+        **_numpy_names("scalar", scalar, "numpy._core.multiarray", "numpy.core.multiarray"),
+        ("numpy", "ndarray"): new_array,
+        ("_codecs", "encode"): latin1_encode,
+        **{(module, name): value for module in ("builtins", "__builtin__") for name, value in containers.items()},
+    }
 
 
 def _frombuffer(buffer: Any, dtype: np.dtype, shape: tuple[int, ...], order: str) -> np.ndarray:
+    # A view of a buffer the stream holds: nothing allocated.
     if np.dtype(dtype).hasobject:
         raise _RefusedContent("an object array")
     return np.frombuffer(buffer, dtype=dtype).reshape(shape, order=order)
@@ -59,13 +155,6 @@ def _frombuffer(buffer: Any, dtype: np.dtype, shape: tuple[int, ...], order: str
 _numpy_scalar = np.int64(0).__reduce__()[0]
 
 
-def _scalar(dtype: np.dtype, data: bytes | None = None) -> Any:
-    # Only an object scalar's second argument is not its bytes.
-    if np.dtype(dtype).hasobject or not isinstance(data, bytes):
-        raise _RefusedContent("an object scalar")
-    return _numpy_scalar(dtype, data)
-
-
 def _empty_bytes(*arguments: Any) -> bytes:
     # Protocol 2 writes b"" as a call to bytes() without arguments; bytes(n) would allocate n bytes.
     if arguments:
@@ -73,30 +162,24 @@ def _empty_bytes(*arguments: Any) -> bytes:
     return b""
 
 
-def _latin1_encode(text: str, encoding: str = "utf-8") -> bytes:
-    # Protocol 2 carries bytes as latin-1 text plus a call to _codecs.encode.
-    if encoding.lower().replace("-", "") != "latin1":
-        raise _RefusedContent(f"bytes in encoding {encoding!r}")
-    return text.encode("latin-1")
-
-
 def _numpy_names(name: str, value: Callable[..., Any], *modules: str) -> dict[tuple[str, str], Any]:
     return {(module, name): value for module in modules}
 
 
 # numpy 2 pickles name ``numpy._core``; numpy 1.x pickles name ``numpy.core``.
-# Protocol 2 pickles written by Python 3 name builtins ``__builtin__``.
+# Protocol 2 pickles written by Python 3 name builtins ``__builtin__``. Those
+# that allocate are replaced, per load, by :func:`_bounded_globals`' (None here).
 _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
-    **_numpy_names("_reconstruct", _reconstruct, "numpy._core.multiarray", "numpy.core.multiarray"),
-    **_numpy_names("scalar", _scalar, "numpy._core.multiarray", "numpy.core.multiarray"),
+    **_numpy_names("_reconstruct", None, "numpy._core.multiarray", "numpy.core.multiarray"),
+    **_numpy_names("scalar", None, "numpy._core.multiarray", "numpy.core.multiarray"),
     **_numpy_names("_frombuffer", _frombuffer, "numpy._core.numeric", "numpy.core.numeric"),
-    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "ndarray"): None,
     ("numpy", "dtype"): np.dtype,
-    ("_codecs", "encode"): _latin1_encode,
+    ("_codecs", "encode"): None,
     **{(module, "bytes"): _empty_bytes for module in ("builtins", "__builtin__")},
     ("datetime", "datetime"): datetime.datetime,
     **{
-        (module, container.__name__): container
+        (module, container.__name__): None
         for module in ("builtins", "__builtin__")
         for container in (list, dict, set, frozenset, bytearray)
     },
@@ -109,12 +192,14 @@ class RestrictedUnpickler(pickle.Unpickler):
     def __init__(self, stream: BinaryIO, source: Path):
         super().__init__(stream)
         self.source = source
+        self._bounded = _bounded_globals(_Allocations(os.stat(source).st_size))
 
     def find_class(self, module: str, name: str) -> Any:
         try:
-            return _ALLOWED_GLOBALS[(module, name)]
+            value = _ALLOWED_GLOBALS[(module, name)]
         except KeyError:
             raise UnsafePickleError(str(self.source), f"{module}.{name}") from None
+        return self._bounded[(module, name)] if value is None else value
 
 
 def restricted_load(
