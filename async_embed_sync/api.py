@@ -9,8 +9,10 @@ notebook::
     merge(output="embeddings/merged")
     result = load("embeddings/merged")
 
-Progress shows as bars on a terminal and not at all elsewhere (pass
-``progress=`` to choose). ``sync`` always holds the download directory's
+``sync`` raises ``SyncFailedError`` when a cluster did not sync completely
+(``exc.report``: the whole report). Progress shows as bars on a terminal,
+as ``tqdm.auto`` bars in a notebook, and not at all elsewhere (pass
+``progress=``, a Progress or a tqdm class, to choose). ``sync`` always holds the download directory's
 lock. Inside a running event loop (a Jupyter notebook) ``sync`` runs its
 own loop on a thread of its own; ``await sync_async(...)`` and
 ``await merge_async(...)`` are the async forms.
@@ -29,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from .config import ClusterConfig, Config, load_config
+from .errors import SyncFailedError
 from .progress import Progress, QuietProgress, TqdmProgress
 from .transfer.lock import DownloadDirLock, reading_lock
 from .transfer.prompts import Prompter, TerminalPrompter
@@ -45,14 +48,18 @@ PathLike = str | os.PathLike[str]
 def sync(config: PathLike | Config | None = None, *, clusters: Sequence[str] | None = None,
          download_dir: PathLike = DEFAULT_DOWNLOAD_DIR, max_parallel: int = SyncOptions.max_parallel,
          timeout: float = SyncOptions.timeout, retries: int = SyncOptions.retries, settle: float | None = None,
-         progress: Progress | None = None, prompter: Prompter | None = None) -> SyncReport:
+         progress: Progress | type | None = None, prompter: Prompter | None = None) -> SyncReport:
     """Download every checkpoint of the configured clusters (or of ``clusters``).
 
     ``config``: a ``credentials.json`` path, a loaded :class:`~.config.Config`,
     or None for the CLI's search. ``settle``: as ``--settle`` (None: the config's
-    ``settle_seconds``, else 60). Returns the report; a cluster that did not
-    sync completely is in it (``report.ok``, ``report.raise_for_failures()``),
-    not raised, so that the others' results are there to see.
+    ``settle_seconds``, else 60). ``progress``: a :class:`~.progress.Progress`,
+    or a tqdm class (``tqdm.auto.tqdm``) to draw the bars with.
+
+    Returns the report when every cluster synced completely. Otherwise raises
+    :class:`~.errors.SyncFailedError` once every cluster has had its turn (a
+    failing one never stops the others): ``exc.report`` is the whole report,
+    the clusters that synced too.
     """
     from .transfer.sync import sync as sync_download_dir  # the SSH stack loads with the first sync
 
@@ -61,28 +68,38 @@ def sync(config: PathLike | Config | None = None, *, clusters: Sequence[str] | N
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return run()
+        return _raise_for_failures(run())
     # A loop runs in this thread (a notebook): another cannot nest in it.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="async_embed_sync") as thread:
-        return thread.submit(run).result()
+        return _raise_for_failures(thread.submit(run).result())
+
+
+def _raise_for_failures(report: SyncReport) -> SyncReport:
+    """The report, or its :class:`~.errors.SyncFailedError` with the report attached (``exc.report``)."""
+    try:
+        report.raise_for_failures()
+    except SyncFailedError as exc:
+        exc.report = report
+        raise
+    return report
 
 
 async def sync_async(config: PathLike | Config | None = None, *, clusters: Sequence[str] | None = None,
                      download_dir: PathLike = DEFAULT_DOWNLOAD_DIR, max_parallel: int = SyncOptions.max_parallel,
                      timeout: float = SyncOptions.timeout, retries: int = SyncOptions.retries,
-                     settle: float | None = None, progress: Progress | None = None,
+                     settle: float | None = None, progress: Progress | type | None = None,
                      prompter: Prompter | None = None) -> SyncReport:
-    """:func:`sync`, awaited in the caller's event loop."""
+    """:func:`sync`, awaited in the caller's event loop; raises as it does."""
     from .transfer.sync import sync_clusters
 
     selected, directory, chosen_progress, options = _prepare(
         config, clusters, max_parallel, timeout, retries, settle, progress, prompter, download_dir)
     with DownloadDirLock(directory):
-        return await sync_clusters(selected, directory, chosen_progress, options)
+        return _raise_for_failures(await sync_clusters(selected, directory, chosen_progress, options))
 
 
 def _prepare(config: PathLike | Config | None, clusters: Sequence[str] | None, max_parallel: int, timeout: float,
-             retries: int, settle: float | None, progress: Progress | None, prompter: Prompter | None,
+             retries: int, settle: float | None, progress: Progress | type | None, prompter: Prompter | None,
              download_dir: PathLike
              ) -> tuple[list[ClusterConfig], str, Progress, SyncOptions]:
     if not isinstance(config, Config):
@@ -91,7 +108,16 @@ def _prepare(config: PathLike | Config | None, clusters: Sequence[str] | None, m
                           settle=SyncOptions.settle_for(config, settle),
                           prompter=prompter if prompter is not None else TerminalPrompter())
     return (config.select(list(clusters) if clusters else None), str(download_dir),
-            progress if progress is not None else _default_progress(), options)
+            _chosen_progress(progress), options)
+
+
+def _chosen_progress(progress: Progress | type | None) -> Progress:
+    """``progress=`` as given: a Progress; a tqdm class (``tqdm.auto.tqdm``), drawing the bars; None: the default."""
+    if progress is None:
+        return _default_progress()
+    if isinstance(progress, type) and not issubclass(progress, Progress):
+        return TqdmProgress(sys.stderr, bar_class=progress)
+    return progress
 
 
 def merge(download_dir: PathLike = DEFAULT_DOWNLOAD_DIR, output: PathLike = DEFAULT_OUTPUT, *,
@@ -125,6 +151,14 @@ async def merge_async(download_dir: PathLike = DEFAULT_DOWNLOAD_DIR, output: Pat
 
 
 def _default_progress() -> Progress:
-    """Bars on a terminal; nothing elsewhere (a notebook, a log)."""
-    return TqdmProgress(sys.stderr) if sys.stderr.isatty() else QuietProgress(sys.stderr)
+    """Bars on a terminal; in a notebook (its kernel loaded, no terminal), bars through
+    ``tqdm.auto`` (widgets); nothing elsewhere (a log, a service: a running event loop
+    alone is not a notebook, and bars there would fill the log)."""
+    if sys.stderr.isatty():
+        return TqdmProgress(sys.stderr)
+    if "ipykernel" in sys.modules:
+        from tqdm.auto import tqdm
+
+        return TqdmProgress(sys.stderr, bar_class=tqdm)
+    return QuietProgress(sys.stderr)
 

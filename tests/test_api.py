@@ -11,7 +11,7 @@ import pytest
 
 import async_embed_sync
 from async_embed_sync import load, merge, merge_async, sync, sync_async
-from async_embed_sync.errors import DownloadDirLockedError
+from async_embed_sync.errors import DownloadDirLockedError, SyncFailedError
 from async_embed_sync.progress import QuietProgress
 from async_embed_sync.testing.synthetic import generate_run
 from async_embed_sync.transfer.lock import DownloadDirLock
@@ -44,8 +44,9 @@ def test_sync_takes_the_settle_window_as_a_keyword(openssh, tmp_path, write_conf
     config = _remote_run(tmp_path, openssh, write_config)
     [piece] = (tmp_path / "remote" / "tensor01").iterdir()
     os.utime(piece)  # written just now: still being written, under the default 60 s
-    report = sync(config, download_dir=tmp_path / "dl", progress=QuietProgress())
-    assert report.still_writing == {"tensor01": [piece.name]}
+    with pytest.raises(SyncFailedError) as caught:  # a file still being written: the sync is not complete
+        sync(config, download_dir=tmp_path / "dl", progress=QuietProgress())
+    assert caught.value.report.still_writing == {"tensor01": [piece.name]}
     report = sync(config, download_dir=tmp_path / "dl", progress=QuietProgress(), settle=0)
     assert report.ok and report.clusters["tensor01"].downloaded == 1
 
