@@ -8,21 +8,26 @@ terminated (SIGTERM; 128 + 15, the shell's convention).
 from __future__ import annotations
 
 import argparse
+import contextvars
+import dataclasses
+import json
+import math
 import os
 import sys
 from collections.abc import Sequence
 
 from . import __version__
 from .api import DEFAULT_OUTPUT
-from .api import merge as api_merge
+from .api import merge as _library_merge
 from .config import (
     DEFAULT_CONFIG_FILE,
+    INIT_COMMAND,
     ClusterConfig,
     Config,
     load_config,
     write_example_config,
 )
-from .errors import AsyncEmbedSyncError, ClustersLeftOutError, Terminated
+from .errors import AsyncEmbedSyncError, ClustersLeftOutError, NoConfigError, Terminated, UnknownClusterError
 from .logs import configure_logging
 from .output import ARTICLES_FORMATS
 from .progress import Progress, choose_progress
@@ -77,23 +82,104 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     # resumable, no half-written output is left at the final path.
     restore_sigterm = stop_on_sigterm()
     restore_logging = lambda: None  # noqa: E731
+    document = _json_document(args) if getattr(args, "json", False) else None
+    token = _JSON_DOCUMENT.set(document)
+    code, error = EXIT_FAILED, None
     try:
         restore_logging = configure_logging(2 if args.debug else args.verbose, args.log_file)
-        return args.handler(args)
+        code = args.handler(args)
+    except UnknownClusterError as exc:  # a typo in --clusters: a usage error, as argparse says them
+        error = exc
+        code = _usage_error(args, f"argument --clusters: unknown cluster(s) {', '.join(exc.unknown)}; "
+                                  f"the clusters configured in {exc.source} are: {', '.join(exc.known)}")
+    except SystemExit as exc:  # args.usage_error() in a handler: argparse printed it
+        code = exc.code if isinstance(exc.code, int) else EXIT_FAILED if exc.code else EXIT_OK
     except AsyncEmbedSyncError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        error = exc
+        message = str(exc)
+        if isinstance(exc, NoConfigError):  # the name typed: `async-embed-sync init`, not `python -m ...`
+            message = message.replace(INIT_COMMAND, f"{args.prog} init")
+        print(f"error: {message}", file=sys.stderr)
+        code = EXIT_FAILED
     except KeyboardInterrupt:
+        error, code = "Interrupted", EXIT_INTERRUPTED
         print(f"Interrupted. {args.after_stop}",
               file=sys.stderr)
-        return EXIT_INTERRUPTED
     except Terminated:
+        error, code = "Terminated", EXIT_TERMINATED
         print(f"Terminated. {args.after_stop}",
               file=sys.stderr)
-        return EXIT_TERMINATED
     finally:
+        _JSON_DOCUMENT.reset(token)
         restore_logging()
         restore_sigterm()
+    if document is not None:
+        _print_json(document, code, error)
+    return code
+
+
+def api_merge(*args, **options):
+    """The library's merge, its report kept for ``--json`` (``_merge_phase`` calls it)."""
+    report = _library_merge(*args, **options)
+    _record("merge", report)
+    return report
+
+
+def _usage_error(args: argparse.Namespace, message: str) -> int:
+    """argparse's usage error for the command (its usage line, then ``PROG COMMAND: error: ...``); 2."""
+    try:
+        args.usage_error(message)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    return EXIT_USAGE
+
+
+# --json: the document of the command running (None: no --json); the phases put their reports in it.
+_JSON_DOCUMENT: contextvars.ContextVar[dict | None] = contextvars.ContextVar("json_document", default=None)
+
+
+def _json_document(args: argparse.Namespace) -> dict:
+    return {"command": args.command, "ok": False, "exit_code": None, "error": None}
+
+
+def _record(phase: str, report: object) -> None:
+    """Keep a phase's report (``sync``, ``merge``, ``report``) for ``--json``."""
+    document = _JSON_DOCUMENT.get()
+    if document is not None:
+        document[phase] = _jsonable(report)
+
+
+def _print_json(document: dict, code: int, error: BaseException | str | None) -> None:
+    """One JSON document on stdout, whatever the outcome: the reports of the phases that ran, and the error."""
+    document.update(ok=code == EXIT_OK, exit_code=code)
+    if error is not None:
+        document["error"] = {"message": str(error), "type": type(error).__name__ if isinstance(error, BaseException)
+                             else error, "cause": getattr(error, "cause", None),
+                             "rerun_fixes": getattr(error, "rerun_fixes", None)}
+    print(json.dumps(document, indent=2, allow_nan=False), flush=True)
+
+
+def _jsonable(value: object) -> object:
+    """A report as JSON: dataclasses as objects (with their ``ok``), paths and errors as strings,
+    sets as sorted lists, NaN and infinities as null."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(getattr(type(value), "ok", None), property):
+            fields["ok"] = bool(value.ok)
+        return fields
+    if isinstance(value, dict):
+        return {str(key): _jsonable(item) for key, item in value.items()}
+    if isinstance(value, (set, frozenset)):
+        return sorted((_jsonable(item) for item in value), key=str)
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(item) for item in value]
+    if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if hasattr(value, "item") and callable(value.item):  # a numpy scalar
+        return _jsonable(value.item())
+    return str(value)  # a path, an error
 
 
 _AFTER_STOP = "What was verified is kept; run the same command again to resume."
@@ -135,8 +221,13 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     phases.add_argument("--merge-only", action="store_true", help="merge what is already downloaded")
     command("sync", "download every checkpoint from the clusters, concurrently and resumably",
             _sync, _add_connection_arguments, _add_sync_arguments, _add_common_arguments)
-    merge = command("merge", "merge the downloaded checkpoints into one result", _merge,
+    merge = command("merge", "merge the downloaded checkpoints into one result", _merge_command,
                     _add_merge_arguments, _add_common_arguments)
+    for sub in (run, commands.choices["sync"], merge):
+        if "--json" not in sub._option_string_actions:  # _add_common_arguments may have given it already
+            sub.add_argument("--json", action="store_true",
+                             help="write the summary as one JSON document on stdout, also on failure (with "
+                                  "the error); bars and notes stay on stderr")
     # A merge does not resume: it starts over, and an earlier result stays as it was.
     merge.set_defaults(after_stop=_AFTER_MERGE_STOP)
     command("status", "show per cluster what is remote, complete here, partial or changed", _status,
@@ -315,11 +406,27 @@ def _run(args: argparse.Namespace) -> int:
         _sync_phase(args, progress, config, clusters)
     if not args.sync_only:
         # Exactly the clusters of this run, as they were at their sync.
-        _merge_phase(args, progress, clusters=[c.name for c in clusters] if clusters else None,
+        _merge_phase(_without_summary(args), progress, clusters=[c.name for c in clusters] if clusters else None,
                      expect_rows=config.total_rows if config else None)
         if partial_notice:
             print(f"  {partial_notice}", file=sys.stderr)  # again under the summary: the start scrolled away
     return EXIT_OK
+
+
+def _merge_command(args: argparse.Namespace) -> int:
+    """``merge``: as ``_merge``; with ``--json``, its bars as asked and no human summary."""
+    if not getattr(args, "json", False):
+        return _merge(args)
+    _merge_phase(_without_summary(args), choose_progress(args.quiet))
+    return EXIT_OK
+
+
+def _without_summary(args: argparse.Namespace) -> argparse.Namespace:
+    """With ``--json``, the merge phase's arguments as ``--quiet`` for its human lines (the summary is the
+    JSON document); the bars go by the progress passed, which follows the real ``--quiet``."""
+    if not getattr(args, "json", False):
+        return args
+    return argparse.Namespace(**{**vars(args), "quiet": True})
 
 
 def _refuse_left_out_clusters(config: Config, clusters: list[ClusterConfig], partial: bool) -> str | None:
@@ -354,7 +461,8 @@ def _sync_phase(args: argparse.Namespace, progress: Progress, config: Config | N
                        quiet_period=args.quiet_period, max_wait=args.max_wait, expect_rows=config.total_rows,
                        expect_articles=getattr(args, "expect_articles", None))
     report = sync(clusters, args.download_dir, progress, options, watch)
-    if not args.quiet:
+    _record("sync", report)
+    if not args.quiet and not getattr(args, "json", False):  # --json: the summary is the document on stdout
         print(report.summary(), file=sys.stderr)
     if watch is not None:
         watch.raise_if_gave_up()  # it names what is missing, the files still being written too
@@ -387,6 +495,7 @@ def _write_report(args: argparse.Namespace, result: str, output: str | None = No
                             on_rows=lambda done, total: progress.step("report: rows read", done, total))
     finally:
         progress.close()
+    _record("report", path)
     if not args.quiet:
         print(f"Report: {path} (open it in a browser; it needs no network)", file=sys.stderr)
 
@@ -395,7 +504,10 @@ def _init(args: argparse.Namespace) -> int:
     path = write_example_config(args.config)
     if not args.quiet:
         print(f"Wrote {path} (mode 600). Fill in host, username, key_file (or password) and remote_dir "
-              f"for each cluster, then check with: {args.prog} status", file=sys.stderr)
+              f"for each cluster, and set total_rows to the rows of the whole run (the length of the "
+              f"dataset the embedding job was given, its last checkpoint's end_index): a merge short of "
+              f"it is then refused, where a cluster missing from the file would otherwise go unnoticed "
+              f"(null: not set); then check with: {args.prog} status", file=sys.stderr)
     return EXIT_OK
 
 
