@@ -438,3 +438,72 @@ def test_what_numpy_and_python_pickle_still_loads_under_the_bound(tmp_path: Path
 
     assert np.array_equal(loaded["embeddings"], document["embeddings"])
     assert loaded["ids"] == document["ids"] and loaded["raw"] == document["raw"] and loaded["empty"] == b""
+
+
+# ------------------------------------------------------------ 5. a damaged complete local file
+
+
+def _as_synced(paths: list[Path]) -> None:
+    """Journal every checkpoint (and its parts) as a sync leaves it: complete, its real sha256 verified."""
+    import hashlib
+
+    from async_embed_sync.layout import DownloadLayout, FileState
+
+    layout = DownloadLayout(paths[0].parent.parent)
+    for path in paths:
+        for part in sorted(path.parent.glob(path.stem + "*")):
+            layout.prepare(part.parent.name)
+            stat = part.stat()
+            layout.record_complete(part.parent.name, part.name, FileState(stat.st_size, int(stat.st_mtime)),
+                                   hashlib.sha256(part.read_bytes()).hexdigest(), "sha256")
+
+
+def _flip_a_vector_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    start = int(path.stem.split("_")[2])
+    at = data.index(make_vectors(start, start + 1, dim=DIM, seed=0)[0].tobytes())
+    data[at + 5] ^= 0x01
+    path.write_bytes(bytes(data))  # the same size, one bit changed
+
+
+@pytest.mark.parametrize("fmt", ["npy", "pkl"])
+@pytest.mark.parametrize("output_name", ["merged.pkl", "merged"])
+def test_a_complete_synced_file_damaged_here_fails_the_merge_naming_it(tmp_path: Path, fmt: str, output_name: str) -> None:
+    paths = _run(tmp_path / "downloads", fmt)
+    _as_synced(paths)
+    damaged = paths[2]
+    size = damaged.stat().st_size
+    _flip_a_vector_byte(damaged)
+    assert damaged.stat().st_size == size
+
+    message = _refusal(tmp_path / "downloads", tmp_path / output_name)
+
+    assert message.startswith(f"Checkpoint {damaged}: is not the file the sync verified on ")
+    assert "Delete it and sync again (`sync` or `run`) to fetch it anew" in message
+    assert entries(tmp_path) == ["downloads"]
+
+
+def test_a_synced_file_rewritten_with_the_same_bytes_still_merges(tmp_path: Path) -> None:
+    import hashlib
+
+    paths = _run(tmp_path / "downloads", "mixed")
+    _as_synced(paths)
+    paths[1].write_bytes(paths[1].read_bytes())  # a new identity, the bytes verified
+
+    merge_checkpoints(tmp_path / "downloads", tmp_path / "merged.pkl")
+
+    chunk = load(tmp_path / "merged.pkl")["chunk_info"][1]
+    assert chunk["sha256"] == hashlib.sha256(paths[1].read_bytes()).hexdigest()
+
+
+def test_a_file_no_sync_recorded_complete_is_not_held_to_a_hash(tmp_path: Path) -> None:
+    from async_embed_sync.layout import DownloadLayout, FileState
+
+    paths = _run(tmp_path / "downloads", "npy")
+    layout = DownloadLayout(tmp_path / "downloads")
+    layout.prepare(paths[0].parent.name)
+    # A sync under way for a newer version: its journal holds a partial's state.
+    layout.save_state(paths[0].parent.name, paths[0].name, FileState(1, 1, complete=False, sha256="ab" * 32))
+    _flip_a_vector_byte(paths[0])
+
+    merge_checkpoints(tmp_path / "downloads", tmp_path / "merged")

@@ -9,8 +9,10 @@ Memory stays bounded by one block.
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,6 +25,7 @@ from ..errors import (
     translating_local_errors,
 )
 from ..fileio import file_sha256
+from ..layout import DownloadLayout
 from ..output.writer import OutputWriter
 from .checkpoints import NpyCheckpoint
 from .digest import BackgroundDigest
@@ -107,6 +110,33 @@ def sha256_of(path: Path, recorded_sha256: Callable[[Path], str | None]) -> Call
     return still_recorded
 
 
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def checked_against_sync(path: Path, sha256: str, layout: DownloadLayout) -> str:
+    """``sha256``, the merge's hash of the checkpoint at ``path``, if the sync's journal verified
+    no other bytes for it; else a :class:`CheckpointError` naming it.
+
+    The journal's hash stands for the file whatever happened to it here since (a byte
+    damaged in place keeps its size but not its hash): a file the journal records complete
+    is the one the sync verified, or it is not merged. A file without a complete record (put
+    here by hand, a sync under way) has nothing to be held to.
+    """
+    if Path(path).parent.parent != layout.root:
+        return sha256
+    state = layout.load_state(layout.cluster_of(path), Path(path).name)
+    if state is None or not state.complete or not _SHA256.fullmatch(state.sha256 or "") or state.sha256 == sha256:
+        return sha256
+    when = (f" on {datetime.fromtimestamp(state.verified_at).strftime('%Y-%m-%d %H:%M')}"
+            if state.verified_at else "")
+    raise CheckpointError(
+        str(path),
+        f"is not the file the sync verified{when}: it hashes to {sha256[:16]}..., the sync verified "
+        f"{state.sha256[:16]}... It was changed or damaged here since, and is not merged. Delete it and "
+        f"sync again (`sync` or `run`) to fetch it anew: a sync takes a complete file of the size it "
+        f"verified as it is.")
 
 
 class CopyPass:

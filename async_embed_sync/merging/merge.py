@@ -34,7 +34,7 @@ from ..output.scratch import StagedCheckpoint
 from ..output.staging import StagingArea, publish
 from .article_worker import ArticleWorker
 from .checkpoints import CheckpointInfo
-from .copy_pass import CopyPass, MergeProgress, writing
+from .copy_pass import CopyPass, MergeProgress, checked_against_sync, writing
 from .metrics import RowHashBuckets
 from .plan import keep_verified_copies, missing_rows, select_checkpoints, verified_copies
 from .spill import ReadCheckpoint, Spill, SpilledCheckpoint, read_all
@@ -200,7 +200,7 @@ def merge_checkpoints(
         left_out = [path for path in gone if path not in kept_paths]
         missing_ranges = missing_rows(left_out, infos, expect_articles, expect_rows, partial, overlapped)
         copy_pass = CopyPass(parts, recorded_sha256, spec.dtype, strict, on_progress, hashes)
-        quality_metrics = _write(spec, staging, spill, copy_pass, worker)
+        quality_metrics = _write(spec, staging, spill, copy_pass, worker, DownloadLayout(download_dir))
     return MergeReport(
         output=spec.path,
         checkpoints=len(infos),
@@ -244,7 +244,7 @@ def _read(paths: Sequence[Path], copies: Sequence[VerifiedCopy], spill: Spill, s
 
 
 def _write(spec: OutputSpec, staging: StagingArea, spill: Spill, copy_pass: CopyPass,
-           worker: ArticleWorker | None) -> dict[str, Any]:
+           worker: ArticleWorker | None, layout: DownloadLayout) -> dict[str, Any]:
     """Open the output's writer, fill it, finish it and publish it; the quality metrics."""
     parts = copy_pass.parts
     infos = [part.info for part in parts]
@@ -266,7 +266,9 @@ def _write(spec: OutputSpec, staging: StagingArea, spill: Spill, copy_pass: Copy
                     "model": infos[0].model,
                     "timestamp": timestamp,
                     "quality_metrics": quality_metrics,
-                    "chunk_info": [_chunk_info(info, digest()) for info, digest in zip(infos, digests)],
+                    # Each hash held to the one the sync verified, if it did: a damaged copy fails here.
+                    "chunk_info": [_chunk_info(info, checked_against_sync(info.path, digest(), layout))
+                                   for info, digest in zip(infos, digests)],
                 }
             )
         finally:
