@@ -203,8 +203,9 @@ class TqdmProgress(Progress):
         return bar
 
     def add_total(self, nbytes: int) -> None:
-        if self._total_bar is None:
-            self._total_bar = self._bytes_bar(total=0, desc="total", position=0)
+        if self._total_bar is None:  # drawn at once at its first total: never "0.0/0.0 MiB" first
+            self._total_bar = self._bytes_bar(total=nbytes / _MiB, desc="total", position=0)
+            return
         self._total_bar.total += nbytes / self._total_bar.bytes_per_unit
         self._total_bar.refresh()
 
