@@ -6,6 +6,7 @@ Real files, real pickles, the real CLI: nothing under test is mocked.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import signal
@@ -507,3 +508,74 @@ def test_a_file_no_sync_recorded_complete_is_not_held_to_a_hash(tmp_path: Path) 
     _flip_a_vector_byte(paths[0])
 
     merge_checkpoints(tmp_path / "downloads", tmp_path / "merged")
+
+
+# ------------------------------------------------------------ 4. free space before merging
+
+
+@contextlib.contextmanager
+def _tmpfs(directory: Path, size: str):
+    """A real tmpfs of ``size`` at ``directory`` (root only); skipped where it cannot be
+    mounted, except under CI, where that is a failure."""
+    directory.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(directory)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"cannot mount a tmpfs under CI: {mounted.stderr.strip()}")
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield directory
+    finally:
+        subprocess.run(["umount", str(directory)], check=True)
+
+
+@pytest.mark.parametrize("output_name", ["merged.pkl", "merged"])
+def test_a_result_its_file_system_has_no_room_for_is_refused_up_front(tmp_path: Path, output_name: str) -> None:
+    _run(tmp_path / "downloads", rows=2000, dim=384)  # 3 MiB of float32 rows
+    with _tmpfs(tmp_path / "small", "2m") as small:
+        output = small / output_name
+
+        message = _refusal(tmp_path / "downloads", output)
+
+        assert message.startswith(f"Cannot write {output}: not enough disk space: needs 3.")
+        assert f" MiB free on {small} (the merged result, estimated" in message
+        assert entries(small) == []
+
+
+def test_a_result_that_fits_the_same_small_file_system_is_written(tmp_path: Path) -> None:
+    _run(tmp_path / "downloads", rows=2000, dim=384, fmt="mixed")
+    with _tmpfs(tmp_path / "small", "12m") as small:
+        merge_checkpoints(tmp_path / "downloads", small / "merged.pkl")
+        assert load(small / "merged.pkl")["total_articles"] == 1998
+
+
+def _parse_size(text: str) -> float:
+    number, unit = text.split()
+    return float(number) * {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}[unit]
+
+
+@pytest.mark.parametrize("fmt", ["npy", "pkl"])
+def test_the_free_space_check_counts_rows_dim_dtype_and_articles(tmp_path: Path, fmt: str) -> None:
+    paths = _run(tmp_path / "downloads", fmt, rows=1000, dim=256)
+    asked: list[Path] = []
+
+    def free(path: Path) -> tuple[int, str]:
+        asked.append(path)
+        return 400 << 10, "/mnt/x"
+
+    message = _refusal(tmp_path / "downloads", tmp_path / "merged", dtype="float16", free_space=free)
+
+    assert message.startswith(f"Cannot write {tmp_path / 'merged'}: not enough disk space: needs ")
+    needs = _parse_size(message.split("needs ")[1].split(",")[0])
+    assert ", 400.0 KiB free on /mnt/x (" in message
+    rows_and_hashes = 998 * 256 * 2 + 1000 * 16  # the article rows in float16; the row hashes
+    if fmt == "npy":
+        articles = sum(path.with_suffix(".jsonl").stat().st_size for path in paths)
+        assert abs(needs - (rows_and_hashes + articles)) < 0.06 * 1024
+    else:  # the articles as the legacy checkpoints' staging encoded them: some of each file
+        assert rows_and_hashes < needs < rows_and_hashes + sum(path.stat().st_size for path in paths)
+    assert asked and asked[0].parent == tmp_path  # the staging area's file system
+    assert entries(tmp_path) == ["downloads"]
+    merge_checkpoints(tmp_path / "downloads", tmp_path / "merged", dtype="float16",
+                      free_space=lambda path: (10 << 20, "/mnt/x"))

@@ -31,7 +31,7 @@ from ..layout import DownloadLayout
 from ..output import OUTPUT_DTYPES, ArticlesFormat, OutputSpec
 from ..output.forms import DEFAULT_ARTICLES_FORMAT, metadata_suffix
 from ..output.scratch import StagedCheckpoint
-from ..output.staging import StagingArea, publish
+from ..output.staging import StagingArea, check_room, publish
 from .article_worker import ArticleWorker
 from .checkpoints import CheckpointInfo
 from .copy_pass import CopyPass, MergeProgress, checked_against_sync, writing
@@ -155,6 +155,7 @@ def merge_checkpoints(
     partial: bool = False,
     on_read: Callable[[int, int], None] | None = None,
     shard_rows: int | None = None,
+    free_space: Callable[[Path], tuple[int, str]] | None = None,
 ) -> MergeReport:
     """Merge every checkpoint under ``<download_dir>/*/`` into ``output``.
 
@@ -171,7 +172,9 @@ def merge_checkpoints(
     decided already stands for ``output``, ``dtype``, ``articles_format`` and ``shard_rows``. Raises
     :class:`MergeValidationError`, :class:`CheckpointError` or
     :class:`OutputError` or :class:`LocalFileError`; on any failure, Ctrl-C included, nothing is left
-    at ``output`` and the staging area is removed.
+    at ``output`` and the staging area is removed. A result its file system has no room for
+    (``free_space``: how its free bytes and mount point are told, by default ``os.statvfs``) is
+    refused before the output is made.
     """
     started = time.perf_counter()
     spec = output if isinstance(output, OutputSpec) else OutputSpec.decide(output, dtype, articles_format,
@@ -200,6 +203,8 @@ def merge_checkpoints(
         left_out = [path for path in gone if path not in kept_paths]
         missing_ranges = missing_rows(left_out, infos, expect_articles, expect_rows, partial, overlapped)
         copy_pass = CopyPass(parts, recorded_sha256, spec.dtype, strict, on_progress, hashes)
+        # Before the output is made: a result its file system has no room for is refused in one line.
+        check_room(staging, _expected_bytes(spec, parts, spill), free_space)
         quality_metrics = _write(spec, staging, spill, copy_pass, worker, DownloadLayout(download_dir))
     return MergeReport(
         output=spec.path,
@@ -279,6 +284,32 @@ def _write(spec: OutputSpec, staging: StagingArea, spill: Spill, copy_pass: Copy
             copy_pass.hashes.remove()
         publish(staging)
     return quality_metrics
+
+
+# What the duplicate count's row hashes take in the staging area, per row (metrics.RowHashBuckets).
+_ROW_HASH_BYTES = 16
+
+
+def _expected_bytes(spec: OutputSpec, parts: Sequence[ReadCheckpoint], spill: Spill) -> int:
+    """About what the merge still writes beside its output: the rows (rows x dim x the output
+    dtype's bytes; none if the staged rows of legacy checkpoints become the pickle as they are),
+    the articles (as large as a ``.npy`` checkpoint's JSON lines, or a legacy one's staged
+    articles), and the row hashes of the duplicate count."""
+    infos = [part.info for part in parts]
+    rows = sum(info.article_rows for info in infos)
+    vectors = rows * infos[0].dim * spec.dtype.itemsize
+    if spec.is_pickle and spill.scratch.rows_in_place(_staged_in_index_order(parts), vectors) is not None:
+        vectors = 0
+    articles = 0
+    for part in parts:
+        if isinstance(part, SpilledCheckpoint):
+            articles += part.staged.articles_length
+        else:
+            try:
+                articles += part.articles_path.stat().st_size
+            except OSError:
+                pass
+    return vectors + articles + sum(info.rows for info in infos) * _ROW_HASH_BYTES
 
 
 def _shards(spec: OutputSpec, rows: int, dim: int) -> tuple[int, int, str] | None:

@@ -30,7 +30,8 @@ from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
-from ..errors import AFTER_MERGE, translating_local_errors
+from ..errors import AFTER_MERGE, LocalFileError, translating_local_errors
+from ..progress import format_bytes
 from .forms import PICKLE_SUFFIXES
 from .spec import OutputSpec
 
@@ -144,6 +145,35 @@ def foreign_staging(output: Path) -> list[Path]:
         if match is not None and not match["stem"].endswith(f".{socket.gethostname()}"):
             found.append(output.parent / name)
     return found
+
+
+def free_space(path: Path) -> tuple[int, str]:
+    """The bytes this user may still write on the file system holding ``path`` (an existing
+    folder), and that file system's mount point."""
+    stats = os.statvfs(path)
+    device = os.stat(path).st_dev
+    mount = Path(os.path.abspath(path))
+    while mount.parent != mount and os.stat(mount.parent).st_dev == device:
+        mount = mount.parent
+    return stats.f_bavail * stats.f_frsize, str(mount)
+
+
+def check_room(staging: StagingArea, needed: int,
+               free: Callable[[Path], tuple[int, str]] | None = None) -> None:
+    """Refuse, before the output is written, a result of about ``needed`` bytes that its file
+    system has no room for: a ``LocalFileError`` in one line (``needs 1.9 GiB, 400 MiB free on
+    /mnt/x``). ``free``: how free space is told (:func:`free_space`, a seam for tests)."""
+    try:
+        available, mount = (free or free_space)(staging.path)
+    except OSError:
+        return  # cannot be told: the writes say it if it does not fit
+    if needed > available:
+        raise LocalFileError(
+            str(staging.output),
+            f"not enough disk space: needs {format_bytes(needed)}, {format_bytes(available)} free on {mount} "
+            f"(the merged result, estimated from its rows, dimension, dtype and articles). Nothing was written at "
+            f"the output path: free some space and run the merge again, or choose an --output on another "
+            f"file system.")
 
 
 def _make_staging_directory(output: Path) -> Path:
