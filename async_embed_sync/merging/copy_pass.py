@@ -134,9 +134,9 @@ def checked_against_sync(path: Path, sha256: str, layout: DownloadLayout) -> str
     raise CheckpointError(
         str(path),
         f"is not the file the sync verified{when}: it hashes to {sha256[:16]}..., the sync verified "
-        f"{state.sha256[:16]}... It was changed or damaged here since, and is not merged. Delete it and "
-        f"sync again (`sync` or `run`) to fetch it anew: a sync takes a complete file of the size it "
-        f"verified as it is.")
+        f"{state.sha256[:16]}...: it was changed or damaged here since. Delete it and sync again (`sync` or "
+        f"`run`) to fetch it anew: a sync takes a complete file of the size it verified as it is. Nothing "
+        f"was written at the output path.")
 
 
 class CopyPass:
