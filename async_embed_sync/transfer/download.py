@@ -39,9 +39,11 @@ from .settle import ListingTime
 
 logger = logging.getLogger(__name__)
 
-# The journal is advanced (fsync + atomic state write) every this many bytes:
-# at most this much is fetched again after a crash.
+# The journal is advanced (fsync + atomic state write) every this many bytes,
+# or every this many seconds, whichever comes first: a crash or a kill costs
+# at most this much of each file in flight (on a slow link, the seconds).
 CHECKPOINT_BYTES = 8 * 1024 * 1024
+CHECKPOINT_SECONDS = 2.0
 _REHASH_BLOCK = 4 * 1024 * 1024
 
 
@@ -186,7 +188,8 @@ async def _receive(remote: Remote, partial: PartialFile, progress: Progress) -> 
         async for chunk in read.chunks():
             await partial.write(chunk)
             progress.advance(partial.cluster, partial.name, len(chunk))
-            if partial.position - partial.state.verified_offset >= CHECKPOINT_BYTES:
+            if partial.position - partial.state.verified_offset >= CHECKPOINT_BYTES \
+                    or time.monotonic() - partial.checkpointed_at >= CHECKPOINT_SECONDS:
                 await partial.checkpoint()
             # A stop (Ctrl-C, SIGTERM) is taken here, between blocks, where
             # the bytes, the hash and the position agree. Needed: while the
@@ -233,6 +236,8 @@ class PartialFile:
         self.hasher = hashlib.sha256()
         self.position = self.resumed_from = 0
         self._fd: int | None = None
+        # When the journal last vouched for this file's bytes (or the attempt began).
+        self.checkpointed_at = time.monotonic()
 
     async def open(self) -> None:
         """Make the folders, pick the resume point, open the partial, and drop
@@ -279,6 +284,7 @@ class PartialFile:
     async def checkpoint(self) -> None:
         """Make the bytes up to the position durable, then vouch for them in the journal."""
         if self.position == self.state.verified_offset and self.state.prefix_sha256:
+            self.checkpointed_at = time.monotonic()
             return
         advanced = dataclasses.replace(self.state, verified_offset=self.position,
                                        prefix_sha256=self.hasher.hexdigest())
@@ -289,6 +295,7 @@ class PartialFile:
             await anyio.to_thread.run_sync(self._fsync_and_save, advanced)
         self.state.verified_offset, self.state.prefix_sha256 = advanced.verified_offset, advanced.prefix_sha256
         self.recorded = advanced.verified_offset
+        self.checkpointed_at = time.monotonic()
 
     def _fsync_and_save(self, state: FileState) -> None:
         # The order is the invariant: bytes durable first, then the state that
