@@ -14,19 +14,24 @@ secret (no class here takes a password or key material as a field).
     ├── ClustersLeftOutError             run --clusters would merge fewer clusters than configured
     ├── DownloadDirLockedError           another run holds the download directory
     ├── LocalFileError                   a local path cannot be used: in the way, denied,
-    │                                    read-only, disk full, name too long...
-    │                                    (built from the OSError by ``local_file_error``)
+    │   │                                read-only, disk full, name too long...
+    │   │                                (built from the OSError by ``local_file_error``)
+    │   └── NotEnoughSpaceError          a cluster's files would not fit: refused before fetching
     ├── RemoteError                      one cluster; carries ``cluster``
     │   ├── ConnectError                 host unreachable, refused, timed out
+    │   │   └── HandshakeDroppedError    reached, then dropped before the login ended
     │   ├── AuthenticationError          server refused every credential
     │   ├── HostKeyError                 host key unknown or changed
     │   ├── RemoteDirectoryError         remote_dir missing or unreadable
     │   ├── NoCheckpointsError           remote_dir holds no matching files
     │   ├── UnsafeRemoteNameError        a listed name is not a plain file name
+    │   ├── RemoteFileDeniedError        the account may not read a listed file
+    │   ├── RemoteFileGoneError          a listed file was deleted before it was read
     │   ├── TransferError                link dropped or the server failed a read
     │   │   └── ConnectionDroppedError   the connection under a transfer went away
     │   ├── LinkLostError                reached in this run, then dropped and every reconnect failed
-    │   └── StillBeingWrittenError       a file changed mid-copy, or was written too recently
+    │   ├── StillBeingWrittenError       a file changed mid-copy, or was written too recently
+    │   └── NotACheckpointError          a changed file's new version is no readable checkpoint: old copy kept
     ├── VerificationError                downloaded bytes do not match the remote
     ├── SyncFailedError                  summary: some clusters did not sync
     ├── FollowGaveUpError                --follow waited --max-wait and the set is not complete
@@ -144,6 +149,23 @@ class LocalFileError(AsyncEmbedSyncError):
         super().__init__(f"Cannot {action} {path}: {problem}")
 
 
+class NotEnoughSpaceError(LocalFileError):
+    """A cluster's files still to fetch do not fit in the download directory's free space
+    (what other clusters of the run reserved counted): refused before any of them is fetched.
+    ``needed``, ``free``: formatted sizes; ``mount``: the file system's mount point."""
+
+    rerun_fixes = False
+
+    def __init__(self, cluster: str, needed: str, free: str, mount: str, directory: str):
+        self.cluster = cluster
+        self.cause = f"needs {needed}, {free} free on {mount}"
+        AsyncEmbedSyncError.__init__(
+            self, f"Cluster {cluster!r}: not enough disk space: needs {needed}, {free} free on {mount} (the files "
+                  f"still to fetch into {directory}, beside what the other clusters of this run need). Nothing of "
+                  f"it was fetched: free some space, or choose a --download-dir on another file system.")
+        self.path, self.problem, self.action = directory, self.cause, "write"
+
+
 # What the user can still count on after a failure, per phase: said at the
 # end of the paragraph, after the fix.
 AFTER_SYNC = "What was already verified is kept: once this is fixed, run the same command again to resume."
@@ -248,6 +270,28 @@ class ConnectError(RemoteError):
             f"cannot connect to {host}:{port} ({reason}). Check the host name "
             f"and port in the configuration, and that the machine is reachable "
             f"(for example with: ssh -p {port} {host}).",
+        )
+
+
+class HandshakeDroppedError(ConnectError):
+    """The host answered (TCP connected), then the connection dropped before the login
+    ended: a drop, not an unreachable host. Retried with the reconnect backoff."""
+
+    retryable = True
+
+    def __init__(self, cluster: str, host: str, port: int, reason: str):
+        self.host = host
+        self.port = port
+        self.reason = reason
+        self.rerun_fixes = True
+        self.cause = f"the connection to {host}:{port} dropped during the SSH handshake"
+        self.rerun_advice = None
+        RemoteError.__init__(
+            self, cluster,
+            f"the connection to {host}:{port} dropped during the SSH handshake ({reason}). The host "
+            f"answered, so its name and port are right: the link or the server cut the connection "
+            f"(a busy server's MaxStartups, an unsteady network). Run the same command again; on an "
+            f"unsteady link, raise --retries.",
         )
 
 
@@ -394,6 +438,43 @@ class TransferError(RemoteError):
         super().__init__(cluster, f"transfer of {name} failed: {reason}")
 
 
+class RemoteFileDeniedError(RemoteError):
+    """The account may not read one listed file (another owner, mode 600): said at once,
+    not retried (a rerun gets no further until its owner or mode changes); the
+    cluster's other files go on."""
+
+    retryable = False
+    rerun_fixes = False
+    cause = "permission denied on the cluster"
+
+    def __init__(self, cluster: str, name: str, username: str, path: str = ""):
+        self.name = name
+        self.username = username
+        self.path = path or name
+        self.cause = f"permission denied reading {name} as {username!r}"
+        super().__init__(
+            cluster,
+            f"permission denied: the account {username!r} may not read {self.path} (another owner, "
+            f"or mode 600?). Ask its owner to make it readable (chmod a+r, or g+r with a shared group), "
+            f"or leave it out with the cluster's `patterns`; the other files were synced.",
+        )
+
+
+class RemoteFileGoneError(RemoteError):
+    """A listed file was deleted on the cluster before it could be read (a purge, or
+    a re-split in progress): its own outcome, not a failure of the cluster's sync;
+    the listing saved for the merge is the one taken after it, without the file."""
+
+    retryable = False
+    rerun_fixes = True
+    cause = "a listed file was deleted on the cluster"
+
+    def __init__(self, cluster: str, name: str):
+        self.name = name
+        super().__init__(cluster, f"{name} was deleted on the cluster after it was listed (a purge, or a "
+                                  f"re-split in progress?): not fetched, and left out of this sync's listing.")
+
+
 class ConnectionDroppedError(TransferError):
     """The connection a transfer used went away. The link notices the drop
     and says it once for every file in flight; a file whose error comes
@@ -458,6 +539,28 @@ class StillBeingWrittenError(RemoteError):
         """The same, as ``--follow`` says it: it is waiting for the file already."""
         return (f"Cluster {self.cluster!r}: {self.name} is still being written ({self.why}): {self.kept_here}; "
                 f"it is fetched once it settles.")
+
+
+class NotACheckpointError(RemoteError):
+    """A file complete and verified here changed on the cluster, and its new version, fetched
+    whole and matching the server's sha256, is not a readable checkpoint (cut short, damaged):
+    the verified copy stays in place, the new version a partial. A rerun gets the same
+    version: the cluster's file needs a look (or its job is still rewriting it)."""
+
+    rerun_fixes = False
+    cause = "a changed file on the cluster is not a readable checkpoint"
+
+    def __init__(self, cluster: str, name: str, change: str, why: str):
+        self.name = name
+        self.change = change
+        self.why = why
+        super().__init__(
+            cluster,
+            f"{name} changed on the cluster ({change}), and the new version is not a readable checkpoint "
+            f"({why}): the verified copy here was kept, and the new version stays a partial. If its job is "
+            f"rewriting it, run again once it is done; if the cluster's file was cut short or damaged, "
+            f"restore it there.",
+        )
 
 
 class VerificationError(AsyncEmbedSyncError):

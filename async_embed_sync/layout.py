@@ -17,6 +17,7 @@ treated as absent: the partial it describes is then not trusted.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -112,6 +113,23 @@ class DownloadLayout:
     def state_path(self, cluster: str, name: str) -> Path:
         return self.state_root / cluster / f"{name}.json"
 
+    def replacement_state_path(self, cluster: str, name: str) -> Path:
+        """The journal of a partial that is to replace a complete, verified copy: apart from
+        that copy's record, which stays until the new version is in place."""
+        return self.state_root / cluster / f"{name}.replacing"
+
+    def load_replacement_state(self, cluster: str, name: str) -> FileState | None:
+        return self._read_state(self.replacement_state_path(cluster, name))
+
+    def save_replacement_state(self, cluster: str, name: str, state: FileState) -> None:
+        self._write_state(self.replacement_state_path(cluster, name), state)
+
+    def forget_replacement(self, cluster: str, name: str) -> None:
+        """Drop a replacement's partial and journal; the complete copy and its record stay."""
+        for path in (self.partial_path(cluster, name), self.replacement_state_path(cluster, name)):
+            with translating_local_errors(path, "remove", AFTER_SYNC):
+                path.unlink(missing_ok=True)
+
     def cluster_folders(self, cluster: str) -> tuple[Path, Path]:
         """Where ``cluster``'s complete files and its partials and state live."""
         return self.root / cluster, self.state_root / cluster
@@ -152,7 +170,10 @@ class DownloadLayout:
                     raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(folder))
 
     def load_state(self, cluster: str, name: str) -> FileState | None:
-        path = self.state_path(cluster, name)
+        return self._read_state(self.state_path(cluster, name))
+
+    @staticmethod
+    def _read_state(path: Path) -> FileState | None:
         try:
             document = json.loads(path.read_text(encoding="utf-8"))
             if document.pop("version", None) != _FORMAT_VERSION:
@@ -166,8 +187,11 @@ class DownloadLayout:
             return None
 
     def save_state(self, cluster: str, name: str, state: FileState) -> None:
+        self._write_state(self.state_path(cluster, name), state)
+
+    @staticmethod
+    def _write_state(path: Path, state: FileState) -> None:
         document = {"version": _FORMAT_VERSION, **asdict(state)}
-        path = self.state_path(cluster, name)
         with translating_local_errors(path, "write", AFTER_SYNC):
             write_atomically(path, json.dumps(document, sort_keys=True).encode("utf-8"))
 
@@ -179,6 +203,8 @@ class DownloadLayout:
         state.local_identity = file_identity(self.final_path(cluster, name))
         state.verified_at = time.time()
         self.save_state(cluster, name, state)
+        with translating_local_errors(self.replacement_state_path(cluster, name), "remove", AFTER_SYNC):
+            self.replacement_state_path(cluster, name).unlink(missing_ok=True)
 
     def verified_sha256(self, path: Path) -> str | None:
         """The sha256 the sync recorded for the complete file at ``path``, if it is still that file.
@@ -325,9 +351,35 @@ def write_atomically(path: Path, data: bytes) -> None:
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
     try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(temporary, path)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temporary, path)
+    except BaseException:
+        # A full disk (or a stop) leaves no temporary file behind.
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
     fsync_directory(path.parent)
+
+
+def free_space(directory: str | os.PathLike) -> tuple[int, str] | None:
+    """The bytes this user may still write on the file system that holds ``directory``
+    (or would hold it: its nearest existing parent), and that file system's mount point;
+    None if it cannot be told."""
+    current = Path(os.path.abspath(directory))
+    while not current.exists() and current.parent != current:
+        current = current.parent
+    try:
+        stats = os.statvfs(current)
+        device = current.stat().st_dev
+        mount = current
+        while mount.parent != mount and mount.parent.stat().st_dev == device:
+            mount = mount.parent
+    except OSError:
+        return None
+    return stats.f_bavail * stats.f_frsize, str(mount)

@@ -19,6 +19,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
@@ -27,6 +28,7 @@ import anyio.lowlevel
 from ..errors import (
     AFTER_SYNC,
     AsyncEmbedSyncError,
+    NotACheckpointError,
     StillBeingWrittenError,
     VerificationError,
     translating_local_errors,
@@ -65,11 +67,14 @@ class FileOutcome:
 
 
 async def download_file(remote: Remote, layout: DownloadLayout, remote_file: RemoteFile,
-                        progress: Progress, listed: ListingTime | None = None) -> FileOutcome:
+                        progress: Progress, listed: ListingTime | None = None,
+                        check: Callable[[Path, str], str | None] | None = None) -> FileOutcome:
     """Bring one remote file into place, resuming from a verified prefix.
 
     ``listed``: when the listing that saw ``remote_file`` was taken, and the
-    settle window (None: now, with the default window).
+    settle window (None: now, with the default window). ``check``: a new
+    version that is to replace a complete, verified copy here must pass it
+    (a message: why it is not a readable checkpoint; ``SyncOptions.check_checkpoint``).
 
     An error of ours ends the attempt as a "failed" outcome that carries
     it: ``TransferError`` (retryable: the verified prefix survives for the
@@ -87,7 +92,7 @@ async def download_file(remote: Remote, layout: DownloadLayout, remote_file: Rem
     partial = PartialFile(layout, cluster, remote_file, local.state)
     try:
         await partial.open()
-        verified_by = await _transfer(remote, partial, progress, listed)
+        verified_by = await _transfer(remote, partial, progress, listed, check)
     except AsyncEmbedSyncError as exc:
         return partial.outcome("failed", error=exc)
     finally:
@@ -100,7 +105,8 @@ async def download_file(remote: Remote, layout: DownloadLayout, remote_file: Rem
                            verified_by=verified_by)
 
 
-async def _transfer(remote: Remote, partial: PartialFile, progress: Progress, listed: ListingTime) -> str:
+async def _transfer(remote: Remote, partial: PartialFile, progress: Progress, listed: ListingTime,
+                    check: Callable[[Path, str], str | None] | None = None) -> str:
     """Fetch the rest of ``partial``, check it, move it into place; how it was verified.
 
     A file that changed during the copy, or whose last write is within the
@@ -149,6 +155,12 @@ async def _transfer(remote: Remote, partial: PartialFile, progress: Progress, li
             raise VerificationError(cluster, name, "part of it was copied while it was still being written, "
                                                    "and the server has no shell to hash it: fetched again whole")
         verified_by = "sha256" if expected is not None else "size"
+        if partial.replacing is not None and check is not None:
+            # A verified copy is replaced only by a version that reads as a checkpoint.
+            why = await anyio.to_thread.run_sync(check, partial.path, name)
+            if why:
+                await partial.checkpoint()
+                raise NotACheckpointError(cluster, name, _change_of(partial.replacing, remote_file), why)
         # A version this close to its listing could be rewritten in the same
         # second at the same size: the next sync fetches it again.
         partial.state.recheck = listed.too_recent_to_trust(remote_file.mtime)
@@ -160,6 +172,18 @@ async def _transfer(remote: Remote, partial: PartialFile, progress: Progress, li
         await _discard(remote_hash)
     progress.file_finished(cluster, name, "downloaded")
     return verified_by
+
+
+def _change_of(old: FileState, new: RemoteFile) -> str:
+    """How a file changed on the cluster since the copy here was verified, in words."""
+    if old.remote_size != new.size:
+        before, now = format_bytes(old.remote_size), format_bytes(new.size)
+        if before == now:
+            before, now = f"{old.remote_size:,}", f"{new.size:,} bytes"
+        verb = "cut" if new.size < old.remote_size else "grown"
+        return f"{verb} from the {before} verified here to {now}"
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(new.mtime))
+    return f"rewritten at the same size ({format_bytes(new.size)}), modified {when}"
 
 
 def _change_during_copy(listed: RemoteFile, after: RemoteFile, position: int) -> str:
@@ -229,6 +253,12 @@ class PartialFile:
         self.layout, self.cluster, self.remote_file = layout, cluster, remote_file
         self.name = remote_file.name
         self.path = layout.partial_path(cluster, self.name)
+        # A complete copy in place, verified, which this download is to replace: its record
+        # stays the journal's until the new version is in place; this partial's is apart.
+        self.replacing = journal if journal is not None and journal.complete \
+            and layout.final_path(cluster, self.name).exists() else None
+        if self.replacing is not None:
+            journal = layout.load_replacement_state(cluster, self.name)
         self._journal = journal  # as loaded when the attempt began
         # A complete journal vouches for the file in place, not for a partial: nothing of this one yet.
         self.recorded = self._recorded_at_start = journal.verified_offset if journal and not journal.complete else 0
@@ -302,7 +332,10 @@ class PartialFile:
         # vouches for them.
         with translating_local_errors(self.path, "write", AFTER_SYNC):
             os.fsync(self._fd)
-        self.layout.save_state(self.cluster, self.name, state)
+        if self.replacing is not None:
+            self.layout.save_replacement_state(self.cluster, self.name, state)
+        else:
+            self.layout.save_state(self.cluster, self.name, state)
 
     def move_into_place(self, digest: str, verified_by: str) -> None:
         """Rename the complete, verified partial to its final path and record it complete."""
@@ -314,8 +347,11 @@ class PartialFile:
             self.layout.record_complete(self.cluster, self.name, self.state, digest, verified_by)
 
     def discard(self) -> None:
-        """Drop the partial and its state: the next attempt starts at 0."""
-        self.layout.forget(self.cluster, self.name)
+        """Drop the partial and its state: the next attempt starts at 0 (a copy it was to replace stays)."""
+        if self.replacing is not None:
+            self.layout.forget_replacement(self.cluster, self.name)
+        else:
+            self.layout.forget(self.cluster, self.name)
         self.recorded = 0
 
     def close(self) -> None:

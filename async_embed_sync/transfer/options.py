@@ -11,9 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..config import ClusterConfig, Config
+from ..layout import free_space
 from .prompts import Prompter
 from .settle import DEFAULT_SETTLE_SECONDS
 
@@ -70,6 +72,15 @@ class SyncOptions:
     settle: float = DEFAULT_SETTLE_SECONDS
     # Who answers password, passphrase and 2FA prompts; None: nobody.
     prompter: Prompter | None = None
+    # The free bytes and mount point of the file system a download directory is on (None: unknown,
+    # no check); a cluster whose files still to fetch do not fit is refused before fetching.
+    free_space: Callable[[str], tuple[int, str] | None] = free_space
+    # A complete new version of a file that is to replace a verified copy here is first
+    # checked as a checkpoint (None: not checked): called with the new version's path (a
+    # partial, whose name does not end as the file's) and the file's name; returns why it is
+    # not a readable checkpoint (then it stays a partial, the old copy in place), or None.
+    # The merge's reader, passed by the caller (transfer/ may not import merging/).
+    check_checkpoint: Callable[[Path, str], str | None] | None = None
     # How a cluster's remote is made: over SSH, or (in tests) any other ``remote.Remote``.
     connect: Callable[[ClusterConfig, SyncOptions], Awaitable[Remote]] = connect_over_ssh
 

@@ -136,7 +136,7 @@ class ClusterRemote:
                                            prompter=prompter or NoPrompter())
         try:
             with translate_errors(target):
-                files = await _open_files(connection, cluster, sftp_channels, read_ahead)
+                files = await _open_files(connection, cluster, sftp_channels, read_ahead, target.username)
         except BaseException:
             await connection.close()
             connection.close_jumps()
@@ -214,14 +214,14 @@ class ClusterRemote:
 
 
 async def _open_files(connection: Connection, cluster: ClusterConfig, channels: int,
-                      read_ahead: int) -> FileAccess:
+                      read_ahead: int, username: str = "") -> FileAccess:
     """The SFTP pool; for a server without an SFTP subsystem, exec channels."""
     try:
         return await SftpFiles.open(connection.client, cluster, channels, read_ahead)
     except (ChannelOpenError, SFTPError) as exc:
         if connection.is_closed:
             raise  # a drop, not a server without SFTP
-        shell = ShellFiles(connection.client, cluster)
+        shell = ShellFiles(connection.client, cluster, username=username)
         try:
             has_shell = await shell.probe()
         except ChannelOpenError:

@@ -20,7 +20,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from ..config import ClusterConfig
-from ..errors import RemoteDirectoryError, TransferError
+from ..errors import RemoteDirectoryError, RemoteError, RemoteFileDeniedError, RemoteFileGoneError, TransferError
 from .files import FileRead, RemoteFile, remote_path
 
 READ_BLOCK = 256 * 1024
@@ -33,9 +33,11 @@ class ShellFiles:
     method = "exec"
     has_unsettled_reads = False  # a read's one channel is closed when the read ends
 
-    def __init__(self, connection: Any, cluster: ClusterConfig, channels: int = DEFAULT_CHANNELS):
+    def __init__(self, connection: Any, cluster: ClusterConfig, channels: int = DEFAULT_CHANNELS,
+                 username: str = ""):
         self._connection = connection
         self._cluster = cluster
+        self._username = username or cluster.username or "?"
         self._channels = asyncio.Semaphore(channels)
 
     async def _run(self, command: str) -> tuple[int, bytes, str]:
@@ -67,12 +69,21 @@ class ShellFiles:
     async def stat(self, name: str) -> RemoteFile:
         status, out, err = await self._run(f"stat -L -c '%s %Y' -- {shlex.quote(remote_path(self._cluster, name))}")
         if status != 0:
-            raise TransferError(self._cluster.name, name, err or f"stat exited with {status}")
+            raise self.file_error(name, err or f"stat exited with {status}")
         size, mtime = out.split()
         return RemoteFile(name, int(size), int(mtime))
 
     def read(self, name: str, offset: int, end: int) -> FileRead:
         return _TailRead(self, name, offset, end)
+
+    def file_error(self, name: str, err: str) -> RemoteError:
+        """A command's failure on one file, as SFTP's status would say it: the account may not
+        read it ("Permission denied"), it is gone ("No such file or directory"), or a failed read."""
+        if "Permission denied" in err:
+            return RemoteFileDeniedError(self._cluster.name, name, self._username, remote_path(self._cluster, name))
+        if "No such file or directory" in err:
+            return RemoteFileGoneError(self._cluster.name, name)
+        return TransferError(self._cluster.name, name, err)
 
     async def close_files(self) -> None:
         pass  # nothing is closed later: a read's channel ends with the read
@@ -114,6 +125,6 @@ class _TailRead(FileRead):
                 completed = await process.wait()
                 if completed.exit_status != 0:
                     err = (completed.stderr or b"").decode("utf-8", "replace").strip()
-                    raise TransferError(files._cluster.name, name, err or f"tail exited with {completed.exit_status}")
+                    raise files.file_error(name, err or f"tail exited with {completed.exit_status}")
         if remaining == 0:
             self.closing_stat = await files.stat(name)

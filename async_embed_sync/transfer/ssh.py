@@ -33,13 +33,17 @@ from ..errors import (
     ConfigError,
     ConnectError,
     ConnectionDroppedError,
+    HandshakeDroppedError,
     HostKeyError,
     KeyProblem,
     RemoteDirectoryError,
     RemoteError,
+    RemoteFileDeniedError,
+    RemoteFileGoneError,
     TransferError,
 )
 from ..known_hosts import append_known_host, host_pattern
+from .files import remote_path
 from .prompts import NoTerminal, Prompter, Questions, Withdrawn
 
 if TYPE_CHECKING:
@@ -525,7 +529,11 @@ def _sftp_error(target: SSHTarget, exc: asyncssh.SFTPError, name: str | None,
         if isinstance(exc, refusal):
             if name is None:
                 return RemoteDirectoryError(cluster.name, remote_dir or cluster.remote_dir, directory_words)
-            return TransferError(cluster.name, name, file_words)
+            # A listed file the account may not read, or one deleted since the listing:
+            # said at once, not retried (a retry meets the same answer).
+            if isinstance(exc, asyncssh.SFTPPermissionDenied):
+                return RemoteFileDeniedError(cluster.name, name, target.username, remote_path(cluster, name))
+            return RemoteFileGoneError(cluster.name, name)
     if isinstance(exc, (asyncssh.SFTPNoConnection, asyncssh.SFTPConnectionLost)):
         return ConnectionDroppedError(cluster.name, name or cluster.remote_dir,
                                       f"connection lost ({exc.reason or exc})")
@@ -541,6 +549,10 @@ def _disconnect_error(target: SSHTarget, exc: asyncssh.Error, connecting: bool, 
         # "Too many authentication failures": the server's MaxAuthTries
         # ran out (many agent keys, say). A login problem, not a network one.
         return _authentication_error(target, auth, cut_off=True)
+    if connecting and isinstance(exc, asyncssh.ConnectionLost):
+        # The host answered, then the connection went: a drop, retried as one.
+        return HandshakeDroppedError(cluster.name, target.hostname, target.port,
+                                     _disconnect_words(exc, connecting=True))
     if connecting:
         return ConnectError(cluster.name, target.hostname, target.port, _disconnect_words(exc, connecting=True))
     return ConnectionDroppedError(cluster.name, name or cluster.remote_dir,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import time
 from collections import deque
@@ -28,9 +29,14 @@ from ..errors import (
     AsyncEmbedSyncError,
     ConnectError,
     ConnectionDroppedError,
+    HandshakeDroppedError,
     LinkLostError,
+    LocalFileError,
     NoCheckpointsError,
+    NotACheckpointError,
+    NotEnoughSpaceError,
     RemoteError,
+    RemoteFileGoneError,
     StillBeingWrittenError,
     SyncFailedError,
     TransferError,
@@ -73,6 +79,9 @@ class ClusterReport:
     fetched_names: set[str] = field(default_factory=set)
     polls: int = 0  # listings of the cluster started afresh: 1, or each poll of --follow
     said_writing: set[str] = field(default_factory=set)  # still being written, and said so
+    # Listed, then deleted on the cluster before they could be read (a purge, a re-split):
+    # not a failure; the listing saved is the one taken after, without them.
+    gone: list[str] = field(default_factory=list)
 
     @property
     def errors(self) -> list[str]:
@@ -86,7 +95,14 @@ class ClusterReport:
         """``--follow`` polls again: what the last poll found still being written, or failed
         in a way a new attempt may mend, is judged anew."""
         self.still_writing = []
+        self.gone = []
         self.failures = [failure for failure in self.failures if not failure.rerun_fixes]
+
+    def gone_notice(self) -> str:
+        """One line for the files deleted on the cluster after they were listed."""
+        names = ", ".join(self.gone[:5]) + (f" and {len(self.gone) - 5} more" if len(self.gone) > 5 else "")
+        return (f"{self.name}: {names} deleted on the cluster after the listing (a purge, or a re-split in "
+                f"progress?): not fetched, and left out of the listing the merge takes.")
 
     def lacking(self) -> str:
         """What a failed cluster lacks, in a few words ("" before its listing)."""
@@ -144,6 +160,7 @@ class SyncReport:
                          f"{format_bytes(c.transferred):>9} {c.seconds:>5.1f}s {rate:>10} "
                          f"{c.resumed:>7} {c.skipped:>7} {how}")
         lines += [c.local_only_notice for c in self.clusters.values() if c.local_only_notice]
+        lines += [c.gone_notice() for c in self.clusters.values() if c.gone]
         return "\n".join(lines)
 
 
@@ -162,12 +179,15 @@ async def sync_clusters(clusters: list[ClusterConfig], download_dir: str, progre
     slots = FairSlots(options.max_parallel, options.bytes_in_flight)
     report = SyncReport({c.name: ClusterReport(c.name) for c in clusters})
     links = {c.name: ClusterLink(c, options, progress, report.clusters[c.name]) for c in clusters}
+    # Said at once: the SSH stack's import, the handshakes and a passphrase take seconds.
+    progress.note(f"connecting to {', '.join(c.name for c in clusters)} ...")
     try:
         while True:
+            disk = DiskBudget(download_dir, options.free_space(download_dir))
             async with anyio.create_task_group() as tasks:
                 for cluster in clusters:
                     tasks.start_soon(_sync_cluster, cluster, layout, slots, progress, options,
-                                     report.clusters[cluster.name], links[cluster.name], watch is not None)
+                                     report.clusters[cluster.name], links[cluster.name], watch is not None, disk)
             if watch is None or watch.settled(report):
                 return report
             await anyio.sleep(watch.poll)
@@ -180,6 +200,29 @@ async def sync_clusters(clusters: list[ClusterConfig], download_dir: str, progre
             for link in links.values():
                 await link.close()
         progress.close()
+
+
+class DiskBudget:
+    """The download directory's free space, measured as a poll starts, shared by the
+    clusters: each cluster, once its listing is complete, reserves the bytes it still
+    has to fetch (listed size minus the verified bytes kept), and is refused before it
+    fetches anything if they do not fit beside what the clusters before it reserved."""
+
+    def __init__(self, directory: str, free: tuple[int, str] | None):
+        self.directory = directory
+        self.free, self.mount = free if free is not None else (None, "")
+        self.reserved = 0
+
+    def reserve(self, cluster: str, needed: int) -> NotEnoughSpaceError | None:
+        """Reserve ``needed`` bytes for ``cluster``; the error that refuses it if they do not fit."""
+        if self.free is None or needed <= 0:
+            return None
+        available = max(self.free - self.reserved, 0)
+        if needed > available:
+            return NotEnoughSpaceError(cluster, format_bytes(needed), format_bytes(available), self.mount,
+                                       self.directory)
+        self.reserved += needed
+        return None
 
 
 class Watch(Protocol):
@@ -210,6 +253,9 @@ class _ClusterRun:
     # Files this run does not fetch again: still being written, or given up.
     not_again: set[str] = field(default_factory=set)
     following: bool = False  # --follow: files still being written are waited for
+    disk: DiskBudget | None = None
+    # Refused for lack of disk space: its file tasks end without fetching.
+    disk_refused: bool = False
     rounds: int = 0  # listings taken
     planned: int = 0  # files started, over every round
 
@@ -227,7 +273,7 @@ class _ClusterRun:
 
 async def _sync_cluster(cluster: ClusterConfig, layout: DownloadLayout, slots: FairSlots,
                         progress: Progress, options: SyncOptions, report: ClusterReport, link: ClusterLink,
-                        following: bool = False) -> None:
+                        following: bool = False, disk: DiskBudget | None = None) -> None:
     """List, fetch what is not here, then list again until a listing finds every file here
     as the cluster holds it: a file rewritten on the cluster after its copy (a job re-run
     mid-sync) is fetched again, so that what the merge takes is one version of the set,
@@ -235,7 +281,7 @@ async def _sync_cluster(cluster: ClusterConfig, layout: DownloadLayout, slots: F
     ``following`` (``--follow``): a folder with no checkpoint yet is not an error (the
     jobs have not written one yet), and a file still being written is waited for."""
     started = time.monotonic()
-    run = _ClusterRun(link, layout, slots, progress, options, report, following=following)
+    run = _ClusterRun(link, layout, slots, progress, options, report, following=following, disk=disk)
     link.kept = run.kept_summary
     report.polls += 1
     slots.register(cluster.name)
@@ -255,16 +301,28 @@ async def _sync_cluster(cluster: ClusterConfig, layout: DownloadLayout, slots: F
                 break
         report.files = len(listing)
         report.total_bytes = sum(entry.size for entry in listing.values())
-        # What the cluster holds now, so that the merge takes exactly that.
-        layout.save_listing(cluster.name, listing.values())
-        report.local_only = layout.local_only(cluster.name, listing)
-        report.local_only_notice = gone_from_cluster_notice(layout, cluster.name, report.local_only)
+        if not run.disk_refused:  # refused for lack of space: nothing here changed
+            # A new version that is no readable checkpoint did not replace the verified copy:
+            # the listing the merge takes names that copy (as verified), so a merge takes it.
+            for failure in report.failures:
+                state = layout.load_state(cluster.name, failure.name) \
+                    if isinstance(failure, NotACheckpointError) else None
+                if state is not None and state.complete and failure.name in listing:
+                    listing[failure.name] = RemoteFile(failure.name, state.remote_size, state.remote_mtime)
+            # What the cluster holds now, so that the merge takes exactly that.
+            layout.save_listing(cluster.name, listing.values())
+            report.local_only = layout.local_only(cluster.name, listing)
+            report.local_only_notice = gone_from_cluster_notice(layout, cluster.name, report.local_only)
         if not report.files and report.ok and not following:
             raise NoCheckpointsError(cluster.name, cluster.remote_dir, cluster.patterns)
     except AsyncEmbedSyncError as exc:
         _fail(report, progress, exc)
     finally:
         slots.unregister(cluster.name)
+        # From the end of the login, not from the start: the time a passphrase or a
+        # 2FA code took to type is not the transfer's, nor in its rate.
+        if link.connected_at is not None:
+            started = max(started, link.connected_at)
         report.seconds += time.monotonic() - started
 
 
@@ -282,6 +340,10 @@ async def _sync_round(run: _ClusterRun, fetch: bool) -> tuple[dict[str, RemoteFi
     listing: dict[str, RemoteFile] = {}
     changed: list[RemoteFile] = []
     listing_error: AsyncEmbedSyncError | None = None
+    # The files wait for the listing's end: their bytes still to fetch are checked against
+    # the disk's free space before any is written.
+    planned_before, needed = run.planned, 0
+    listed_all = anyio.Event()
     run.slots.listing(cluster.name)
     async with anyio.create_task_group() as tasks:
         try:
@@ -316,14 +378,22 @@ async def _sync_round(run: _ClusterRun, fetch: bool) -> tuple[dict[str, RemoteFi
                         continue
                     run.planned += 1
                     run.kept[entry.name] = local.kept
+                    needed += max(entry.size - local.kept, 0)
                     progress.file_planned(cluster.name, entry.name, entry.size)
                     # Hashed on the server while the files travel, in a few large batches.
                     remote.prefetch_sha256(entry.name, entry.size)
-                    tasks.start_soon(_sync_file, run, entry, listed_at)
+                    tasks.start_soon(_sync_file, run, entry, listed_at, listed_all)
         except AsyncEmbedSyncError as exc:
             # Raised here, it would reach the caller wrapped in the task
             # group's ExceptionGroup; files already started still finish.
             listing_error = exc
+        finally:
+            refused = run.disk.reserve(cluster.name, needed) if run.disk is not None and fetch else None
+            if refused is not None:
+                run.disk_refused = True
+                run.planned = planned_before  # none of them takes a slot
+                _fail(report, progress, refused)
+            listed_all.set()
         run.slots.set_need(cluster.name, run.planned)
         if listing_error is None:  # said now, not once the files are done
             logger.info("cluster %r: %d file(s) listed in %s, %d to fetch%s", cluster.name, len(listing),
@@ -334,16 +404,37 @@ async def _sync_round(run: _ClusterRun, fetch: bool) -> tuple[dict[str, RemoteFi
     return listing, changed
 
 
-async def _sync_file(run: _ClusterRun, remote_file: RemoteFile, listed_at: ListingTime) -> None:
+async def _sync_file(run: _ClusterRun, remote_file: RemoteFile, listed_at: ListingTime,
+                     listed_all: anyio.Event | None = None) -> None:
+    if listed_all is not None:
+        await listed_all.wait()
+    if run.disk_refused:
+        run.not_again.add(remote_file.name)
+        return
     window = min(remote_file.size, run.options.read_ahead)
     async with run.slots.slot(run.link.cluster.name, window):
         try:
             run.report.record(await _download_with_retries(run, remote_file, listed_at))
         except StillBeingWrittenError as exc:
             _still_writing(run, exc)
+        except RemoteFileGoneError as exc:
+            # Not a failure of the cluster's sync: the next round's listing (saved for the
+            # merge) no longer holds it; a file of that name written again is fetched again.
+            run.kept.pop(remote_file.name, None)
+            if remote_file.name not in run.report.gone:
+                run.report.gone.append(remote_file.name)
+                run.progress.note(str(exc))
+            logger.info("cluster %r: %s was deleted on the cluster after it was listed", exc.cluster, exc.name)
         except AsyncEmbedSyncError as exc:
             run.not_again.add(remote_file.name)
             _fail(run.report, run.progress, exc)
+
+
+def _disk_full(exc: BaseException) -> bool:
+    """A local write that failed for lack of space (or quota, or the file size limit)."""
+    cause = exc.__cause__
+    return isinstance(exc, LocalFileError) and isinstance(cause, OSError) \
+        and cause.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def _still_writing(run: _ClusterRun, exc: StillBeingWrittenError) -> None:
@@ -405,12 +496,17 @@ async def _attempt(run: _ClusterRun, remote_file: RemoteFile, listed_at: Listing
     except RemoteError as exc:  # as a failed download: retried if it may pass
         return FileOutcome(remote_file.name, "failed", remote_file.size,
                            verified=run.kept[remote_file.name], error=exc)
-    return await download_file(remote, run.layout, remote_file, run.progress, listed_at)
+    return await download_file(remote, run.layout, remote_file, run.progress, listed_at,
+                               check=run.options.check_checkpoint)
 
 
 def _fail(report: ClusterReport, progress: Progress, exc: AsyncEmbedSyncError) -> None:
-    # Said once: a blocked cluster folder fails each of its files alike.
+    # Said once: a blocked cluster folder fails each of its files alike; a full disk
+    # fails each file (and the listing's save) at a path of its own: one paragraph per cluster.
     if str(exc) in report.errors:
+        return
+    if _disk_full(exc) and any(_disk_full(failure) for failure in report.failures):
+        logger.info("cluster %r: %s", report.name, exc)
         return
     report.failures.append(exc)
     progress.error(str(exc))
@@ -435,6 +531,7 @@ class ClusterLink:
         self._lock = asyncio.Lock()
         self._drops = 0
         self._given_up: LinkLostError | None = None
+        self.connected_at: float | None = None  # when the first login ended (time.monotonic())
 
     async def get(self) -> Remote:
         async with self._lock:
@@ -443,9 +540,28 @@ class ClusterLink:
             if self._remote is not None and not self._remote.is_closed:
                 return self._remote
             if self._remote is None:
-                self._remote = await self._connect()
+                self._remote = await self._first_connect()
                 return self._remote
             return await self._reconnect()
+
+    async def _first_connect(self) -> Remote:
+        """The first connect fails fast, except where the host answered and the connection
+        dropped during the handshake: a drop, retried as a reconnect is (with backoff, up to
+        ``retries`` more times)."""
+        name, retries = self.cluster.name, self._options.retries
+        for attempt in range(retries + 1):
+            try:
+                return await self._connect()
+            except HandshakeDroppedError as exc:
+                if attempt == retries:
+                    raise
+                self._report.reconnects += 1
+                delay = self._options.delay(attempt)
+                self._progress.note(f"{name}: the connection dropped during the SSH handshake; retry "
+                                    f"{attempt + 1} of {retries} in {delay:.1f} s.")
+                logger.info("cluster %r: %s; retrying in %.1f s", name, exc.reason, delay)
+                await anyio.sleep(delay)
+        raise AssertionError("unreachable")
 
     async def _reconnect(self) -> Remote:
         """After a drop: one attempt, then up to ``retries`` more. The cluster
@@ -487,6 +603,8 @@ class ClusterLink:
 
     async def _connect(self) -> Remote:
         remote = await self._options.connect(self.cluster, self._options)
+        if self.connected_at is None:
+            self.connected_at = time.monotonic()
         self._report.method = remote.method
         logger.info("cluster %r: connected to %s:%d as %r; files over %s", self.cluster.name,
                     remote.target.hostname, remote.target.port, remote.target.username,
