@@ -553,7 +553,7 @@ class NotACheckpointError(RemoteError):
     def __init__(self, cluster: str, name: str, change: str, why: str):
         self.name = name
         self.change = change
-        self.why = why
+        self.why = why = why.rstrip(". ")
         super().__init__(
             cluster,
             f"{name} changed on the cluster ({change}), and the new version is not a readable checkpoint "

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from reliability_helpers import sync_in_process
 
+from async_embed_sync.api import merge
+from async_embed_sync.progress import QuietProgress
 from async_embed_sync.errors import CheckpointError, NotACheckpointError, SyncFailedError
 from async_embed_sync.layout import DownloadLayout
 from async_embed_sync.merging.checkpoints import LegacyCheckpoint
@@ -30,9 +32,10 @@ def checkpoint_problem(path: Path, name: str) -> str | None:
     return None
 
 
-def _checkpoint(path: Path, rows: int = 4000) -> bytes:
-    write_legacy_checkpoint(path, make_vectors(0, rows, dim=64, seed=1), make_rows(0, rows, seed=1, text_bytes=200, question_indices=set()),
-                            start_index=0)
+def _checkpoint(path: Path, rows: int = 4000, start: int = 0) -> bytes:
+    write_legacy_checkpoint(path, make_vectors(start, start + rows, dim=64, seed=1),
+                            make_rows(start, start + rows, seed=1, text_bytes=200, question_indices=set()),
+                            start_index=start)
     return path.read_bytes()
 
 
@@ -40,7 +43,7 @@ async def test_a_truncated_remote_file_does_not_replace_the_verified_copy(tmp_pa
                                                                           write_config):
     remote = tmp_path / "srv" / "ckpt"
     good = _checkpoint(remote / "a.pkl")
-    _checkpoint(remote / "b.pkl", rows=100)
+    _checkpoint(remote / "b.pkl", rows=100, start=4000)
     layout = DownloadLayout(tmp_path / "dl")
     async with embedded_server(tmp_path / "srv") as server:
         config = write_config(tmp_path, {"tensor01": server.cluster_entry("/ckpt")})
@@ -72,6 +75,9 @@ async def test_a_truncated_remote_file_does_not_replace_the_verified_copy(tmp_pa
     assert layout.load_state("tensor01", "a.pkl") == verified
     assert layout.partial_path("tensor01", "a.pkl").stat().st_size == cut
     assert _listing(layout)["a.pkl"] == [len(good), verified.remote_mtime]
+    # So the merge takes the verified copy, as the last good sync left it.
+    result = merge(tmp_path / "dl", tmp_path / "merged.pkl", progress=QuietProgress())
+    assert result.total_articles == 4100, result
 
 
 async def test_a_changed_file_that_reads_as_a_checkpoint_replaces_the_copy(tmp_path, embedded_server,
