@@ -579,3 +579,21 @@ def test_the_free_space_check_counts_rows_dim_dtype_and_articles(tmp_path: Path,
     assert entries(tmp_path) == ["downloads"]
     merge_checkpoints(tmp_path / "downloads", tmp_path / "merged", dtype="float16",
                       free_space=lambda path: (10 << 20, "/mnt/x"))
+
+
+@pytest.mark.parametrize("part", [".json", ".jsonl"])
+def test_a_npy_checkpoints_synced_sidecar_or_articles_damaged_here_fail_the_merge_naming_them(
+        tmp_path: Path, part: str) -> None:
+    paths = _run(tmp_path / "downloads", "npy")
+    _as_synced(paths)
+    damaged = paths[1].with_suffix(part)
+    data = bytearray(damaged.read_bytes())
+    # A same-size change that still reads: a digit in the sidecar's hostname, a letter in an article's text.
+    at = data.index(b"tensor01-node") + 7 if part == ".json" else data.index(b'"text": "') + 12
+    data[at] = ord("Q") if part == ".jsonl" else ord("2")
+    damaged.write_bytes(bytes(data))
+
+    message = _refusal(tmp_path / "downloads", tmp_path / "merged")
+
+    assert message.startswith(f"Checkpoint {damaged}: is not the file the sync verified on ")
+    assert entries(tmp_path) == ["downloads"]

@@ -25,6 +25,7 @@ from ..errors import (
     translating_local_errors,
 )
 from ..fileio import file_sha256
+from ..gone import checkpoint_parts
 from ..layout import DownloadLayout
 from ..output.writer import OutputWriter
 from .checkpoints import NpyCheckpoint
@@ -115,6 +116,29 @@ def sha256_of(path: Path, recorded_sha256: Callable[[Path], str | None]) -> Call
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
+def _verified_hash(path: Path, layout: DownloadLayout) -> tuple[str, float] | None:
+    """The sha256 the journal records ``path`` complete with, and when; None if it records none."""
+    if Path(path).parent.parent != layout.root:
+        return None
+    state = layout.load_state(layout.cluster_of(path), Path(path).name)
+    if state is None or not state.complete or not _SHA256.fullmatch(state.sha256 or ""):
+        return None
+    return state.sha256, state.verified_at
+
+
+def _hold_to_sync(path: Path, sha256: str, verified: tuple[str, float]) -> None:
+    recorded, verified_at = verified
+    if recorded == sha256:
+        return
+    when = f" on {datetime.fromtimestamp(verified_at).strftime('%Y-%m-%d %H:%M')}" if verified_at else ""
+    raise CheckpointError(
+        str(path),
+        f"is not the file the sync verified{when}: it hashes to {sha256[:16]}..., the sync verified "
+        f"{recorded[:16]}...: it was changed or damaged here since. Delete it and sync again (`sync` or "
+        f"`run`) to fetch it anew: a sync takes a complete file of the size it verified as it is. Nothing "
+        f"was written at the output path.")
+
+
 def checked_against_sync(path: Path, sha256: str, layout: DownloadLayout) -> str:
     """``sha256``, the merge's hash of the checkpoint at ``path``, if the sync's journal verified
     no other bytes for it; else a :class:`CheckpointError` naming it.
@@ -122,21 +146,23 @@ def checked_against_sync(path: Path, sha256: str, layout: DownloadLayout) -> str
     The journal's hash stands for the file whatever happened to it here since (a byte
     damaged in place keeps its size but not its hash): a file the journal records complete
     is the one the sync verified, or it is not merged. A file without a complete record (put
-    here by hand, a sync under way) has nothing to be held to.
+    here by hand, a sync under way) has nothing to be held to. A ``.npy``'s sidecar and
+    article file are held to theirs too, hashed here only if they were touched since the
+    sync hashed them (their identity changed).
     """
-    if Path(path).parent.parent != layout.root:
-        return sha256
-    state = layout.load_state(layout.cluster_of(path), Path(path).name)
-    if state is None or not state.complete or not _SHA256.fullmatch(state.sha256 or "") or state.sha256 == sha256:
-        return sha256
-    when = (f" on {datetime.fromtimestamp(state.verified_at).strftime('%Y-%m-%d %H:%M')}"
-            if state.verified_at else "")
-    raise CheckpointError(
-        str(path),
-        f"is not the file the sync verified{when}: it hashes to {sha256[:16]}..., the sync verified "
-        f"{state.sha256[:16]}...: it was changed or damaged here since. Delete it and sync again (`sync` or "
-        f"`run`) to fetch it anew: a sync takes a complete file of the size it verified as it is. Nothing "
-        f"was written at the output path.")
+    verified = _verified_hash(path, layout)
+    if verified is not None:
+        _hold_to_sync(path, sha256, verified)
+    for part in checkpoint_parts(path)[1:]:
+        verified = _verified_hash(part, layout)
+        if verified is None or layout.verified_sha256(part) is not None:
+            continue  # nothing to hold it to, or untouched since it was hashed
+        try:
+            actual = file_sha256(part)
+        except OSError:
+            continue  # reading the checkpoint said so already
+        _hold_to_sync(part, actual, verified)
+    return sha256
 
 
 class CopyPass:
