@@ -370,6 +370,14 @@ def _reconstruct():
 
 _shared = list(range(20_000))
 _blob = bytes(50_000)
+# One array state, held once in the file, that numpy would copy into every array BUILD gives it to
+# (byte-swapped): 200 arrays of 1 MiB from a file of 1 MiB.
+_swapped_state = (1, (1 << 17,), np.dtype(">f8"), False, bytes(1 << 20))
+
+
+class _Built(_Calls):
+    def __reduce__(self):
+        return _reconstruct(), (np.ndarray, (0,), b"b"), _swapped_state
 _HOSTILE = {
     "bytearray(2**31)": lambda: {"embeddings": _Calls(bytearray, 2**31)},
     "bytearray(2**40)": lambda: {"embeddings": _Calls(bytearray, 2**40)},
@@ -377,6 +385,7 @@ _HOSTILE = {
     "_reconstruct(shape)": lambda: {"embeddings": _Calls(_reconstruct(), np.ndarray, (2**16, 2**16), b"b")},
     "list copies": lambda: {"embeddings": [_Calls(list, _shared) for _ in range(2_000)]},  # 40M items from 100 KB
     "bytearray copies": lambda: {"embeddings": [_Calls(bytearray, _blob) for _ in range(2_000)]},  # 100 MB from 50 KB
+    "array state copies": lambda: {"embeddings": [_Built(None) for _ in range(200)]},
 }
 
 
@@ -427,18 +436,27 @@ def test_a_57_byte_checkpoint_asking_for_2_gib_fails_the_merge_in_little_memory(
 
 @pytest.mark.parametrize("protocol", [2, 3, 4, 5])
 def test_what_numpy_and_python_pickle_still_loads_under_the_bound(tmp_path: Path, protocol: int) -> None:
-    from async_embed_sync.merging.safe_pickle import restricted_load
+    from async_embed_sync.merging.safe_pickle import restricted_load, restricted_load_mapped
 
-    document = {"embeddings": np.arange(4096, dtype=">f8").reshape(64, 64), "ids": set(range(100)),
+    shared = np.arange(6.0)
+    document = {"embeddings": np.arange(600_000, dtype=">f4").reshape(600, 1000), "ids": set(range(100)),
                 "frozen": frozenset({1}), "raw": bytearray(b"abc" * 1000), "scalar": np.float32(3),
-                "array_in_article": [{"v": np.zeros(3, np.float16)}], "empty": b""}
+                "articles": [{"v": np.zeros(3, np.float16), "pair": (shared, 1)}, {"same": shared}],
+                "empty": b""}
     path = tmp_path / "ok.pkl"
     path.write_bytes(pickle.dumps(document, protocol=protocol))
+    plain = pickle.loads(path.read_bytes())
 
-    loaded = restricted_load(path)
+    for load_it in (restricted_load, restricted_load_mapped):
+        loaded = load_it(path)
 
-    assert np.array_equal(loaded["embeddings"], document["embeddings"])
-    assert loaded["ids"] == document["ids"] and loaded["raw"] == document["raw"] and loaded["empty"] == b""
+        assert np.array_equal(loaded["embeddings"], plain["embeddings"])
+        assert loaded["embeddings"].dtype == plain["embeddings"].dtype
+        assert loaded["ids"] == document["ids"] and loaded["raw"] == document["raw"] and loaded["empty"] == b""
+        first, second = loaded["articles"]
+        assert type(first["v"]) is np.ndarray and type(first["pair"][0]) is np.ndarray
+        assert first["pair"][0] is second["same"]  # shared as pickled
+        assert np.array_equal(second["same"], shared)
 
 
 # ------------------------------------------------------------ 5. a damaged complete local file

@@ -5,11 +5,12 @@ refused (:class:`UnsafePickleError`) before anything runs. Every failure
 names the file (:class:`CheckpointError`). A large array payload may be
 mapped from the file instead of read (:func:`restricted_load_mapped`).
 
-What the allowed constructors make is bounded by the file's own size, over
-the whole load (:class:`_Allocations`): ``bytearray(n)``, ``numpy.ndarray(shape)``
+What the allowed constructors make is bounded by the file's own size (twice
+it), over the whole load (:class:`_Allocations`): ``bytearray(n)``, ``numpy.ndarray(shape)``
 and ``_reconstruct``'s shape, a scalar's dtype, copies of containers, text made
-bytes. A 57-byte pickle asking for ``bytearray(2**31)`` is refused before
-anything is allocated, and so is one that copies a list it holds again and again.
+bytes, the state numpy copies into an array. A 57-byte pickle asking for
+``bytearray(2**31)`` is refused before anything is allocated, and so is one that
+copies a list, or an array's bytes, that it holds once, again and again.
 """
 
 from __future__ import annotations
@@ -49,8 +50,8 @@ class _RefusedContent(pickle.UnpicklingError):
 
 
 class _Allocations:
-    """What the allowed constructors may allocate in one load: at most the file's own size in
-    all (plus a little, for the empty and tiny values every pickle holds), charged before each call.
+    """What the allowed constructors may allocate in one load: at most twice the file's own size
+    in all (plus a little, for the empty and tiny values every pickle holds), charged before each call.
 
     Every value a pickle builds from its own opcodes costs at least a byte of the file; only a
     constructor can make more than it was given (``bytearray(n)``, an array of a shape, a copy
@@ -62,7 +63,10 @@ class _Allocations:
 
     def __init__(self, file_size: int):
         self.file_size = file_size
-        self.left = file_size + self.SLACK
+        # Twice: a legacy protocol-2 array is text in the file, made bytes, then (byte-swapped,
+        # misaligned or small) copied into its array: two allocations of the file's bytes at most.
+        self.left = 2 * file_size + self.SLACK
+        self.shells = 0  # arrays built, each in an _ArrayShell until the load ends
 
     def charge(self, amount: int, what: str) -> None:
         if amount > self.left:
@@ -88,21 +92,46 @@ def _container_length(argument: Any) -> int:
     raise _RefusedContent(f"a container built from {type(argument).__name__}")
 
 
+class _ArrayShell:
+    """An array the stream built, until the load ends: its ``__setstate__`` (the BUILD that
+    numpy's pickles follow an array with) is charged before numpy runs it, for numpy copies the
+    state's bytes (a byte-swapped or misaligned array, a small one, latin-1 text): one payload
+    held once in the file, given to array after array, would otherwise be copied again and again.
+    Each shell is replaced by its array once the load ends (:func:`_unwrap`)."""
+
+    __slots__ = ("array", "allocations")
+
+    def __init__(self, array: np.ndarray, allocations: _Allocations):
+        self.array = array
+        self.allocations = allocations
+        allocations.shells += 1
+
+    def __setstate__(self, state: Any) -> None:
+        data = state[-1] if isinstance(state, tuple) and state else None
+        if isinstance(data, (bytes, bytearray, str, list)):
+            self.allocations.charge(len(data), "an array's state, copied")
+        self.array.__setstate__(state)
+
+
 def _bounded_globals(allocations: _Allocations) -> dict[tuple[str, str], Any]:
     """The allow-list's constructors for one load, each charging ``allocations`` before it allocates."""
 
-    def new_array(shape: Any, dtype: Any = float, buffer: Any = None, *arguments: Any, **options: Any) -> np.ndarray:
+    def new_array(shape: Any, dtype: Any = float, buffer: Any = None, *arguments: Any, **options: Any) -> _ArrayShell:
         if buffer is None and options.get("buffer") is None:
             allocations.charge(_shape_bytes(shape, dtype), "numpy.ndarray(shape)")
-        return np.ndarray(shape, dtype, buffer, *arguments, **options)
+        return _ArrayShell(np.ndarray(shape, dtype, buffer, *arguments, **options), allocations)
 
-    def reconstruct(subtype: Any, shape: Any, dtype_code: Any) -> np.ndarray:
+    def reconstruct(subtype: Any, shape: Any, dtype_code: Any) -> _ArrayShell:
         # numpy's own ``_reconstruct`` would build any ndarray subclass named in
         # the stream; only the base class is accepted.
         if subtype is not np.ndarray and subtype is not new_array:
             raise _RefusedContent(f"an array of type {subtype!r}")
         allocations.charge(_shape_bytes(shape, dtype_code), "numpy _reconstruct(shape)")
-        return np.ndarray.__new__(np.ndarray, shape, dtype_code)
+        return _ArrayShell(np.ndarray.__new__(np.ndarray, shape, dtype_code), allocations)
+
+    def frombuffer(buffer: Any, dtype: np.dtype, shape: tuple[int, ...], order: str) -> _ArrayShell:
+        # A view of a buffer the stream holds: nothing allocated (a BUILD on it would be charged).
+        return _ArrayShell(_frombuffer(buffer, dtype, shape, order), allocations)
 
     def scalar(dtype: np.dtype, data: bytes | None = None) -> Any:
         # Only an object scalar's second argument is not its bytes.
@@ -138,6 +167,7 @@ def _bounded_globals(allocations: _Allocations) -> dict[tuple[str, str], Any]:
     return {
         **_numpy_names("_reconstruct", reconstruct, "numpy._core.multiarray", "numpy.core.multiarray"),
         **_numpy_names("scalar", scalar, "numpy._core.multiarray", "numpy.core.multiarray"),
+        **_numpy_names("_frombuffer", frombuffer, "numpy._core.numeric", "numpy.core.numeric"),
         ("numpy", "ndarray"): new_array,
         ("_codecs", "encode"): latin1_encode,
         **{(module, name): value for module in ("builtins", "__builtin__") for name, value in containers.items()},
@@ -172,7 +202,7 @@ def _numpy_names(name: str, value: Callable[..., Any], *modules: str) -> dict[tu
 _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
     **_numpy_names("_reconstruct", None, "numpy._core.multiarray", "numpy.core.multiarray"),
     **_numpy_names("scalar", None, "numpy._core.multiarray", "numpy.core.multiarray"),
-    **_numpy_names("_frombuffer", _frombuffer, "numpy._core.numeric", "numpy.core.numeric"),
+    **_numpy_names("_frombuffer", None, "numpy._core.numeric", "numpy.core.numeric"),
     ("numpy", "ndarray"): None,
     ("numpy", "dtype"): np.dtype,
     ("_codecs", "encode"): None,
@@ -192,7 +222,8 @@ class RestrictedUnpickler(pickle.Unpickler):
     def __init__(self, stream: BinaryIO, source: Path):
         super().__init__(stream)
         self.source = source
-        self._bounded = _bounded_globals(_Allocations(os.stat(source).st_size))
+        self.allocations = _Allocations(os.stat(source).st_size)
+        self._bounded = _bounded_globals(self.allocations)
 
     def find_class(self, module: str, name: str) -> Any:
         try:
@@ -200,6 +231,66 @@ class RestrictedUnpickler(pickle.Unpickler):
         except KeyError:
             raise UnsafePickleError(str(self.source), f"{module}.{name}") from None
         return self._bounded[(module, name)] if value is None else value
+
+
+def _unwrap(document: Any, shells: int) -> Any:
+    """``document`` with every :class:`_ArrayShell` in it (``shells`` of them were made)
+    replaced by its array.
+
+    The top-level values of a dict (a checkpoint's embeddings) first: most documents hold
+    no other array, and are not walked. Otherwise lists and dicts are changed in place,
+    tuples rebuilt; a shell as a set member or dict key is refused (no array can be one)."""
+    if shells == 0:
+        return document
+    if type(document) is _ArrayShell:
+        return document.array if shells == 1 else _unwrap_all(document)
+    if type(document) is dict:
+        found = 0
+        for key, value in document.items():
+            if type(value) is _ArrayShell:
+                document[key] = value.array
+                found += 1
+        if found == shells:
+            return document
+    return _unwrap_all(document)
+
+
+def _unwrap_all(document: Any) -> Any:
+    seen: set[int] = set()
+
+    def walk(value: Any) -> Any:
+        kind = type(value)
+        if kind is _ArrayShell:
+            return value.array
+        if kind in (list, dict, tuple, set, frozenset):
+            if id(value) in seen:
+                return value
+            seen.add(id(value))
+        if kind is list:
+            for index, item in enumerate(value):
+                if type(item) in _WALKED:
+                    value[index] = walk(item)
+        elif kind is dict:
+            for key, item in value.items():
+                if type(key) is _ArrayShell:
+                    raise _RefusedContent("an array as a dict key")
+                if type(item) in _WALKED:
+                    value[key] = walk(item)
+        elif kind is tuple:
+            items = tuple(walk(item) if type(item) in _WALKED else item for item in value)
+            if any(new is not old for new, old in zip(items, value)):
+                return items
+        elif kind in (set, frozenset) and any(type(item) is _ArrayShell for item in value):
+            raise _RefusedContent("an array in a set")
+        return value
+
+    try:
+        return walk(document)
+    except RecursionError:
+        raise _RefusedContent("containers nested too deeply to be read") from None
+
+
+_WALKED = (_ArrayShell, list, dict, tuple, set, frozenset)
 
 
 def restricted_load(
@@ -213,7 +304,8 @@ def restricted_load(
     """
     try:
         with open(path, "rb") as stream:
-            return unpickler(stream, path).load()
+            loading = unpickler(stream, path)
+            return _unwrap(loading.load(), loading.allocations.shells)
     except UnsafePickleError:
         raise
     except _RefusedContent as exc:
