@@ -441,7 +441,8 @@ def test_what_numpy_and_python_pickle_still_loads_under_the_bound(tmp_path: Path
     shared = np.arange(6.0)
     document = {"embeddings": np.arange(600_000, dtype=">f4").reshape(600, 1000), "ids": set(range(100)),
                 "frozen": frozenset({1}), "raw": bytearray(b"abc" * 1000), "scalar": np.float32(3),
-                "articles": [{"v": np.zeros(3, np.float16), "pair": (shared, 1)}, {"same": shared}],
+                "articles": [{"v": np.zeros(3, np.float16), "pair": (shared, 1)}, {"same": shared},
+                             {"mixed": np.array([1, "x", np.zeros(2)], dtype=object)}],
                 "empty": b""}
     path = tmp_path / "ok.pkl"
     path.write_bytes(pickle.dumps(document, protocol=protocol))
@@ -453,7 +454,8 @@ def test_what_numpy_and_python_pickle_still_loads_under_the_bound(tmp_path: Path
         assert np.array_equal(loaded["embeddings"], plain["embeddings"])
         assert loaded["embeddings"].dtype == plain["embeddings"].dtype
         assert loaded["ids"] == document["ids"] and loaded["raw"] == document["raw"] and loaded["empty"] == b""
-        first, second = loaded["articles"]
+        first, second, third = loaded["articles"]
+        assert type(third["mixed"][2]) is np.ndarray and third["mixed"][1] == "x"
         assert type(first["v"]) is np.ndarray and type(first["pair"][0]) is np.ndarray
         assert first["pair"][0] is second["same"]  # shared as pickled
         assert np.array_equal(second["same"], shared)

@@ -238,8 +238,9 @@ def _unwrap(document: Any, shells: int) -> Any:
     replaced by its array.
 
     The top-level values of a dict (a checkpoint's embeddings) first: most documents hold
-    no other array, and are not walked. Otherwise lists and dicts are changed in place,
-    tuples rebuilt; a shell as a set member or dict key is refused (no array can be one)."""
+    no other array, and are not walked. Otherwise lists, dicts and arrays of objects are
+    changed in place, tuples rebuilt; a shell as a set member or dict key is refused (no
+    array can be one)."""
     if shells == 0:
         return document
     if type(document) is _ArrayShell:
@@ -261,12 +262,18 @@ def _unwrap_all(document: Any) -> Any:
     def walk(value: Any) -> Any:
         kind = type(value)
         if kind is _ArrayShell:
-            return value.array
-        if kind in (list, dict, tuple, set, frozenset):
+            value, kind = value.array, np.ndarray
+        if kind in (list, dict, tuple, set, frozenset, np.ndarray):
             if id(value) in seen:
                 return value
             seen.add(id(value))
-        if kind is list:
+        if kind is np.ndarray:
+            # An array of objects holds its items as they were pickled: arrays among them.
+            if value.dtype.hasobject:
+                for index in np.ndindex(value.shape):
+                    if type(value[index]) in _WALKED:
+                        value[index] = walk(value[index])
+        elif kind is list:
             for index, item in enumerate(value):
                 if type(item) in _WALKED:
                     value[index] = walk(item)
@@ -290,7 +297,7 @@ def _unwrap_all(document: Any) -> Any:
         raise _RefusedContent("containers nested too deeply to be read") from None
 
 
-_WALKED = (_ArrayShell, list, dict, tuple, set, frozenset)
+_WALKED = (_ArrayShell, list, dict, tuple, set, frozenset, np.ndarray)
 
 
 def restricted_load(
