@@ -307,7 +307,11 @@ class DownloadLayout:
         except (KeyError, TypeError, ValueError):
             return None
         state = self.load_state(cluster, name)
-        if state is not None and not state.complete:
+        # A replacement partial of a newer version, unless the listing names the verified copy
+        # here (a new version refused as no readable checkpoint: the copy stands).
+        replacing = self.load_replacement_state(cluster, name) is not None \
+            and not (state is not None and state.matches(size, mtime))
+        if (state is not None and not state.complete) or replacing:
             return "a newer version is partly fetched: still being written there, or the sync stopped"
         if not Path(path).exists():
             return "not here: still being written there, or the sync stopped before it"

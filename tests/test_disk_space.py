@@ -13,7 +13,7 @@ import pytest
 from reliability_helpers import assert_journal_readable, assert_mirrored, make_files, sync_in_process
 
 from async_embed_sync.errors import LocalFileError, NotEnoughSpaceError, SyncFailedError
-from async_embed_sync.layout import free_space, write_atomically
+from async_embed_sync.layout import DownloadLayout, free_space, write_atomically
 from async_embed_sync.testing.memory_remote import MemoryServer
 
 pytestmark = pytest.mark.anyio
@@ -119,9 +119,22 @@ async def test_verified_bytes_kept_are_not_counted_again(tmp_path, write_config)
     config = write_config(tmp_path, server.entries())
     first = await sync_in_process(config, tmp_path / "dl", connect=server.connect, retries=1,
                                   free_space=lambda d: (3 * MiB, "/mnt/x"))
-    assert first.clusters["tensor01"].failures, "the drop gives a.pkl up with its first MiB kept"
+    assert first.clusters["tensor01"].failures, "the drop gives the files up with what they kept"
+    layout = DownloadLayout(tmp_path / "dl")
+    sizes = {"a.pkl": 2 * MiB, "b.pkl": MiB}
+    states = {name: layout.load_state("tensor01", name) for name in sizes}
+    assert states["a.pkl"].verified_offset >= MiB, states
+    # What is still to fetch: the sizes listed, less the verified bytes kept (of files not complete).
+    needed = sum(size - (0 if states[name] is None or states[name].complete else states[name].verified_offset)
+                 for name, size in sizes.items()
+                 if states[name] is None or not states[name].complete)
+    assert needed < 3 * MiB - MiB // 2
     server.clusters["tensor01"].refused = set()
-    second = await sync_in_process(config, tmp_path / "dl", connect=server.connect,
-                                   free_space=lambda d: (MiB + MiB // 2, "/mnt/x"))
-    assert second.ok, second.clusters["tensor01"].errors  # needs only the rest of a.pkl: under 1.5 MiB
+    short = await sync_in_process(config, tmp_path / "dl", connect=server.connect,
+                                  free_space=lambda d: (needed - 1, "/mnt/x"))
+    [refusal] = short.clusters["tensor01"].failures
+    assert isinstance(refusal, NotEnoughSpaceError) and short.transferred == 0
+    enough = await sync_in_process(config, tmp_path / "dl", connect=server.connect,
+                                   free_space=lambda d: (needed, "/mnt/x"))
+    assert enough.ok, enough.clusters["tensor01"].errors
     assert_mirrored(tmp_path / "srv" / "tensor01", tmp_path / "dl" / "tensor01")

@@ -165,9 +165,11 @@ class SyncReport:
 
 
 def sync(clusters: list[ClusterConfig], download_dir: str, progress: Progress,
-         options: SyncOptions = SyncOptions(), watch: Watch | None = None) -> SyncReport:
-    """Sync every cluster into ``download_dir`` (``watch``: polled, see ``sync_clusters``); holds the directory's lock."""
-    with DownloadDirLock(download_dir):
+         options: SyncOptions = SyncOptions(), watch: Watch | None = None,
+         break_lock: bool = False) -> SyncReport:
+    """Sync every cluster into ``download_dir`` (``watch``: polled, see ``sync_clusters``); holds the
+    directory's lock (``break_lock``: as ``--break-lock``, see ``lock.py``)."""
+    with DownloadDirLock(download_dir, break_lock=break_lock):
         return run_stoppable(sync_clusters, clusters, download_dir, progress, options, watch)
 
 
