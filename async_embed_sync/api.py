@@ -26,6 +26,7 @@ import os
 import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -104,11 +105,26 @@ def _prepare(config: PathLike | Config | None, clusters: Sequence[str] | None, m
              ) -> tuple[list[ClusterConfig], str, Progress, SyncOptions]:
     if not isinstance(config, Config):
         config = load_config(config)
-    options = SyncOptions(max_parallel=max_parallel, timeout=timeout, retries=retries,
-                          settle=SyncOptions.settle_for(config, settle),
-                          prompter=prompter if prompter is not None else TerminalPrompter())
+    options = sync_options(config, max_parallel=max_parallel, timeout=timeout, retries=retries, settle=settle,
+                           prompter=prompter if prompter is not None else TerminalPrompter())
     return (config.select(list(clusters) if clusters else None), str(download_dir),
             _chosen_progress(progress), options)
+
+
+def sync_options(config: Config, *, max_parallel: int, timeout: float, retries: int, settle: float | None,
+                 prompter: Prompter | None) -> SyncOptions:
+    """The sync's settings as the CLI and the API make them: the settle window as
+    ``SyncOptions.settle_for`` says, and the merge's reader as the check a changed file
+    passes before it replaces a verified copy."""
+    return SyncOptions(max_parallel=max_parallel, timeout=timeout, retries=retries,
+                       settle=SyncOptions.settle_for(config, settle), prompter=prompter,
+                       check_checkpoint=_checkpoint_problem)
+
+
+def _checkpoint_problem(path: Path, name: str) -> str | None:
+    from .merging.checkpoints import checkpoint_problem  # numpy: only when a verified copy is to be replaced
+
+    return checkpoint_problem(path, name)
 
 
 def _chosen_progress(progress: Progress | type | None) -> Progress:

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from . import __version__
 from .api import DEFAULT_OUTPUT
 from .api import merge as _library_merge
+from .api import sync_options
 from .config import (
     DEFAULT_CONFIG_FILE,
     INIT_COMMAND,
@@ -451,8 +452,8 @@ def _sync_phase(args: argparse.Namespace, progress: Progress, config: Config | N
         clusters = config.select(args.clusters)
     from .transfer.sync import sync  # the SSH stack: only for the commands that connect
 
-    options = SyncOptions(max_parallel=args.max_parallel, timeout=args.timeout, retries=args.retries,
-                          settle=SyncOptions.settle_for(config, args.settle), prompter=TerminalPrompter())
+    options = sync_options(config, max_parallel=args.max_parallel, timeout=args.timeout, retries=args.retries,
+                           settle=args.settle, prompter=TerminalPrompter())
     watch = None
     if args.follow:
         from .follow import Follow
@@ -460,7 +461,7 @@ def _sync_phase(args: argparse.Namespace, progress: Progress, config: Config | N
         watch = Follow(args.download_dir, [c.name for c in clusters], progress, poll=args.poll,
                        quiet_period=args.quiet_period, max_wait=args.max_wait, expect_rows=config.total_rows,
                        expect_articles=getattr(args, "expect_articles", None))
-    report = sync(clusters, args.download_dir, progress, options, watch)
+    report = sync(clusters, args.download_dir, progress, options, watch, break_lock=args.break_lock)
     _record("sync", report)
     if not args.quiet and not getattr(args, "json", False):  # --json: the summary is the document on stdout
         print(report.summary(), file=sys.stderr)

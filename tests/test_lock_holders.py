@@ -144,8 +144,6 @@ def test_merge_names_the_record_left_on_another_node_and_break_lock_takes_it_ove
     assert main(merge) == 0
 
 
-@pytest.mark.xfail(strict=True, reason="transfer/sync.py's sync() does not pass break_lock to DownloadDirLock yet "
-                                       "(nor _sync_phase to sync): see the lock's report")
 def test_sync_break_lock_takes_over_a_record_left_on_another_node(openssh, tmp_path, write_config, capsys):
     generate_run(tmp_path / "remote", rows=410, dim=8, clusters=("tensor01",), gpus_per_cluster=2)
     config = write_config(tmp_path, {"tensor01": openssh.cluster_entry(str(tmp_path / "remote" / "tensor01"))})

@@ -343,3 +343,17 @@ def open_checkpoint(
     if path.suffix == NPY_SUFFIX:
         return NpyCheckpoint(path, cluster)
     raise CheckpointError(str(path), f"unknown checkpoint type (expected {LEGACY_SUFFIX} or {NPY_SUFFIX}).")
+
+
+def checkpoint_problem(path: Path, name: str) -> str | None:
+    """Why the file at ``path``, to stand as the checkpoint file ``name``, is not a readable
+    checkpoint; None if it is. ``SyncOptions.check_checkpoint``: a changed remote file replaces
+    a verified copy only once it reads as one. A ``.pkl`` is read as the merge reads it; the
+    parts of a ``.npy`` checkpoint are files of their own, each checked by its own hash."""
+    if not name.endswith(LEGACY_SUFFIX):
+        return None
+    try:
+        LegacyCheckpoint(path, cluster="-")
+    except CheckpointError as exc:
+        return exc.problem
+    return None

@@ -25,7 +25,7 @@ from ..config import ClusterConfig
 from ..errors import (
     ConnectError,
     ConnectionDroppedError,
-    TransferError,
+    RemoteFileGoneError,
     UnsafeRemoteNameError,
 )
 from ..transfer.files import FileRead, RemoteFile, checkpoint_entry
@@ -184,7 +184,7 @@ class MemoryRemote:
         try:
             return self._files.files[name]
         except KeyError:
-            raise TransferError(self.cluster.name, name, "the file disappeared from the server") from None
+            raise RemoteFileGoneError(self.cluster.name, name) from None
 
     def _dropped(self, name: str, how: str = CUT) -> ConnectionDroppedError:
         self._lost = self._lost or how
