@@ -24,7 +24,7 @@ import asyncio
 import functools
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,6 +40,7 @@ from .transfer.options import DEFAULT_DOWNLOAD_DIR, SyncOptions
 
 if TYPE_CHECKING:
     from .merging.merge import MergeReport
+    from .output.forms import ArticlesFormat
     from .transfer.sync import SyncReport
 
 DEFAULT_OUTPUT = "embeddings/wikipedia_merged.pkl"
@@ -137,21 +138,34 @@ def _chosen_progress(progress: Progress | type | None) -> Progress:
 
 
 def merge(download_dir: PathLike = DEFAULT_DOWNLOAD_DIR, output: PathLike = DEFAULT_OUTPUT, *,
-          progress: Progress | None = None, break_lock: bool = False, **options: Any) -> MergeReport:
-    """Merge the downloaded checkpoints into ``output`` (a ``.pkl`` path or a bundle directory).
+          dtype: str = "float32", expect_articles: int | None = None, strict: bool = False,
+          articles_format: ArticlesFormat | None = None, shard_rows: int | None = None,
+          clusters: Collection[str] | None = None, expect_rows: int | None = None, partial: bool = False,
+          progress: Progress | type | None = None, break_lock: bool = False) -> MergeReport:
+    """Merge the downloaded checkpoints into ``output``: a ``.pkl`` or ``.pickle`` path for the
+    legacy pickle, any other path for a memory-mappable bundle directory.
+
+    ``dtype``: the result's, "float32" or "float16". ``expect_articles``: fail unless the merge
+    keeps exactly that many articles. ``strict``: NaN and Inf values are errors.
+    ``articles_format``: a bundle's metadata shards, "parquet" (default), "jsonl" or
+    "parquet-embeddings". ``shard_rows``: rows per shard of a bundle (default about 1 GiB of
+    vectors each). ``clusters``: only these clusters' folders (default: all). ``expect_rows``:
+    the run's total rows (the config's ``total_rows``). ``partial``: merge even with rows of
+    the run missing, naming them. ``progress``: a ``Progress``, or a tqdm class to draw bars
+    with; None: bars on a terminal, ``tqdm.auto`` in a notebook, else nothing.
 
     Holds the download directory's lock as a sync does: a merge never reads
     files a sync is still writing (``DownloadDirLockedError`` names the
-    run). ``break_lock``: as ``--break-lock``. ``options`` are
-    :func:`~.merge.merge_checkpoints`'s: ``dtype``, ``expect_articles``,
-    ``strict``, ``articles_format``, ``clusters``, ``expect_rows``, ``partial``.
+    run). ``break_lock``: as ``--break-lock``.
     """
     from .merging.merge import merge_checkpoints
 
-    progress = progress if progress is not None else _default_progress()
+    progress = _chosen_progress(progress)
     try:
         with reading_lock(download_dir, "merge", break_lock=break_lock):
-            return merge_checkpoints(download_dir, output, **options,
+            return merge_checkpoints(download_dir, output, dtype=dtype, expect_articles=expect_articles,
+                                     strict=strict, articles_format=articles_format, shard_rows=shard_rows,
+                                     clusters=clusters, expect_rows=expect_rows, partial=partial,
                                      on_progress=lambda p: progress.rows_merged(p.rows_done, p.rows_total),
                                      on_read=lambda done, total: progress.step("merge: checkpoints read",
                                                                                done, total))
@@ -159,11 +173,10 @@ def merge(download_dir: PathLike = DEFAULT_DOWNLOAD_DIR, output: PathLike = DEFA
         progress.close()
 
 
-async def merge_async(download_dir: PathLike = DEFAULT_DOWNLOAD_DIR, output: PathLike = DEFAULT_OUTPUT, *,
-                      progress: Progress | None = None, break_lock: bool = False, **options: Any) -> MergeReport:
-    """:func:`merge` on a worker thread, so that the caller's event loop goes on."""
-    return await anyio.to_thread.run_sync(
-        lambda: merge(download_dir, output, progress=progress, break_lock=break_lock, **options))
+async def merge_async(download_dir: PathLike = DEFAULT_DOWNLOAD_DIR, output: PathLike = DEFAULT_OUTPUT,
+                      **options: Any) -> MergeReport:
+    """:func:`merge` on a worker thread, so that the caller's event loop goes on; the same keywords."""
+    return await anyio.to_thread.run_sync(lambda: merge(download_dir, output, **options))
 
 
 def _default_progress() -> Progress:

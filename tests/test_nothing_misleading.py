@@ -15,7 +15,7 @@ import pytest
 import tqdm
 import tqdm.auto
 
-from async_embed_sync import api, load, sync, sync_async
+from async_embed_sync import api, load, merge, sync, sync_async
 from async_embed_sync.cli import main
 from async_embed_sync.config import load_config
 from async_embed_sync.errors import ConfigError, SyncFailedError
@@ -225,6 +225,11 @@ def test_progress_takes_a_tqdm_class(openssh, tmp_path, write_config, capsys):
 
     report = sync(config, download_dir=tmp_path / "dl", progress=Bars)
     assert report.ok and "total" in drawn and any(desc and desc.startswith("tensor01/") for desc in drawn), drawn
+    drawn.clear()
+    merged = merge(tmp_path / "dl", tmp_path / "m.pkl", progress=Bars, shard_rows=50)  # merge's keywords typed
+    assert merged.total_articles == 60 and "merge" in drawn, drawn  # tensor01 holds rows 0..59
+    with pytest.raises(TypeError, match="shard_row"):
+        merge(tmp_path / "dl", tmp_path / "m2.pkl", shard_row=50)  # a misspelt keyword is not swallowed
 
 
 def test_in_a_notebook_the_default_is_tqdm_auto_bars(monkeypatch):
