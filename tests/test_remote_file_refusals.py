@@ -38,14 +38,20 @@ def _deny(path):
     raise asyncssh.SFTPPermissionDenied("Permission denied")
 
 
-async def test_a_file_the_account_may_not_read_is_said_at_once_as_a_fix(tmp_path, embedded_server, write_config):
+async def _sync_refusing_b(tmp_path, embedded_server, write_config, refuse):
+    """Three files, b.pkl refused at its open by ``refuse``: the remote folder, the report, the
+    opens of b.pkl, the seconds the sync took."""
     remote = make_files(tmp_path / "srv" / "ckpt", {"a.pkl": MiB, "b.pkl": 2 * MiB, "c.npy": 300_000})
-    factory, opens = _refusing("b.pkl", _deny)
+    factory, opens = _refusing("b.pkl", refuse)
     async with embedded_server(tmp_path / "srv", sftp_factory=factory) as server:
         config = write_config(tmp_path, {"tensor01": server.cluster_entry("/ckpt")})
         started = time.monotonic()
         report = await sync_in_process(config, tmp_path / "dl", backoff=0.5)
-        elapsed = time.monotonic() - started
+        return remote, report, opens, time.monotonic() - started
+
+
+async def test_a_file_the_account_may_not_read_is_said_at_once_as_a_fix(tmp_path, embedded_server, write_config):
+    remote, report, opens, elapsed = await _sync_refusing_b(tmp_path, embedded_server, write_config, _deny)
     cluster = report.clusters["tensor01"]
     assert len(opens) == 1, "not retried"
     assert elapsed < 5, elapsed
@@ -65,13 +71,8 @@ async def test_a_file_the_account_may_not_read_is_said_at_once_as_a_fix(tmp_path
 
 async def test_a_file_deleted_after_the_listing_is_its_own_outcome_and_left_out(tmp_path, embedded_server,
                                                                                write_config):
-    remote = make_files(tmp_path / "srv" / "ckpt", {"a.pkl": MiB, "b.pkl": 2 * MiB, "c.npy": 300_000})
-    factory, opens = _refusing("b.pkl", lambda path: Path(os.fsdecode(path)).unlink(missing_ok=True))
-    async with embedded_server(tmp_path / "srv", sftp_factory=factory) as server:
-        config = write_config(tmp_path, {"tensor01": server.cluster_entry("/ckpt")})
-        started = time.monotonic()
-        report = await sync_in_process(config, tmp_path / "dl", backoff=0.5)
-        elapsed = time.monotonic() - started
+    remote, report, opens, elapsed = await _sync_refusing_b(
+        tmp_path, embedded_server, write_config, lambda path: Path(os.fsdecode(path)).unlink(missing_ok=True))
     cluster = report.clusters["tensor01"]
     assert len(opens) == 1 and elapsed < 5, (opens, elapsed)
     assert report.ok and cluster.gone == ["b.pkl"], cluster.errors

@@ -31,6 +31,7 @@ from pathlib import Path
 from types import TracebackType
 
 from ..errors import AFTER_MERGE, LocalFileError, translating_local_errors
+from ..layout import free_space
 from ..progress import format_bytes
 from .forms import PICKLE_SUFFIXES
 from .spec import OutputSpec
@@ -147,26 +148,15 @@ def foreign_staging(output: Path) -> list[Path]:
     return found
 
 
-def free_space(path: Path) -> tuple[int, str]:
-    """The bytes this user may still write on the file system holding ``path`` (an existing
-    folder), and that file system's mount point."""
-    stats = os.statvfs(path)
-    device = os.stat(path).st_dev
-    mount = Path(os.path.abspath(path))
-    while mount.parent != mount and os.stat(mount.parent).st_dev == device:
-        mount = mount.parent
-    return stats.f_bavail * stats.f_frsize, str(mount)
-
-
 def check_room(staging: StagingArea, needed: int,
-               free: Callable[[Path], tuple[int, str]] | None = None) -> None:
+               free: Callable[[Path], tuple[int, str] | None] | None = None) -> None:
     """Refuse, before the output is written, a result of about ``needed`` bytes that its file
     system has no room for: a ``LocalFileError`` in one line (``needs 1.9 GiB, 400 MiB free on
-    /mnt/x``). ``free``: how free space is told (:func:`free_space`, a seam for tests)."""
-    try:
-        available, mount = (free or free_space)(staging.path)
-    except OSError:
+    /mnt/x``). ``free``: how free space is told (``layout.free_space``, a seam for tests)."""
+    room = (free or free_space)(staging.path)
+    if room is None:
         return  # cannot be told: the writes say it if it does not fit
+    available, mount = room
     if needed > available:
         raise LocalFileError(
             str(staging.output),
