@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Protocol
 
 from .errors import AFTER_SYNC, translating_local_errors
-from .fileio import fsync_directory
+from .fileio import file_sha256, fsync_directory
 
 STATE_DIR_NAME = ".async_embed_sync"
 _FORMAT_VERSION = 1
@@ -148,7 +148,22 @@ class DownloadLayout:
             in_place = self.final_path(cluster, name).stat().st_size == size
         except OSError:
             in_place = False
+        in_place = in_place and self._still_as_verified(self.final_path(cluster, name), state)
         return LocalCopy(state, up_to_date=in_place and not state.recheck, complete_as_listed=in_place)
+
+    @staticmethod
+    def _still_as_verified(path: Path, state: FileState) -> bool:
+        """The complete file at ``path`` is the one verified: its identity as recorded, or, after
+        a change of identity (a byte changed here, a copy, a restore), bytes that still hash to
+        the sha256 verified. A file changed here is then not up to date: the sync fetches it
+        again, where it used to be skipped on its size alone. Hashed only when the identity
+        changed; journals from before identities were recorded are taken as they are."""
+        if state.local_identity is None or not state.sha256:
+            return True
+        try:
+            return file_identity(path) == state.local_identity or file_sha256(path) == state.sha256
+        except OSError:
+            return False
 
     def is_up_to_date(self, cluster: str, name: str, size: int, mtime: int) -> bool:
         """Complete locally and unchanged remotely (size and mtime)."""

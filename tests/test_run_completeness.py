@@ -180,3 +180,22 @@ def test_a_merge_after_a_sync_that_found_a_file_still_being_written_refuses_to_m
             f"(a newer version is partly fetched: still being written there, or the sync stopped). Merging them "
             f"would mix versions of the run.") in err
     assert "Traceback" not in err and not (tmp_path / "again.pkl").exists()
+
+
+def test_a_synced_file_damaged_here_is_not_complete_and_the_next_sync_fetches_it_again(
+        openssh, tmp_path, write_config, capsys):
+    remote, config = _two_clusters(tmp_path, openssh, write_config)
+    assert _run(config, tmp_path) == 0
+    [damaged] = sorted((tmp_path / "dl" / "tensor01").glob("embeddings_gpu0_*.pkl"))
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one byte, the same size: only its hash tells
+    damaged.write_bytes(bytes(data))
+    capsys.readouterr()
+
+    assert main(["status", "--config", str(config), "--download-dir", str(tmp_path / "dl")]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("tensor01"))
+    assert row.split()[4:7] == ["1", "0", "1"], row  # complete, partial, changed
+
+    assert main(["sync", "--config", str(config), "--download-dir", str(tmp_path / "dl"), "--quiet"]) == 0
+    assert damaged.read_bytes() == (remote / "tensor01" / damaged.name).read_bytes()
+    assert _run(config, tmp_path, output="again.pkl") == 0

@@ -107,8 +107,8 @@ async def _cluster_status(cluster: ClusterConfig, layout: DownloadLayout, timeou
             status.complete += 1
         elif state is None:
             status.to_fetch += 1
-        elif not state.matches(remote_file.size, remote_file.mtime):
-            status.changed += 1
+        elif not state.matches(remote_file.size, remote_file.mtime) or state.complete:
+            status.changed += 1  # changed there, or the complete copy changed here
         else:
             status.partial += 1
             status.partial_bytes += state.verified_offset
