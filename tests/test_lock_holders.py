@@ -154,3 +154,20 @@ def test_sync_break_lock_takes_over_a_record_left_on_another_node(openssh, tmp_p
     assert f"delete {record}, or add --break-lock" in capsys.readouterr().err
     assert main([*sync, "--break-lock"]) == 0
     assert not record.exists() and len(list((download_dir / "tensor01").iterdir())) == 2
+
+
+def test_a_killed_holder_not_yet_reaped_is_not_taken_for_a_live_one(tmp_path):
+    # SIGKILLed, its entry left until its parent reaps it: a container's init may never do so.
+    child = subprocess.Popen(["sleep", "60"])
+    try:
+        child.kill()
+        deadline = time.monotonic() + 5
+        while Path(f"/proc/{child.pid}/stat").read_text().split(")")[1].split()[0] != "Z":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        record = _write_record(tmp_path / "dl", pid=child.pid, start_ticks=process_start_ticks(child.pid))
+        assert record.exists()
+        with DownloadDirLock(tmp_path / "dl"):
+            pass  # taken: the record names a process that is gone
+    finally:
+        child.wait()

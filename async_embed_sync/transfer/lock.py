@@ -214,7 +214,18 @@ def _process_state(pid: int | None, start_ticks: object) -> str:
         pass  # alive, another user's
     if isinstance(start_ticks, int) and process_start_ticks(pid) not in (None, start_ticks):
         return GONE  # the pid was reused by another process since
+    if _is_zombie(pid):
+        return GONE  # killed, not yet reaped: it holds nothing (a container's init may never reap it)
     return ALIVE
+
+
+def _is_zombie(pid: int) -> bool:
+    """Field 3 of ``/proc/<pid>/stat`` is "Z": the process has exited and only its entry is left."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2:].split()[:1] == ["Z"]
 
 
 def process_start_ticks(pid: int) -> int | None:
