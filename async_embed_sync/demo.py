@@ -137,7 +137,8 @@ def demo_site(root: str | os.PathLike = DEFAULT_DEMO_DIR, *, rows: int = DEFAULT
                     port = proxy.port
                 entries[name] = server.cluster_entry("/", port=port)
             config = root / "credentials.json"
-            config.write_text(json.dumps({"clusters": entries}, indent=2))
+            # total_rows as a real run's config should say it: a result short of it is refused.
+            config.write_text(json.dumps({"clusters": entries, "total_rows": rows}, indent=2))
             config.chmod(0o600)
             yield DemoSite(root, config, root / "checkpoints", root / "wikipedia_merged.pkl")
         finally:
