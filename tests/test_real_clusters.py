@@ -3,7 +3,11 @@ prompted passwords, passphrases and 2FA codes, and no SFTP subsystem."""
 
 from __future__ import annotations
 
+import getpass
+import shutil
 import sys
+import uuid
+from pathlib import Path
 
 import anyio
 import asyncssh
@@ -15,6 +19,7 @@ from terminal import Terminal
 from async_embed_sync.config import load_config
 from async_embed_sync.testing.background import background_loop
 from async_embed_sync.testing.embedded_server import EmbeddedSFTPServer
+from async_embed_sync.testing.synthetic import finish_writing
 from async_embed_sync.transfer.prompts import NoPrompter, Prompter
 from async_embed_sync.transfer.remote import resolve_target
 
@@ -228,3 +233,33 @@ async def test_neither_sftp_nor_a_shell_is_a_clear_error(tmp_path, embedded_serv
     assert report.clusters["tensor01"].errors == [
         "Cluster 'tensor01': the server offers neither SFTP nor a shell to run commands, so files "
         "cannot be read from it."]
+
+
+# ------------------------------------------------------------- ~ in remote_dir
+
+
+@pytest.fixture
+def in_home():
+    """A folder of checkpoints in the login's home (the tests log in as this user: root), removed after."""
+    folder = Path.home() / f".async_embed_sync_test_{uuid.uuid4().hex[:8]}"
+    (folder / "ckpt").mkdir(parents=True)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("how", ["sftp", "exec"])
+@pytest.mark.parametrize("written", ["~/{folder}/ckpt", "~{user}/{folder}/ckpt/"])
+async def test_a_remote_dir_written_from_the_home_directory_is_expanded_as_ssh_does(
+        in_home, how, written, openssh, sshd_without_sftp, tmp_path, write_config):
+    remote = make_files(in_home / "ckpt", {"a.pkl": 300_000, "b.npy": 1000})
+    finish_writing(remote)
+    server = openssh if how == "sftp" else sshd_without_sftp
+    remote_dir = written.format(folder=in_home.name, user=getpass.getuser())
+    config = write_config(tmp_path, {"tensor01": server.cluster_entry(remote_dir)})
+    report = await sync_in_process(config, tmp_path / "dl")
+    cluster = report.clusters["tensor01"]
+    assert report.ok and cluster.method == how and cluster.verified_by == {"sha256"}, cluster.errors
+    _same(remote, tmp_path / "dl" / "tensor01")

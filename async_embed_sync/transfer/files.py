@@ -11,8 +11,10 @@ size and mtime the server reports after the last read.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import fnmatch
 import posixpath
+import re
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -69,6 +71,27 @@ def checkpoint_entry(cluster: ClusterConfig, name: str, size: int,
     except UnsafeRemoteNameError as exc:
         return exc
     return RemoteFile(name, size, mtime)
+
+
+# A user name a shell's ``~user`` expands (POSIX portable user names).
+_USER_NAME = re.compile(r"[A-Za-z0-9._][A-Za-z0-9._-]*")
+
+
+def home_relative(remote_dir: str) -> tuple[str, str] | None:
+    """``remote_dir`` as written from a home directory: ("", rest) for ``~`` and ``~/rest``,
+    (user, rest) for ``~user/rest``; None for any other path (absolute, or relative to the
+    login directory, which SFTP and a shell both start in)."""
+    if not remote_dir.startswith("~"):
+        return None
+    head, _, rest = remote_dir[1:].partition("/")
+    if head and not _USER_NAME.fullmatch(head):
+        return None  # "~x y": a name that is no user's, taken as it is written
+    return head, rest.strip("/")
+
+
+def with_home(cluster: ClusterConfig, home: str, rest: str) -> ClusterConfig:
+    """``cluster`` with its ``~`` remote_dir expanded: ``home`` joined with ``rest``."""
+    return dataclasses.replace(cluster, remote_dir=posixpath.join(home, rest) if rest else home)
 
 
 def remote_path(cluster: ClusterConfig, name: str) -> str:
@@ -131,6 +154,11 @@ class FileAccess(Protocol):
     @property
     def method(self) -> str:
         """"sftp", or "exec" where the server has no SFTP."""
+        ...
+
+    @property
+    def cluster(self) -> ClusterConfig:
+        """The cluster, its ``remote_dir`` as this server resolved it (``~`` expanded)."""
         ...
 
     @property

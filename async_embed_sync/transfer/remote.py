@@ -108,7 +108,8 @@ class ClusterRemote:
     hosts, if any), and the files on it (``Remote``)."""
 
     def __init__(self, target: SSHTarget, connection: Connection, files: FileAccess):
-        self.cluster = target.cluster
+        # Its remote_dir as the server resolved it: a ``~`` expanded where the files are reached.
+        self.cluster = files.cluster
         self.target = target
         self._connection = connection
         self._files = files

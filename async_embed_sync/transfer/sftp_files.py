@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import posixpath
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator
 from typing import Any
 
 import anyio
 
 from ..config import ClusterConfig
-from .files import FileRead, RemoteFile, observe_outcome, remote_path
+from .files import FileRead, RemoteFile, home_relative, observe_outcome, remote_path, with_home
 from .options import DEFAULT_SFTP_CHANNELS, READ_AHEAD_BYTES
 from .ssh import CLOSE_TIMEOUT, FILE_TYPE_SYMLINK, REGULAR_FILE_TYPES
 
@@ -37,6 +38,20 @@ READ_SETTLE_TIMEOUT = 1.0
 # Blocks that arrived together are handed out as one chunk up to this size:
 # a few blocks per write, and a checkpoint still falls within this of its interval.
 CHUNK_BYTES = 1024 * 1024
+
+
+async def _expand_home(sftp: Any, cluster: ClusterConfig) -> ClusterConfig:
+    """``~`` and ``~/rest`` from the login's home, where SFTP sessions start (its realpath of
+    "."); ``~user/rest`` from that home's sibling ``user``, as clusters lay their homes out
+    (SFTP has no way to ask for another user's home)."""
+    parts = home_relative(cluster.remote_dir)
+    if parts is None:
+        return cluster
+    user, rest = parts
+    home = await sftp.realpath(".")
+    if isinstance(home, bytes):
+        home = home.decode("utf-8", "surrogateescape")
+    return with_home(cluster, posixpath.join(posixpath.dirname(home), user) if user else home, rest)
 
 
 class SftpFiles:
@@ -61,7 +76,11 @@ class SftpFiles:
         """Open the pool at once, concurrently: opened one by one as files
         start, each would cost the first files ~3 round trips."""
         pool = await asyncio.gather(*(connection.start_sftp_client() for _ in range(channels)))
-        return cls(connection, list(pool), cluster, read_ahead)
+        return cls(connection, list(pool), await _expand_home(pool[0], cluster), read_ahead)
+
+    @property
+    def cluster(self) -> ClusterConfig:
+        return self._cluster
 
     @property
     def answers_in_order(self) -> bool:

@@ -21,7 +21,7 @@ from typing import Any
 
 from ..config import ClusterConfig
 from ..errors import RemoteDirectoryError, RemoteError, RemoteFileDeniedError, RemoteFileGoneError, TransferError
-from .files import FileRead, RemoteFile, remote_path
+from .files import FileRead, RemoteFile, home_relative, remote_path, with_home
 
 READ_BLOCK = 256 * 1024
 DEFAULT_CHANNELS = 6
@@ -46,10 +46,26 @@ class ShellFiles:
         stderr = (result.stderr or b"").decode("utf-8", "replace").strip()
         return result.exit_status, result.stdout or b"", stderr
 
+    @property
+    def cluster(self) -> ClusterConfig:
+        return self._cluster
+
     async def probe(self) -> bool:
-        """Whether the server runs commands at all (a shell is there)."""
+        """Whether the server runs commands at all (a shell is there); then ``~`` in
+        ``remote_dir`` is expanded by that shell, as ``ssh host ls ~/ckpt`` would."""
         status, out, _ = await self._run("echo ok")
-        return status == 0 and out.strip() == b"ok"
+        if not (status == 0 and out.strip() == b"ok"):
+            return False
+        parts = home_relative(self._cluster.remote_dir)
+        if parts is not None:
+            user, rest = parts
+            status, out, err = await self._run(f"printf '%s' ~{user}")
+            home = out.decode("utf-8", "surrogateescape")
+            if status != 0 or not home.startswith("/"):
+                raise RemoteDirectoryError(self._cluster.name, self._cluster.remote_dir,
+                                           err or f"the shell does not know the home of ~{user}")
+            self._cluster = with_home(self._cluster, home, rest)
+        return True
 
     async def scan(self) -> AsyncIterator[tuple[str, int, int]]:
         """(name, size, mtime) of the regular files in ``remote_dir``
