@@ -14,6 +14,8 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import AbstractContextManager
 from typing import Protocol
 
+import anyio
+
 from ..config import ClusterConfig
 from ..errors import RemoteError, UnsafeRemoteNameError
 from .files import (
@@ -132,7 +134,8 @@ class ClusterRemote:
         what the configuration does not: passwords, passphrases, 2FA codes.
         ``read_ahead``: the bytes in flight per file read (READ_AHEAD_BYTES).
         """
-        target = resolve_target(cluster)
+        # `ssh -G` (10-30 ms) in a worker thread: the other clusters' transfers go on meanwhile.
+        target = await anyio.to_thread.run_sync(resolve_target, cluster)
         connection = await Connection.open(target, timeout=timeout, window=window,
                                            prompter=prompter or NoPrompter())
         try:

@@ -109,7 +109,9 @@ class Connection:
         try:
             tunnel = None
             for spec in target.proxy_jump:
-                tunnel = await _connect_verified(target.hop(spec), options, prompter, timeout, tunnel)
+                # `ssh -G` (10-30 ms) in a worker thread: the other clusters' transfers go on meanwhile.
+                hop = await anyio.to_thread.run_sync(target.hop, spec)
+                tunnel = await _connect_verified(hop, options, prompter, timeout, tunnel)
                 jumps.append(tunnel)
             return cls(await _connect_verified(target, options, prompter, timeout, tunnel), jumps)
         except BaseException:
