@@ -55,7 +55,7 @@ import contextlib
 import errno
 import os
 import stat
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import NamedTuple
 
 from .known_hosts import host_pattern
@@ -185,6 +185,12 @@ _FIXES = {
                  "outside where it belongs; remove it",
     errno.EISDIR: "a folder is in the way where a file belongs; move it away or choose another path",
 }
+
+
+def some_names(names: Sequence[str], separator: str = ", ", last: str = " and ", most: int = 5) -> str:
+    """The first ``most`` of ``names``, and how many more: "a.pkl, b.pkl and 3 more"."""
+    shown = separator.join(names[:most])
+    return shown + (f"{last}{len(names) - most} more" if len(names) > most else "")
 
 
 def _file_in_the_way(path: str) -> str | None:
@@ -595,7 +601,7 @@ class SyncFailedError(AsyncEmbedSyncError):
                 "a rerun resumes" if error.rerun_fixes else "fix this first: a rerun alone will not")
             parts.append(f"{cluster}: {error.cause}{f', {lacking}' if lacking else ''} ({advice})")
         for cluster, names in sorted(self.still_writing.items()):
-            shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+            shown = some_names(names)
             parts.append(f"{cluster}: still being written there: {shown} (run again once their jobs have "
                          f"written them, or add --follow to wait for them)")
         if self.rerun_fixes:

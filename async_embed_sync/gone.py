@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import some_names
 from .layout import DownloadLayout, FileState
 
 _NPY_SUFFIX = ".npy"
@@ -120,10 +121,6 @@ def sort_gone(layout: DownloadLayout, cluster: str, names: Sequence[str]) -> tup
             [name for name, state in states.items() if state is None])
 
 
-def _shown(names: Sequence[str]) -> str:
-    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-
-
 def gone_from_cluster_notice(layout: DownloadLayout, cluster: str, names: Sequence[str]) -> str:
     """What ``sync`` and ``status`` say of ``names``, the files here that ``cluster`` no longer lists:
     a line for the verified copies (kept, and merged), a line for the files no sync verified (kept,
@@ -133,12 +130,12 @@ def gone_from_cluster_notice(layout: DownloadLayout, cluster: str, names: Sequen
     if verified:
         lines.append(
             f"{cluster}: {len(verified)} file(s) kept here, gone from the cluster (purged from scratch?): "
-            f"{_shown(list(verified))}, verified here {verified_when(list(verified.values()))}. The merge takes "
+            f"{some_names(list(verified))}, verified here {verified_when(list(verified.values()))}. The merge takes "
             f"them from here, unless files the cluster holds now cover their rows (re-split there): those win. "
             f"They are the only copies now: keep them.")
     if unverified:
         lines.append(
             f"{cluster}: {len(unverified)} file(s) here are no longer on the cluster and no sync verified "
-            f"them ({_shown(unverified)}): put here by hand? They are kept, and left out of the merge; "
+            f"them ({some_names(unverified)}): put here by hand? They are kept, and left out of the merge; "
             f"delete them by hand once you no longer need them.")
     return "\n".join(lines)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import CheckpointError, MergeValidationError, RowsMissingError
+from ..errors import CheckpointError, MergeValidationError, RowsMissingError, some_names
 from ..gone import VerifiedCopy, verified_copy
 from ..layout import DownloadLayout
 from .checkpoints import CheckpointInfo, find_checkpoints, open_checkpoint
@@ -73,7 +73,7 @@ def _refuse_other_versions(stale: Sequence[str]) -> None:
     never a mix of older files here with newer ones (a sync stopped between its listings; files
     still being written, whose rows an older copy here would stand in for, as after a re-split)."""
     if stale:
-        shown = "; ".join(stale[:5]) + (f"; and {len(stale) - 5} more" if len(stale) > 5 else "")
+        shown = some_names(stale, "; ", "; and ")
         raise MergeValidationError(
             f"{len(stale)} file(s) here are not the version their cluster's last sync listed: {shown}. "
             f"Merging them would mix versions of the run. Run `sync` again once their jobs have "

@@ -18,8 +18,8 @@ import hashlib
 import logging
 import os
 import time
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
@@ -177,13 +177,18 @@ async def _transfer(remote: Remote, partial: PartialFile, progress: Progress, li
 def _change_of(old: FileState, new: RemoteFile) -> str:
     """How a file changed on the cluster since the copy here was verified, in words."""
     if old.remote_size != new.size:
-        before, now = format_bytes(old.remote_size), format_bytes(new.size)
-        if before == now:
-            before, now = f"{old.remote_size:,}", f"{new.size:,} bytes"
+        before, now = _two_sizes(old.remote_size, new.size)
         verb = "cut" if new.size < old.remote_size else "grown"
         return f"{verb} from the {before} verified here to {now}"
     when = time.strftime("%Y-%m-%d %H:%M", time.localtime(new.mtime))
     return f"rewritten at the same size ({format_bytes(new.size)}), modified {when}"
+
+
+def _two_sizes(before: int, now: int) -> tuple[str, str]:
+    """Two different sizes as a change is said: "6.0 MiB", "8.5 MiB"; in bytes where a few
+    KiB apart would read alike rounded ("3,145,728", "3,149,824 bytes")."""
+    said = format_bytes(before), format_bytes(now)
+    return said if said[0] != said[1] else (f"{before:,}", f"{now:,} bytes")
 
 
 def _change_during_copy(listed: RemoteFile, after: RemoteFile, position: int) -> str:
@@ -192,9 +197,7 @@ def _change_during_copy(listed: RemoteFile, after: RemoteFile, position: int) ->
         return f"it ended at {format_bytes(position)} while it was copied, not at the {format_bytes(listed.size)} listed"
     if after.size != listed.size:
         verb = "grew" if after.size > listed.size else "shrank"
-        before, now = format_bytes(listed.size), format_bytes(after.size)
-        if before == now:  # a few KiB: the rounded sizes would read alike
-            before, now = f"{listed.size:,}", f"{after.size:,} bytes"
+        before, now = _two_sizes(listed.size, after.size)
         return f"it {verb} from {before} to {now} while it was copied"
     if after.mtime != listed.mtime:
         return "it was modified while it was copied"

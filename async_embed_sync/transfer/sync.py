@@ -42,6 +42,7 @@ from ..errors import (
     TransferError,
     UnsafeRemoteNameError,
     VerificationError,
+    some_names,
 )
 from ..gone import gone_from_cluster_notice
 from ..layout import DownloadLayout
@@ -100,9 +101,8 @@ class ClusterReport:
 
     def gone_notice(self) -> str:
         """One line for the files deleted on the cluster after they were listed."""
-        names = ", ".join(self.gone[:5]) + (f" and {len(self.gone) - 5} more" if len(self.gone) > 5 else "")
-        return (f"{self.name}: {names} deleted on the cluster after the listing (a purge, or a re-split in "
-                f"progress?): not fetched, and left out of the listing the merge takes.")
+        return (f"{self.name}: {some_names(self.gone)} deleted on the cluster after the listing (a purge, or a "
+                f"re-split in progress?): not fetched, and left out of the listing the merge takes.")
 
     def lacking(self) -> str:
         """What a failed cluster lacks, in a few words ("" before its listing)."""
@@ -289,17 +289,15 @@ async def _sync_cluster(cluster: ClusterConfig, layout: DownloadLayout, slots: F
     slots.register(cluster.name)
     try:
         listing, fetched = await _sync_round(run, fetch=True)
-        rounds = 1
         while fetched:
             # The last round checks only: what changed yet again is named, not chased.
-            fetch = rounds <= options.retries
+            fetch = run.rounds <= options.retries
             listing, fetched = await _sync_round(run, fetch=fetch)
-            rounds += 1
             if not fetch:
                 for entry in fetched:
                     _still_writing(run, StillBeingWrittenError(
-                        cluster.name, entry.name, f"it changed on the cluster again after each of {rounds - 1} "
-                                                  f"copies in this run", kept=""))
+                        cluster.name, entry.name, f"it changed on the cluster again after each of "
+                                                  f"{run.rounds - 1} copies in this run", kept=""))
                 break
         report.files = len(listing)
         report.total_bytes = sum(entry.size for entry in listing.values())
@@ -407,9 +405,8 @@ async def _sync_round(run: _ClusterRun, fetch: bool) -> tuple[dict[str, RemoteFi
 
 
 async def _sync_file(run: _ClusterRun, remote_file: RemoteFile, listed_at: ListingTime,
-                     listed_all: anyio.Event | None = None) -> None:
-    if listed_all is not None:
-        await listed_all.wait()
+                     listed_all: anyio.Event) -> None:
+    await listed_all.wait()
     if run.disk_refused:
         run.not_again.add(remote_file.name)
         return
