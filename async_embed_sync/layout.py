@@ -282,7 +282,7 @@ class DownloadLayout:
         """Record what a complete listing of ``cluster`` found: what it holds now.
 
         ``files``: names, or listed files with their size and mtime, which the
-        merge then checks every file here against (``changed_since_listing``)."""
+        merge then checks every file here against (``not_as_listed``)."""
         files = list(files)
         document = {"version": _FORMAT_VERSION, "names": sorted(f if isinstance(f, str) else f.name for f in files),
                     "files": {f.name: [f.size, f.mtime] for f in files if not isinstance(f, str)}}
@@ -309,18 +309,17 @@ class DownloadLayout:
         except (OSError, ValueError, TypeError, KeyError, AttributeError):
             return None
 
-    def changed_since_listing(self, path: Path) -> str | None:
-        """Why the file at ``path`` (one of :meth:`complete_files`) is not the version its cluster's
-        last listing saw, in a few words; None if it is, or if no listing recorded its size and mtime.
+    def not_as_listed(self, cluster: str) -> list[tuple[str, str]]:
+        """The files ``cluster``'s last listing saw that are not here, complete, as it saw them,
+        by name, each with why in a few words; none if no listing recorded sizes and mtimes.
 
         A sync puts a file in place only as the listing saw it, and lists
         again until nothing changed; this catches what came after: a sync
         stopped between its listings, a file completed by an older version."""
-        cluster, name = self.cluster_of(path), Path(path).name
-        try:
-            size, mtime = (self.listed_files(cluster) or {})[name]
-        except (KeyError, TypeError, ValueError):
-            return None
+        return [(name, why) for name, (size, mtime) in sorted((self.listed_files(cluster) or {}).items())
+                if (why := self._why_not_as_listed(cluster, name, size, mtime)) is not None]
+
+    def _why_not_as_listed(self, cluster: str, name: str, size: int, mtime: int) -> str | None:
         state = self.load_state(cluster, name)
         # A replacement partial of a newer version, unless the listing names the verified copy
         # here (a new version refused as no readable checkpoint: the copy stands).
@@ -328,7 +327,7 @@ class DownloadLayout:
             and not (state is not None and state.matches(size, mtime))
         if (state is not None and not state.complete) or replacing:
             return "a newer version is partly fetched: still being written there, or the sync stopped"
-        if not Path(path).exists():
+        if not self.final_path(cluster, name).exists():
             return "not here: still being written there, or the sync stopped before it"
         if state is None:
             return "no sync recorded verifying it"

@@ -63,9 +63,7 @@ def select_checkpoints(download_dir: Path, clusters: Collection[str] | None = No
 def not_as_listed(layout: DownloadLayout, clusters: Collection[str]) -> list[str]:
     """The files that the last listing of each of ``clusters`` saw, and that are not here,
     complete, as it saw them: "cluster/name (why)"."""
-    return [f"{cluster}/{name} ({why})" for cluster in sorted(clusters)
-            for name in sorted(layout.listed_files(cluster) or ())
-            if (why := layout.changed_since_listing(layout.final_path(cluster, name))) is not None]
+    return [f"{cluster}/{name} ({why})" for cluster in sorted(clusters) for name, why in layout.not_as_listed(cluster)]
 
 
 def _refuse_other_versions(stale: Sequence[str]) -> None:
