@@ -367,16 +367,18 @@ def _positive_int(text: str) -> int:
 
 
 def _seconds_or_zero(text: str) -> float:
-    return 0.0 if text.strip() in ("0", "0.0") else _positive_seconds(text)
+    return _positive_seconds(text, zero=True)
 
 
-def _positive_seconds(text: str) -> float:
+def _positive_seconds(text: str, zero: bool = False) -> float:
+    """A finite number of seconds above 0 (``zero``: or 0)."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number of seconds above 0, not {text}")
+    if not (0 <= value if zero else 0 < value) or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds {'0 or more' if zero else 'above 0'}, "
+                                         f"not {text}")
     return value
 
 

@@ -304,3 +304,12 @@ def test_status_says_when_remote_dir_holds_no_checkpoints_as_sync_does(openssh, 
     out, err = capsys.readouterr()
     assert "tensor01 error (see below)" in out and "no checkpoint" not in out  # the table on stdout, errors on stderr
     assert f"error: Cluster 'tensor01': no checkpoint files matching *.pkl, *.npy, *.json, *.jsonl in {tmp_path / 'data'}." in err, err
+
+
+def test_settle_takes_zero_written_any_way_and_refuses_what_is_no_window():
+    parser = build_parser()
+    for zero in ("0", "0.0", "0.00", "00"):
+        assert parser.parse_args(["sync", "--settle", zero]).settle == 0.0
+    for nonsense in ("-1", "nan", "inf", "x"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["sync", "--settle", nonsense])
