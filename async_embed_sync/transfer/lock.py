@@ -221,25 +221,25 @@ def _process_state(pid: int | None, start_ticks: object) -> str:
 
 def _is_zombie(pid: int) -> bool:
     """Field 3 of ``/proc/<pid>/stat`` is "Z": the process has exited and only its entry is left."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rfind(")") + 2:].split()[:1] == ["Z"]
+    return (_stat_fields(pid) or [None])[0] == "Z"
 
 
 def process_start_ticks(pid: int) -> int | None:
     """Field 22 of ``/proc/<pid>/stat``: when the process started, in clock ticks since boot."""
     try:
+        return int((_stat_fields(pid) or [])[22 - 3])
+    except (IndexError, ValueError):
+        return None
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """``/proc/<pid>/stat`` from field 3 on (the first is field 3); None if there is no such process."""
+    try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
     # Field 2 (the command) is in parentheses and may hold spaces: count from after its ")".
-    fields = stat[stat.rfind(")") + 2:].split()
-    try:
-        return int(fields[22 - 3])
-    except (IndexError, ValueError):
-        return None
+    return stat[stat.rfind(")") + 2:].split()
 
 
 def _boot_id() -> str | None:
