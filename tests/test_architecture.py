@@ -11,7 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "async_embed_sync"
 BASE = {"errors", "config", "layout", "gone", "fileio", "known_hosts", "progress", "logs", "termination",
-        "dependencies"}
+        "dependencies", "processes"}
 
 
 def _modules() -> dict[str, Path]:

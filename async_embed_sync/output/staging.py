@@ -32,6 +32,7 @@ from types import TracebackType
 
 from ..errors import AFTER_MERGE, LocalFileError, translating_local_errors
 from ..layout import free_space
+from ..processes import process_is_gone
 from ..progress import format_bytes
 from .forms import PICKLE_SUFFIXES
 from .spec import OutputSpec
@@ -59,13 +60,7 @@ def _owner_is_gone(tag: str) -> bool:
     host, _, pid = tag.rpartition(".")
     if host != socket.gethostname() or not pid.isdigit():
         return False  # another machine's, or not ours to judge
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
+    return process_is_gone(int(pid))
 
 
 def _own_entry(name: str, output: str) -> tuple[str, str, str] | None:

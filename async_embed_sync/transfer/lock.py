@@ -41,6 +41,7 @@ from pathlib import Path
 
 from ..errors import AFTER_SYNC, DownloadDirLockedError, LocalFileError, translating_local_errors
 from ..layout import DownloadLayout, write_atomically
+from ..processes import process_is_gone, process_start_ticks
 
 # A record from another host older than this is taken as left by a crash.
 STALE_FOREIGN_RECORD_SECONDS = 24 * 3600
@@ -206,40 +207,7 @@ def _state(owner: dict, pid: int | None) -> str:
 def _process_state(pid: int | None, start_ticks: object) -> str:
     if pid is None or pid == os.getpid():
         return GONE
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return GONE
-    except PermissionError:
-        pass  # alive, another user's
-    if isinstance(start_ticks, int) and process_start_ticks(pid) not in (None, start_ticks):
-        return GONE  # the pid was reused by another process since
-    if _is_zombie(pid):
-        return GONE  # killed, not yet reaped: it holds nothing (a container's init may never reap it)
-    return ALIVE
-
-
-def _is_zombie(pid: int) -> bool:
-    """Field 3 of ``/proc/<pid>/stat`` is "Z": the process has exited and only its entry is left."""
-    return (_stat_fields(pid) or [None])[0] == "Z"
-
-
-def process_start_ticks(pid: int) -> int | None:
-    """Field 22 of ``/proc/<pid>/stat``: when the process started, in clock ticks since boot."""
-    try:
-        return int((_stat_fields(pid) or [])[22 - 3])
-    except (IndexError, ValueError):
-        return None
-
-
-def _stat_fields(pid: int) -> list[str] | None:
-    """``/proc/<pid>/stat`` from field 3 on (the first is field 3); None if there is no such process."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # Field 2 (the command) is in parentheses and may hold spaces: count from after its ")".
-    return stat[stat.rfind(")") + 2:].split()
+    return GONE if process_is_gone(pid, start_ticks) else ALIVE
 
 
 def _boot_id() -> str | None:
